@@ -1,0 +1,29 @@
+"""torchao-mx-ext: rotated MXFP4 (W4A4 and weight-only) quantization for LLMs, on top of torchao.
+
+    from torchao.quantization import quantize_
+    import torchao_mx_ext as tme
+    quantize_(model, tme.MXFP4BlockRotConfig())
+"""
+
+import torchao.core.config as _ao_config
+
+from .configs import DEFAULT_SCALE_RULE, MXFP4BlockRotConfig, MXFP4Config
+from .mx import SCALE_RULES
+from .rotation import ROTATIONS
+from .tensors import MXFP4ActivationTensor, RotatedMXFP4Tensor
+
+# torchao's config_from_dict only resolves classes in an allow-list of modules; add ours so our
+# configs round-trip through config_to_dict / config_from_dict like torchao's own.
+_ao_config.ALLOWED_AO_MODULES.add(__name__)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DEFAULT_SCALE_RULE",
+    "MXFP4ActivationTensor",
+    "MXFP4BlockRotConfig",
+    "MXFP4Config",
+    "ROTATIONS",
+    "RotatedMXFP4Tensor",
+    "SCALE_RULES",
+]

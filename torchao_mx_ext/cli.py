@@ -1,0 +1,199 @@
+"""``torchao-mx``: the command line.
+
+    torchao-mx compare --model smollm2-135m --methods fp,rtn,block-rot,global-rot --scale-rule all --json out.json
+
+``compare`` quantizes a fresh copy of the model per method (every ``nn.Linear`` except ``lm_head``,
+which W4A4 recipes keep in high precision), measures WikiText-2 raw test perplexity, wall time
+(quantization + evaluation) and peak memory, prints a table and writes JSON::
+
+    {"model": ..., "settings": {...}, "methods": {"rtn": {"ppl": ..., "wall_s": ..., "peak_mem_mb": ...}, ...}}
+
+Methods with a random component (``global-rot``: a seeded random Hadamard over the full width) run
+once per seed and report the mean with the spread (``ppl_std``, ``ppl_per_seed``).
+"""
+
+import argparse
+import copy
+import json
+import logging
+import math
+import os
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+from typing import Callable, Dict, List, Optional
+
+import torch
+
+from .configs import DEFAULT_SCALE_RULE, MXFP4BlockRotConfig, MXFP4Config
+from .mx import SCALE_RULES
+
+logger = logging.getLogger("torchao_mx_ext")
+
+
+def _rtn(rule: str, seed: int, weight_only: bool) -> MXFP4Config:
+    return MXFP4Config(scale_rule=rule, act_quant=not weight_only)
+
+
+def _block_rot(rule: str, seed: int, weight_only: bool) -> MXFP4Config:
+    return MXFP4BlockRotConfig(scale_rule=rule, act_quant=not weight_only)
+
+
+def _global_rot(rule: str, seed: int, weight_only: bool) -> MXFP4Config:
+    return MXFP4BlockRotConfig(
+        scale_rule=rule, act_quant=not weight_only, rotation="random_hadamard", rotation_size=None, seed=seed
+    )
+
+
+# name -> (config factory or None for the unquantized model, uses a random seed)
+METHODS: Dict[str, tuple] = {
+    "fp": (None, False),
+    "rtn": (_rtn, False),
+    "block-rot": (_block_rot, False),
+    "global-rot": (_global_rot, True),
+}
+
+
+def _not_lm_head(module: torch.nn.Module, fqn: str) -> bool:
+    return isinstance(module, torch.nn.Linear) and not fqn.split(".")[-1] == "lm_head"
+
+
+def quantize_model(model: torch.nn.Module, config: MXFP4Config) -> torch.nn.Module:
+    from torchao.quantization import quantize_
+
+    quantize_(model, config, filter_fn=_not_lm_head)
+    return model
+
+
+def _parse_list(text: str, allowed, what: str) -> List[str]:
+    items = [t.strip() for t in text.split(",") if t.strip()]
+    bad = [t for t in items if t not in allowed]
+    if bad or not items:
+        raise SystemExit(f"torchao-mx: unknown {what} {', '.join(bad) or repr(text)}; choose from {', '.join(allowed)}")
+    return items
+
+
+def run_compare(args) -> dict:
+    from .eval import Measure, perplexity, tokenize_for_perplexity, wikitext2_test_text
+    from .zoo import DEFAULT_SEQ_LEN, data_dir, load_model
+
+    methods = _parse_list(args.methods, list(METHODS), "method")
+    rules = list(SCALE_RULES) if args.scale_rule == "all" else _parse_list(args.scale_rule, SCALE_RULES, "scale rule")
+    seeds = [int(s) for s in args.seeds.split(",")]
+    torch.manual_seed(0)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    base_model, tokenizer = load_model(args.model)
+    seq_len = args.seq_len or DEFAULT_SEQ_LEN.get(args.model, 2048)
+    input_ids = tokenize_for_perplexity(tokenizer, wikitext2_test_text(Path(args.data_dir) if args.data_dir else data_dir()))
+
+    runs = []  # (key, method, rule, factory, seeds)
+    for method in methods:
+        factory, random = METHODS[method]
+        if factory is None:
+            runs.append((method, method, None, None, [None]))
+            continue
+        for rule in rules:
+            key = method if len(rules) == 1 else f"{method}[{rule}]"
+            runs.append((key, method, rule, factory, seeds if random else [None]))
+
+    results = {}
+    for key, method, rule, factory, run_seeds in runs:
+        per_seed = []
+        for seed in run_seeds:
+            model = copy.deepcopy(base_model)
+            with Measure() as m:
+                if factory is not None:
+                    quantize_model(model, factory(rule, seed if seed is not None else 0, args.weight_only))
+                ppl = perplexity(model, input_ids, seq_len, args.eval_windows, progress=not args.quiet)
+            per_seed.append((ppl, m))
+            del model
+        ppls = [p["ppl"] for p, _ in per_seed]
+        entry = {
+            "ppl": statistics.fmean(ppls),
+            "wall_s": statistics.fmean(m.wall_s for _, m in per_seed),
+            "peak_mem_mb": max(m.peak_mem_mb for _, m in per_seed),
+            "method": method,
+            "scale_rule": rule,
+            "windows": per_seed[0][0]["windows"],
+        }
+        if run_seeds != [None]:
+            entry["ppl_std"] = statistics.stdev(ppls) if len(ppls) > 1 else 0.0
+            entry["ppl_per_seed"] = dict(zip([str(s) for s in run_seeds], ppls))
+        results[key] = entry
+        if not args.quiet:
+            print(f"  {key}: ppl {entry['ppl']:.3f} ({entry['wall_s']:.1f} s)", file=sys.stderr)
+
+    return {
+        "model": args.model,
+        "settings": {
+            "seq_len": seq_len,
+            "eval_windows": args.eval_windows,
+            "scale_rules": rules,
+            "seeds": seeds,
+            "weight_only": args.weight_only,
+            "activations": "none" if args.weight_only else "MXFP4 (same rule as weights)",
+            "block_size": 32,
+            "lm_head": "not quantized",
+            "threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+        },
+        "methods": results,
+    }
+
+
+def format_table(report: dict) -> str:
+    fp = report["methods"].get("fp", {}).get("ppl")
+    lines = [
+        f"model {report['model']}  |  WikiText-2 raw test, {report['settings']['eval_windows']} x "
+        f"{report['settings']['seq_len']} tokens  |  {'weight-only' if report['settings']['weight_only'] else 'W4A4'} MXFP4",
+        f"{'method':<24} {'ppl':>10} {'x fp':>7} {'spread':>8} {'wall s':>8} {'peak MB':>9}",
+    ]
+    for key, r in report["methods"].items():
+        ratio = f"{r['ppl'] / fp:.2f}" if fp else "-"
+        spread = f"{r['ppl_std']:.2f}" if "ppl_std" in r else ""
+        lines.append(f"{key:<24} {r['ppl']:>10.3f} {ratio:>7} {spread:>8} {r['wall_s']:>8.1f} {r['peak_mem_mb']:>9.0f}")
+    return "\n".join(lines)
+
+
+def write_json_atomic(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "w") as f:
+        json.dump(data, f, indent=2)
+    os.replace(tmp, path)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="torchao-mx", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    cmp = sub.add_parser("compare", help="perplexity / time / memory of quantization methods on one model")
+    cmp.add_argument("--model", default="smollm2-135m", help="alias (stories260k, smollm2-135m) or HF folder")
+    cmp.add_argument("--methods", default="fp,rtn,block-rot,global-rot", help=f"comma list of {', '.join(METHODS)}")
+    cmp.add_argument("--scale-rule", default=DEFAULT_SCALE_RULE, help=f"one of {', '.join(SCALE_RULES)}, a comma list, or 'all'")
+    cmp.add_argument("--seq-len", type=int, default=None, help="perplexity window (default: 512 stories260k, 2048 SmolLM2)")
+    cmp.add_argument("--eval-windows", type=int, default=4, help="number of perplexity windows")
+    cmp.add_argument("--seeds", default="0,1,2", help="seeds for methods with a random rotation")
+    cmp.add_argument("--weight-only", action="store_true", help="quantize weights only (activations stay fp)")
+    cmp.add_argument("--json", default=None, help="write the report here")
+    cmp.add_argument("--data-dir", default=None, help="folder with wikitext2/ (default: the shared data folder)")
+    cmp.add_argument("--threads", type=int, default=None)
+    cmp.add_argument("--quiet", action="store_true")
+    args = parser.parse_args(argv)
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if args.command == "compare":
+        if args.eval_windows is not None and args.eval_windows <= 0:
+            parser.error("--eval-windows must be positive")
+        report = run_compare(args)
+        print(format_table(report))
+        if args.json:
+            write_json_atomic(Path(args.json), report)
+            print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

