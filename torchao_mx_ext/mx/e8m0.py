@@ -13,7 +13,8 @@ With ``k = floor(log2(amax))`` (exact, read from the float32 exponent field):
 - ``rceil`` (NVIDIA hardware): ``e = ceil(log2(amax / 6)) = k - 2 + [amax / 2^k > 1.5]``; nothing clips.
 - ``fp_quant`` (FP-Quant / QuTLASS): ``e = k - 2`` with the element grid stretched by 4/3, i.e. the
   effective scale is ``2^e * 4/3``; ``amax`` then lands in [3, 6) and never clips. The constant 4/3
-  is global, so a hardware GEMM applies it once as its alpha.
+  is global, so a hardware GEMM applies it once as its alpha. (Its largest value, 8 * 2^125, overflows
+  float32: blocks with amax above about 2.8e38 dequantize to inf.)
 - ``mse`` (ours): per block, the exponent among ``{e_floor, e_floor + 1}`` with the smaller squared
   quantization error (ties keep ``e_floor``); it needs the elements, see ``quantize.py``.
 """
