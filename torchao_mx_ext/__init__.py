@@ -8,6 +8,7 @@
 import torchao.core.config as _ao_config
 
 from .configs import DEFAULT_SCALE_RULE, MXFP4BlockRotConfig, MXFP4Config
+from .inference import cache_dequantized_weights
 from .mx import SCALE_RULES
 from .rotation import ROTATIONS
 from .tensors import MXFP4ActivationTensor, RotatedMXFP4Tensor
@@ -26,4 +27,5 @@ __all__ = [
     "ROTATIONS",
     "RotatedMXFP4Tensor",
     "SCALE_RULES",
+    "cache_dequantized_weights",
 ]

@@ -14,6 +14,8 @@ once per seed and report the mean with the spread (``ppl_std``, ``ppl_per_seed``
 
 import argparse
 import copy
+import ctypes
+import gc
 import json
 import logging
 import math
@@ -32,17 +34,18 @@ from .mx import SCALE_RULES
 logger = logging.getLogger("torchao_mx_ext")
 
 
-def _rtn(rule: str, seed: int, weight_only: bool) -> MXFP4Config:
-    return MXFP4Config(scale_rule=rule, act_quant=not weight_only)
+def _rtn(rule: str, act_rule: Optional[str], seed: int, weight_only: bool) -> MXFP4Config:
+    return MXFP4Config(scale_rule=rule, act_scale_rule=act_rule, act_quant=not weight_only)
 
 
-def _block_rot(rule: str, seed: int, weight_only: bool) -> MXFP4Config:
-    return MXFP4BlockRotConfig(scale_rule=rule, act_quant=not weight_only)
+def _block_rot(rule: str, act_rule: Optional[str], seed: int, weight_only: bool) -> MXFP4Config:
+    return MXFP4BlockRotConfig(scale_rule=rule, act_scale_rule=act_rule, act_quant=not weight_only)
 
 
-def _global_rot(rule: str, seed: int, weight_only: bool) -> MXFP4Config:
+def _global_rot(rule: str, act_rule: Optional[str], seed: int, weight_only: bool) -> MXFP4Config:
     return MXFP4BlockRotConfig(
-        scale_rule=rule, act_quant=not weight_only, rotation="random_hadamard", rotation_size=None, seed=seed
+        scale_rule=rule, act_scale_rule=act_rule, act_quant=not weight_only,
+        rotation="random_hadamard", rotation_size=None, seed=seed,
     )
 
 
@@ -64,6 +67,15 @@ def quantize_model(model: torch.nn.Module, config: MXFP4Config) -> torch.nn.Modu
 
     quantize_(model, config, filter_fn=_not_lm_head)
     return model
+
+
+def _release_memory() -> None:
+    # Return the previous run's freed memory to the OS, so each run's peak RSS is its own.
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def _parse_list(text: str, allowed, what: str) -> List[str]:
@@ -103,10 +115,12 @@ def run_compare(args) -> dict:
     for key, method, rule, factory, run_seeds in runs:
         per_seed = []
         for seed in run_seeds:
+            _release_memory()
             model = copy.deepcopy(base_model)
             with Measure() as m:
                 if factory is not None:
-                    quantize_model(model, factory(rule, seed if seed is not None else 0, args.weight_only))
+                    config = factory(rule, args.act_scale_rule, seed if seed is not None else 0, args.weight_only)
+                    quantize_model(model, config)
                 ppl = perplexity(model, input_ids, seq_len, args.eval_windows, progress=not args.quiet)
             per_seed.append((ppl, m))
             del model
@@ -134,7 +148,7 @@ def run_compare(args) -> dict:
             "scale_rules": rules,
             "seeds": seeds,
             "weight_only": args.weight_only,
-            "activations": "none" if args.weight_only else "MXFP4 (same rule as weights)",
+            "act_scale_rule": None if args.weight_only else (args.act_scale_rule or "same as weights"),
             "block_size": 32,
             "lm_head": "not quantized",
             "threads": torch.get_num_threads(),
@@ -173,6 +187,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     cmp.add_argument("--model", default="smollm2-135m", help="alias (stories260k, smollm2-135m) or HF folder")
     cmp.add_argument("--methods", default="fp,rtn,block-rot,global-rot", help=f"comma list of {', '.join(METHODS)}")
     cmp.add_argument("--scale-rule", default=DEFAULT_SCALE_RULE, help=f"one of {', '.join(SCALE_RULES)}, a comma list, or 'all'")
+    cmp.add_argument("--act-scale-rule", default=None, choices=SCALE_RULES, help="activation scale rule (default: same as weights)")
     cmp.add_argument("--seq-len", type=int, default=None, help="perplexity window (default: 512 stories260k, 2048 SmolLM2)")
     cmp.add_argument("--eval-windows", type=int, default=4, help="number of perplexity windows")
     cmp.add_argument("--seeds", default="0,1,2", help="seeds for methods with a random rotation")

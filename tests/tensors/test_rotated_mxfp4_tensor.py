@@ -145,3 +145,38 @@ def test_bad_weights_get_clear_errors():
         MXFP4BlockRotConfig(rotation="cayley")
     with pytest.raises(ValueError, match="rotation_size"):
         MXFP4BlockRotConfig(rotation_size=0)
+
+
+def test_dequantized_cache_changes_speed_not_numbers():
+    from torchao_mx_ext import cache_dequantized_weights
+
+    model = torch.nn.Sequential(torch.nn.Linear(64, 96), torch.nn.GELU(), torch.nn.Linear(96, 32))
+    quantize_(model, MXFP4BlockRotConfig())
+    x = torch.randn(3, 64)
+    with torch.no_grad():
+        ref = model(x)
+        cache_dequantized_weights(model)
+        assert model[0].weight.dequantized is not None
+        assert torch.equal(model(x), ref)
+        assert torch.equal(torch.compile(model, fullgraph=True)(x), ref)
+        cache_dequantized_weights(model, enabled=False)
+        assert model[0].weight.dequantized is None and torch.equal(model(x), ref)
+    with pytest.raises(ValueError, match="no MXFP4-quantized weights"):
+        cache_dequantized_weights(torch.nn.Linear(4, 4))
+
+
+def test_bf16_inputs_use_an_exact_bf16_gemm():
+    lin = torch.nn.Linear(64, 16, bias=False)
+    quantize_(lin, MXFP4BlockRotConfig(scale_rule="floor"))
+    lin.to(torch.bfloat16)
+    x = torch.randn(4, 64).to(torch.bfloat16)
+    w = lin.weight
+    xq = w.quantize_input(x).dequantize(torch.float32)
+    # MXFP4 values are exact in bf16: casting the float32 operands loses nothing
+    assert torch.equal(xq.to(torch.bfloat16).float(), xq)
+    assert torch.equal(w.dequantize(torch.bfloat16).float(), w.dequantize(torch.float32))
+    assert w.gemm_dtype(torch.bfloat16) == torch.bfloat16
+    with torch.no_grad():
+        y = lin(x)
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y.float(), xq @ w.dequantize(torch.float32).T, rtol=2**-7, atol=1e-2)

@@ -10,6 +10,7 @@ instead of materialising codes.
 import torch
 from torchao.utils import TorchAOBaseTensor
 
+from .caching import stable_metadata_hash
 from ..mx import check_scale_rule, mxfp4_dequantize, mxfp4_quantize
 
 __all__ = ["MXFP4ActivationTensor"]
@@ -33,6 +34,9 @@ class MXFP4ActivationTensor(TorchAOBaseTensor):
         self.scale = scale
         self.block_size = block_size
         self.scale_rule = scale_rule
+
+    def _stable_hash_for_caching(self) -> str:
+        return stable_metadata_hash(self)
 
     @classmethod
     def from_hp(cls, x: torch.Tensor, block_size: int = 32, scale_rule: str = "floor") -> "MXFP4ActivationTensor":

@@ -6,6 +6,13 @@ or ``None`` for no rotation), and MXFP4-quantized along ``K_p`` (codes two per u
 scales: 4.25 bits per weight). Its linear computes ``y = Q_a(x R) Q(W R)^T + b`` with the activation
 padded, rotated and quantized online (``Q_a`` with ``act_scale_rule``; ``None`` = weight-only).
 Since ``R`` is orthogonal, ``x R (W R)^T = x W^T``: only quantization changes the result.
+
+Emulation (no MXFP4 GEMM on CPUs and Hopper GPUs): rotation and quantization run in float32, the GEMM
+in float32, or in bfloat16 for bfloat16 inputs: MXFP4 values (``q * 2^e``, ``q`` with at most two
+significant bits) are exact in bfloat16, so only the accumulation's output rounding differs
+(``fp_quant``'s 4/3 factor is not exact there, so it stays in float32). An optional ``dequantized``
+cache (:func:`torchao_mx_ext.inference.cache_dequantized_weights`) trades memory for speed by skipping
+the per-call decode.
 Rotation-domain paper: FP-Quant / MR-GPTQ (arXiv 2509.23202) and BRQ (arXiv 2511.04214).
 """
 
@@ -15,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torchao.utils import TorchAOBaseTensor
 
+from .caching import stable_metadata_hash
 from ..mx import check_scale_rule, mxfp4_dequantize, mxfp4_fake_quantize, mxfp4_quantize
 from ..rotation import apply_block_rotation
 from .mxfp4_activation_tensor import MXFP4ActivationTensor
@@ -27,13 +35,13 @@ aten = torch.ops.aten
 class RotatedMXFP4Tensor(TorchAOBaseTensor):
     tensor_data_names = ["qdata", "scale"]
     tensor_attribute_names = ["block_size", "scale_rule", "act_scale_rule", "in_features", "dtype"]
-    optional_tensor_data_names = ["rotation"]
+    optional_tensor_data_names = ["rotation", "dequantized"]
 
-    def __new__(cls, qdata, scale, block_size, scale_rule, act_scale_rule, in_features, dtype, rotation=None):
+    def __new__(cls, qdata, scale, block_size, scale_rule, act_scale_rule, in_features, dtype, rotation=None, dequantized=None):
         shape = (*qdata.shape[:-1], in_features)
         return torch.Tensor._make_wrapper_subclass(cls, shape, dtype=dtype, device=qdata.device, requires_grad=False)
 
-    def __init__(self, qdata, scale, block_size, scale_rule, act_scale_rule, in_features, dtype, rotation=None):
+    def __init__(self, qdata, scale, block_size, scale_rule, act_scale_rule, in_features, dtype, rotation=None, dequantized=None):
         self.qdata = qdata
         self.scale = scale
         self.block_size = block_size
@@ -41,6 +49,10 @@ class RotatedMXFP4Tensor(TorchAOBaseTensor):
         self.act_scale_rule = act_scale_rule
         self.in_features = in_features
         self.rotation = rotation
+        self.dequantized = dequantized
+
+    def _stable_hash_for_caching(self) -> str:
+        return stable_metadata_hash(self)
 
     # -- construction ---------------------------------------------------------------------------
     @classmethod
@@ -94,13 +106,27 @@ class RotatedMXFP4Tensor(TorchAOBaseTensor):
             raise ValueError("this weight is weight-only (act_scale_rule=None): its inputs are not quantized")
         return MXFP4ActivationTensor.from_hp(self.rotate_input(x), self.block_size, self.act_scale_rule)
 
+    def gemm_dtype(self, input_dtype: torch.dtype) -> torch.dtype:
+        exact_in_bf16 = "fp_quant" not in (self.scale_rule, self.act_scale_rule)
+        return torch.bfloat16 if input_dtype == torch.bfloat16 and exact_in_bf16 else torch.float32
+
+    def with_dequantized_cache(self, enabled: bool = True) -> "RotatedMXFP4Tensor":
+        """The same weight, with (or without) a cached ``Q(W R)`` in its GEMM dtype."""
+        cache = self.dequantize(self.gemm_dtype(self.dtype)) if enabled else None
+        return RotatedMXFP4Tensor(
+            self.qdata, self.scale, self.block_size, self.scale_rule, self.act_scale_rule,
+            self.in_features, self.dtype, self.rotation, cache,
+        )
+
     def linear(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        """``Q_a(x R) Q(W R)^T + b``, emulated in float32, returned in ``x.dtype``."""
+        """``Q_a(x R) Q(W R)^T + b``, emulated (see the module docstring), returned in ``x.dtype``."""
+        gemm_dtype = self.gemm_dtype(x.dtype)
         xr = self.rotate_input(x)
         if self.act_scale_rule is not None:
             # Same numbers as quantize_input(x).dequantize(), without materialising codes.
             xr = mxfp4_fake_quantize(xr, self.block_size, self.act_scale_rule)
-        y = F.linear(xr, self.dequantize(torch.float32), None if bias is None else bias.to(torch.float32))
+        w = self.dequantized if self.dequantized is not None else self.dequantize(gemm_dtype)
+        y = F.linear(xr.to(gemm_dtype), w.to(gemm_dtype), None if bias is None else bias.to(gemm_dtype))
         return y.to(x.dtype)
 
 
@@ -150,6 +176,5 @@ def _(func, types, args, kwargs):
     device = to["device"]
     moved = [getattr(self, n).to(device) for n in self.tensor_data_names]
     rotation = None if self.rotation is None else self.rotation.to(device)
-    return RotatedMXFP4Tensor(
-        *moved, self.block_size, self.scale_rule, self.act_scale_rule, self.in_features, to["dtype"], rotation
-    )
+    out = RotatedMXFP4Tensor(*moved, self.block_size, self.scale_rule, self.act_scale_rule, self.in_features, to["dtype"], rotation)
+    return out if self.dequantized is None else out.with_dequantized_cache()
