@@ -12,6 +12,7 @@ from .inference import cache_dequantized_weights
 from .mx import SCALE_RULES
 from .rotation import ROTATIONS
 from .tensors import MXFP4ActivationTensor, RotatedMXFP4Tensor
+from .calibration import GPTQConfig, gptq_mxfp4
 
 # torchao's config_from_dict only resolves classes in an allow-list of modules; add ours so our
 # configs round-trip through config_to_dict / config_from_dict like torchao's own.
@@ -21,6 +22,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "DEFAULT_SCALE_RULE",
+    "GPTQConfig",
     "MXFP4ActivationTensor",
     "MXFP4BlockRotConfig",
     "MXFP4Config",
@@ -28,4 +30,5 @@ __all__ = [
     "RotatedMXFP4Tensor",
     "SCALE_RULES",
     "cache_dequantized_weights",
+    "gptq_mxfp4",
 ]

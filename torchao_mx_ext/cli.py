@@ -2,14 +2,14 @@
 
     torchao-mx compare --model smollm2-135m --methods fp,rtn,block-rot,global-rot --scale-rule all --json out.json
 
-``compare`` quantizes a fresh copy of the model per method (every ``nn.Linear`` except ``lm_head``,
-which W4A4 recipes keep in high precision), measures WikiText-2 raw test perplexity, wall time
-(quantization + evaluation) and peak memory, prints a table and writes JSON::
+``compare`` quantizes a fresh copy of the model per method (``recipes.py``: every ``nn.Linear``
+except ``lm_head``), measures WikiText-2 raw test perplexity, wall time (quantization + evaluation)
+and peak memory, prints a table and writes JSON::
 
     {"model": ..., "settings": {...}, "methods": {"rtn": {"ppl": ..., "wall_s": ..., "peak_mem_mb": ...}, ...}}
 
-Methods with a random component (``global-rot``: a seeded random Hadamard over the full width) run
-once per seed and report the mean with the spread (``ppl_std``, ``ppl_per_seed``).
+Methods with a random component (``global-rot``, ``quarot``) run once per seed and report the mean
+with the spread (``ppl_std``, ``ppl_per_seed``).
 """
 
 import argparse
@@ -18,55 +18,19 @@ import ctypes
 import gc
 import json
 import logging
-import math
 import os
 import statistics
 import sys
 import tempfile
 from pathlib import Path
-from typing import Callable, Dict, List, Optional
+from typing import List, Optional
 
 import torch
 
-from .configs import DEFAULT_SCALE_RULE, MXFP4BlockRotConfig, MXFP4Config
+from .configs import DEFAULT_SCALE_RULE
 from .mx import SCALE_RULES
+from .recipes import METHODS, QuantSettings
 
-logger = logging.getLogger("torchao_mx_ext")
-
-
-def _rtn(rule: str, act_rule: Optional[str], seed: int, weight_only: bool) -> MXFP4Config:
-    return MXFP4Config(scale_rule=rule, act_scale_rule=act_rule, act_quant=not weight_only)
-
-
-def _block_rot(rule: str, act_rule: Optional[str], seed: int, weight_only: bool) -> MXFP4Config:
-    return MXFP4BlockRotConfig(scale_rule=rule, act_scale_rule=act_rule, act_quant=not weight_only)
-
-
-def _global_rot(rule: str, act_rule: Optional[str], seed: int, weight_only: bool) -> MXFP4Config:
-    return MXFP4BlockRotConfig(
-        scale_rule=rule, act_scale_rule=act_rule, act_quant=not weight_only,
-        rotation="random_hadamard", rotation_size=None, seed=seed,
-    )
-
-
-# name -> (config factory or None for the unquantized model, uses a random seed)
-METHODS: Dict[str, tuple] = {
-    "fp": (None, False),
-    "rtn": (_rtn, False),
-    "block-rot": (_block_rot, False),
-    "global-rot": (_global_rot, True),
-}
-
-
-def _not_lm_head(module: torch.nn.Module, fqn: str) -> bool:
-    return isinstance(module, torch.nn.Linear) and not fqn.split(".")[-1] == "lm_head"
-
-
-def quantize_model(model: torch.nn.Module, config: MXFP4Config) -> torch.nn.Module:
-    from torchao.quantization import quantize_
-
-    quantize_(model, config, filter_fn=_not_lm_head)
-    return model
 
 
 def _release_memory() -> None:
@@ -103,24 +67,23 @@ def run_compare(args) -> dict:
 
     runs = []  # (key, method, rule, factory, seeds)
     for method in methods:
-        factory, random = METHODS[method]
-        if factory is None:
+        spec = METHODS[method]
+        if spec.apply is None:
             runs.append((method, method, None, None, [None]))
             continue
         for rule in rules:
             key = method if len(rules) == 1 else f"{method}[{rule}]"
-            runs.append((key, method, rule, factory, seeds if random else [None]))
+            runs.append((key, method, rule, spec.apply, seeds if spec.seeded else [None]))
 
     results = {}
-    for key, method, rule, factory, run_seeds in runs:
+    for key, method, rule, apply, run_seeds in runs:
         per_seed = []
         for seed in run_seeds:
             _release_memory()
             model = copy.deepcopy(base_model)
             with Measure() as m:
-                if factory is not None:
-                    config = factory(rule, args.act_scale_rule, seed if seed is not None else 0, args.weight_only)
-                    quantize_model(model, config)
+                if apply is not None:
+                    apply(model, QuantSettings(rule, args.act_scale_rule, args.weight_only, seed or 0))
                 ppl = perplexity(model, input_ids, seq_len, args.eval_windows, progress=not args.quiet)
             per_seed.append((ppl, m))
             del model
@@ -151,6 +114,7 @@ def run_compare(args) -> dict:
             "act_scale_rule": None if args.weight_only else (args.act_scale_rule or "same as weights"),
             "block_size": 32,
             "lm_head": "not quantized",
+            "activations": "none (weight-only)" if args.weight_only else "MXFP4, quantized online",
             "threads": torch.get_num_threads(),
             "torch": torch.__version__,
         },
@@ -185,7 +149,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     cmp = sub.add_parser("compare", help="perplexity / time / memory of quantization methods on one model")
     cmp.add_argument("--model", default="smollm2-135m", help="alias (stories260k, smollm2-135m) or HF folder")
-    cmp.add_argument("--methods", default="fp,rtn,block-rot,global-rot", help=f"comma list of {', '.join(METHODS)}")
+    cmp.add_argument("--methods", default="fp,rtn,block-rot,global-rot", help=f"comma list of: {', '.join(METHODS)}")
     cmp.add_argument("--scale-rule", default=DEFAULT_SCALE_RULE, help=f"one of {', '.join(SCALE_RULES)}, a comma list, or 'all'")
     cmp.add_argument("--act-scale-rule", default=None, choices=SCALE_RULES, help="activation scale rule (default: same as weights)")
     cmp.add_argument("--seq-len", type=int, default=None, help="perplexity window (default: 512 stories260k, 2048 SmolLM2)")

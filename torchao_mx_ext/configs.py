@@ -11,7 +11,7 @@ Each handler swaps ``module.weight`` for a :class:`RotatedMXFP4Tensor`; the line
 import logging
 import types
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 from torchao.core.config import AOBaseConfig
@@ -75,6 +75,18 @@ class MXFP4BlockRotConfig(MXFP4Config):
     rotation: str = "hadamard"
 
 
+_REPORTED_PADDING: set = set()
+
+
+def weight_layout(config: MXFP4Config, width: int, device) -> Tuple[int, Optional[torch.Tensor]]:
+    """(padded input width, shared float32 rotation block or ``None``) of a linear under ``config``:
+    one place decides it, so every handler (RTN, GPTQ) stores weights in the same domain."""
+    if config.rotation == "identity":
+        return padded_width(width, config.block_size, None), None
+    size = config.rotation_size or padded_width(width, config.block_size, None)
+    return padded_width(width, config.block_size, size), rotation_block(config.rotation, size, config.seed, device)
+
+
 def _quantize_linear_weight(module: torch.nn.Module, config: MXFP4Config, parameter_name: str = "weight") -> torch.nn.Module:
     weight = getattr(module, parameter_name, None)
     if not isinstance(weight, torch.Tensor):
@@ -82,29 +94,24 @@ def _quantize_linear_weight(module: torch.nn.Module, config: MXFP4Config, parame
     if isinstance(weight, RotatedMXFP4Tensor):
         raise TypeError(f"{type(module).__name__}.{parameter_name} is already MXFP4-quantized; quantize_ it once")
     width = weight.shape[-1]
-    if config.rotation == "identity":
-        block = None
-        padded = padded_width(width, config.block_size, None)
-    else:
-        size = config.rotation_size or padded_width(width, config.block_size, None)
-        padded = padded_width(width, config.block_size, size)
-        block = rotation_block(config.rotation, size, config.seed, weight.device)
-    if padded != width:
+    padded, block = weight_layout(config, width, weight.device)
+    if padded != width and (width, padded) not in _REPORTED_PADDING:
+        _REPORTED_PADDING.add((width, padded))  # once per width and process, not once per layer
         logger.warning(
-            "%s: input width %d is not a multiple of the MX/rotation block; padding weights and activations "
-            "with zeros to %d (exact: the padded columns meet zero activations)",
-            type(module).__name__, width, padded,
+            "input width %d is not a multiple of the MX/rotation block; padding weights and activations "
+            "with zeros to %d (exact: the padded columns meet zero activations); every such layer is padded",
+            width, padded,
         )
     new_weight = RotatedMXFP4Tensor.from_hp(
         weight.detach(), config.block_size, config.scale_rule, config.activation_scale_rule, block
     )
     setattr(module, parameter_name, torch.nn.Parameter(new_weight, requires_grad=False))
     if isinstance(module, torch.nn.Linear):
-        module.extra_repr = types.MethodType(_linear_extra_repr, module)
+        module.extra_repr = types.MethodType(linear_extra_repr, module)
     return module
 
 
-def _linear_extra_repr(self) -> str:
+def linear_extra_repr(self) -> str:
     w = self.weight
     rot = "none" if w.rotation is None else f"{w.rotation.shape[0]}-block"
     return (

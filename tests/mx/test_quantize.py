@@ -105,3 +105,16 @@ def test_compiles_to_the_same_bits():
     for rule in ("floor", "mse"):
         compiled = torch.compile(mxfp4_fake_quantize, fullgraph=True)
         assert torch.equal(compiled(x, 32, rule), mxfp4_fake_quantize(x, 32, rule))
+
+
+@pytest.mark.parametrize("rule,mode", [("floor", "FLOOR"), ("even", "EVEN"), ("rceil", "RCEIL")])
+def test_codes_and_scales_identical_to_torchao_to_mx(rule, mode):
+    # torchao's MX implementation is independent of ours: same bytes means the same format and layout
+    from torchao.prototype.mx_formats.config import ScaleCalculationMode
+    from torchao.prototype.mx_formats.mx_tensor import to_mx
+
+    x = torch.randn(64, 256) * 10 ** (torch.rand(64, 1) * 8 - 4)
+    scale_ao, data_ao = to_mx(x, torch.float4_e2m1fn_x2, 32, getattr(ScaleCalculationMode, mode))
+    qdata, scale = mxfp4_quantize(x, 32, rule)
+    assert torch.equal(scale_ao.view(torch.uint8).reshape(scale.shape), scale)
+    assert torch.equal(data_ao.view(torch.uint8), qdata)

@@ -1,0 +1,24 @@
+"""Calibration-based weight quantization: GPTQ for MXFP4 (MR-GPTQ recipe, arXiv 2509.23202).
+
+    from torchao.quantization import quantize_
+    from torchao_mx_ext import MXFP4BlockRotConfig
+    from torchao_mx_ext.calibration import GPTQConfig
+
+    quantize_(model, GPTQConfig(base=MXFP4BlockRotConfig(), step="prepare"))
+    for batch in calibration_batches:   # forward passes accumulate each linear's Hessian
+        model(batch)
+    quantize_(model, GPTQConfig(base=MXFP4BlockRotConfig(), step="convert"))
+
+Every layer is calibrated on the full-precision model's inputs (one pass over the data). The
+sequential variant (each decoder layer calibrated on the outputs of the already quantized layers
+before it, one layer's activations in memory) is a driver on top of these two steps.
+"""
+
+import torchao.core.config as _ao_config
+
+from .gptq import GPTQConfig, HessianObserver, gptq_mxfp4, static_group_exponents
+
+# Let torchao's config_from_dict resolve GPTQConfig (it only searches an allow-list of modules).
+_ao_config.ALLOWED_AO_MODULES.add(__name__)
+
+__all__ = ["GPTQConfig", "HessianObserver", "gptq_mxfp4", "static_group_exponents"]
