@@ -78,3 +78,17 @@ def test_wrong_rotation_shape_is_a_clear_error():
     model = MODELS["llama"]()
     with pytest.raises(ValueError, match="expected R1 64x64"):
         fuse_rotations(model, torch.eye(32), torch.eye(16))
+
+
+def test_per_layer_r2_is_exact_and_checked():
+    torch.manual_seed(0)
+    model = _randomise_norms(MODELS["llama"]()).eval()
+    ids = torch.randint(0, 96, (1, 16))
+    with torch.no_grad():
+        ref = model(ids).logits
+        r2s = [block_diagonal("random_hadamard", 16, None, s) for s in (3, 4)]
+        fused = fuse_rotations(model, block_diagonal("hadamard", 64, 32, 0), r2s)
+        assert _max_rel_err(model(ids).logits, ref) <= 1e-4
+    assert len(fused.r2) == 2 and not torch.equal(fused.r2[0], fused.r2[1])
+    with pytest.raises(ValueError, match="one R2 per layer"):
+        fuse_rotations(MODELS["llama"](), torch.eye(64), [torch.eye(16)])

@@ -18,7 +18,7 @@ rotation block-diagonal with 32-wide Hadamard blocks, so no rotation mixes value
 """
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import List, Optional, Sequence, Union
 
 import torch
 
@@ -29,10 +29,10 @@ SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCa
 
 @dataclass
 class FusedRotations:
-    """What was fused: the R1 (``d x d``) and R2 (``head_dim x head_dim``) matrices, float64."""
+    """What was fused: R1 (``d x d``) and one R2 (``head_dim x head_dim``) per layer, float64."""
 
     r1: torch.Tensor
-    r2: torch.Tensor
+    r2: List[torch.Tensor]
 
 
 def check_supported(model: torch.nn.Module) -> None:
@@ -97,23 +97,31 @@ def _rotate_output(lin: torch.nn.Linear, r: torch.Tensor) -> None:
 
 
 @torch.no_grad()
-def fuse_rotations(model: torch.nn.Module, r1: torch.Tensor, r2: torch.Tensor) -> FusedRotations:
+def fuse_rotations(
+    model: torch.nn.Module, r1: torch.Tensor, r2: Union[torch.Tensor, Sequence[torch.Tensor]]
+) -> FusedRotations:
     """Fold norms, untie embeddings, and fuse R1 (residual) and R2 (per head) into the weights.
 
-    ``r1`` is ``hidden x hidden``, ``r2`` is ``head_dim x head_dim``, both orthogonal (float64).
+    ``r1`` is ``hidden x hidden``; ``r2`` is one ``head_dim x head_dim`` matrix for every layer or a
+    sequence of one per layer (DartQuant learns them per layer); all orthogonal.
     """
     check_supported(model)
-    cfg = model.config
-    hidden = cfg.hidden_size
-    head_dim = getattr(cfg, "head_dim", None) or hidden // cfg.num_attention_heads
-    if r1.shape != (hidden, hidden) or r2.shape != (head_dim, head_dim):
-        raise ValueError(f"expected R1 {hidden}x{hidden} and R2 {head_dim}x{head_dim}, got {tuple(r1.shape)}, {tuple(r2.shape)}")
-    r1, r2 = r1.to(torch.float64), r2.to(torch.float64)
+    hidden = model.config.hidden_size
+    head_dim = head_dim_of(model)
+    layers = _decoder_layers(model)
+    r2s = [r2] * len(layers) if isinstance(r2, torch.Tensor) else list(r2)
+    if len(r2s) != len(layers):
+        raise ValueError(f"expected one R2 per layer ({len(layers)}), got {len(r2s)}")
+    if r1.shape != (hidden, hidden) or any(r.shape != (head_dim, head_dim) for r in r2s):
+        shapes = sorted({tuple(r.shape) for r in r2s})
+        raise ValueError(f"expected R1 {hidden}x{hidden} and R2 {head_dim}x{head_dim}, got {tuple(r1.shape)}, {shapes}")
+    r1 = r1.to(torch.float64)
+    r2s = [r.to(torch.float64) for r in r2s]
     untie_embeddings(model)
     fold_rms_norms(model)
     emb = model.model.embed_tokens
     emb.weight.copy_((emb.weight.to(torch.float64) @ r1).to(emb.weight.dtype))
-    for layer in _decoder_layers(model):
+    for layer, r2 in zip(layers, r2s):
         attn, mlp = layer.self_attn, layer.mlp
         for lin in (attn.q_proj, attn.k_proj, attn.v_proj, mlp.gate_proj, mlp.up_proj):
             _rotate_input(lin, r1)
@@ -126,7 +134,7 @@ def fuse_rotations(model: torch.nn.Module, r1: torch.Tensor, r2: torch.Tensor) -
         n_heads = attn.o_proj.weight.shape[1] // head_dim
         _rotate_input(attn.o_proj, torch.block_diag(*([r2] * n_heads)))
     _rotate_input(model.lm_head, r1)
-    return FusedRotations(r1=r1, r2=r2)
+    return FusedRotations(r1=r1, r2=r2s)
 
 
 def head_dim_of(model: torch.nn.Module) -> int:
