@@ -63,6 +63,18 @@ def run_compare(args) -> dict:
 
     base_model, tokenizer = load_model(args.model)
     seq_len = args.seq_len or DEFAULT_SEQ_LEN.get(args.model, 2048)
+    max_positions = getattr(base_model.config, "max_position_embeddings", None)
+    if max_positions is not None and seq_len > max_positions:
+        raise SystemExit(f"torchao-mx: --seq-len {seq_len} exceeds the model's max_position_embeddings {max_positions}")
+    calib_ids = None
+    if any(METHODS[m].calibrated for m in methods):
+        from .calibration.data import calibration_ids
+
+        calib_len = args.calib_seq_len or seq_len
+        calib_ids = calibration_ids(
+            tokenizer, args.calib_source, args.calib_samples, calib_len, seed=0,
+            data_dir=Path(args.data_dir) if args.data_dir else None, max_positions=max_positions,
+        )
     input_ids = tokenize_for_perplexity(tokenizer, wikitext2_test_text(Path(args.data_dir) if args.data_dir else data_dir()))
 
     runs = []  # (key, method, rule, factory, seeds)
@@ -83,7 +95,7 @@ def run_compare(args) -> dict:
             model = copy.deepcopy(base_model)
             with Measure() as m:
                 if apply is not None:
-                    apply(model, QuantSettings(rule, args.act_scale_rule, args.weight_only, seed or 0))
+                    apply(model, QuantSettings(rule, args.act_scale_rule, args.weight_only, seed or 0, calib_ids))
                 ppl = perplexity(model, input_ids, seq_len, args.eval_windows, progress=not args.quiet)
             per_seed.append((ppl, m))
             del model
@@ -110,6 +122,9 @@ def run_compare(args) -> dict:
             "eval_windows": args.eval_windows,
             "scale_rules": rules,
             "seeds": seeds,
+            "calibration": None if calib_ids is None else {
+                "source": args.calib_source, "samples": calib_ids.shape[0], "seq_len": calib_ids.shape[1], "seed": 0,
+            },
             "weight_only": args.weight_only,
             "act_scale_rule": None if args.weight_only else (args.act_scale_rule or "same as weights"),
             "block_size": 32,
@@ -155,6 +170,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     cmp.add_argument("--seq-len", type=int, default=None, help="perplexity window (default: 512 stories260k, 2048 SmolLM2)")
     cmp.add_argument("--eval-windows", type=int, default=4, help="number of perplexity windows")
     cmp.add_argument("--seeds", default="0,1,2", help="seeds for methods with a random rotation")
+    cmp.add_argument("--calib-samples", type=int, default=128, help="calibration windows (GPTQ methods)")
+    cmp.add_argument("--calib-seq-len", type=int, default=None, help="calibration window length (default: --seq-len)")
+    cmp.add_argument("--calib-source", default="wikitext2", help="wikitext2 (validation), tinystories, or a text file")
     cmp.add_argument("--weight-only", action="store_true", help="quantize weights only (activations stay fp)")
     cmp.add_argument("--json", default=None, help="write the report here")
     cmp.add_argument("--data-dir", default=None, help="folder with wikitext2/ (default: the shared data folder)")

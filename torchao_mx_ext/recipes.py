@@ -1,7 +1,8 @@
 """Whole-model quantization methods, by name: what ``torchao-mx compare`` runs.
 
 Every method quantizes all ``nn.Linear`` layers except ``lm_head`` (W4A4 recipes keep it in high
-precision) to MXFP4; they differ in the rotations around the quantizers:
+precision) to MXFP4; they differ in the rotations around the quantizers and in how weights are
+rounded (RTN, or GPTQ calibrated layer by layer):
 
 - ``rtn``: no rotation.
 - ``block-rot``: per-linear 32-wide block Hadamard (BRQ per linear; ``MXFP4BlockRotConfig``).
@@ -9,17 +10,21 @@ precision) to MXFP4; they differ in the rotations around the quantizers:
 - ``quarot``: model-level QuaRot: norms folded, full-width randomised Hadamard R1 on the residual,
   per-head randomised Hadamard R2, online full-width Hadamard R4 before down_proj (seeded).
 - ``brq``: the same with every rotation block-diagonal, 32 wide (deterministic).
+- ``gptq``, ``gptq-block-rot``, ``quarot+gptq``, ``brq+gptq``: the same rotations, GPTQ weights.
 """
 
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, Optional, Union
 
 import torch
 from torchao.quantization import quantize_
 
+from .calibration.sequential import sequential_gptq
 from .configs import MXFP4BlockRotConfig, MXFP4Config
 from .rotation.fusion import block_diagonal, check_supported, fuse_rotations, head_dim_of
 from .tensors import RotatedMXFP4Tensor
+
+ConfigFor = Callable[[str], Optional[MXFP4Config]]
 
 
 @dataclass(frozen=True)
@@ -28,6 +33,7 @@ class QuantSettings:
     act_scale_rule: Optional[str] = None
     weight_only: bool = False
     seed: int = 0
+    calib_ids: Optional[torch.Tensor] = None  # [n, L] token ids, for calibrated methods
 
     def config(self, cls=MXFP4Config, **kw) -> MXFP4Config:
         return cls(scale_rule=self.scale_rule, act_scale_rule=self.act_scale_rule, act_quant=not self.weight_only, **kw)
@@ -41,56 +47,75 @@ def is_quantizable_linear(module: torch.nn.Module, fqn: str) -> bool:
     )
 
 
-def quantize_linears(model: torch.nn.Module, config: MXFP4Config, only: Optional[str] = None) -> torch.nn.Module:
-    """``quantize_`` every linear but lm_head (and only those named ``only``, if given)."""
-    def keep(module, fqn):
-        return is_quantizable_linear(module, fqn) and (only is None or fqn.split(".")[-1] == only)
-
-    quantize_(model, config, filter_fn=keep)
+def quantize_linears(model: torch.nn.Module, config: Union[MXFP4Config, ConfigFor]) -> torch.nn.Module:
+    """RTN-``quantize_`` every linear but lm_head with ``config`` (or ``config(short_name)``)."""
+    config_for = (lambda _: config) if isinstance(config, MXFP4Config) else config
+    chosen = {}
+    for fqn, module in model.named_modules():
+        if is_quantizable_linear(module, fqn):
+            cfg = config_for(fqn.split(".")[-1])
+            if cfg is not None:
+                chosen.setdefault(id(cfg), (cfg, set()))[1].add(fqn)
+    for cfg, names in chosen.values():
+        quantize_(model, cfg, filter_fn=lambda m, fqn, names=names: fqn in names)
     return model
 
 
-def rtn(model, s: QuantSettings):
-    return quantize_linears(model, s.config())
-
-
-def block_rot(model, s: QuantSettings):
-    return quantize_linears(model, s.config(MXFP4BlockRotConfig))
-
-
-def global_rot(model, s: QuantSettings):
-    return quantize_linears(model, s.config(MXFP4BlockRotConfig, rotation="random_hadamard", rotation_size=None, seed=s.seed))
-
-
-def _model_rotation(model, s: QuantSettings, block: Optional[int], name: str):
+def _fuse_model_rotation(model, s: QuantSettings, block: Optional[int], name: str) -> ConfigFor:
+    """Fuse R1/R2 (QuaRot: full width, BRQ: 32-wide blocks); return the per-linear configs, with
+    R4 as an online Hadamard on down_proj's input (full width for QuaRot, 32-wide blocks for BRQ)."""
     check_supported(model)
     r1 = block_diagonal(name, model.config.hidden_size, block, s.seed)
     r2 = block_diagonal(name, head_dim_of(model), block, s.seed + 1)
     fuse_rotations(model, r1, r2)
-    # R4: an online Hadamard on down_proj's input (full width for QuaRot, 32-wide blocks for BRQ).
-    quantize_linears(model, s.config(MXFP4BlockRotConfig, rotation="hadamard", rotation_size=block), only="down_proj")
-    return quantize_linears(model, s.config())
+    r4 = s.config(MXFP4BlockRotConfig, rotation="hadamard", rotation_size=block)
+    plain = s.config()
+    return lambda short: r4 if short == "down_proj" else plain
 
 
-def quarot(model, s: QuantSettings):
-    return _model_rotation(model, s, None, "random_hadamard")
+def _per_linear(s: QuantSettings, kind: str) -> MXFP4Config:
+    if kind == "rtn":
+        return s.config()
+    if kind == "block-rot":
+        return s.config(MXFP4BlockRotConfig)
+    return s.config(MXFP4BlockRotConfig, rotation="random_hadamard", rotation_size=None, seed=s.seed)
 
 
-def brq(model, s: QuantSettings):
-    return _model_rotation(model, s, 32, "hadamard")
+def _gptq(model, s: QuantSettings, config: Union[MXFP4Config, ConfigFor]):
+    if s.calib_ids is None:
+        raise ValueError("GPTQ methods need calibration data (QuantSettings.calib_ids)")
+    config_for = (lambda _: config) if isinstance(config, MXFP4Config) else config
+    return sequential_gptq(model, s.calib_ids, config_for)
+
+
+def _make(kind: str, gptq: bool) -> Callable:
+    def apply(model, s: QuantSettings):
+        if kind in ("quarot", "brq"):
+            config = _fuse_model_rotation(model, s, None if kind == "quarot" else 32, "random_hadamard" if kind == "quarot" else "hadamard")
+        else:
+            config = _per_linear(s, kind)
+        return _gptq(model, s, config) if gptq else quantize_linears(model, config)
+
+    apply.__name__ = f"{kind}{'+gptq' if gptq else ''}"
+    return apply
 
 
 @dataclass(frozen=True)
 class Method:
     apply: Optional[Callable]  # None: the unquantized model
     seeded: bool = False  # has a random component: run per seed, report mean and spread
+    calibrated: bool = False  # needs calibration data
 
 
 METHODS = {
     "fp": Method(None),
-    "rtn": Method(rtn),
-    "block-rot": Method(block_rot),
-    "global-rot": Method(global_rot, seeded=True),
-    "quarot": Method(quarot, seeded=True),
-    "brq": Method(brq),
+    "rtn": Method(_make("rtn", False)),
+    "block-rot": Method(_make("block-rot", False)),
+    "global-rot": Method(_make("global-rot", False), seeded=True),
+    "quarot": Method(_make("quarot", False), seeded=True),
+    "brq": Method(_make("brq", False)),
+    "gptq": Method(_make("rtn", True), calibrated=True),
+    "gptq-block-rot": Method(_make("block-rot", True), calibrated=True),
+    "quarot+gptq": Method(_make("quarot", True), seeded=True, calibrated=True),
+    "brq+gptq": Method(_make("brq", True), calibrated=True),
 }

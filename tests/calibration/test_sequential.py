@@ -1,0 +1,72 @@
+import pytest
+import torch
+
+from torchao_mx_ext import RotatedMXFP4Tensor
+from torchao_mx_ext.calibration.data import calibration_ids
+from torchao_mx_ext.calibration.sequential import capture_first_layer_inputs, sequential_gptq
+from torchao_mx_ext.recipes import METHODS, QuantSettings
+from torchao_mx_ext.zoo import load_model
+
+
+@pytest.fixture(scope="module")
+def stories():
+    return load_model("stories260k")
+
+
+def test_calibration_windows_are_seeded_and_from_validation(stories, shared_data):
+    _, tok = stories
+    a = calibration_ids(tok, "tinystories", 4, 64, seed=1, data_dir=shared_data)
+    b = calibration_ids(tok, "tinystories", 4, 64, seed=1, data_dir=shared_data)
+    c = calibration_ids(tok, "wikitext2", 4, 64, seed=2, data_dir=shared_data)
+    assert a.shape == (4, 64) and torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_calibration_bad_inputs(stories, shared_data, tmp_path):
+    _, tok = stories
+    with pytest.raises(FileNotFoundError):
+        calibration_ids(tok, tmp_path / "missing.txt", 2, 64)
+    short = tmp_path / "short.txt"
+    short.write_text("Once upon a time.")
+    with pytest.raises(ValueError, match="too short"):
+        calibration_ids(tok, short, 2, 64)
+    with pytest.raises(ValueError, match="evaluation split"):
+        calibration_ids(tok, shared_data / "wikitext2" / "wt2_tokenized_test.txt", 2, 64)
+    with pytest.raises(ValueError, match="max_position_embeddings"):
+        calibration_ids(tok, "tinystories", 2, 1024, data_dir=shared_data, max_positions=512)
+
+
+def test_captured_inputs_reproduce_the_model(stories, shared_data):
+    model, tok = stories
+    ids = calibration_ids(tok, "tinystories", 2, 32, data_dir=shared_data)
+    hidden, kwargs = capture_first_layer_inputs(model, ids)
+    with torch.no_grad():
+        ref = model(ids, output_hidden_states=True).hidden_states
+        h = hidden
+        for layer in model.model.layers:
+            h = torch.cat([layer(h[i : i + 1], **kwargs) for i in range(h.shape[0])])
+    assert torch.equal(hidden, ref[0])
+    torch.testing.assert_close(model.model.norm(h), ref[-1], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["gptq", "brq+gptq"])
+def test_sequential_gptq_beats_rtn_on_held_out_text(name, stories, shared_data):
+    model_fp, tok = stories
+    calib = calibration_ids(tok, "tinystories", 8, 128, seed=0, data_dir=shared_data)
+    held_out = calibration_ids(tok, "tinystories", 4, 128, seed=99, data_dir=shared_data)
+    with torch.no_grad():
+        ref = model_fp(held_out).logits
+    errs = {}
+    for method in (name.replace("gptq", "").strip("+-") or "rtn", name):
+        model, _ = load_model("stories260k")
+        METHODS[method].apply(model, QuantSettings("floor", weight_only=True, calib_ids=calib))
+        assert all(isinstance(l.weight, RotatedMXFP4Tensor) for l in model.model.layers[-1].mlp.children() if isinstance(l, torch.nn.Linear))
+        with torch.no_grad():
+            errs[method] = (model(held_out).logits - ref).norm().item()
+    rtn_name, gptq_name = list(errs)
+    assert errs[gptq_name] < errs[rtn_name]
+
+
+def test_gptq_method_without_calibration_is_a_clear_error(stories):
+    model, _ = load_model("stories260k")
+    with pytest.raises(ValueError, match="calibration data"):
+        METHODS["gptq"].apply(model, QuantSettings("floor"))
