@@ -18,6 +18,10 @@ from .calibration import GPTQConfig, gptq_mxfp4
 # configs round-trip through config_to_dict / config_from_dict like torchao's own.
 _ao_config.ALLOWED_AO_MODULES.add(__name__)
 
+# Registers the transformers quantization method "torchao_mx_ext" (after the line above: reading our
+# configs back from config.json needs it).
+from .hf import MXFP4HfConfig  # noqa: E402
+
 __version__ = "0.1.0"
 
 __all__ = [
@@ -25,6 +29,7 @@ __all__ = [
     "GPTQConfig",
     "MXFP4ActivationTensor",
     "MXFP4BlockRotConfig",
+    "MXFP4HfConfig",
     "MXFP4Config",
     "ROTATIONS",
     "RotatedMXFP4Tensor",

@@ -1,0 +1,158 @@
+"""``MXFP4HfConfig``: the transformers quantization config of our method (``quant_method="torchao_mx_ext"``).
+
+It carries one of our ``quantize_`` configs (``MXFP4Config``, ``MXFP4BlockRotConfig``, ...) and is what
+``config.json`` stores under ``quantization_config``::
+
+    {"quant_method": "torchao_mx_ext", "format_version": 1,
+     "quant_config": {"_type": "MXFP4BlockRotConfig", "_version": 1, "_data": {...}},
+     "modules_to_not_convert": null}
+
+The inner config goes through torchao's ``config_to_dict`` / ``config_from_dict``; only classes of this
+package are accepted. ``format_version`` is the version of our checkpoint layout: a checkpoint from a
+newer layout than this code reads fails with an error that says so.
+"""
+
+from typing import Any, Dict, List, Optional
+
+from transformers.utils.quantization_config import QuantizationConfigMixin
+
+__all__ = ["FORMAT_VERSION", "MXFP4HfConfig", "QUANT_METHOD", "known_configs"]
+
+QUANT_METHOD = "torchao_mx_ext"
+# Version of the checkpoint layout (config.json fields + safetensors tensors and metadata) written here.
+FORMAT_VERSION = 1
+
+_FIELDS = ("quant_method", "format_version", "quant_config", "modules_to_not_convert")
+
+
+def known_configs() -> Dict[str, type]:
+    """Our ``AOBaseConfig`` subclasses exported by ``torchao_mx_ext``, by class name."""
+    import torchao_mx_ext
+    from torchao.core.config import AOBaseConfig
+
+    return {
+        name: obj
+        for name, obj in vars(torchao_mx_ext).items()
+        if isinstance(obj, type) and issubclass(obj, AOBaseConfig) and obj.__module__.startswith("torchao_mx_ext")
+    }
+
+
+def check_format_version(version: Any, where: str) -> int:
+    """``version`` as an int, or a ``ValueError`` when it is malformed or newer than :data:`FORMAT_VERSION`."""
+    if version is None:
+        raise ValueError(f"{where}: no format_version (not written by torchao_mx_ext, or edited)")
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise ValueError(f"{where}: format_version must be a positive integer, got {version!r}")
+    if version > FORMAT_VERSION:
+        raise ValueError(
+            f"{where}: this checkpoint uses torchao_mx_ext format version {version}, but the installed "
+            f"torchao_mx_ext reads versions up to {FORMAT_VERSION}; upgrade torchao_mx_ext to load it"
+        )
+    return version
+
+
+def _config_from_dict(data: Any):
+    from torchao.core.config import config_from_dict
+
+    known = known_configs()
+    if not isinstance(data, dict) or "_type" not in data or "_data" not in data:
+        raise ValueError(f"quantization_config.quant_config must be a serialised torchao config dict, got {data!r}")
+    name = data["_type"]
+    cls = known.get(name)
+    if cls is None:
+        raise ValueError(
+            f"unknown torchao_mx_ext config {name!r} in quantization_config; this version knows "
+            f"{', '.join(sorted(known))} (was the checkpoint written by a newer torchao_mx_ext?)"
+        )
+    stored, current = data.get("_version", 1), getattr(cls, "version", 1)
+    if stored != current:
+        raise ValueError(f"config {name} has version {stored!r}; this torchao_mx_ext reads version {current}")
+    config = config_from_dict(data)
+    # config_from_dict searches several modules by name; make sure it built our class.
+    if type(config) is not cls:
+        raise ValueError(f"config {name!r} resolved to {type(config).__module__}.{type(config).__name__}, not ours")
+    return config
+
+
+class MXFP4HfConfig(QuantizationConfigMixin):
+    """Quantization config for ``from_pretrained`` with our MXFP4 methods.
+
+    Args:
+        quant_config: one of our ``quantize_`` configs, e.g. ``MXFP4BlockRotConfig()``. Required to
+            quantize a full-precision checkpoint on load; ``None`` is allowed for an already-quantized
+            checkpoint whose recipe is unknown (each weight carries its own parameters).
+        modules_to_not_convert: extra module names (transformers' ``should_convert_module`` patterns) left
+            in high precision; modules named ``lm_head`` are never quantized (as in ``torchao-mx compare``).
+        format_version: checkpoint layout version (set when reading a checkpoint; leave the default).
+
+    Example::
+
+        model = AutoModelForCausalLM.from_pretrained(path, quantization_config=MXFP4HfConfig(MXFP4BlockRotConfig()))
+    """
+
+    def __init__(
+        self,
+        quant_config=None,
+        modules_to_not_convert: Optional[List[str]] = None,
+        format_version: int = FORMAT_VERSION,
+        **kwargs,
+    ):
+        kwargs.pop("quant_method", None)
+        if kwargs:
+            raise ValueError(f"MXFP4HfConfig got unknown fields {sorted(kwargs)}; known: {', '.join(_FIELDS)}")
+        self.quant_method = QUANT_METHOD
+        self.format_version = check_format_version(format_version, "MXFP4HfConfig")
+        self.quant_config = quant_config
+        self.modules_to_not_convert = None if modules_to_not_convert is None else list(modules_to_not_convert)
+        self.post_init()
+
+    def post_init(self):
+        """Validate the fields."""
+        if self.quant_config is not None:
+            known = known_configs()
+            if type(self.quant_config) not in known.values():
+                raise TypeError(
+                    f"quant_config must be one of torchao_mx_ext's configs ({', '.join(sorted(known))}), "
+                    f"got {type(self.quant_config).__name__}"
+                )
+        if self.modules_to_not_convert is not None and not all(isinstance(m, str) for m in self.modules_to_not_convert):
+            raise TypeError(f"modules_to_not_convert must be a list of strings, got {self.modules_to_not_convert!r}")
+
+    def to_dict(self) -> Dict[str, Any]:
+        """The JSON-ready dict stored in ``config.json``."""
+        from torchao.core.config import config_to_dict
+
+        return {
+            "quant_method": QUANT_METHOD,
+            "format_version": self.format_version,
+            "quant_config": None if self.quant_config is None else config_to_dict(self.quant_config),
+            "modules_to_not_convert": None if self.modules_to_not_convert is None else list(self.modules_to_not_convert),
+        }
+
+    @classmethod
+    def from_dict(cls, config_dict, return_unused_kwargs=False, **kwargs):
+        """Inverse of :meth:`to_dict`; a newer ``format_version`` or an unknown inner config raises ``ValueError``."""
+        config_dict = dict(config_dict)
+        method = config_dict.pop("quant_method", QUANT_METHOD)
+        if method != QUANT_METHOD:
+            raise ValueError(f"quant_method {method!r} is not {QUANT_METHOD!r}")
+        # Check the version before anything else: a newer layout may carry fields we do not know.
+        version = check_format_version(config_dict.pop("format_version", None), "quantization_config")
+        inner = config_dict.pop("quant_config", None)
+        config = cls(
+            quant_config=None if inner is None else _config_from_dict(inner),
+            format_version=version,
+            **config_dict,
+        )
+        unused = {}
+        for key, value in kwargs.items():
+            if hasattr(config, key):
+                setattr(config, key, value)
+            else:
+                unused[key] = value
+        return (config, unused) if return_unused_kwargs else config
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, MXFP4HfConfig) and self.to_dict() == other.to_dict()
+
+    __hash__ = None
