@@ -39,3 +39,21 @@ def test_weight_only_settings_leave_activations_unquantized():
     assert all(
         m.weight.act_scale_rule is None for m in model.modules() if isinstance(getattr(m, "weight", None), RotatedMXFP4Tensor)
     )
+
+
+@pytest.mark.parametrize("name", ["dartquant", "dartquant-block"])
+def test_dartquant_methods_fuse_learned_rotations(name, stories_ids, shared_data):
+    from torchao_mx_ext.calibration.data import calibration_ids
+
+    model, tok = load_model("stories260k")
+    with torch.no_grad():
+        ref = model(stories_ids).logits
+    calib = calibration_ids(tok, "tinystories", 4, 64, data_dir=shared_data)
+    METHODS[name].apply(model, QuantSettings("floor", calib_ids=calib))
+    down = model.model.layers[0].mlp.down_proj.weight
+    assert isinstance(down, RotatedMXFP4Tensor) and down.rotation.shape[0] == (192 if name == "dartquant" else 32)
+    with torch.no_grad():
+        rel = ((model(stories_ids).logits - ref).norm() / ref.norm()).item()
+    assert 0 < rel < 0.5
+    with pytest.raises(ValueError, match="calibration data"):
+        METHODS[name].apply(load_model("stories260k")[0], QuantSettings("floor"))

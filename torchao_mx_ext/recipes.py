@@ -10,7 +10,11 @@ rounded (RTN, or GPTQ calibrated layer by layer):
 - ``quarot``: model-level QuaRot: norms folded, full-width randomised Hadamard R1 on the residual,
   per-head randomised Hadamard R2, online full-width Hadamard R4 before down_proj (seeded).
 - ``brq``: the same with every rotation block-diagonal, 32 wide (deterministic).
-- ``gptq``, ``gptq-block-rot``, ``quarot+gptq``, ``brq+gptq``: the same rotations, GPTQ weights.
+- ``dartquant``: QuaRot's structure with R1 and per-layer R2 learned by DartQuant (whip loss,
+  QR-Orth) from calibration activations; ``dartquant-block``: learned block-diagonal (32-wide) R1/R2
+  with block R4 (new: DartQuant was published for INT formats and full-width rotations).
+- ``gptq``, ``gptq-block-rot``, ``quarot+gptq``, ``brq+gptq``, ``dartquant-block+gptq``: the same
+  rotations, GPTQ weights (sequential, layer by layer).
 """
 
 from dataclasses import dataclass
@@ -73,6 +77,20 @@ def _fuse_model_rotation(model, s: QuantSettings, block: Optional[int], name: st
     return lambda short: r4 if short == "down_proj" else plain
 
 
+def _fuse_learned_rotation(model, s: QuantSettings, block: Optional[int]) -> ConfigFor:
+    """DartQuant: learn R1/R2 on the calibration activations, fuse them, R4 online as above."""
+    from .calibration.dartquant import learn_rotations
+
+    check_supported(model)
+    if s.calib_ids is None:
+        raise ValueError("DartQuant needs calibration data (QuantSettings.calib_ids)")
+    r1, r2, _ = learn_rotations(model, s.calib_ids, block=block, seed=s.seed)
+    fuse_rotations(model, r1, r2)
+    r4 = s.config(MXFP4BlockRotConfig, rotation="hadamard", rotation_size=block)
+    plain = s.config()
+    return lambda short: r4 if short == "down_proj" else plain
+
+
 def _per_linear(s: QuantSettings, kind: str) -> MXFP4Config:
     if kind == "rtn":
         return s.config()
@@ -92,6 +110,8 @@ def _make(kind: str, gptq: bool) -> Callable:
     def apply(model, s: QuantSettings):
         if kind in ("quarot", "brq"):
             config = _fuse_model_rotation(model, s, None if kind == "quarot" else 32, "random_hadamard" if kind == "quarot" else "hadamard")
+        elif kind in ("dartquant", "dartquant-block"):
+            config = _fuse_learned_rotation(model, s, None if kind == "dartquant" else 32)
         else:
             config = _per_linear(s, kind)
         return _gptq(model, s, config) if gptq else quantize_linears(model, config)
@@ -118,4 +138,7 @@ METHODS = {
     "gptq-block-rot": Method(_make("block-rot", True), calibrated=True),
     "quarot+gptq": Method(_make("quarot", True), seeded=True, calibrated=True),
     "brq+gptq": Method(_make("brq", True), calibrated=True),
+    "dartquant": Method(_make("dartquant", False), seeded=True, calibrated=True),
+    "dartquant-block": Method(_make("dartquant-block", False), seeded=True, calibrated=True),
+    "dartquant-block+gptq": Method(_make("dartquant-block", True), seeded=True, calibrated=True),
 }

@@ -1,4 +1,5 @@
-"""Calibration-based weight quantization: GPTQ for MXFP4 (MR-GPTQ recipe, arXiv 2509.23202).
+"""Calibration: GPTQ for MXFP4 (MR-GPTQ recipe, arXiv 2509.23202), DartQuant learned rotations
+(arXiv 2511.04063), calibration data and the sequential layer-by-layer runner.
 
     from torchao.quantization import quantize_
     from torchao_mx_ext import MXFP4BlockRotConfig
@@ -16,9 +17,18 @@ before it, one layer's activations in memory) is a driver on top of these two st
 
 import torchao.core.config as _ao_config
 
+from .dartquant import DartQuantStats, collect_activations, learn_rotations
 from .gptq import GPTQConfig, HessianObserver, gptq_mxfp4, static_group_exponents
 
 # Let torchao's config_from_dict resolve GPTQConfig (it only searches an allow-list of modules).
 _ao_config.ALLOWED_AO_MODULES.add(__name__)
 
-__all__ = ["GPTQConfig", "HessianObserver", "gptq_mxfp4", "static_group_exponents"]
+__all__ = [
+    "DartQuantStats",
+    "GPTQConfig",
+    "HessianObserver",
+    "collect_activations",
+    "gptq_mxfp4",
+    "learn_rotations",
+    "static_group_exponents",
+]
