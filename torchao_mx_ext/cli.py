@@ -29,6 +29,7 @@ import torch
 
 from .configs import DEFAULT_SCALE_RULE
 from .mx import SCALE_RULES
+from .eval.lm_eval_runner import add_eval_subcommand
 from .recipes import METHODS, QuantSettings
 
 
@@ -178,9 +179,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     cmp.add_argument("--data-dir", default=None, help="folder with wikitext2/ (default: the shared data folder)")
     cmp.add_argument("--threads", type=int, default=None)
     cmp.add_argument("--quiet", action="store_true")
+    add_eval_subcommand(sub)
     args = parser.parse_args(argv)
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if args.command == "eval":
+        return args.handler(args)
     if args.command == "compare":
         if args.eval_windows is not None and args.eval_windows <= 0:
             parser.error("--eval-windows must be positive")
