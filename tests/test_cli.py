@@ -42,3 +42,29 @@ def test_compare_rejects_unknown_names(tmp_path):
     with pytest.raises(FileNotFoundError, match="neither a known alias"):
         main(["compare", "--model", str(tmp_path / "nothing")])
     assert not list(tmp_path.iterdir())
+
+
+def test_quantize_saves_a_reloadable_checkpoint_for_model_level_methods(tmp_path, capsys):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from torchao_mx_ext import RotatedMXFP4Tensor
+    from torchao_mx_ext.recipes import METHODS, QuantSettings
+    from torchao_mx_ext.zoo import load_model
+
+    out = tmp_path / "brq"
+    assert main(["quantize", "--model", "stories260k", "--method", "brq", "--scale-rule", "floor", "--out", str(out)]) == 0
+    assert "MB safetensors" in capsys.readouterr().out
+    assert sorted(p.suffix for p in out.glob("*.safetensors")) == [".safetensors"] and not list(out.glob("*.bin"))
+    reloaded = AutoModelForCausalLM.from_pretrained(out)
+    assert isinstance(reloaded.model.layers[0].mlp.down_proj.weight, RotatedMXFP4Tensor)
+    expected, _ = load_model("stories260k")
+    METHODS["brq"].apply(expected, QuantSettings("floor"))
+    ids = torch.randint(0, 512, (1, 32))
+    with torch.no_grad():
+        assert torch.equal(reloaded(ids).logits, expected(ids).logits)
+    with pytest.raises(SystemExit, match="exists"):
+        main(["quantize", "--model", "stories260k", "--method", "brq", "--out", str(out)])
+    with pytest.raises(SystemExit, match="unknown method"):
+        main(["quantize", "--model", "stories260k", "--method", "awq", "--out", str(tmp_path / "x")])
+    assert not (tmp_path / "x").exists()
