@@ -56,7 +56,7 @@ def plot(res: dict, title: str, path: Path) -> None:
     fig.suptitle(title)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, format="png")  # exactly this path, whatever its suffix
     plt.close(fig)
 
 
