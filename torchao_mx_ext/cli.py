@@ -28,10 +28,9 @@ from typing import List, Optional
 import torch
 
 from .configs import DEFAULT_SCALE_RULE
-from .mx import SCALE_RULES
 from .eval.lm_eval_runner import add_eval_subcommand
+from .mx import SCALE_RULES
 from .recipes import METHODS, QuantSettings
-
 
 
 def _release_memory() -> None:
@@ -49,6 +48,16 @@ def _parse_list(text: str, allowed, what: str) -> List[str]:
     if bad or not items:
         raise SystemExit(f"torchao-mx: unknown {what} {', '.join(bad) or repr(text)}; choose from {', '.join(allowed)}")
     return items
+
+
+def _calibration_ids(args, tokenizer, model, seq_len: int) -> torch.Tensor:
+    from .calibration.data import calibration_ids
+
+    return calibration_ids(
+        tokenizer, args.calib_source, args.calib_samples, args.calib_seq_len or seq_len, seed=0,
+        data_dir=Path(args.data_dir) if args.data_dir else None,
+        max_positions=getattr(model.config, "max_position_embeddings", None),
+    )
 
 
 def run_compare(args) -> dict:
@@ -69,16 +78,10 @@ def run_compare(args) -> dict:
         raise SystemExit(f"torchao-mx: --seq-len {seq_len} exceeds the model's max_position_embeddings {max_positions}")
     calib_ids = None
     if any(METHODS[m].calibrated for m in methods):
-        from .calibration.data import calibration_ids
-
-        calib_len = args.calib_seq_len or seq_len
-        calib_ids = calibration_ids(
-            tokenizer, args.calib_source, args.calib_samples, calib_len, seed=0,
-            data_dir=Path(args.data_dir) if args.data_dir else None, max_positions=max_positions,
-        )
+        calib_ids = _calibration_ids(args, tokenizer, base_model, seq_len)
     input_ids = tokenize_for_perplexity(tokenizer, wikitext2_test_text(Path(args.data_dir) if args.data_dir else data_dir()))
 
-    runs = []  # (key, method, rule, factory, seeds)
+    runs = []  # (key, method, rule, apply, seeds)
     for method in methods:
         spec = METHODS[method]
         if spec.apply is None:
@@ -176,14 +179,7 @@ def run_quantize(args) -> dict:
     model, tokenizer = load_model(args.model)
     calib_ids = None
     if METHODS[args.method].calibrated:
-        from .calibration.data import calibration_ids
-
-        seq_len = args.calib_seq_len or DEFAULT_SEQ_LEN.get(args.model, 2048)
-        calib_ids = calibration_ids(
-            tokenizer, args.calib_source, args.calib_samples, seq_len, seed=0,
-            data_dir=Path(args.data_dir) if args.data_dir else None,
-            max_positions=getattr(model.config, "max_position_embeddings", None),
-        )
+        calib_ids = _calibration_ids(args, tokenizer, model, DEFAULT_SEQ_LEN.get(args.model, 2048))
     from .eval import Measure
 
     with Measure() as m:
