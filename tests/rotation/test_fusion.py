@@ -92,3 +92,16 @@ def test_per_layer_r2_is_exact_and_checked():
     assert len(fused.r2) == 2 and not torch.equal(fused.r2[0], fused.r2[1])
     with pytest.raises(ValueError, match="one R2 per layer"):
         fuse_rotations(MODELS["llama"](), torch.eye(64), [torch.eye(16)])
+
+
+def test_fusion_exact_on_smollm2():
+    # The real 135M model (converted once from the PyPI GGUF into the ignored cache): QuaRot-style
+    # full-width rotations (576 = 12*12*4 Hadamard) keep the fp32 logits.
+    from torchao_mx_ext.zoo import load_model
+
+    model, _ = load_model("smollm2-135m")
+    ids = torch.randint(0, 49152, (1, 64))
+    with torch.no_grad():
+        ref = model(ids).logits
+        fuse_rotations(model, block_diagonal("random_hadamard", 576, None, 0), block_diagonal("random_hadamard", 64, None, 1))
+        assert _max_rel_err(model(ids).logits, ref) <= 1e-4
