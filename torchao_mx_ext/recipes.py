@@ -51,9 +51,13 @@ def is_quantizable_linear(module: torch.nn.Module, fqn: str) -> bool:
     )
 
 
+def _as_config_for(config: Union[MXFP4Config, ConfigFor]) -> ConfigFor:
+    return (lambda _: config) if isinstance(config, MXFP4Config) else config
+
+
 def quantize_linears(model: torch.nn.Module, config: Union[MXFP4Config, ConfigFor]) -> torch.nn.Module:
     """RTN-``quantize_`` every linear but lm_head with ``config`` (or ``config(short_name)``)."""
-    config_for = (lambda _: config) if isinstance(config, MXFP4Config) else config
+    config_for = _as_config_for(config)
     chosen = {}
     for fqn, module in model.named_modules():
         if is_quantizable_linear(module, fqn):
@@ -71,6 +75,12 @@ def _fuse_model_rotation(model, s: QuantSettings, block: Optional[int], name: st
     check_supported(model)
     r1 = block_diagonal(name, model.config.hidden_size, block, s.seed)
     r2 = block_diagonal(name, head_dim_of(model), block, s.seed + 1)
+    return _fuse_with_online_r4(model, s, r1, r2, block)
+
+
+def _fuse_with_online_r4(model, s: QuantSettings, r1, r2, block: Optional[int]) -> ConfigFor:
+    """Fuse R1/R2 and return the per-linear configs: R4 is an online Hadamard on down_proj's input
+    (``block`` wide, full width for ``None``); every other linear reads already-rotated inputs."""
     fuse_rotations(model, r1, r2)
     r4 = s.config(MXFP4BlockRotConfig, rotation="hadamard", rotation_size=block)
     plain = s.config()
@@ -85,10 +95,7 @@ def _fuse_learned_rotation(model, s: QuantSettings, block: Optional[int]) -> Con
     if s.calib_ids is None:
         raise ValueError("DartQuant needs calibration data (QuantSettings.calib_ids)")
     r1, r2, _ = learn_rotations(model, s.calib_ids, block=block, seed=s.seed)
-    fuse_rotations(model, r1, r2)
-    r4 = s.config(MXFP4BlockRotConfig, rotation="hadamard", rotation_size=block)
-    plain = s.config()
-    return lambda short: r4 if short == "down_proj" else plain
+    return _fuse_with_online_r4(model, s, r1, r2, block)
 
 
 def _per_linear(s: QuantSettings, kind: str) -> MXFP4Config:
@@ -102,8 +109,7 @@ def _per_linear(s: QuantSettings, kind: str) -> MXFP4Config:
 def _gptq(model, s: QuantSettings, config: Union[MXFP4Config, ConfigFor]):
     if s.calib_ids is None:
         raise ValueError("GPTQ methods need calibration data (QuantSettings.calib_ids)")
-    config_for = (lambda _: config) if isinstance(config, MXFP4Config) else config
-    return sequential_gptq(model, s.calib_ids, config_for)
+    return sequential_gptq(model, s.calib_ids, _as_config_for(config))
 
 
 def _make(kind: str, gptq: bool) -> Callable:
