@@ -34,14 +34,7 @@ def _tiny_llama(hidden=128, heads=2, kv_heads=1, tie=True, seed=0):
     return model
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # tiny QRs and matmuls gain nothing from threads, and on a shared, busy CPU two OpenMP threads
-    # can make a 64 x 64 QR step 100x slower
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -37,13 +37,7 @@ SEQ_LEN = 512  # stories260k's max_position_embeddings: lm-eval windows and ours
 PPL_REL_TOL = 0.05
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # The model is tiny: one thread is several times faster than two on a busy shared CPU.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -55,14 +55,23 @@ def test_fused_rotations_keep_the_fp_model_exact(arch, block):
     assert not torch.allclose(model.model.embed_tokens.weight @ r1.T.float(), model.model.embed_tokens.weight)
 
 
-def test_fusion_exact_on_stories260k():
+@pytest.mark.parametrize(
+    "alias,vocab,r1,r2",
+    [
+        ("stories260k", 512, ("random_hadamard", 64), ("hadamard", 8)),
+        # the real 135M model (converted once from the PyPI GGUF into the ignored cache), with
+        # QuaRot-style full-width rotations (576 = 12*12*4 Hadamard)
+        ("smollm2-135m", 49152, ("random_hadamard", 576), ("random_hadamard", 64)),
+    ],
+)
+def test_fusion_exact_on_real_models(alias, vocab, r1, r2):
     from torchao_mx_ext.zoo import load_model
 
-    model, _ = load_model("stories260k")
-    ids = torch.randint(0, 512, (1, 128))
+    model, _ = load_model(alias)
+    ids = torch.randint(0, vocab, (1, 64))
     with torch.no_grad():
         ref = model(ids).logits
-        fuse_rotations(model, block_diagonal("random_hadamard", 64, None, 0), block_diagonal("hadamard", 8, None, 0))
+        fuse_rotations(model, block_diagonal(*r1, None, 0), block_diagonal(*r2, None, 1))
         assert _max_rel_err(model(ids).logits, ref) <= 1e-4
 
 
@@ -92,16 +101,3 @@ def test_per_layer_r2_is_exact_and_checked():
     assert len(fused.r2) == 2 and not torch.equal(fused.r2[0], fused.r2[1])
     with pytest.raises(ValueError, match="one R2 per layer"):
         fuse_rotations(MODELS["llama"](), torch.eye(64), [torch.eye(16)])
-
-
-def test_fusion_exact_on_smollm2():
-    # The real 135M model (converted once from the PyPI GGUF into the ignored cache): QuaRot-style
-    # full-width rotations (576 = 12*12*4 Hadamard) keep the fp32 logits.
-    from torchao_mx_ext.zoo import load_model
-
-    model, _ = load_model("smollm2-135m")
-    ids = torch.randint(0, 49152, (1, 64))
-    with torch.no_grad():
-        ref = model(ids).logits
-        fuse_rotations(model, block_diagonal("random_hadamard", 576, None, 0), block_diagonal("random_hadamard", 64, None, 1))
-        assert _max_rel_err(model(ids).logits, ref) <= 1e-4
