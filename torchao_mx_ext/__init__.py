@@ -13,6 +13,8 @@ from .mx import SCALE_RULES
 from .rotation import ROTATIONS
 from .tensors import MXFP4ActivationTensor, RotatedMXFP4Tensor
 from .calibration import GPTQConfig, gptq_mxfp4
+from . import moe
+from .moe import BanConfig, BanPickConfig, PESFConfig, PickConfig, apply_router_pass, qesc_quantize
 
 # torchao's config_from_dict only resolves classes in an allow-list of modules; add ours so our
 # configs round-trip through config_to_dict / config_from_dict like torchao's own.
@@ -25,15 +27,22 @@ from .hf import MXFP4HfConfig  # noqa: E402
 __version__ = "0.1.0"
 
 __all__ = [
+    "BanConfig",
+    "BanPickConfig",
     "DEFAULT_SCALE_RULE",
     "GPTQConfig",
     "MXFP4ActivationTensor",
     "MXFP4BlockRotConfig",
     "MXFP4HfConfig",
     "MXFP4Config",
+    "PESFConfig",
+    "PickConfig",
     "ROTATIONS",
     "RotatedMXFP4Tensor",
     "SCALE_RULES",
+    "apply_router_pass",
     "cache_dequantized_weights",
     "gptq_mxfp4",
+    "moe",
+    "qesc_quantize",
 ]

@@ -1,6 +1,7 @@
 """``torchao-mx``: the command line.
 
     torchao-mx compare --model smollm2-135m --methods fp,rtn,block-rot,global-rot --scale-rule all --json out.json
+    torchao-mx moe-compare --model smollm2-135m-moe --json moe.json
 
 ``compare`` quantizes a fresh copy of the model per method (``recipes.py``: every ``nn.Linear``
 except ``lm_head``), measures WikiText-2 raw test perplexity, wall time (quantization + evaluation)
@@ -234,6 +235,20 @@ def main(argv: Optional[List[str]] = None) -> int:
     qnt.add_argument("--calib-source", default="wikitext2")
     qnt.add_argument("--data-dir", default=None)
     qnt.add_argument("--overwrite", action="store_true")
+    moe = sub.add_parser("moe-compare", help="router passes (PESF, Ban&Pick) and MXFP4 experts (+QESC) on a MoE model")
+    moe.add_argument("--model", default="smollm2-135m-moe", help="alias (smollm2-135m-moe) or a HF MoE folder")
+    moe.add_argument("--methods", default="baseline,pesf-0.3,pesf-0.7,ban,pick,ban+pick,mxfp4,mxfp4+qesc")
+    moe.add_argument("--eval-windows", type=int, default=4)
+    moe.add_argument("--seq-len", type=int, default=2048)
+    moe.add_argument("--calib-samples", type=int, default=16, help="WikiText-2 validation windows (Ban&Pick, QESC)")
+    moe.add_argument("--calib-seq-len", type=int, default=512)
+    moe.add_argument("--prompt-len", type=int, default=256, help="decode timing: prompt tokens")
+    moe.add_argument("--new-tokens", type=int, default=32, help="decode timing: generated tokens")
+    moe.add_argument("--scale-rule", default=None, help="MXFP4 scale rule (default: the package default)")
+    moe.add_argument("--data-dir", default=None)
+    moe.add_argument("--threads", type=int, default=None)
+    moe.add_argument("--json", default=None)
+    moe.add_argument("--quiet", action="store_true")
     add_eval_subcommand(sub)
     args = parser.parse_args(argv)
 
@@ -242,6 +257,26 @@ def main(argv: Optional[List[str]] = None) -> int:
         return args.handler(args)
     if args.command == "quantize":
         run_quantize(args)
+        return 0
+    if args.command == "moe-compare":
+        from .moe.compare import format_moe_table, run_moe_compare
+
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        if args.scale_rule is not None:
+            check_scale_rule_or_exit(args.scale_rule)
+        try:
+            report = run_moe_compare(
+                args.model, [m.strip() for m in args.methods.split(",") if m.strip()], args.eval_windows, args.seq_len,
+                args.calib_samples, args.calib_seq_len, args.prompt_len, args.new_tokens, args.scale_rule,
+                Path(args.data_dir) if args.data_dir else None, progress=not args.quiet,
+            )
+        except ValueError as e:
+            raise SystemExit(f"torchao-mx: {e}")
+        print(format_moe_table(report))
+        if args.json:
+            write_json_atomic(Path(args.json), report)
+            print(f"wrote {args.json}")
         return 0
     if args.command == "compare":
         if args.eval_windows is not None and args.eval_windows <= 0:

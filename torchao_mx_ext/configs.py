@@ -120,6 +120,15 @@ def linear_extra_repr(self) -> str:
     )
 
 
+def _quantize_module(module: torch.nn.Module, config: MXFP4Config) -> torch.nn.Module:
+    """A linear's ``weight``, or both 3-D projections of a fused MoE experts module."""
+    from .moe.experts import is_fused_experts, quantize_experts_module  # lazy: it imports this module
+
+    if is_fused_experts(module):
+        return quantize_experts_module(module, config)
+    return _quantize_linear_weight(module, config)
+
+
 # torchao looks handlers up by exact config type, so each config class is registered.
-register_quantize_module_handler(MXFP4Config)(_quantize_linear_weight)
-register_quantize_module_handler(MXFP4BlockRotConfig)(_quantize_linear_weight)
+register_quantize_module_handler(MXFP4Config)(_quantize_module)
+register_quantize_module_handler(MXFP4BlockRotConfig)(_quantize_module)

@@ -1,7 +1,7 @@
 """Whole-model quantization methods, by name: what ``torchao-mx compare`` runs.
 
 Every method quantizes all ``nn.Linear`` layers except ``lm_head`` (W4A4 recipes keep it in high
-precision) to MXFP4; they differ in the rotations around the quantizers and in how weights are
+precision), and the fused 3-D experts of MoE models, to MXFP4; they differ in the rotations around the quantizers and in how weights are
 rounded (RTN, or GPTQ calibrated layer by layer):
 
 - ``rtn``: no rotation.
@@ -25,6 +25,7 @@ from torchao.quantization import quantize_
 
 from .calibration.sequential import sequential_gptq
 from .configs import MXFP4BlockRotConfig, MXFP4Config
+from .moe.experts import is_fused_experts
 from .rotation.fusion import block_diagonal, check_supported, fuse_rotations, head_dim_of
 from .tensors import RotatedMXFP4Tensor
 
@@ -56,11 +57,12 @@ def _as_config_for(config: Union[MXFP4Config, ConfigFor]) -> ConfigFor:
 
 
 def quantize_linears(model: torch.nn.Module, config: Union[MXFP4Config, ConfigFor]) -> torch.nn.Module:
-    """RTN-``quantize_`` every linear but lm_head with ``config`` (or ``config(short_name)``)."""
+    """RTN-``quantize_`` every linear but lm_head, and every fused MoE experts module (3-D weights,
+    short name ``experts``), with ``config`` (or ``config(short_name)``)."""
     config_for = _as_config_for(config)
     chosen = {}
     for fqn, module in model.named_modules():
-        if is_quantizable_linear(module, fqn):
+        if is_quantizable_linear(module, fqn) or is_fused_experts(module):
             cfg = config_for(fqn.split(".")[-1])
             if cfg is not None:
                 chosen.setdefault(id(cfg), (cfg, set()))[1].add(fqn)

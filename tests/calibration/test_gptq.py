@@ -321,3 +321,48 @@ def test_config_rejects_bad_use():
         quantize_(lin, GPTQConfig(base=MXFP4Config(), step="convert"))
     with pytest.raises(TypeError, match="already quantized"):
         quantize_(lin, GPTQConfig(base=MXFP4Config(), step="prepare"))
+
+
+# ---------------------------------------------------------------------------------------------
+# (d) on a real SmolLM2-135M layer, with real WikiText-2 activations
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("linear,rotate", [("self_attn.q_proj", False), ("mlp.down_proj", True)])
+def test_real_smollm2_layer_hessian_weighted_error_below_rtn(linear, rotate, shared_data):
+    """GPTQ's objective, tr((W - Q) H (W - Q)^T), measured in float64 on calibration inputs of a real
+    layer and on held-out inputs of the same corpus: GPTQ must beat RTN on both (measured: q_proj
+    0.19x / 0.25x, down_proj 0.42x / 0.63x of RTN's error)."""
+    from torchao_mx_ext.calibration.data import calibration_ids
+    from torchao_mx_ext.zoo import load_model
+
+    model, tok = load_model("smollm2-135m")
+    model.model.layers = model.model.layers[:6]  # only layer 5's inputs are needed
+    module = model.model.layers[5].get_submodule(linear)
+    seen = []
+    handle = module.register_forward_pre_hook(lambda m, args: seen.append(args[0].reshape(-1, args[0].shape[-1])))
+    with torch.no_grad():
+        # 8192 calibration rows, several times the widest input (1536): with n ~ K rows GPTQ fits the
+        # calibration set and loses to RTN on held-out down_proj rows (measured at n = 2048).
+        # Held out: other WikiText-2 windows. (Across corpora it need not hold: calibrated on
+        # WikiText-2, down_proj's error on TinyStories was 1.16x RTN's, q_proj's 0.49x.)
+        for source, n, seed in (("wikitext2", 16, 0), ("wikitext2", 2, 1)):
+            model(calibration_ids(tok, source, n_samples=n, seq_len=512, seed=seed, data_dir=shared_data))
+    handle.remove()
+    x_cal, x_held = seen
+    w = module.weight.detach()
+    k = w.shape[1]
+    r = rotation_block("hadamard", 32).double() if rotate else None
+
+    def rotated(x):
+        x = x.double()
+        return x if r is None else (x.reshape(-1, k // 32, 32) @ r).reshape(x.shape)
+
+    def weighted_error(wq, x):
+        d = rotated(w) - wq.double()
+        xr = rotated(x)
+        return float(((xr @ d.T) ** 2).sum())
+
+    h = hessian_of(rotated(x_cal))
+    rtn = mxfp4_dequantize(*mxfp4_quantize(rotated(w).float(), 32, "mse"), 32, "mse")
+    gptq = mxfp4_dequantize(*gptq_mxfp4(rotated(w).float(), h, scale_rule="mse"), 32, "mse")
+    for x in (x_cal, x_held):
+        assert weighted_error(gptq, x) < 0.9 * weighted_error(rtn, x), (linear, weighted_error(gptq, x), weighted_error(rtn, x))

@@ -70,3 +70,29 @@ def test_gptq_method_without_calibration_is_a_clear_error(stories):
     model, _ = load_model("stories260k")
     with pytest.raises(ValueError, match="calibration data"):
         METHODS["gptq"].apply(model, QuantSettings("floor"))
+
+
+def test_sequential_gptq_on_a_disk_offloaded_model(stories, shared_data, tmp_path):
+    """A model dispatched with accelerate's disk_offload (weights on the meta device, read from disk
+    at each forward) is calibrated layer by layer into the same weights as the in-memory model."""
+    from accelerate import disk_offload
+
+    _, tok = stories
+    calib = calibration_ids(tok, "tinystories", 4, 64, seed=0, data_dir=shared_data)
+    in_memory, _ = load_model("stories260k")
+    offloaded, _ = load_model("stories260k")
+    disk_offload(offloaded, tmp_path / "offload", execution_device="cpu")
+    assert offloaded.model.layers[0].self_attn.q_proj.weight.device.type == "meta"
+    settings = QuantSettings("floor", calib_ids=calib)
+    METHODS["gptq"].apply(in_memory, settings)
+    METHODS["gptq"].apply(offloaded, settings)
+    for a, b in zip(in_memory.model.layers, offloaded.model.layers):
+        for name, la in a.named_modules():
+            if isinstance(la, torch.nn.Linear):
+                lb = b.get_submodule(name)
+                assert isinstance(lb.weight, RotatedMXFP4Tensor), name
+                assert torch.equal(la.weight.qdata, lb.weight.qdata) and torch.equal(la.weight.scale, lb.weight.scale), name
+    assert offloaded.model.embed_tokens.weight.device.type == "meta"  # what is not calibrated stays on disk
+    with torch.no_grad():
+        ids = calib[:1, :16]
+        torch.testing.assert_close(offloaded(ids).logits, in_memory(ids).logits)

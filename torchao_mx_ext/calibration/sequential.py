@@ -4,11 +4,18 @@ Only one decoder layer's inputs are held in memory (``n_samples x seq_len x hidd
 layer ``i + 1`` are the outputs of layer ``i`` *after* it was quantized, so every layer is calibrated
 on what the quantized model really feeds it (Frantar et al. 2022, section 5; MR-GPTQ).
 
+Models larger than memory: dispatch them with accelerate (``disk_offload``/``cpu_offload``, or
+``from_pretrained(..., device_map=..., offload_folder=...)``); each offloaded layer is materialised
+just before it is calibrated and then kept, quantized (4.25 bits per weight), in memory, so peak
+memory is one full-precision layer plus the quantized model plus the calibration activations.
+
 Per layer: attach Hessian observers (``GPTQConfig(step="prepare")``) to its linears, run the
 calibration inputs through it, run GPTQ (``step="convert"``), then run the inputs through the
 quantized layer to produce the next layer's inputs. A tqdm bar shows the layers.
 """
 
+import functools
+import logging
 from typing import Callable, Dict, Optional
 
 import torch
@@ -17,6 +24,8 @@ from tqdm.auto import tqdm
 
 from ..configs import MXFP4Config
 from .gptq import GPTQConfig
+
+logger = logging.getLogger(__name__)
 
 
 class _StopForward(Exception):
@@ -57,12 +66,43 @@ def capture_first_layer_inputs(model, calib_ids: torch.Tensor):
     return torch.stack(hidden), captured["kwargs"]
 
 
+def materialize_offloaded(layer: torch.nn.Module) -> torch.nn.Module:
+    """Load the weights of an accelerate-offloaded ``layer`` (every submodule whose hook keeps its
+    tensors on the meta device / in a disk or CPU map) and detach the hooks: from here on the layer is
+    an ordinary in-memory module that quantization can replace weights in."""
+    from accelerate.hooks import remove_hook_from_module
+    from accelerate.utils import has_offloaded_params
+
+    offloaded = [m for m in layer.modules() if has_offloaded_params(m)]
+    for module in offloaded:
+        module._hf_hook.pre_forward(module)  # copies the tensors from the weights map
+    if offloaded or hasattr(layer, "_hf_hook"):
+        remove_hook_from_module(layer, recurse=True)
+    return layer
+
+
 def _run_layer(layer, hidden: torch.Tensor, kwargs: Dict) -> torch.Tensor:
     out = torch.empty_like(hidden)
     for i in range(hidden.shape[0]):
         y = layer(hidden[i : i + 1], **kwargs)
         out[i] = (y[0] if isinstance(y, tuple) else y)[0]
     return out
+
+
+def _rtn_fused_experts(layer, config_for) -> None:
+    """Fused MoE experts (3-D weights, not ``nn.Linear``) get RTN: GPTQ here covers linears only."""
+    from ..moe.experts import is_fused_experts  # lazy: moe.experts imports the configs
+
+    for fqn, module in list(layer.named_modules()):
+        base = config_for(fqn.split(".")[-1]) if is_fused_experts(module) else None
+        if base is not None:
+            _warn_experts_get_rtn()
+            quantize_(layer, base, filter_fn=lambda m, n, f=fqn: n == f)
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_experts_get_rtn() -> None:  # once per process, not once per layer
+    logger.warning("GPTQ covers nn.Linear layers; fused MoE experts are quantized with RTN")
 
 
 @torch.no_grad()
@@ -82,12 +122,14 @@ def sequential_gptq(
     layers = _decoder_layers(model)
     hidden, kwargs = capture_first_layer_inputs(model, calib_ids)
     for layer in tqdm(layers, desc="GPTQ layers", disable=not progress):
+        materialize_offloaded(layer)
         targets = {}
         for fqn, module in layer.named_modules():
             if isinstance(module, torch.nn.Linear):
                 base = config_for(fqn.split(".")[-1])
                 if base is not None:
                     targets[fqn] = base
+        _rtn_fused_experts(layer, config_for)
         for fqn, base in targets.items():
             quantize_(layer, GPTQConfig(base=base, step="prepare", **gptq_kwargs), filter_fn=lambda m, n, f=fqn: n == f)
         _run_layer(layer, hidden, kwargs)

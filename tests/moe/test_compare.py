@@ -1,0 +1,64 @@
+"""``torchao-mx moe-compare`` end to end on a tiny Qwen2-MoE saved with a real tokenizer."""
+
+import json
+
+import pytest
+import torch
+from transformers import AutoTokenizer, Qwen2MoeConfig, Qwen2MoeForCausalLM
+
+from torchao_mx_ext.cli import main
+from torchao_mx_ext.zoo import shared_dir
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+@pytest.fixture(scope="module")
+def tiny_moe_folder(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny_moe")
+    tokenizer = AutoTokenizer.from_pretrained(shared_dir() / "models" / "stories260k")
+    torch.manual_seed(0)
+    config = Qwen2MoeConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
+        shared_expert_intermediate_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        num_experts=8, num_experts_per_tok=4, norm_topk_prob=False, qkv_bias=False, max_position_embeddings=256,
+    )
+    model = Qwen2MoeForCausalLM(config)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.mlp.gate.weight.normal_(0, 0.5)  # a spread of router logits, as trained routers have
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def test_moe_compare_reports_every_method(tiny_moe_folder, tmp_path, capsys):
+    out = tmp_path / "moe.json"
+    assert main([
+        "moe-compare", "--model", str(tiny_moe_folder), "--seq-len", "64", "--eval-windows", "2",
+        "--calib-samples", "4", "--calib-seq-len", "32", "--prompt-len", "16", "--new-tokens", "4",
+        "--quiet", "--json", str(out),
+    ]) == 0
+    report = json.loads(out.read_text())
+    table = capsys.readouterr().out
+    methods = report["methods"]
+    assert list(methods) == ["baseline", "pesf-0.3", "pesf-0.7", "ban", "pick", "ban+pick", "mxfp4", "mxfp4+qesc"]
+    assert report["settings"]["num_experts"] == 8 and report["settings"]["top_k"] == 4
+    base = methods["baseline"]
+    assert base["active_experts"] == 4.0 and base["topk_agreement"] == 1.0 and base["prefill_speedup"] == 1.0
+    for name, r in methods.items():
+        assert name in table
+        assert r["ppl"] > 1 and r["prefill_s"] > 0 and r["decode_ms_per_token"] > 0
+    # pruning passes route fewer experts, the aggressive PESF setting fewer than the safe one
+    assert methods["pesf-0.7"]["active_experts"] <= methods["pesf-0.3"]["active_experts"] < 4.0
+    assert methods["ban"]["active_experts"] < 4.0
+    assert methods["pick"]["active_experts"] == 4.0  # Pick re-ranks, it does not prune
+    # quantization leaves the routers untouched, so only changed inputs move the selection
+    assert methods["mxfp4"]["topk_agreement"] < 1.0
+    assert methods["mxfp4+qesc"]["qesc_calibration_agreement_after"] >= methods["mxfp4+qesc"]["qesc_calibration_agreement_before"]
+
+
+def test_moe_compare_rejects_a_dense_model_and_unknown_methods():
+    with pytest.raises(SystemExit, match="no MoE layer"):
+        main(["moe-compare", "--model", "stories260k", "--methods", "baseline", "--quiet"])
+    with pytest.raises(SystemExit, match="unknown MoE method"):
+        main(["moe-compare", "--model", "stories260k", "--methods", "baseline,prune-all", "--quiet"])

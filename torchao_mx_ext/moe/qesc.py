@@ -1,0 +1,190 @@
+"""QESC: quantization-aware expert selection calibration (EAC-MoE, arXiv 2508.01625, section 3.1).
+
+Quantizing a MoE layer's attention (and every earlier layer) shifts the hidden states its router
+sees, so the quantized model selects other experts than the full-precision one ("expert shift").
+QESC re-fits each router, layer after layer, so that on the quantized model's inputs it reproduces
+the full-precision router's logits of the experts that matter:
+
+    L(W') = 1/K sum_t sum_{i in topK(W x_t)} ((W x_t)_i - (W' x^_t)_i)^2
+
+with ``x_t`` the router input of token ``t`` in the full-precision model, ``x^_t`` the same token's
+router input in the model quantized so far (this layer's attention and all earlier layers), ``W`` the
+original router weight and ``K`` larger than the routing top-k (the paper uses 8..20). Then the
+layer's experts (and its other linears) are quantized and the quantized layer's outputs feed the next.
+
+The loss is a least-squares problem per expert row ``i`` over the tokens ``T_i`` whose top-K holds
+``i``, so instead of the paper's gradient descent we take its exact minimiser, with a ridge term that
+keeps rows seen by few tokens near ``W``:
+
+    w'_i = (X^_i^T X^_i + lam_i I)^-1 (X^_i^T z_i + lam_i w_i),   z_i = (W x_t)_i for t in T_i,
+    lam_i = damp * mean(diag(X^_i^T X^_i))
+
+(float64). Calibration keeps one layer's inputs of both models in memory (``2 x n x L x d``).
+"""
+
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Union
+
+import torch
+from torchao.quantization import quantize_
+from tqdm.auto import tqdm
+
+from ..calibration.sequential import _decoder_layers, _run_layer, capture_first_layer_inputs
+from ..configs import MXFP4Config
+from ..recipes import is_quantizable_linear
+from .adapters import find_moe_blocks
+from .experts import is_fused_experts
+
+__all__ = ["QESCReport", "fit_router_to_topk_logits", "qesc_quantize", "topk_agreement"]
+
+
+@dataclass
+class QESCReport:
+    """Per layer: top-k agreement with the full-precision router on the calibration tokens (the
+    routing top-k, not QESC's K), with the original router weight and after QESC."""
+
+    agreement_before: List[float] = field(default_factory=list)
+    agreement_after: List[float] = field(default_factory=list)
+
+
+def _moe_blocks_by_layer(model: torch.nn.Module) -> Dict[int, tuple]:
+    """``{decoder layer index: (router, top_k)}`` (a clear error for dense / unsupported models)."""
+    blocks = {id(block): (block.gate, adapter.top_k(block.gate)) for _, block, adapter in find_moe_blocks(model)}
+    found = {}
+    for i, layer in enumerate(_decoder_layers(model)):
+        mlp = getattr(layer, "mlp", None)
+        if id(mlp) in blocks:
+            found[i] = blocks[id(mlp)]
+    return found
+
+
+def fit_router_to_topk_logits(
+    weight: torch.Tensor, x_fp: torch.Tensor, x_q: torch.Tensor, k_loss: int, damp: float = 0.01
+) -> torch.Tensor:
+    """The exact minimiser of QESC's loss (module docstring) for router ``weight [E, d]``, full-precision
+    router inputs ``x_fp [T, d]`` and quantized-model inputs ``x_q [T, d]`` of the same tokens."""
+    if x_fp.shape != x_q.shape or x_fp.shape[-1] != weight.shape[1]:
+        raise ValueError(f"router inputs {tuple(x_fp.shape)} / {tuple(x_q.shape)} do not fit weight {tuple(weight.shape)}")
+    e, d = weight.shape
+    k_loss = min(k_loss, e)
+    w = weight.detach().to(torch.float64)
+    xq = x_q.to(torch.float64)
+    z = x_fp.to(torch.float64) @ w.T  # [T, E] full-precision logits
+    in_top = torch.zeros_like(z, dtype=torch.bool).scatter_(1, z.topk(k_loss, dim=1).indices, True)
+    fitted = torch.empty_like(w)
+    eye = torch.eye(d, dtype=torch.float64)
+    for i in range(e):
+        rows = xq[in_top[:, i]]
+        gram = rows.T @ rows
+        lam = damp * float(gram.diagonal().mean()) if rows.shape[0] else 1.0
+        lam = max(lam, 1e-12)
+        rhs = rows.T @ z[in_top[:, i], i] + lam * w[i]
+        fitted[i] = torch.linalg.solve(gram + lam * eye, rhs)
+    return fitted.to(weight.dtype)
+
+
+def _agreement(index_a: torch.Tensor, index_b: torch.Tensor) -> float:
+    """Mean over tokens of |S_a & S_b| / k for top-k index sets ``[T, k]``."""
+    same = (index_a.unsqueeze(-1) == index_b.unsqueeze(-2)).any(-1)
+    return float(same.float().mean())
+
+
+def _topk_indices(weight: torch.Tensor, x: torch.Tensor, k: int) -> torch.Tensor:
+    return (x.to(torch.float32) @ weight.to(torch.float32).T).topk(k, dim=1).indices
+
+
+class _RouterInputs:
+    """Forward pre-hook collecting a router's inputs as ``[tokens, d]`` rows."""
+
+    def __init__(self, router: torch.nn.Module):
+        self.rows: List[torch.Tensor] = []
+        self.handle = router.register_forward_pre_hook(self)
+
+    def __call__(self, module, args):
+        x = args[0]
+        self.rows.append(x.detach().reshape(-1, x.shape[-1]).to(torch.float32))
+
+    def take(self) -> torch.Tensor:
+        self.handle.remove()
+        return torch.cat(self.rows)
+
+
+@torch.no_grad()
+def qesc_quantize(
+    model: torch.nn.Module,
+    calib_ids: torch.Tensor,
+    config: Union[MXFP4Config, Callable[[str], Optional[MXFP4Config]]],
+    k_loss: int = 8,
+    damp: float = 0.01,
+    calibrate_routers: bool = True,
+    progress: bool = True,
+) -> QESCReport:
+    """Quantize a MoE decoder layer by layer with ``config`` (or ``config(fqn inside the layer)``,
+    ``None`` = keep), re-fitting every MoE router with QESC before its experts are quantized.
+
+    Order per layer: attention linears -> (QESC on the router) -> experts and remaining linears; the
+    router itself stays in full precision. ``calibrate_routers=False`` runs the same pipeline without
+    QESC (the baseline it is measured against). Returns the per-layer top-k agreement.
+    """
+    layers = _decoder_layers(model)
+    moe = _moe_blocks_by_layer(model)
+    config_for = (lambda _: config) if isinstance(config, MXFP4Config) else config
+    report = QESCReport()
+    hidden_fp, kwargs = capture_first_layer_inputs(model, calib_ids)
+    hidden_q = hidden_fp.clone()
+
+    def quantize_part(layer, wanted: Callable[[str], bool]):
+        for fqn, module in list(layer.named_modules()):
+            if wanted(fqn) and (is_quantizable_linear(module, fqn) or is_fused_experts(module)):
+                cfg = config_for(fqn)
+                if cfg is not None:
+                    quantize_(layer, cfg, filter_fn=lambda m, n, f=fqn: n == f)
+
+    for i, layer in enumerate(tqdm(layers, desc="QESC layers", disable=not progress)):
+        if i not in moe:  # a dense layer: quantize it, nothing to calibrate
+            hidden_fp = _run_layer(layer, hidden_fp, kwargs)
+            quantize_part(layer, lambda fqn: True)
+            hidden_q = _run_layer(layer, hidden_q, kwargs)
+            continue
+        router, k = moe[i]
+        fp_inputs = _RouterInputs(router)
+        hidden_fp = _run_layer(layer, hidden_fp, kwargs)
+        x_fp = fp_inputs.take()
+
+        quantize_part(layer, lambda fqn: fqn.startswith("self_attn"))
+        q_inputs = _RouterInputs(router)
+        _run_layer(layer, hidden_q, kwargs)
+        x_q = q_inputs.take()
+
+        target = _topk_indices(router.weight, x_fp, k)
+        report.agreement_before.append(_agreement(target, _topk_indices(router.weight, x_q, k)))
+        if calibrate_routers:
+            router.weight.copy_(fit_router_to_topk_logits(router.weight, x_fp, x_q, k_loss, damp))
+        report.agreement_after.append(_agreement(target, _topk_indices(router.weight, x_q, k)))
+
+        quantize_part(layer, lambda fqn: not fqn.startswith("self_attn"))
+        hidden_q = _run_layer(layer, hidden_q, kwargs)
+    return report
+
+
+@torch.no_grad()
+def topk_agreement(reference: torch.nn.Module, model: torch.nn.Module, input_ids: torch.Tensor) -> Dict[str, float]:
+    """Top-k agreement of ``model``'s routers with ``reference``'s (e.g. the full-precision model) on
+    ``input_ids``, each model on its own hidden states: per MoE layer and overall, the mean over
+    tokens of ``|S_ref & S_model| / k`` (sentinel slots of pruning passes count as misses)."""
+
+    def routed(m):
+        found, handles = {}, []
+        for i, (router, _) in _moe_blocks_by_layer(m).items():
+            handles.append(router.register_forward_hook(lambda mod, a, out, i=i: found.setdefault(i, []).append(out[2])))
+        try:
+            m(input_ids)
+        finally:
+            for h in handles:
+                h.remove()
+        return {i: torch.cat(v) for i, v in found.items()}
+
+    ref, got = routed(reference), routed(model)
+    per_layer = {f"layer{i}": _agreement(ref[i], got[i]) for i in ref}
+    per_layer["mean"] = sum(per_layer.values()) / len(per_layer)
+    return per_layer
