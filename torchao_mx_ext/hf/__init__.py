@@ -11,12 +11,15 @@ Importing this module registers :class:`MXFP4HfConfig` and :class:`MXFP4HfQuanti
     save_pretrained(model, "out")           # safetensors, written to a temporary folder then renamed
     model = AutoModelForCausalLM.from_pretrained("out")   # reload: bit-identical logits
 
+MoE models (Qwen2-MoE, Qwen3-MoE, Mixtral, ...) work the same way: their fused experts
+(``mlp.experts.gate_up_proj`` / ``down_proj``) are quantized on load and saved as 3-D MXFP4 weights.
+
 ``model.save_pretrained("out")`` writes the same files, but not atomically. A model quantized with
 ``quantize_`` directly saves the same way (``save_pretrained(model, out, quant_config=config)``).
 
 Without this module imported, transformers does not know the method; loading our checkpoint then
-fails with a size-mismatch error (stored codes have one more dimension than the linear weights) rather
-than silently leaving the linears randomly initialised.
+fails with a size-mismatch error (stored codes have one more dimension than the weights) rather
+than silently leaving the layers randomly initialised.
 """
 
 from transformers.quantizers.auto import (

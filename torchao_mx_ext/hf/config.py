@@ -3,13 +3,14 @@
 It carries one of our ``quantize_`` configs (``MXFP4Config``, ``MXFP4BlockRotConfig``, ...) and is what
 ``config.json`` stores under ``quantization_config``::
 
-    {"quant_method": "torchao_mx_ext", "format_version": 1,
+    {"quant_method": "torchao_mx_ext", "format_version": 2,
      "quant_config": {"_type": "MXFP4BlockRotConfig", "_version": 1, "_data": {...}},
      "modules_to_not_convert": null}
 
 The inner config goes through torchao's ``config_to_dict`` / ``config_from_dict``; only classes of this
 package are accepted. ``format_version`` is the version of our checkpoint layout: a checkpoint from a
-newer layout than this code reads fails with an error that says so.
+newer layout than this code reads fails with an error that says so; older layouts still load
+(versions: :mod:`torchao_mx_ext.hf.serialization`).
 """
 
 from typing import Any, Dict, List, Optional
@@ -20,7 +21,8 @@ __all__ = ["FORMAT_VERSION", "MXFP4HfConfig", "QUANT_METHOD", "known_configs"]
 
 QUANT_METHOD = "torchao_mx_ext"
 # Version of the checkpoint layout (config.json fields + safetensors tensors and metadata) written here.
-FORMAT_VERSION = 1
+# 1: 2-D linear weights. 2: N-D weights (fused MoE experts), tensors under the model's own names.
+FORMAT_VERSION = 2
 
 _FIELDS = ("quant_method", "format_version", "quant_config", "modules_to_not_convert")
 

@@ -4,14 +4,21 @@ Two ways in through ``from_pretrained``:
 
 - quantize on load (``quantization_config=MXFP4HfConfig(MXFP4BlockRotConfig())`` on a full-precision
   checkpoint): each eligible ``nn.Linear`` weight (every linear except ``lm_head`` and
-  ``modules_to_not_convert``) is quantized by our ``quantize_`` handler as it is read, so the result
-  equals ``quantize_`` on the model loaded normally;
+  ``modules_to_not_convert``) and each projection of a fused MoE experts module (``mlp.experts``:
+  ``gate_up_proj``/``up_proj`` and ``down_proj``, 3-D) is quantized by our ``quantize_`` code as it is
+  read, so the result equals ``quantize_`` on the model loaded normally (the experts get the class
+  :func:`~torchao_mx_ext.moe.experts.quantize_experts_module` gives once both projections are in).
+  Per-expert checkpoints (``experts.<e>.gate_proj.weight`` ...) are fused by transformers' own
+  conversion mapping first; we quantize the fused tensor;
 - reload (``config.json`` has ``quant_method: "torchao_mx_ext"``): the checkpoint is checked first
   (metadata, format version, digests: :func:`~.serialization.read_checkpoint`), then each weight is
   rebuilt from its stored codes, scales and shared rotation, as a parameter with ``requires_grad=False``.
+  Version-2 checkpoints hold the model's own state-dict names, so transformers' checkpoint conversions
+  (per-expert merges, renames) are not applied to them (see :mod:`.serialization`).
 
 ``save_pretrained`` writes the layout of :mod:`.serialization` (safetensors only) via
-:meth:`MXFP4HfQuantizer.get_state_dict_and_metadata`.
+:meth:`MXFP4HfQuantizer.get_state_dict_and_metadata`, under the model's own names (no conversion
+reverted).
 """
 
 import types
@@ -22,9 +29,16 @@ from transformers.core_model_loading import ConversionOps
 from transformers.quantizers.base import HfQuantizer
 from transformers.quantizers.quantizers_utils import get_module_from_name, should_convert_module
 
+from ..moe.experts import expert_projection_names, install_mxfp4_experts_class, quantize_expert_weights
 from ..tensors import RotatedMXFP4Tensor
-from .config import MXFP4HfConfig
-from .serialization import ROTATION_PREFIX, CheckpointError, QuantizedCheckpoint, flatten_state_dict, read_checkpoint
+from .config import FORMAT_VERSION, MXFP4HfConfig
+from .serialization import (
+    ROTATION_PREFIX,
+    CheckpointError,
+    QuantizedCheckpoint,
+    flatten_state_dict,
+    read_checkpoint,
+)
 
 __all__ = ["MXFP4HfQuantizer"]
 
@@ -99,9 +113,10 @@ class MXFP4HfQuantizer(HfQuantizer):
         return True
 
     def eligible(self, module: torch.nn.Module, fqn: str) -> bool:
-        """Whether quantize-on-load quantizes this module (an ``nn.Linear`` not excluded)."""
+        """Whether quantize-on-load quantizes this module: an ``nn.Linear`` or a fused MoE experts module
+        (the modules ``recipes.quantize_linears`` quantizes), not excluded."""
         return (
-            isinstance(module, torch.nn.Linear)
+            (isinstance(module, torch.nn.Linear) or expert_projection_names(module) is not None)
             and not _never_quantized(fqn)
             and should_convert_module(fqn, self.quantization_config.modules_to_not_convert)
         )
@@ -110,16 +125,26 @@ class MXFP4HfQuantizer(HfQuantizer):
         if self.pre_quantized:
             return False
         module, tensor_name = get_module_from_name(model, param_name)
-        return tensor_name == "weight" and self.eligible(module, param_name.rpartition(".")[0])
+        return tensor_name in _quantized_names(module) and self.eligible(module, param_name.rpartition(".")[0])
 
     # -- loading ------------------------------------------------------------------------------------
     def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs):
         if not self.pre_quantized:
+            # Fail before reading any weight on experts our backend cannot run.
+            for fqn, module in model.named_modules():
+                if expert_projection_names(module) is not None and self.eligible(module, fqn):
+                    _check_experts_supported(module, fqn)
             return model
         if checkpoint_files is None:
             raise CheckpointError("a torchao_mx_ext checkpoint loads from safetensors files only (got a state dict)")
         # Check the whole checkpoint before transformers reads it: errors surface here, with our message.
         self.checkpoint = read_checkpoint(checkpoint_files)
+        stated = self.quantization_config.format_version
+        if stated != self.checkpoint.format_version:
+            raise CheckpointError(
+                f"config.json says torchao_mx_ext format version {stated}, but the safetensors files say "
+                f"{self.checkpoint.format_version} (files of different saves?)"
+            )
         # The shared rotation blocks are read here, not by transformers: do not report them as unexpected.
         ignore = set(model._keys_to_ignore_on_load_unexpected or ())
         ignore.add(r"(^|\.)" + ROTATION_PREFIX.replace(".", r"\.") + r"\d+$")
@@ -135,6 +160,34 @@ class MXFP4HfQuantizer(HfQuantizer):
     def get_load_operations(self):
         return {"deserialize": MXFP4Deserialize}
 
+    def get_weight_conversions(self):
+        """One converter per stored parameter leaf name (``weight``, ``gate_up_proj``, ``down_proj``):
+        it gathers ``<name>`` and ``<name>_mxfp4_scale`` into one :class:`RotatedMXFP4Tensor`.
+
+        The patterns are anchored at the end of the key: a bare ``down_proj`` (transformers' default
+        boundary) would also catch ``mlp.down_proj.weight`` of a dense layer or a shared expert, and the
+        first matching converter wins.
+        """
+        from transformers.core_model_loading import WeightConverter
+
+        if not self.pre_quantized:
+            return []
+        return [
+            WeightConverter([f"{name}$" for name in names], f"{leaf}", [MXFP4Deserialize(self)])
+            for leaf, names in self.serialized_names.items()
+        ]
+
+    def update_weight_conversions(self, weight_conversions, model):
+        """Our converters, after the model's checkpoint conversions only for format-version-1 files.
+
+        A version-2 checkpoint is written under the model's own names (:mod:`.serialization`), so the
+        model's conversions (per-expert merges of Mixtral/Qwen2-MoE/..., renames) have nothing to do and
+        must not touch our fused codes and scales: they are dropped.
+        """
+        if self.pre_quantized and self.checkpoint is not None and self.checkpoint.format_version >= 2:
+            return self.get_weight_conversions()
+        return super().update_weight_conversions(weight_conversions, model)
+
     def get_new_dtype(self, converter, param, dtype):
         # Our converter also sees the model's unquantized `weight`s: cast those as transformers would,
         # keep our uint8 codes and scales as stored.
@@ -149,34 +202,77 @@ class MXFP4HfQuantizer(HfQuantizer):
             missing = [name for name in self.checkpoint.weights if not isinstance(_find_param(model, name), RotatedMXFP4Tensor)]
             if missing:
                 raise CheckpointError(f"these MXFP4 weights were not loaded from the checkpoint: {', '.join(missing)}")
+            for fqn, module in model.named_modules():
+                names = expert_projection_names(module)
+                if names is not None and any(isinstance(getattr(module, n), RotatedMXFP4Tensor) for n in names):
+                    _check_experts_supported(module, fqn)
+                    install_mxfp4_experts_class(module)
+                elif any(isinstance(p, RotatedMXFP4Tensor) and p.dim() != 2 for p in module.parameters(recurse=False)):
+                    raise CheckpointError(
+                        f"{fqn} ({type(module).__name__}) got an MXFP4 weight with more than 2 dimensions but is not "
+                        "a fused MoE experts module (3-D gate_up_proj/up_proj and down_proj)"
+                    )
             # Our converter has no reverse: keep it out of the conversions save_pretrained would revert.
             model._weight_conversions = [
                 c for c in getattr(model, "_weight_conversions", [])
                 if not any(isinstance(op, MXFP4Deserialize) for op in getattr(c, "operations", ()))
             ]
         else:
-            # Linears whose weight was not in the checkpoint (tied to another tensor, or missing and
+            # Weights that were not in the checkpoint (tied to another tensor, or missing and
             # initialised): quantize them now, as quantize_ on the loaded model would.
+            config = self.quantization_config.quant_config
             for fqn, module in model.named_modules():
-                if self.eligible(module, fqn) and not isinstance(module.weight, RotatedMXFP4Tensor):
-                    _quantize_module(module, self.quantization_config.quant_config)
+                if not self.eligible(module, fqn):
+                    continue
+                names = expert_projection_names(module)
+                if names is None:
+                    if not isinstance(module.weight, RotatedMXFP4Tensor):
+                        _quantize_module(module, config)
+                    continue
+                for name in names:
+                    if not isinstance(getattr(module, name), RotatedMXFP4Tensor):
+                        _quantize_expert_projection(module, name, getattr(module, name), config)
+                install_mxfp4_experts_class(module)
         return model
 
     # -- saving -------------------------------------------------------------------------------------
     def get_state_dict_and_metadata(self, model):
-        """Plain tensors + safetensors metadata for ``save_pretrained`` (layout in :mod:`.serialization`)."""
-        return flatten_state_dict(model.state_dict(), digest_all=not _has_weight_conversions(model))
+        """Plain tensors + safetensors metadata for ``save_pretrained`` (layout in :mod:`.serialization`).
+
+        Also makes the save write format version :data:`FORMAT_VERSION` as it is: ``save_pretrained``
+        calls this before writing ``config.json`` and before reverting the model's checkpoint
+        conversions, so the configs' ``format_version`` is set here (a reloaded version-1 model is saved
+        as version 2), and ``model._weight_conversions`` is emptied: nothing is reverted, every tensor
+        keeps the model's own name (transformers would otherwise split fused experts codes by expert).
+        """
+        model._weight_conversions = []
+        for config in (self.quantization_config, getattr(model.config, "quantization_config", None)):
+            if isinstance(config, MXFP4HfConfig):
+                config.format_version = FORMAT_VERSION
+        return flatten_state_dict(model.state_dict())
 
 
-def _has_weight_conversions(model) -> bool:
-    """Whether save_pretrained will rename/convert tensors (then their written bytes differ from the state dict's)."""
-    from transformers.conversion_mapping import get_model_conversion_mapping
-    from transformers.core_model_loading import PrefixChange
+def _quantized_names(module: torch.nn.Module) -> tuple:
+    """The parameter names quantize-on-load replaces in ``module``: a linear's ``weight``, or both
+    projections of a fused experts module."""
+    names = expert_projection_names(module)
+    return ("weight",) if names is None else names
 
-    conversions = getattr(model, "_weight_conversions", None)
-    if conversions is None:
-        conversions = [c for c in get_model_conversion_mapping(model, add_legacy=False) if not isinstance(c, PrefixChange)]
-    return bool(conversions)
+
+def _check_experts_supported(module: torch.nn.Module, fqn: str) -> None:
+    if getattr(module, "is_transposed", False):
+        raise NotImplementedError(
+            f"{fqn} ({type(module).__name__}) stores its expert weights transposed ([E, in, out]); torchao_mx_ext's "
+            "MXFP4 experts support [E, out, in] (Mixtral, Qwen2/3-MoE, OLMoE, DeepSeek-V2/V3): leave it in "
+            "high precision with MXFP4HfConfig(modules_to_not_convert=[...])"
+        )
+
+
+def _quantize_expert_projection(module: torch.nn.Module, name: str, value: torch.Tensor, config) -> None:
+    """Quantize one 3-D projection of a fused experts module, as ``quantize_experts_module`` does for both."""
+    param = torch.nn.Parameter(quantize_expert_weights(value, config), requires_grad=False)
+    param._is_hf_initialized = True
+    setattr(module, name, param)
 
 
 def _find_param(model, name: str):
@@ -219,15 +315,21 @@ class _QuantizerOp(ConversionOps):
 
 
 class MXFP4Quantize(_QuantizerOp):
-    """Quantize one full-precision linear weight as transformers reads it."""
+    """Quantize one full-precision linear weight, or one (fused) experts projection, as transformers reads it."""
 
     def convert(self, input_dict, model=None, full_layer_name=None, missing_keys=None, **kwargs):
         _, value = next(iter(input_dict.items()))
         value = value[0] if isinstance(value, list) else value
         module, tensor_name = get_module_from_name(model, full_layer_name)
-        module._parameters[tensor_name] = torch.nn.Parameter(value, requires_grad=False)
-        _quantize_module(module, self.hf_quantizer.quantization_config.quant_config)
-        _mark_loaded(module)
+        config = self.hf_quantizer.quantization_config.quant_config
+        if expert_projection_names(module) is not None:
+            # The other projection may not be read yet: quantize this one alone; the module gets its
+            # MXFP4 class once loading is done (_process_model_after_weight_loading).
+            _quantize_expert_projection(module, tensor_name, value, config)
+        else:
+            module._parameters[tensor_name] = torch.nn.Parameter(value, requires_grad=False)
+            _quantize_module(module, config)
+            _mark_loaded(module)
         if missing_keys is not None:
             missing_keys.discard(full_layer_name)
         return {}
@@ -239,7 +341,8 @@ class MXFP4Deserialize(_QuantizerOp):
     def convert(self, input_dict, model=None, full_layer_name=None, **kwargs):
         checkpoint = self.hf_quantizer.checkpoint
         stored = _stored_name(checkpoint, model, full_layer_name)
-        parts = {k: (v[0] if isinstance(v, list) else v) for k, v in input_dict.items()}
+        # Keyed by our converter's source patterns ("weight$", "weight_mxfp4_scale$"): back to the names.
+        parts = {k.removesuffix("$"): (v[0] if isinstance(v, list) else v) for k, v in input_dict.items()}
         leaf = full_layer_name.rpartition(".")[2]
         if stored is None:
             if set(parts) != {leaf}:

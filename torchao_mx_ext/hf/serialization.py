@@ -1,20 +1,32 @@
 """Checkpoint layout of MXFP4 models in safetensors, and its reading and checking.
 
-Each :class:`RotatedMXFP4Tensor` parameter ``<module>.weight`` is written as plain tensors:
+Each :class:`RotatedMXFP4Tensor` parameter ``<name>`` (a linear's ``weight`` ``[N, K]``, or a fused MoE
+experts projection ``gate_up_proj`` / ``down_proj`` ``[E, N, K]``: any leading dimensions ``L`` before
+the input width ``K``) is written as plain tensors:
 
-- ``<module>.weight``: the packed E2M1 codes (uint8) shaped ``[N, K_p / block_size, block_size / 2]``
-  (one row of bytes per MX block). The extra dimension is deliberate: a transformers install that does
-  not know our method loads this key into the linear's ``[N, K]`` weight, sees a shape mismatch and
-  raises, instead of leaving the layer randomly initialised.
-- ``<module>.weight_mxfp4_scale``: E8M0 scales (uint8, ``[N, K_p / block_size]``).
+- ``<name>``: the packed E2M1 codes (uint8) shaped ``[*L, K_p / block_size, block_size / 2]`` (one row
+  of bytes per MX block). The extra trailing dimension is deliberate: a transformers install that does
+  not know our method loads this key into the ``[*L, K]`` parameter, sees a shape mismatch and raises,
+  instead of leaving the layer randomly initialised.
+- ``<name>_mxfp4_scale``: E8M0 scales (uint8, ``[*L, K_p / block_size]``).
 - ``torchao_mx_ext.rotation.<i>``: each distinct rotation block once (float32, ``b x b``), however
-  many layers share it. Never stored: the ``dequantized`` cache.
+  many layers (linears and experts alike) share it. Never stored: the ``dequantized`` cache.
 
 Safetensors metadata (every shard carries the same copy) holds, under the key ``torchao_mx_ext``, a
-JSON object: ``format_version``; ``weights`` (per quantized parameter: ``shape``, ``in_features``,
-``block_size``, ``scale_rule``, ``act_scale_rule``, ``dtype``, ``rotation``); ``rotations``;
-``digests`` (BLAKE2b-128 of the bytes of every tensor written, so that a modified or corrupted file
-fails to load with a message naming the tensor).
+JSON object: ``format_version``; ``weights`` (per quantized parameter: ``shape`` ``[*L, K]``,
+``in_features`` ``K``, ``block_size``, ``scale_rule``, ``act_scale_rule``, ``dtype``, ``rotation``);
+``rotations``; ``digests`` (BLAKE2b-128 of the bytes of every tensor written, so that a modified or
+corrupted file fails to load with a message naming the tensor).
+
+Format versions (:data:`~.config.FORMAT_VERSION` is the one written):
+
+- 1: 2-D (linear) weights only, tensors under the names transformers' ``save_pretrained`` gives them.
+- 2: N-D weights (fused MoE experts), and every tensor under the model's own state-dict name: no
+  checkpoint conversion of transformers is reverted on save nor applied on load. transformers 5.x splits
+  fused experts back into per-expert ``experts.<e>.gate_proj.weight`` ... on save (and fuses them on
+  load); that would cut our packed codes apart by expert and drop their scales, and its renames (e.g.
+  Mixtral's ``mlp`` -> ``block_sparse_moe``) would move keys away from the names our metadata lists.
+  Version 1 files still load (as before).
 """
 
 import hashlib
@@ -63,7 +75,7 @@ def tensor_digest(t: torch.Tensor) -> str:
 class WeightInfo:
     """Per-parameter metadata of one quantized weight."""
 
-    shape: Tuple[int, int]
+    shape: Tuple[int, ...]  # the parameter's logical shape [*leading, in_features]
     in_features: int
     block_size: int
     scale_rule: str
@@ -78,14 +90,23 @@ class WeightInfo:
             "rotation": self.rotation,
         }
 
+    @property
+    def leading(self) -> Tuple[int, ...]:
+        """The dimensions before ``in_features`` (``(N,)`` for a linear, ``(E, N)`` for experts)."""
+        return tuple(self.shape[:-1])
+
     @classmethod
-    def from_json(cls, name: str, d) -> "WeightInfo":
+    def from_json(cls, name: str, d, format_version: int = FORMAT_VERSION) -> "WeightInfo":
         if not isinstance(d, dict) or set(d) != _WEIGHT_FIELDS:
             raise CheckpointError(f"metadata of {name}: expected fields {sorted(_WEIGHT_FIELDS)}, got {d!r}")
         shape = d["shape"]
-        ints = (shape[0] if isinstance(shape, list) and len(shape) == 2 else None, d["in_features"], d["block_size"])
-        if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in ints) or shape[1] != d["in_features"]:
-            raise CheckpointError(f"metadata of {name}: bad shape/in_features/block_size in {d!r}")
+        # Version 1 knew linears only: [N, K]. Version 2 adds leading dimensions (experts: [E, N, K]).
+        ndims_ok = isinstance(shape, list) and (len(shape) == 2 if format_version == 1 else len(shape) >= 2)
+        ints = (*shape, d["in_features"], d["block_size"]) if ndims_ok else (None,)
+        if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in ints) or shape[-1] != d["in_features"]:
+            raise CheckpointError(
+                f"metadata of {name}: bad shape/in_features/block_size in {d!r} (format version {format_version})"
+            )
         if d["block_size"] % 2:
             raise CheckpointError(f"metadata of {name}: block_size must be even, got {d['block_size']}")
         try:
@@ -106,8 +127,9 @@ class WeightInfo:
 def flatten_state_dict(state_dict: Dict[str, torch.Tensor], digest_all: bool = True) -> Tuple[Dict[str, torch.Tensor], Dict[str, str]]:
     """(plain tensors to write, safetensors metadata) for a state dict holding :class:`RotatedMXFP4Tensor` values.
 
-    ``digest_all=False`` records digests of our own tensors only (for models whose other tensors
-    transformers converts on save, so their written bytes are not the state dict's).
+    ``digest_all=False`` records digests of our own tensors only (for a caller whose save converts the
+    other tensors, so their written bytes are not the state dict's; our quantizer saves without
+    conversions, format version 2, and digests everything).
     """
     from torchao.utils import TorchAOBaseTensor
 
@@ -131,12 +153,13 @@ def flatten_state_dict(state_dict: Dict[str, torch.Tensor], digest_all: bool = T
                     out[rot_name] = rot
                     rotations[rot_name] = {"shape": list(rot.shape)}
                     owned.append(rot_name)
-            n = t.qdata.shape[0]
-            out[name] = t.qdata.reshape(n, -1, t.block_size // 2)
+            leading = tuple(t.qdata.shape[:-1])
+            # [*L, K_p / 2] -> [*L, K_p / block_size, block_size / 2]: one more dimension than the parameter.
+            out[name] = t.qdata.reshape(*leading, -1, t.block_size // 2)
             out[name + SCALE_SUFFIX] = t.scale
             owned += [name, name + SCALE_SUFFIX]
             weights[name] = WeightInfo(
-                (n, t.in_features), t.in_features, t.block_size, t.scale_rule, t.act_scale_rule,
+                (*leading, t.in_features), t.in_features, t.block_size, t.scale_rule, t.act_scale_rule,
                 str(t.dtype).removeprefix("torch."), rot_name,
             ).to_json()
         elif isinstance(t, TorchAOBaseTensor):
@@ -164,6 +187,7 @@ class QuantizedCheckpoint:
     weights: Dict[str, WeightInfo]
     rotations: Dict[str, torch.Tensor]
     files: List[str] = field(default_factory=list)
+    format_version: int = FORMAT_VERSION
     _on_device: Dict[tuple, torch.Tensor] = field(default_factory=dict)
 
     def rotation(self, name: Optional[str], device: torch.device) -> Optional[torch.Tensor]:
@@ -186,20 +210,19 @@ class QuantizedCheckpoint:
         rotation = self.rotation(info.rotation, qdata.device)
         rot_size = None if rotation is None else rotation.shape[0]
         _check_parts(name, info, rot_size, (tuple(qdata.shape), qdata.dtype), (tuple(scale.shape), scale.dtype))
-        n, k = info.shape
         return RotatedMXFP4Tensor(
-            qdata.reshape(n, -1), scale, info.block_size, info.scale_rule, info.act_scale_rule, k, dtype, rotation
+            qdata.reshape(*info.leading, -1), scale, info.block_size, info.scale_rule, info.act_scale_rule,
+            info.in_features, dtype, rotation,
         )
 
 
 def _check_parts(name: str, info: WeightInfo, rot_size: Optional[int], codes: tuple, scales: tuple) -> None:
     """Raise unless (shape, dtype) of the stored codes and scales fit the weight's metadata."""
-    n, k = info.shape
-    kp = padded_width(k, info.block_size, rot_size)
+    kp = padded_width(info.in_features, info.block_size, rot_size)
     if rot_size is not None and kp % rot_size:
         raise CheckpointError(f"{name}: rotation block of size {rot_size} does not divide the padded width {kp}")
-    expect_q = ((n, kp // info.block_size, info.block_size // 2), torch.uint8)
-    expect_s = ((n, kp // info.block_size), torch.uint8)
+    expect_q = ((*info.leading, kp // info.block_size, info.block_size // 2), torch.uint8)
+    expect_s = ((*info.leading, kp // info.block_size), torch.uint8)
     if codes != expect_q:
         raise CheckpointError(f"{name}: codes have shape/dtype {codes}, the metadata implies {expect_q}")
     if scales != expect_s:
@@ -216,6 +239,7 @@ def _open(path: str):
 
 
 def _parse_metadata(path: str, raw: Optional[str]) -> dict:
+    """The checked ``torchao_mx_ext`` metadata object of one file (any version up to ours)."""
     if raw is None:
         raise CheckpointError(
             f"{path}: no '{METADATA_KEY}' metadata; this file was not written by torchao_mx_ext "
@@ -255,7 +279,8 @@ def read_checkpoint(files: Iterable[str], verify: bool = True) -> QuantizedCheck
                 raise CheckpointError(f"{f}: '{METADATA_KEY}' metadata differs from {files[0]}'s (shards of different saves?)")
         location = {key: f for f, h in handles.items() for key in h.keys()}
 
-        weights = {name: WeightInfo.from_json(name, d) for name, d in meta["weights"].items()}
+        version = meta["format_version"]
+        weights = {name: WeightInfo.from_json(name, d, version) for name, d in meta["weights"].items()}
         for name, d in meta["rotations"].items():
             shape = d.get("shape") if isinstance(d, dict) else None
             if (
@@ -307,4 +332,4 @@ def read_checkpoint(files: Iterable[str], verify: bool = True) -> QuantizedCheck
             exit_ = getattr(h, "__exit__", None)
             if exit_ is not None:
                 exit_(None, None, None)
-    return QuantizedCheckpoint(weights, rotations, files)
+    return QuantizedCheckpoint(weights, rotations, files, version)

@@ -45,6 +45,8 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "EXPERTS_BACKEND",
+    "expert_projection_names",
+    "install_mxfp4_experts_class",
     "is_fused_experts",
     "mxfp4_experts_forward",
     "quantize_expert_weights",
@@ -71,6 +73,12 @@ def is_fused_experts(module: torch.nn.Module, fqn: str = "") -> bool:
 
     Already-quantized experts match too, so quantizing twice fails loudly (as for linears)."""
     return _projection_names(module) is not None
+
+
+def expert_projection_names(module: torch.nn.Module) -> Optional[Tuple[str, str]]:
+    """``(first, second)`` projection parameter names of a fused experts module (``("gate_up_proj",
+    "down_proj")``, or ``("up_proj", "down_proj")`` without a gate), ``None`` for any other module."""
+    return _projection_names(module)
 
 
 # -- weights ------------------------------------------------------------------------------------
@@ -127,6 +135,23 @@ def quantize_experts_module(module: torch.nn.Module, config: MXFP4Config) -> tor
         quantized = quantize_expert_weights(getattr(module, name), config)
         setattr(module, name, torch.nn.Parameter(quantized, requires_grad=False))
     module.__class__ = _mxfp4_experts_class(type(module))
+    return module
+
+
+def install_mxfp4_experts_class(module: torch.nn.Module) -> torch.nn.Module:
+    """Give a fused experts module whose projections were already made :class:`RotatedMXFP4Tensor`
+    parameters elsewhere (loaded from a checkpoint, or quantized one projection at a time as
+    ``from_pretrained`` reads them) the class :func:`quantize_experts_module` gives: the original class
+    with ``forward = mxfp4_experts_forward``. Idempotent; returns the module (same object)."""
+    names = _projection_names(module)
+    if names is None:
+        raise TypeError(f"{type(module).__name__} is not a fused experts module (3-D gate_up_proj/up_proj and down_proj)")
+    if not any(isinstance(getattr(module, name), RotatedMXFP4Tensor) for name in names):
+        raise TypeError(f"{type(module).__name__} has no MXFP4-quantized projection")
+    if getattr(module, "is_transposed", False):
+        raise NotImplementedError(f"{type(module).__name__} stores transposed expert weights [E, in, out]; not supported")
+    if type(module) not in _MXFP4_CLASSES.values():
+        module.__class__ = _mxfp4_experts_class(type(module))
     return module
 
 
