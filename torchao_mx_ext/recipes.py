@@ -49,6 +49,7 @@ def is_quantizable_linear(module: torch.nn.Module, fqn: str) -> bool:
         isinstance(module, torch.nn.Linear)
         and fqn.split(".")[-1] != "lm_head"
         and not isinstance(module.weight, RotatedMXFP4Tensor)
+        and module.weight.numel() > 0  # e.g. a MoEfied model's zero-width shared expert: nothing to store
     )
 
 
