@@ -7,6 +7,13 @@ It carries one of our ``quantize_`` configs (``MXFP4Config``, ``MXFP4BlockRotCon
      "quant_config": {"_type": "MXFP4BlockRotConfig", "_version": 1, "_data": {...}},
      "modules_to_not_convert": null}
 
+A model saved with MoE router passes installed (:mod:`torchao_mx_ext.moe`: PESF, Ban, Pick) also has
+``"router_passes"``: per router, the installed passes in order with their values read from the pass
+buffers (form: :func:`torchao_mx_ext.moe.router_configs.router_pass_settings`), e.g.
+``{"model.layers.0.mlp.gate": [{"pass": "pick", "experts": [3], "boost": 1.0}, {"pass": "ban", "tau":
+0.8, "k_min": 1, "protected": [3]}]}``; ``from_pretrained`` re-installs them after loading the weights.
+Without passes the key is absent.
+
 The inner config goes through torchao's ``config_to_dict`` / ``config_from_dict``; only classes of this
 package are accepted. ``format_version`` is the version of our checkpoint layout: a checkpoint from a
 newer layout than this code reads fails with an error that says so; older layouts still load
@@ -24,7 +31,7 @@ QUANT_METHOD = "torchao_mx_ext"
 # 1: 2-D linear weights. 2: N-D weights (fused MoE experts), tensors under the model's own names.
 FORMAT_VERSION = 2
 
-_FIELDS = ("quant_method", "format_version", "quant_config", "modules_to_not_convert")
+_FIELDS = ("quant_method", "format_version", "quant_config", "modules_to_not_convert", "router_passes")
 
 
 def known_configs() -> Dict[str, type]:
@@ -86,6 +93,8 @@ class MXFP4HfConfig(QuantizationConfigMixin):
         modules_to_not_convert: extra module names (transformers' ``should_convert_module`` patterns) left
             in high precision; modules named ``lm_head`` are never quantized (as in ``torchao-mx compare``).
         format_version: checkpoint layout version (set when reading a checkpoint; leave the default).
+        router_passes: MoE router passes to install after loading, ``{router_fqn: [{"pass": name, ...}]}``
+            (written by ``save_pretrained`` from the model's installed passes; ``None``: none).
 
     Example::
 
@@ -97,6 +106,7 @@ class MXFP4HfConfig(QuantizationConfigMixin):
         quant_config=None,
         modules_to_not_convert: Optional[List[str]] = None,
         format_version: int = FORMAT_VERSION,
+        router_passes: Optional[Dict[str, List[Dict[str, Any]]]] = None,
         **kwargs,
     ):
         kwargs.pop("quant_method", None)
@@ -106,6 +116,7 @@ class MXFP4HfConfig(QuantizationConfigMixin):
         self.format_version = check_format_version(format_version, "MXFP4HfConfig")
         self.quant_config = quant_config
         self.modules_to_not_convert = None if modules_to_not_convert is None else list(modules_to_not_convert)
+        self.router_passes = _copy_router_passes(router_passes)
         self.post_init()
 
     def post_init(self):
@@ -119,17 +130,25 @@ class MXFP4HfConfig(QuantizationConfigMixin):
                 )
         if self.modules_to_not_convert is not None and not all(isinstance(m, str) for m in self.modules_to_not_convert):
             raise TypeError(f"modules_to_not_convert must be a list of strings, got {self.modules_to_not_convert!r}")
+        if self.router_passes is not None:
+            from ..moe.router_configs import check_router_pass_settings
+
+            check_router_pass_settings(self.router_passes)
 
     def to_dict(self) -> Dict[str, Any]:
         """The JSON-ready dict stored in ``config.json``."""
         from torchao.core.config import config_to_dict
 
-        return {
+        data = {
             "quant_method": QUANT_METHOD,
             "format_version": self.format_version,
             "quant_config": None if self.quant_config is None else config_to_dict(self.quant_config),
             "modules_to_not_convert": None if self.modules_to_not_convert is None else list(self.modules_to_not_convert),
         }
+        router_passes = _copy_router_passes(self.router_passes)
+        if router_passes is not None:  # absent without passes: config.json as before
+            data["router_passes"] = router_passes
+        return data
 
     @classmethod
     def from_dict(cls, config_dict, return_unused_kwargs=False, **kwargs):
@@ -158,3 +177,22 @@ class MXFP4HfConfig(QuantizationConfigMixin):
         return isinstance(other, MXFP4HfConfig) and self.to_dict() == other.to_dict()
 
     __hash__ = None
+
+
+def _copy_router_passes(router_passes):
+    """A deep copy of the router-pass settings as plain dicts and lists (``None`` for none/empty);
+    malformed input is passed through for :func:`check_router_pass_settings` to report."""
+    if not router_passes:
+        return None
+    import copy
+
+    copied = copy.deepcopy(router_passes)
+    if isinstance(copied, dict):  # tuples (from Python callers) as lists, as JSON gives them back
+        copied = {
+            fqn: [
+                {k: list(v) if isinstance(v, tuple) else v for k, v in e.items()} if isinstance(e, dict) else e
+                for e in entries
+            ] if isinstance(entries, (list, tuple)) else entries
+            for fqn, entries in copied.items()
+        }
+    return copied

@@ -19,6 +19,11 @@ Two ways in through ``from_pretrained``:
 ``save_pretrained`` writes the layout of :mod:`.serialization` (safetensors only) via
 :meth:`MXFP4HfQuantizer.get_state_dict_and_metadata`, under the model's own names (no conversion
 reverted).
+
+MoE router passes (PESF, Ban, Pick of :mod:`torchao_mx_ext.moe`) keep their values in non-persistent
+buffers, so they are not in the tensors: a save records them in ``quantization_config.router_passes``
+(values read from the buffers), and loading re-installs them once the weights are in
+(:func:`~torchao_mx_ext.moe.router_configs.install_router_passes`).
 """
 
 import types
@@ -30,6 +35,7 @@ from transformers.quantizers.base import HfQuantizer
 from transformers.quantizers.quantizers_utils import get_module_from_name, should_convert_module
 
 from ..moe.experts import expert_projection_names, install_mxfp4_experts_class, quantize_expert_weights
+from ..moe.router_configs import install_router_passes, router_pass_settings
 from ..tensors import RotatedMXFP4Tensor
 from .config import FORMAT_VERSION, MXFP4HfConfig
 from .serialization import (
@@ -233,6 +239,8 @@ class MXFP4HfQuantizer(HfQuantizer):
                     if not isinstance(getattr(module, name), RotatedMXFP4Tensor):
                         _quantize_expert_projection(module, name, getattr(module, name), config)
                 install_mxfp4_experts_class(module)
+        if self.quantization_config.router_passes:
+            install_router_passes(model, self.quantization_config.router_passes)
         return model
 
     # -- saving -------------------------------------------------------------------------------------
@@ -244,11 +252,15 @@ class MXFP4HfQuantizer(HfQuantizer):
         conversions, so the configs' ``format_version`` is set here (a reloaded version-1 model is saved
         as version 2), and ``model._weight_conversions`` is emptied: nothing is reverted, every tensor
         keeps the model's own name (transformers would otherwise split fused experts codes by expert).
+        The router passes installed on the model are recorded in the configs' ``router_passes`` (``None``
+        without passes) for the same reason.
         """
         model._weight_conversions = []
+        router_passes = router_pass_settings(model) or None  # from the buffers: current values
         for config in (self.quantization_config, getattr(model.config, "quantization_config", None)):
             if isinstance(config, MXFP4HfConfig):
                 config.format_version = FORMAT_VERSION
+                config.router_passes = router_passes
         return flatten_state_dict(model.state_dict())
 
 
