@@ -5,8 +5,8 @@ Every method starts from a fresh copy of the model and is measured the same way,
 - ``ppl``: WikiText-2 raw test token perplexity (``eval_windows`` x ``seq_len``);
 - ``active_experts``: mean routed experts per token and layer (non-sentinel slots with nonzero weight)
   over those windows;
-- ``prefill_s``: the mean forward time of one ``seq_len`` window (the perplexity forwards, no cache,
-  after one warm-up forward); ``prefill_speedup`` = baseline / method, from the same run;
+- ``prefill_s``: the median forward time of one ``seq_len`` window (the perplexity forwards, no cache,
+  after one untimed warm-up window); ``prefill_speedup`` = baseline / method, from the same run;
 - ``decode_ms_per_token``: greedy decoding with the KV cache after a ``prompt_len`` prompt;
 - ``topk_agreement``: mean ``|S_fp & S| / k`` of the routers' selections against the unmodified
   model's on the first window, each model on its own hidden states.
@@ -84,7 +84,7 @@ _CALIBRATED = {"ban", "pick", "ban+pick", "mxfp4+qesc"}
 
 @torch.inference_mode()
 def _evaluate(model, input_ids: torch.Tensor, seq_len: int, windows: int, progress: bool) -> dict:
-    model(input_ids[:, :64], use_cache=False)  # warm-up: first-call allocations are not prefill time
+    model(input_ids[:, :seq_len], use_cache=False)  # warm-up: first-call allocations are not prefill time
     nlls, times = [], []
     with ActiveExpertCounter(model) as counter:
         for i in range(windows):
@@ -99,7 +99,7 @@ def _evaluate(model, input_ids: torch.Tensor, seq_len: int, windows: int, progre
     return {
         "ppl": math.exp(statistics.fmean(nlls)),
         "active_experts": stats.mean,
-        "prefill_s": statistics.fmean(times),
+        "prefill_s": statistics.median(times),
         "prefill_s_min": min(times),
     }
 
