@@ -114,7 +114,7 @@ def qesc_quantize(
     model: torch.nn.Module,
     calib_ids: torch.Tensor,
     config: Union[MXFP4Config, Callable[[str], Optional[MXFP4Config]]],
-    k_loss: int = 8,
+    k_loss: Optional[int] = None,
     damp: float = 0.01,
     calibrate_routers: bool = True,
     progress: bool = True,
@@ -124,7 +124,10 @@ def qesc_quantize(
 
     Order per layer: attention linears -> (QESC on the router) -> experts and remaining linears; the
     router itself stays in full precision. ``calibrate_routers=False`` runs the same pipeline without
-    QESC (the baseline it is measured against). Returns the per-layer top-k agreement.
+    QESC (the baseline it is measured against). ``k_loss``: QESC's ``K``, which must exceed the routing
+    top-k (the paper: 8..20); default ``min(E, max(8, 2 * top_k))``, so for a top-14-of-16 router every
+    logit counts (with ``K`` below top-k the fit ignores the ranks that decide the selection).
+    Returns the per-layer top-k agreement.
     """
     layers = _decoder_layers(model)
     moe = _moe_blocks_by_layer(model)
@@ -159,7 +162,9 @@ def qesc_quantize(
         target = _topk_indices(router.weight, x_fp, k)
         report.agreement_before.append(_agreement(target, _topk_indices(router.weight, x_q, k)))
         if calibrate_routers:
-            router.weight.copy_(fit_router_to_topk_logits(router.weight, x_fp, x_q, k_loss, damp))
+            num_experts = router.weight.shape[0]
+            k_fit = k_loss if k_loss is not None else min(num_experts, max(8, 2 * k))
+            router.weight.copy_(fit_router_to_topk_logits(router.weight, x_fp, x_q, k_fit, damp))
         report.agreement_after.append(_agreement(target, _topk_indices(router.weight, x_q, k)))
 
         quantize_part(layer, lambda fqn: not fqn.startswith("self_attn"))
