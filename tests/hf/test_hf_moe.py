@@ -28,6 +28,8 @@ from torchao_mx_ext.moe.experts import is_fused_experts, mxfp4_experts_forward
 from torchao_mx_ext.recipes import quantize_linears
 from torchao_mx_ext.zoo import model_path
 
+from checkpoint_checks import assert_same_weights, quantized_params
+
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 TOKENS = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(1))
@@ -71,28 +73,6 @@ def logits(model, tokens=TOKENS):
 
 def experts_modules(model):
     return {fqn: m for fqn, m in model.named_modules() if is_fused_experts(m)}
-
-
-def quantized_params(model):
-    return {n: p for n, p in model.named_parameters() if isinstance(p, tme.RotatedMXFP4Tensor)}
-
-
-def assert_same_weights(a, b):
-    """Same parameter names, same plain tensors, same codes/scales/rotation/metadata for quantized ones."""
-    sa, sb = a.state_dict(), b.state_dict()
-    assert sorted(sa) == sorted(sb)
-    for name, x in sa.items():
-        y = sb[name]
-        assert type(x) is type(y), name
-        if isinstance(x, tme.RotatedMXFP4Tensor):
-            assert torch.equal(x.qdata, y.qdata) and torch.equal(x.scale, y.scale), name
-            assert (x.rotation is None) == (y.rotation is None), name
-            assert x.rotation is None or torch.equal(x.rotation, y.rotation), name
-            assert (x.block_size, x.scale_rule, x.act_scale_rule, x.in_features, x.dtype, x.shape) == (
-                y.block_size, y.scale_rule, y.act_scale_rule, y.in_features, y.dtype, y.shape
-            ), name
-        else:
-            assert x.dtype == y.dtype and torch.equal(x, y), name
 
 
 def assert_mxfp4_experts(model, n_layers):

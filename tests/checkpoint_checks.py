@@ -1,0 +1,27 @@
+"""Checks shared by the checkpoint tests (dense and MoE): weights equal field by field."""
+
+import torch
+
+import torchao_mx_ext as tme
+
+
+def quantized_params(model):
+    return {n: p for n, p in model.named_parameters() if isinstance(p, tme.RotatedMXFP4Tensor)}
+
+
+def assert_same_weights(a, b):
+    """Same parameter names, same plain tensors, same codes/scales/rotation/metadata for quantized ones."""
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sorted(sa) == sorted(sb)
+    for name, x in sa.items():
+        y = sb[name]
+        assert type(x) is type(y), name
+        if isinstance(x, tme.RotatedMXFP4Tensor):
+            assert torch.equal(x.qdata, y.qdata) and torch.equal(x.scale, y.scale), name
+            assert (x.rotation is None) == (y.rotation is None), name
+            assert x.rotation is None or torch.equal(x.rotation, y.rotation), name
+            assert (x.block_size, x.scale_rule, x.act_scale_rule, x.in_features, x.dtype, x.shape) == (
+                y.block_size, y.scale_rule, y.act_scale_rule, y.in_features, y.dtype, y.shape
+            ), name
+        else:
+            assert x.dtype == y.dtype and torch.equal(x, y), name
