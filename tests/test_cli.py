@@ -68,3 +68,22 @@ def test_quantize_saves_a_reloadable_checkpoint_for_model_level_methods(tmp_path
     with pytest.raises(SystemExit, match="unknown method"):
         main(["quantize", "--model", "stories260k", "--method", "awq", "--out", str(tmp_path / "x")])
     assert not (tmp_path / "x").exists()
+
+
+def test_compare_keeps_finished_methods_when_interrupted(tmp_path, monkeypatch):
+    import torchao_mx_ext.eval as tme_eval
+
+    real, calls = tme_eval.perplexity, []
+
+    def perplexity_then_crash(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # e.g. the user stops a multi-hour run
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(tme_eval, "perplexity", perplexity_then_crash)
+    out = tmp_path / "partial.json"
+    with pytest.raises(KeyboardInterrupt):
+        main(["compare", "--model", "stories260k", "--eval-windows", "1", "--methods", "fp,rtn", "--quiet", "--json", str(out)])
+    partial = json.loads(out.read_text())
+    assert list(partial["methods"]) == ["fp"] and partial["complete"] is False

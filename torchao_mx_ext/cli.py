@@ -92,6 +92,28 @@ def run_compare(args) -> dict:
             key = method if len(rules) == 1 else f"{method}[{rule}]"
             runs.append((key, method, rule, spec.apply, seeds if spec.seeded else [None]))
 
+    def report(results: dict) -> dict:
+        return {
+            "model": args.model,
+            "settings": {
+                "seq_len": seq_len,
+                "eval_windows": args.eval_windows,
+                "scale_rules": rules,
+                "seeds": seeds,
+                "calibration": None if calib_ids is None else {
+                    "source": args.calib_source, "samples": calib_ids.shape[0], "seq_len": calib_ids.shape[1], "seed": 0,
+                },
+                "weight_only": args.weight_only,
+                "act_scale_rule": None if args.weight_only else (args.act_scale_rule or "same as weights"),
+                "block_size": 32,
+                "lm_head": "not quantized",
+                "activations": "none (weight-only)" if args.weight_only else "MXFP4, quantized online",
+                "threads": torch.get_num_threads(),
+                "torch": torch.__version__,
+            },
+            "methods": results,
+        }
+
     results = {}
     for key, method, rule, apply, run_seeds in runs:
         per_seed = []
@@ -119,27 +141,10 @@ def run_compare(args) -> dict:
         results[key] = entry
         if not args.quiet:
             print(f"  {key}: ppl {entry['ppl']:.3f} ({entry['wall_s']:.1f} s)", file=sys.stderr)
+        if args.json and len(results) < len(runs):  # a long run keeps what is done if interrupted
+            write_json_atomic(Path(args.json), dict(report(results), complete=False))
 
-    return {
-        "model": args.model,
-        "settings": {
-            "seq_len": seq_len,
-            "eval_windows": args.eval_windows,
-            "scale_rules": rules,
-            "seeds": seeds,
-            "calibration": None if calib_ids is None else {
-                "source": args.calib_source, "samples": calib_ids.shape[0], "seq_len": calib_ids.shape[1], "seed": 0,
-            },
-            "weight_only": args.weight_only,
-            "act_scale_rule": None if args.weight_only else (args.act_scale_rule or "same as weights"),
-            "block_size": 32,
-            "lm_head": "not quantized",
-            "activations": "none (weight-only)" if args.weight_only else "MXFP4, quantized online",
-            "threads": torch.get_num_threads(),
-            "torch": torch.__version__,
-        },
-        "methods": results,
-    }
+    return report(results)
 
 
 def format_table(report: dict) -> str:
