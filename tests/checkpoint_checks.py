@@ -1,5 +1,10 @@
 """Checks shared by the checkpoint tests (dense and MoE): weights equal field by field."""
 
+import os
+import subprocess
+import sys
+import textwrap
+
 import torch
 
 import torchao_mx_ext as tme
@@ -25,3 +30,24 @@ def assert_same_weights(a, b):
             ), name
         else:
             assert x.dtype == y.dtype and torch.equal(x, y), name
+
+
+def load_without_our_package(folder):
+    """``from_pretrained(folder)`` in a fresh interpreter that never imports torchao_mx_ext (no
+    PYTHONPATH, cwd /); asserts the package stayed unimported and returns the finished process."""
+    code = textwrap.dedent(f"""
+        import sys
+        from transformers import AutoModelForCausalLM
+        try:
+            AutoModelForCausalLM.from_pretrained({str(folder)!r})
+        except Exception as e:
+            print("RAISED", type(e).__name__)
+        else:
+            print("LOADED")
+        print("IMPORTED", any(m.startswith("torchao_mx_ext") for m in sys.modules))
+    """)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd="/", env=env)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "IMPORTED False" in run.stdout
+    return run

@@ -7,10 +7,6 @@ checkpoints hold the fused tensors, which that mapping must not touch.
 """
 
 import json
-import os
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -28,7 +24,7 @@ from torchao_mx_ext.moe.experts import is_fused_experts, mxfp4_experts_forward
 from torchao_mx_ext.recipes import quantize_linears
 from torchao_mx_ext.zoo import model_path
 
-from checkpoint_checks import assert_same_weights, quantized_params
+from checkpoint_checks import assert_same_weights, load_without_our_package, quantized_params
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -357,20 +353,6 @@ def test_plain_transformers_refuses_our_moe_checkpoint(tmp_path):
     model = AutoModelForCausalLM.from_pretrained(folder)
     quantize_(model, CONFIG, filter_fn=lambda m, fqn: is_fused_experts(m))  # the experts only
     out = save_pretrained(model, tmp_path / "q")
-    code = textwrap.dedent(f"""
-        import sys
-        from transformers import AutoModelForCausalLM
-        try:
-            AutoModelForCausalLM.from_pretrained({str(out)!r})
-        except Exception as e:
-            print("RAISED", type(e).__name__)
-        else:
-            print("LOADED")
-        print("IMPORTED", any(m.startswith("torchao_mx_ext") for m in sys.modules))
-    """)
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd="/", env=env)
-    assert run.returncode == 0, run.stderr[-3000:]
-    assert "IMPORTED False" in run.stdout
+    run = load_without_our_package(out)
     assert "RAISED RuntimeError" in run.stdout, run.stdout + run.stderr[-3000:]
     assert "size mismatch" in run.stderr and "experts.gate_up_proj" in run.stderr

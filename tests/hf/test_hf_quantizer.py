@@ -29,7 +29,7 @@ from torchao_mx_ext.hf import (
 from torchao_mx_ext.hf.serialization import METADATA_KEY, ROTATION_PREFIX, SCALE_SUFFIX
 from torchao_mx_ext.zoo import load_model, model_path
 
-from checkpoint_checks import assert_same_weights, quantized_params
+from checkpoint_checks import assert_same_weights, load_without_our_package, quantized_params
 
 TOKENS = torch.randint(0, 512, (2, 24), generator=torch.Generator().manual_seed(1))
 
@@ -310,21 +310,7 @@ def test_reloaded_model_compiles_fullgraph(tmp_path):
 # -- the guard: our checkpoint without our package --------------------------------------------------
 
 def test_plain_transformers_refuses_our_checkpoint(saved):
-    code = textwrap.dedent(f"""
-        import sys
-        from transformers import AutoModelForCausalLM
-        try:
-            AutoModelForCausalLM.from_pretrained({str(saved)!r})
-        except Exception as e:
-            print("RAISED", type(e).__name__)
-        else:
-            print("LOADED")
-        print("IMPORTED", any(m.startswith("torchao_mx_ext") for m in sys.modules))
-    """)
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd="/", env=env)
-    assert run.returncode == 0, run.stderr[-3000:]
-    assert "IMPORTED False" in run.stdout
+    run = load_without_our_package(saved)
     assert "RAISED RuntimeError" in run.stdout, run.stdout + run.stderr[-3000:]
     assert "size mismatch" in run.stderr and "q_proj.weight" in run.stderr
 
