@@ -4,8 +4,10 @@ import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import torch
+from safetensors import safe_open
 
 import torchao_mx_ext as tme
 
@@ -51,3 +53,13 @@ def load_without_our_package(folder):
     assert run.returncode == 0, run.stderr[-3000:]
     assert "IMPORTED False" in run.stdout
     return run
+
+
+def file_tensors(folder):
+    """{name: tensor} and the metadata of every safetensors file in a folder."""
+    tensors, metas = {}, []
+    for f in sorted(Path(folder).glob("*.safetensors")):
+        with safe_open(str(f), "pt") as h:
+            metas.append(h.metadata())
+            tensors.update({k: h.get_tensor(k) for k in h.keys()})
+    return tensors, metas

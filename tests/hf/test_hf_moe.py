@@ -24,7 +24,7 @@ from torchao_mx_ext.moe.experts import is_fused_experts, mxfp4_experts_forward
 from torchao_mx_ext.recipes import quantize_linears
 from torchao_mx_ext.zoo import model_path
 
-from checkpoint_checks import assert_same_weights, load_without_our_package, quantized_params
+from checkpoint_checks import assert_same_weights, file_tensors, load_without_our_package, quantized_params
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -82,16 +82,6 @@ def assert_mxfp4_experts(model, n_layers):
             w = getattr(module, name)
             assert isinstance(w, tme.RotatedMXFP4Tensor) and w.dim() == 3 and w.qdata.dim() == 3, (fqn, name)
             assert w.shape[0] == module.num_experts and not w.requires_grad, (fqn, name)
-
-
-def file_tensors(folder):
-    """{name: tensor} and the metadata of every safetensors file in a folder."""
-    tensors, metas = {}, []
-    for f in sorted(Path(folder).glob("*.safetensors")):
-        with safe_open(str(f), "pt") as h:
-            metas.append(h.metadata())
-            tensors.update({k: h.get_tensor(k) for k in h.keys()})
-    return tensors, metas
 
 
 def assert_same_files(a, b):

@@ -29,7 +29,7 @@ from torchao_mx_ext.hf import (
 from torchao_mx_ext.hf.serialization import METADATA_KEY, ROTATION_PREFIX, SCALE_SUFFIX
 from torchao_mx_ext.zoo import load_model, model_path
 
-from checkpoint_checks import assert_same_weights, load_without_our_package, quantized_params
+from checkpoint_checks import assert_same_weights, file_tensors, load_without_our_package, quantized_params
 
 TOKENS = torch.randint(0, 512, (2, 24), generator=torch.Generator().manual_seed(1))
 
@@ -42,16 +42,6 @@ def not_lm_head(module, fqn):
 def logits(model, tokens=TOKENS):
     with torch.no_grad():
         return model(tokens).logits
-
-
-def file_tensors(folder):
-    """{name: tensor} and the metadata of every safetensors file in a folder."""
-    tensors, metas = {}, []
-    for f in sorted(Path(folder).glob("*.safetensors")):
-        with safe_open(str(f), "pt") as h:
-            metas.append(h.metadata())
-            tensors.update({k: h.get_tensor(k) for k in h.keys()})
-    return tensors, metas
 
 
 def tiny_llama(folder, layers=1, dtype=torch.float32):
