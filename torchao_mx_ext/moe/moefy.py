@@ -179,7 +179,7 @@ def neuron_activations(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) ->
 def balanced_assignment(cost: torch.Tensor, cluster_size: int, exact: bool = True) -> torch.Tensor:
     """Labels ``[N]`` with every cluster holding ``cluster_size`` points (``N = K * cluster_size``) that minimise
     ``sum_j cost[j, label_j]``: exactly (scipy's linear assignment to ``cluster_size`` slots per cluster,
-    O(N^3); ImportError without scipy) or greedily (cheapest (point, cluster) pairs first, O(NK log NK);
+    O(N^3)) or greedily (cheapest (point, cluster) pairs first, O(NK log NK);
     used inside Lloyd iterations)."""
     n, k = cost.shape
     if n != k * cluster_size:
@@ -211,7 +211,7 @@ def balanced_kmeans(points: torch.Tensor, num_clusters: int, iters: int = 15, se
 
     Minimises ``sum_j ||p_j - mu_{c(j)}||^2`` subject to ``|c^-1(e)| = N / K``: seeded k-means++ centres,
     Lloyd iterations with a greedy balanced assignment, then one exact balanced assignment to the final
-    centres (the best of the two by the objective; skipped without scipy). Deterministic for a given ``seed``.
+    centres (the best of the two by the objective). Deterministic for a given ``seed``.
     """
     n = points.shape[0]
     if n % num_clusters:
@@ -244,11 +244,7 @@ def balanced_kmeans(points: torch.Tensor, num_clusters: int, iters: int = 15, se
             break
         labels = new
         mu = centroids(labels)
-    try:
-        exact = balanced_assignment((mu * mu).sum(1)[None, :] - 2 * points @ mu.T, size, exact=True)
-    except ImportError:  # scipy is not a core dependency: keep the greedy result
-        logger.info("moefy: scipy not installed, balanced k-means keeps its greedy assignment")
-        return labels
+    exact = balanced_assignment((mu * mu).sum(1)[None, :] - 2 * points @ mu.T, size, exact=True)
     return exact if objective(exact) <= objective(labels) else labels
 
 
