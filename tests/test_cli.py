@@ -87,3 +87,32 @@ def test_compare_keeps_finished_methods_when_interrupted(tmp_path, monkeypatch):
         main(["compare", "--model", "stories260k", "--eval-windows", "1", "--methods", "fp,rtn", "--quiet", "--json", str(out)])
     partial = json.loads(out.read_text())
     assert list(partial["methods"]) == ["fp"] and partial["complete"] is False
+
+
+def test_merge_joins_one_method_per_run_reports(tmp_path, capsys):
+    # One method per invocation (as the long SmolLM2 run does), then one table: the merged numbers are
+    # the runs' own, and the quantization time is part of the wall time.
+    fp = _run(tmp_path, "fp.json", "--methods", "fp")
+    rot = _run(tmp_path, "rot.json", "--methods", "global-rot", "--seeds", "1")
+    out = tmp_path / "all.json"
+    assert main(["merge", str(tmp_path / "fp.json"), str(tmp_path / "rot.json"), "--json", str(out)]) == 0
+    merged = json.loads(out.read_text())
+    assert list(merged["methods"]) == ["fp", "global-rot"]
+    assert merged["methods"]["global-rot"] == rot["methods"]["global-rot"]
+    assert merged["methods"]["fp"] == fp["methods"]["fp"]
+    assert merged["settings"]["seeds"] == [1]  # the seeds a seeded method used
+    assert 0 < rot["methods"]["global-rot"]["quantize_s"] < rot["methods"]["global-rot"]["wall_s"]
+    assert "global-rot" in capsys.readouterr().out
+
+
+def test_merge_refuses_reports_that_do_not_belong_together(tmp_path):
+    _run(tmp_path, "fp.json", "--methods", "fp")
+    _run(tmp_path, "fp3.json", "--methods", "fp", "--eval-windows", "3")  # the later flag wins
+    _run(tmp_path, "rtn_wo.json", "--methods", "rtn", "--weight-only")
+    partial = json.loads((tmp_path / "fp.json").read_text())
+    (tmp_path / "partial.json").write_text(json.dumps(dict(partial, complete=False)))
+    for pair in (("fp.json", "fp3.json"), ("fp.json", "rtn_wo.json"), ("fp.json", "fp.json"), ("partial.json",)):
+        with pytest.raises(SystemExit, match="merge"):
+            main(["merge", *[str(tmp_path / p) for p in pair]])
+    with pytest.raises(SystemExit, match="merge"):
+        main(["merge", str(tmp_path / "missing.json")])

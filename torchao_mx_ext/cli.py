@@ -2,6 +2,7 @@
 
     torchao-mx compare --model smollm2-135m --methods fp,rtn,block-rot,global-rot --scale-rule all --json out.json
     torchao-mx moe-compare --model smollm2-135m-moe --json moe.json
+    torchao-mx merge a.json b.json --json all.json
 
 ``compare`` quantizes a fresh copy of the model per method (``recipes.py``: every ``nn.Linear``
 except ``lm_head``), measures WikiText-2 raw test perplexity, wall time (quantization + evaluation)
@@ -10,7 +11,9 @@ and peak memory, prints a table and writes JSON::
     {"model": ..., "settings": {...}, "methods": {"rtn": {"ppl": ..., "wall_s": ..., "peak_mem_mb": ...}, ...}}
 
 Methods with a random component (``global-rot``, ``quarot``) run once per seed and report the mean
-with the spread (``ppl_std``, ``ppl_per_seed``).
+with the spread (``ppl_std``, ``ppl_per_seed``). ``quantize_s`` is the part of ``wall_s`` spent quantizing
+(calibration included). ``merge`` joins ``compare`` reports of one setting (e.g. one method per run, so a
+long run keeps every finished method) into one table.
 """
 
 import argparse
@@ -23,6 +26,7 @@ import os
 import statistics
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import List, Optional
 
@@ -121,8 +125,10 @@ def run_compare(args) -> dict:
             _release_memory()
             model = copy.deepcopy(base_model)
             with Measure() as m:
+                t0 = time.perf_counter()
                 if apply is not None:
                     apply(model, QuantSettings(rule, args.act_scale_rule, args.weight_only, seed or 0, calib_ids))
+                m.quantize_s = time.perf_counter() - t0  # quantization incl. calibration, before evaluation
                 ppl = perplexity(model, input_ids, seq_len, args.eval_windows, progress=not args.quiet)
             per_seed.append((ppl, m))
             del model
@@ -130,6 +136,7 @@ def run_compare(args) -> dict:
         entry = {
             "ppl": statistics.fmean(ppls),
             "wall_s": statistics.fmean(m.wall_s for _, m in per_seed),
+            "quantize_s": statistics.fmean(m.quantize_s for _, m in per_seed),
             "peak_mem_mb": max(m.peak_mem_mb for _, m in per_seed),
             "method": method,
             "scale_rule": rule,
@@ -152,13 +159,55 @@ def format_table(report: dict) -> str:
     lines = [
         f"model {report['model']}  |  WikiText-2 raw test, {report['settings']['eval_windows']} x "
         f"{report['settings']['seq_len']} tokens  |  {'weight-only' if report['settings']['weight_only'] else 'W4A4'} MXFP4",
-        f"{'method':<24} {'ppl':>10} {'x fp':>7} {'spread':>8} {'wall s':>8} {'peak MB':>9}",
+        f"{'method':<24} {'ppl':>10} {'x fp':>7} {'spread':>8} {'wall s':>8} {'quant s':>8} {'peak MB':>9}",
     ]
     for key, r in report["methods"].items():
         ratio = f"{r['ppl'] / fp:.2f}" if fp else "-"
         spread = f"{r['ppl_std']:.2f}" if "ppl_std" in r else ""
-        lines.append(f"{key:<24} {r['ppl']:>10.3f} {ratio:>7} {spread:>8} {r['wall_s']:>8.1f} {r['peak_mem_mb']:>9.0f}")
+        quant = f"{r['quantize_s']:.1f}" if "quantize_s" in r else "-"
+        lines.append(
+            f"{key:<24} {r['ppl']:>10.3f} {ratio:>7} {spread:>8} {r['wall_s']:>8.1f} {quant:>8} {r['peak_mem_mb']:>9.0f}"
+        )
     return "\n".join(lines)
+
+
+# Settings that may differ between merged reports: they do not change any number in the table.
+_MERGE_FREE_SETTINGS = ("seeds", "calibration", "threads")
+
+
+def merge_reports(reports: List[dict]) -> dict:
+    """One ``compare`` report from several of the same model and setting (methods in the given order).
+
+    Raises ``ValueError`` when the models or settings differ (beyond seeds, threads, and calibration of
+    reports without calibrated methods), when a method appears twice, or when a report is unfinished.
+    """
+    if not reports:
+        raise ValueError("nothing to merge")
+    def fixed(r):
+        return {k: v for k, v in r["settings"].items() if k not in _MERGE_FREE_SETTINGS}
+    first = reports[0]
+    merged = {"model": first["model"], "settings": dict(first["settings"]), "methods": {}}
+    calibrations, seeds, threads = set(), set(), set()
+    for r in reports:
+        if r.get("complete") is False:
+            raise ValueError(f"report with methods {list(r['methods'])} is unfinished (complete: false)")
+        if r["model"] != first["model"] or fixed(r) != fixed(first):
+            raise ValueError(f"cannot merge: model/settings differ ({r['model']}: {fixed(r)} vs {fixed(first)})")
+        for key, entry in r["methods"].items():
+            if key in merged["methods"]:
+                raise ValueError(f"method {key!r} appears in more than one report")
+            merged["methods"][key] = entry
+        if r["settings"].get("calibration") is not None:
+            calibrations.add(json.dumps(r["settings"]["calibration"], sort_keys=True))
+        if any("ppl_per_seed" in entry for entry in r["methods"].values()):  # seeds used, not just given
+            seeds.update(r["settings"]["seeds"])
+        threads.add(r["settings"]["threads"])
+    if len(calibrations) > 1:
+        raise ValueError(f"cannot merge: calibration settings differ: {sorted(calibrations)}")
+    merged["settings"]["calibration"] = json.loads(calibrations.pop()) if calibrations else None
+    merged["settings"]["seeds"] = sorted(seeds)
+    merged["settings"]["threads"] = sorted(threads)[0] if len(threads) == 1 else sorted(threads)
+    return merged
 
 
 def write_json_atomic(path: Path, data: dict) -> None:
@@ -240,6 +289,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     qnt.add_argument("--calib-source", default="wikitext2")
     qnt.add_argument("--data-dir", default=None)
     qnt.add_argument("--overwrite", action="store_true")
+    mrg = sub.add_parser("merge", help="join compare reports (JSON) of one model and setting into one table")
+    mrg.add_argument("reports", nargs="+", help="compare --json files")
+    mrg.add_argument("--json", default=None, help="write the merged report here")
     moe = sub.add_parser("moe-compare", help="router passes (PESF, Ban&Pick) and MXFP4 experts (+QESC) on a MoE model")
     moe.add_argument("--model", default="smollm2-135m-moe", help="alias (smollm2-135m-moe) or a HF MoE folder")
     moe.add_argument("--methods", default="baseline,pesf-0.3,pesf-0.7,ban,pick,ban+pick,mxfp4,mxfp4+qesc")
@@ -262,6 +314,16 @@ def main(argv: Optional[List[str]] = None) -> int:
         return args.handler(args)
     if args.command == "quantize":
         run_quantize(args)
+        return 0
+    if args.command == "merge":
+        try:
+            report = merge_reports([json.loads(Path(p).read_text()) for p in args.reports])
+        except (OSError, ValueError, KeyError) as e:
+            raise SystemExit(f"torchao-mx merge: {e}")
+        print(format_table(report))
+        if args.json:
+            write_json_atomic(Path(args.json), report)
+            print(f"wrote {args.json}")
         return 0
     if args.command == "moe-compare":
         from .moe.compare import format_moe_table, run_moe_compare

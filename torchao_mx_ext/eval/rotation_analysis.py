@@ -6,7 +6,7 @@ outlier). A global rotation spreads the few outlier channels' energy into every 
 blocks get larger exponents (a coarser grid); a block rotation only mixes values inside a block.
 """
 
-from typing import Dict
+from typing import Dict, Optional, Tuple
 
 import torch
 
@@ -65,5 +65,59 @@ def compare_rotations(x: torch.Tensor, rotations: Dict[str, torch.Tensor], rule:
             "regular_err_ratio": (st["err"][regular].sum() / base["err"][regular].sum()).item(),
             "outlier_err_ratio": (st["err"][~regular].sum() / base["err"][~regular].sum()).item() if bool((~regular).any()) else float("nan"),
             "total_err_ratio": (st["err"].sum() / base["err"].sum()).item(),
+        }
+    return out
+
+
+@torch.no_grad()
+def capture_norm_input(model: torch.nn.Module, norm_name: str, ids: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(x / rms(x), gamma)`` at an RMSNorm: its input normalised *without* its weight ``[tokens, width]``
+    (float32; what the following linears see once the weight is folded into them), and the weight."""
+    norm = model.get_submodule(norm_name)
+    x = capture_linear_input(model, norm_name, ids).double()
+    eps = getattr(norm, "variance_epsilon", getattr(norm, "eps", 1e-6))
+    x_n = x * torch.rsqrt(x.square().mean(-1, keepdim=True) + eps)
+    return x_n.float(), norm.weight.detach().float()
+
+
+def effective_errors(
+    x: torch.Tensor, gamma: torch.Tensor, variants: Dict[str, Tuple[bool, Optional[torch.Tensor]]], rule: str = "mse"
+) -> dict:
+    """MXFP4 error of each way to quantize one linear's input, all measured in the same domain.
+
+    The linear computes ``(x * gamma) W^T`` (``x`` a normalised residual, ``gamma`` its RMSNorm weight,
+    ones where there is no norm). A variant ``(folded, R)`` quantizes ``x R`` when ``folded`` (the norm
+    weight lives in the weight, as after QuaRot/BRQ fusion) and ``(x * gamma) R`` otherwise (per-linear
+    rotation), ``R = None`` meaning no rotation. Its error, mapped back through ``R^T`` and scaled by
+    ``gamma`` when folded, is the error of the linear's original input::
+
+        e = (Q(v R) - v R) R^T * (gamma if folded else 1),     v = x if folded else x * gamma
+
+    so ``||e W^T||`` is the variant's output error and the variants are comparable. Errors are split
+    by the 32-wide blocks of the unrotated input ``x * gamma`` into regular (``amax <= 4 rms``) and
+    outlier blocks; ratios are against the first variant.
+    """
+    x64, g64 = x.double(), gamma.double()
+    v_plain = x64 * g64
+    base_blocks = v_plain.reshape(x.shape[0], -1, 32)
+    regular = base_blocks.abs().amax(-1) <= OUTLIER_RATIO * base_blocks.square().mean(-1).sqrt()
+    errors = {}
+    for name, (folded, r) in variants.items():
+        v = x64 if folded else v_plain
+        vr = v if r is None else v @ r.double()
+        e = mxfp4_fake_quantize(vr.float(), 32, rule).double() - vr.float().double()
+        if r is not None:
+            e = e @ r.double().T
+        if folded:
+            e = e * g64
+        per_block = e.reshape(base_blocks.shape).square().sum(-1)
+        errors[name] = (per_block[regular].sum().item(), per_block[~regular].sum().item())
+    ref_reg, ref_out = next(iter(errors.values()))
+    out = {"regular_block_fraction": regular.double().mean().item(), "variants": {}}
+    for name, (reg, outl) in errors.items():
+        out["variants"][name] = {
+            "regular_err_ratio": reg / ref_reg if ref_reg else float("nan"),
+            "outlier_err_ratio": outl / ref_out if ref_out else float("nan"),
+            "total_err_ratio": (reg + outl) / (ref_reg + ref_out),
         }
     return out
