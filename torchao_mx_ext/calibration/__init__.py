@@ -10,9 +10,11 @@
         model(batch)
     quantize_(model, GPTQConfig(base=MXFP4BlockRotConfig(), step="convert"))
 
-Every layer is calibrated on the full-precision model's inputs (one pass over the data). The
+The same two steps GPTQ fused MoE experts (``filter_fn=is_fused_experts``), one expert at a time on the
+tokens routed to it (:mod:`.gptq_experts`). Every layer is calibrated on the full-precision model's inputs (one pass over the data). The
 sequential variant (each decoder layer calibrated on the outputs of the already quantized layers
-before it, one layer's activations in memory) is a driver on top of these two steps.
+before it, one layer's activations in memory) is a driver on top of these two steps
+(:func:`.sequential.sequential_gptq`).
 """
 
 import torchao.core.config as _ao_config

@@ -36,8 +36,11 @@ MXFP4 specifics (MR-GPTQ):
     quantize_(model, GPTQConfig(base=MXFP4BlockRotConfig(), step="convert"))
 
 All layers observe the full-precision model's inputs (one pass). The paper's sequential variant (each
-layer calibrated on the outputs of the already quantized layers before it) needs a per-layer driver
-on top of this (see the module ``__init__``).
+layer calibrated on the outputs of the already quantized layers before it) is the per-layer driver
+:func:`torchao_mx_ext.calibration.sequential.sequential_gptq` on top of this.
+
+Fused MoE experts (3-D weights) are GPTQ'd expert by expert through the same config
+(``filter_fn=is_fused_experts``): :mod:`.gptq_experts`.
 """
 
 import logging
@@ -312,9 +315,11 @@ class GPTQConfig(AOBaseConfig):
     Args:
         base: the :class:`MXFP4Config` / :class:`MXFP4BlockRotConfig` whose format, scale rules and
             rotation the result uses (the same one at prepare and convert).
-        step: ``"prepare"`` attaches a :class:`HessianObserver` to every targeted linear;
+        step: ``"prepare"`` attaches a :class:`HessianObserver` to every targeted linear (per-expert
+            ones, :class:`.gptq_experts.ExpertsHessianObserver`, to a fused experts module: ``filter_fn=is_fused_experts``);
             ``"convert"`` runs :func:`gptq_mxfp4` on the observed Hessian and installs a
-            :class:`RotatedMXFP4Tensor` weight (removing the observer).
+            :class:`RotatedMXFP4Tensor` weight (removing the observer); for experts, one GPTQ per
+            expert and projection, stacked into the 3-D weights (module docstring).
         damp: diagonal damping as a fraction of ``mean(diag H)`` (GPTQ's 1%).
         column_block: columns per lazy batch update (GPTQ's 128).
         act_order: process columns by decreasing ``diag(H)`` (static: no index at inference).
@@ -378,6 +383,28 @@ def _prepare(module: torch.nn.Module, config: GPTQConfig) -> torch.nn.Module:
     return module
 
 
+def _same_layout(observer: HessianObserver, padded: int, block: Optional[torch.Tensor]) -> bool:
+    """Does ``(padded, block)`` (convert's ``weight_layout``) describe the domain the observer saw?"""
+    if padded != observer.padded:
+        return False
+    if block is None or observer.rotation is None:
+        return block is None and observer.rotation is None
+    return block.shape == observer.rotation.shape and torch.equal(block, observer.rotation.to(block.device))
+
+
+def _gptq_rotated(weight: torch.Tensor, observer: HessianObserver, padded: int, block, config: GPTQConfig):
+    """GPTQ of a 2-D ``weight [N, K]`` on the observer's Hessian, in the stored domain: ``W R`` in float64
+    (zero-padded to ``padded``, rotated as ``RotatedMXFP4Tensor.from_hp`` does) -> (qdata, scale)."""
+    base = config.base
+    w = F.pad(weight.to(torch.float64), (0, padded - weight.shape[-1]))
+    if block is not None:
+        w = apply_block_rotation(w, block.to(torch.float64))
+    return gptq_mxfp4(
+        w, observer.hessian().to(weight.device), base.block_size, base.scale_rule, config.damp,
+        config.column_block, config.act_order, config.mse_shrink, _DTYPES[config.compute_dtype],
+    )
+
+
 def _convert(module: torch.nn.Module, config: GPTQConfig) -> torch.nn.Module:
     observer = getattr(module, OBSERVER_ATTR, None)
     if observer is None:
@@ -395,20 +422,9 @@ def _convert(module: torch.nn.Module, config: GPTQConfig) -> torch.nn.Module:
     base = config.base
     weight = module.weight.detach()
     padded, block = weight_layout(base, weight.shape[-1], weight.device)
-    same_rotation = (block is None and observer.rotation is None) or (
-        block is not None and observer.rotation is not None and block.shape == observer.rotation.shape
-        and torch.equal(block, observer.rotation.to(block.device))
-    )
-    if padded != observer.padded or not same_rotation:
+    if not _same_layout(observer, padded, block):
         raise ValueError(f"{_describe(module)}: convert's base config has another rotation/padding than prepare's")
-    # W R in float64 (as RotatedMXFP4Tensor.from_hp), then GPTQ in that domain.
-    w = F.pad(weight.to(torch.float64), (0, padded - weight.shape[-1]))
-    if block is not None:
-        w = apply_block_rotation(w, block.to(torch.float64))
-    qdata, scale = gptq_mxfp4(
-        w, observer.hessian().to(weight.device), base.block_size, base.scale_rule, config.damp,
-        config.column_block, config.act_order, config.mse_shrink, _DTYPES[config.compute_dtype],
-    )
+    qdata, scale = _gptq_rotated(weight, observer, padded, block, config)
     new_weight = RotatedMXFP4Tensor(
         qdata, scale, base.block_size, base.scale_rule, base.activation_scale_rule, weight.shape[-1], weight.dtype, block
     )
@@ -423,6 +439,15 @@ def _convert(module: torch.nn.Module, config: GPTQConfig) -> torch.nn.Module:
 
 @register_quantize_module_handler(GPTQConfig)
 def _gptq_transform(module: torch.nn.Module, config: GPTQConfig) -> torch.nn.Module:
+    from ..moe.experts import expert_projection_names  # lazy: moe imports calibration
+
+    names = expert_projection_names(module)
+    if names is not None:
+        from .gptq_experts import convert_experts, prepare_experts
+
+        if config.step == "prepare":
+            return prepare_experts(module, config, names)
+        return convert_experts(module, config, names)
     if config.step == "prepare":
         return _prepare(module, config)
     return _convert(module, config)

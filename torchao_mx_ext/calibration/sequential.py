@@ -9,12 +9,12 @@ Models larger than memory: dispatch them with accelerate (``disk_offload``/``cpu
 just before it is calibrated and then kept, quantized (4.25 bits per weight), in memory, so peak
 memory is one full-precision layer plus the quantized model plus the calibration activations.
 
-Per layer: attach Hessian observers (``GPTQConfig(step="prepare")``) to its linears, run the
-calibration inputs through it, run GPTQ (``step="convert"``), then run the inputs through the
-quantized layer to produce the next layer's inputs. A tqdm bar shows the layers.
+Per layer: attach Hessian observers (``GPTQConfig(step="prepare")``) to its linears and fused MoE
+experts modules (per-expert Hessians of both 3-D projections, from the tokens the layer's router sends
+each expert), run the calibration inputs through it, run GPTQ (``step="convert"``), then run the
+inputs through the quantized layer to produce the next layer's inputs. A tqdm bar shows the layers.
 """
 
-import functools
 import logging
 from typing import Callable, Dict, Optional
 
@@ -89,22 +89,6 @@ def _run_layer(layer, hidden: torch.Tensor, kwargs: Dict) -> torch.Tensor:
     return out
 
 
-def _rtn_fused_experts(layer, config_for) -> None:
-    """Fused MoE experts (3-D weights, not ``nn.Linear``) get RTN: GPTQ here covers linears only."""
-    from ..moe.experts import is_fused_experts  # lazy: moe.experts imports the configs
-
-    for fqn, module in list(layer.named_modules()):
-        base = config_for(fqn.split(".")[-1]) if is_fused_experts(module) else None
-        if base is not None:
-            _warn_experts_get_rtn()
-            quantize_(layer, base, filter_fn=lambda m, n, f=fqn: n == f)
-
-
-@functools.lru_cache(maxsize=None)
-def _warn_experts_get_rtn() -> None:  # once per process, not once per layer
-    logger.warning("GPTQ covers nn.Linear layers; fused MoE experts are quantized with RTN")
-
-
 @torch.no_grad()
 def sequential_gptq(
     model: torch.nn.Module,
@@ -113,23 +97,27 @@ def sequential_gptq(
     progress: bool = True,
     **gptq_kwargs,
 ) -> torch.nn.Module:
-    """GPTQ every linear of every decoder layer, layer after layer.
+    """GPTQ every linear and every fused MoE experts module of every decoder layer, layer after layer.
 
     ``config_for(name)`` gives the MXFP4 base config for a linear by its short name inside the layer
-    (``"q_proj"``, ``"down_proj"``, ...), or ``None`` to leave it alone; ``gptq_kwargs`` go to
-    :class:`GPTQConfig` (``damp``, ``column_block``, ``act_order``, ``mse_shrink``).
+    (``"q_proj"``, ``"down_proj"``, ...), or ``None`` to leave it alone; a fused experts module is
+    looked up by its own short name (``"experts"``: one config for both its 3-D projections, as
+    :func:`torchao_mx_ext.recipes.quantize_linears` does for RTN) and gets per-expert GPTQ (module
+    docstring of :mod:`torchao_mx_ext.calibration.gptq`). ``gptq_kwargs`` go to :class:`GPTQConfig`
+    (``damp``, ``column_block``, ``act_order``, ``mse_shrink``).
     """
+    from ..moe.experts import is_fused_experts  # lazy: moe imports calibration
+
     layers = _decoder_layers(model)
     hidden, kwargs = capture_first_layer_inputs(model, calib_ids)
     for layer in tqdm(layers, desc="GPTQ layers", disable=not progress):
         materialize_offloaded(layer)
         targets = {}
         for fqn, module in layer.named_modules():
-            if isinstance(module, torch.nn.Linear):
+            if isinstance(module, torch.nn.Linear) or is_fused_experts(module):
                 base = config_for(fqn.split(".")[-1])
                 if base is not None:
                     targets[fqn] = base
-        _rtn_fused_experts(layer, config_for)
         for fqn, base in targets.items():
             quantize_(layer, GPTQConfig(base=base, step="prepare", **gptq_kwargs), filter_fn=lambda m, n, f=fqn: n == f)
         _run_layer(layer, hidden, kwargs)

@@ -1,4 +1,4 @@
-"""MXFP4 (RTN, optional block rotation; W4A4 or weight-only) for fused 3-D MoE expert weights.
+"""MXFP4 (RTN or GPTQ, optional block rotation; W4A4 or weight-only) for fused 3-D MoE expert weights.
 
 transformers 5.x keeps a MoE layer's experts in one module (``mlp.experts``) with 3-D parameters
 ``gate_up_proj [E, 2I, H]`` and ``down_proj [E, H, I]`` (not ``nn.Linear``). For expert ``e`` and token
@@ -28,10 +28,16 @@ backend signature and also runs unquantized experts (plain math), so it is regis
 :func:`quantize_experts_module` swaps its class for a subclass whose ``forward`` is this backend, so no
 setting can route packed weights into a stock backend; ``isinstance`` checks on the original class
 still hold. Everything has static shapes and compiles with ``torch.compile(fullgraph=True)``.
+
+:func:`quantize_experts_module` is RTN. GPTQ (per-expert Hessians from the tokens routed to each
+expert) goes through :class:`torchao_mx_ext.calibration.GPTQConfig` with ``filter_fn=is_fused_experts``
+(and :func:`torchao_mx_ext.calibration.sequential.sequential_gptq` does it for every layer); its
+calibration forward is :func:`experts_forward` with an ``observe`` callback, and the result has the
+layout and class this module gives.
 """
 
 import logging
-from typing import NamedTuple, Optional, Tuple
+from typing import Callable, NamedTuple, Optional, Tuple
 
 import torch
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
@@ -46,6 +52,7 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "EXPERTS_BACKEND",
     "expert_projection_names",
+    "experts_forward",
     "install_mxfp4_experts_class",
     "is_fused_experts",
     "mxfp4_experts_forward",
@@ -246,6 +253,25 @@ def mxfp4_experts_forward(
 ) -> torch.Tensor:
     """Experts backend (transformers' signature): ``[T, H]``, ``[T, k]`` expert ids, ``[T, k]`` routing
     weights -> ``[T, H]`` (math in the module docstring). Works for MXFP4 and for plain expert weights."""
+    return experts_forward(self, hidden_states, top_k_index, top_k_weights)
+
+
+def experts_forward(
+    self: torch.nn.Module,
+    hidden_states: torch.Tensor,
+    top_k_index: torch.Tensor,
+    top_k_weights: torch.Tensor,
+    observe: Optional[Callable[[int, torch.Tensor, torch.Tensor], None]] = None,
+) -> torch.Tensor:
+    """:func:`mxfp4_experts_forward`, optionally showing each projection's input rows to ``observe``.
+
+    ``observe(p, rows, offsets)`` is called once per projection ``p`` (0: the first, 1: ``down_proj``)
+    with that projection's input rows ``[S, K]`` (``S = T * k``, before any cast, rotation or
+    quantization: the hidden states of the routed tokens for ``p = 0``, ``act(gate) * up`` for ``p = 1``)
+    sorted by expert, and ``offsets [E]``: expert ``e``'s rows are ``rows[offsets[e-1]:offsets[e]]``
+    (``offsets[-1] = 0``); the sentinel rows (slot id >= E) come after ``offsets[E-1]``. GPTQ's
+    calibration of fused experts uses it (:mod:`torchao_mx_ext.calibration.gptq`).
+    """
     num_tokens, hidden_dim = hidden_states.shape
     top_k = top_k_index.shape[-1]
     has_gate = getattr(self, "has_gate", True)
@@ -254,6 +280,8 @@ def mxfp4_experts_forward(
     first_bias = (self.gate_up_proj_bias if has_gate else self.up_proj_bias) if has_bias else None
     routes = _route(top_k_index, self.num_experts)
 
+    if observe is not None:
+        observe(0, hidden_states[routes.perm // top_k], routes.offsets)
     # Rotate + quantize each token once, then gather its rows for the experts it visits.
     x, w = _gemm_operands(first, hidden_states)
     h = _expert_projection(w, first_bias, x[routes.perm // top_k], routes, hidden_states.dtype)
@@ -261,6 +289,8 @@ def mxfp4_experts_forward(
         h = self._apply_gate(h) if hasattr(self, "_apply_gate") else _gate(self.act_fn, h)
     else:
         h = self.act_fn(h)
+    if observe is not None:
+        observe(1, h, routes.offsets)
     x, w = _gemm_operands(self.down_proj, h)
     y = _expert_projection(w, self.down_proj_bias if has_bias else None, x, routes, hidden_states.dtype)
     if getattr(self, "has_post_expert_norm", False):
