@@ -302,6 +302,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     moe.add_argument("--prompt-len", type=int, default=256, help="decode timing: prompt tokens")
     moe.add_argument("--new-tokens", type=int, default=32, help="decode timing: generated tokens")
     moe.add_argument("--scale-rule", default=None, help="MXFP4 scale rule (default: the package default)")
+    moe.add_argument("--timing-rounds", type=int, default=5, help="interleaved prefill timing rounds")
+    moe.add_argument("--experts-backend", default="torchao_mx_ext",
+                     help="transformers experts implementation for every method (ours, grouped_mm, eager, ...)")
     moe.add_argument("--data-dir", default=None)
     moe.add_argument("--threads", type=int, default=None)
     moe.add_argument("--json", default=None)
@@ -337,6 +340,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                 args.model, [m.strip() for m in args.methods.split(",") if m.strip()], args.eval_windows, args.seq_len,
                 args.calib_samples, args.calib_seq_len, args.prompt_len, args.new_tokens, args.scale_rule,
                 Path(args.data_dir) if args.data_dir else None, progress=not args.quiet,
+                timing_rounds=args.timing_rounds, experts_backend=args.experts_backend,
             )
         except ValueError as e:
             raise SystemExit(f"torchao-mx: {e}")

@@ -36,13 +36,14 @@ def test_moe_compare_reports_every_method(tiny_moe_folder, tmp_path, capsys):
     assert main([
         "moe-compare", "--model", str(tiny_moe_folder), "--seq-len", "64", "--eval-windows", "2",
         "--calib-samples", "4", "--calib-seq-len", "32", "--prompt-len", "16", "--new-tokens", "4",
-        "--quiet", "--json", str(out),
+        "--timing-rounds", "2", "--quiet", "--json", str(out),
     ]) == 0
     report = json.loads(out.read_text())
     table = capsys.readouterr().out
     methods = report["methods"]
     assert list(methods) == ["baseline", "pesf-0.3", "pesf-0.7", "ban", "pick", "ban+pick", "mxfp4", "mxfp4+qesc"]
     assert report["settings"]["num_experts"] == 8 and report["settings"]["top_k"] == 4
+    assert report["settings"]["experts_implementation"] == "torchao_mx_ext" and report["settings"]["timing_rounds"] == 2
     base = methods["baseline"]
     assert base["active_experts"] == 4.0 and base["topk_agreement"] == 1.0 and base["prefill_speedup"] == 1.0
     for name, r in methods.items():

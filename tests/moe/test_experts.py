@@ -330,3 +330,19 @@ def test_ungated_experts_up_proj_only():
         assert isinstance(module.up_proj, RotatedMXFP4Tensor) and module.up_proj.shape == (4, 40, HIDDEN)
         y = module(x, index, weights)
     assert (y - ref).norm() / ref.norm() < 0.5  # quantized (W4A4), not broken
+
+
+def test_eager_drops_pruned_pairs_before_any_gemm(monkeypatch):
+    # Pruning must save work, not only zero it: in eager, the GEMMs see the valid pairs only.
+    import torchao_mx_ext.moe.experts as experts_mod
+
+    module = random_experts("qwen3", 4, 64)
+    quantize_experts_module(module, MXFP4BlockRotConfig())
+    x = torch.randn(9, HIDDEN)
+    index, weights = random_routing(9, 4, 2, seed=1)
+    rows, real = [], experts_mod.grouped_gemm
+    monkeypatch.setattr(experts_mod, "grouped_gemm", lambda a, w, o: rows.append(a.shape[0]) or real(a, w, o))
+    with torch.no_grad():
+        module(x, index, weights)
+    valid = int((index < 4).sum())
+    assert 0 < valid < index.numel() and rows == [valid, valid]

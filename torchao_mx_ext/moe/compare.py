@@ -5,8 +5,10 @@ Every method starts from a fresh copy of the model and is measured the same way,
 - ``ppl``: WikiText-2 raw test token perplexity (``eval_windows`` x ``seq_len``);
 - ``active_experts``: mean routed experts per token and layer (non-sentinel slots with nonzero weight)
   over those windows;
-- ``prefill_s``: the median forward time of one ``seq_len`` window (the perplexity forwards, no cache,
-  after one untimed warm-up window); ``prefill_speedup`` = baseline / method, from the same run;
+- ``prefill_s``: the median forward time of the first ``seq_len`` test window (no cache), timed after
+  every method is built, in ``timing_rounds`` interleaved rounds (each round times every method once,
+  after one untimed warm-up round), so slow drifts of the machine hit all methods alike;
+  ``prefill_speedup`` = the median over rounds of baseline time / method time in the same round;
 - ``decode_ms_per_token``: greedy decoding with the KV cache after a ``prompt_len`` prompt;
 - ``topk_agreement``: mean ``|S_fp & S| / k`` of the routers' selections against the unmodified
   model's on the first window, each model on its own hidden states.
@@ -15,6 +17,11 @@ Methods: ``baseline``; ``pesf-0.3`` / ``pesf-0.7`` (EAC-MoE PESF, alpha); ``ban`
 ``ban+pick`` (Ban&Pick, calibrated per layer on WikiText-2 *validation* windows); ``mxfp4`` (every
 linear but lm_head and every fused experts module W4A4 MXFP4 with the 32-wide block Hadamard, routers
 in full precision); ``mxfp4+qesc`` (the same, with QESC re-fitting each router, layer by layer).
+
+Every method runs the same experts backend (``experts_backend``, default ours,
+:func:`torchao_mx_ext.moe.experts.mxfp4_experts_forward`, which in eager mode drops pruned slots before
+any GEMM; transformers' ``grouped_mm`` computes them and masks them afterwards, so on it a pass that
+prunes costs extra masking passes instead of saving work).
 """
 
 import copy
@@ -84,24 +91,29 @@ _CALIBRATED = {"ban", "pick", "ban+pick", "mxfp4+qesc"}
 
 @torch.inference_mode()
 def _evaluate(model, input_ids: torch.Tensor, seq_len: int, windows: int, progress: bool) -> dict:
-    model(input_ids[:, :seq_len], use_cache=False)  # warm-up: first-call allocations are not prefill time
-    nlls, times = [], []
+    nlls = []
     with ActiveExpertCounter(model) as counter:
         for i in range(windows):
             window = input_ids[:, i * seq_len : (i + 1) * seq_len]
-            t0 = time.perf_counter()
             logits = model(window, use_cache=False).logits
-            times.append(time.perf_counter() - t0)
             nlls.append(F.cross_entropy(logits[0, :-1].float(), window[0, 1:]).item())
             if progress:
-                print(f"    window {i + 1}/{windows}: {times[-1]:.2f} s", file=sys.stderr)
-    stats = counter.stats()
-    return {
-        "ppl": math.exp(statistics.fmean(nlls)),
-        "active_experts": stats.mean,
-        "prefill_s": statistics.median(times),
-        "prefill_s_min": min(times),
-    }
+                print(f"    window {i + 1}/{windows}", file=sys.stderr)
+    return {"ppl": math.exp(statistics.fmean(nlls)), "active_experts": counter.stats().mean}
+
+
+@torch.inference_mode()
+def interleaved_prefill_times(models: Dict[str, torch.nn.Module], window: torch.Tensor, rounds: int) -> Dict[str, List[float]]:
+    """Forward time of ``window`` (no cache) per model: one untimed warm-up round, then ``rounds``
+    rounds that each time every model once, in the same order."""
+    times = {name: [] for name in models}
+    for r in range(rounds + 1):
+        for name, model in models.items():
+            t0 = time.perf_counter()
+            model(window, use_cache=False)
+            if r:
+                times[name].append(time.perf_counter() - t0)
+    return times
 
 
 def run_moe_compare(
@@ -116,6 +128,8 @@ def run_moe_compare(
     scale_rule: Optional[str] = None,
     data_dir=None,
     progress: bool = True,
+    timing_rounds: int = 5,
+    experts_backend: Optional[str] = "torchao_mx_ext",
 ) -> dict:
     from ..calibration.data import calibration_ids
     from ..eval import tokenize_for_perplexity, wikitext2_test_text
@@ -126,8 +140,12 @@ def run_moe_compare(
     if unknown or not methods:
         raise ValueError(f"unknown MoE method(s) {unknown or methods}; choose from {', '.join(MOE_METHODS)}")
     torch.manual_seed(0)
+    if timing_rounds < 1:
+        raise ValueError(f"timing_rounds must be >= 1, got {timing_rounds}")
     base, tokenizer = load_model(model_name)
     blocks = find_moe_blocks(base)  # a clear error for a dense model or an unsupported router
+    if experts_backend is not None:
+        base.set_experts_implementation(experts_backend)
     data_dir = data_dir or default_data_dir()
     input_ids = tokenize_for_perplexity(tokenizer, wikitext2_test_text(data_dir))
     if input_ids.shape[1] < eval_windows * seq_len:
@@ -140,7 +158,7 @@ def run_moe_compare(
     prompt = input_ids[:, :prompt_len]
     first_window = input_ids[:, :seq_len]
 
-    results = {}
+    results, models = {}, {}
     for name in methods:
         model = copy.deepcopy(base)
         t0 = time.perf_counter()
@@ -155,13 +173,16 @@ def run_moe_compare(
             entry["topk_agreement"] = topk_agreement(base, model, first_window)["mean"]
         entry["prepare_s"] = prepare_s
         entry.update(extra)
-        results[name] = entry
+        results[name], models[name] = entry, model
         if progress:
             print(f"  {name}: ppl {entry['ppl']:.3f}, {entry['active_experts']:.2f} experts/token", file=sys.stderr)
-        del model
-    if "baseline" in results:
-        for entry in results.values():
-            entry["prefill_speedup"] = results["baseline"]["prefill_s"] / entry["prefill_s"]
+    times = interleaved_prefill_times(models, first_window, timing_rounds)
+    del models
+    for name, entry in results.items():
+        entry["prefill_s"] = statistics.median(times[name])
+        entry["prefill_s_min"] = min(times[name])
+        if "baseline" in times:
+            entry["prefill_speedup"] = statistics.median(b / t for b, t in zip(times["baseline"], times[name]))
     _, _, adapter = blocks[0]
     router = blocks[0][1].gate
     return {
@@ -171,6 +192,7 @@ def run_moe_compare(
             "num_experts": adapter.num_experts(router),
             "top_k": adapter.top_k(router),
             "experts_implementation": getattr(base.config, "_experts_implementation", None),
+            "timing_rounds": timing_rounds,
             "seq_len": seq_len,
             "eval_windows": eval_windows,
             "calibration": None if ctx["calib_ids"] is None else {

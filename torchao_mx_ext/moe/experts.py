@@ -27,7 +27,9 @@ backend signature and also runs unquantized experts (plain math), so it is regis
 ``config._experts_implementation`` (shared by every layer, reset by ``set_experts_implementation``):
 :func:`quantize_experts_module` swaps its class for a subclass whose ``forward`` is this backend, so no
 setting can route packed weights into a stock backend; ``isinstance`` checks on the original class
-still hold. Everything has static shapes and compiles with ``torch.compile(fullgraph=True)``.
+still hold. Everything has static shapes and compiles with ``torch.compile(fullgraph=True)``: compiled,
+the pairs of pruned slots (router passes) ride along and are masked; eager drops them first, so a
+pass that prunes a fraction of the slots saves that fraction of the experts' work.
 
 :func:`quantize_experts_module` is RTN. GPTQ (per-expert Hessians from the tokens routed to each
 expert) goes through :class:`torchao_mx_ext.calibration.GPTQConfig` with ``filter_fn=is_fused_experts``
@@ -190,7 +192,7 @@ class _Routes(NamedTuple):
 
     perm: torch.Tensor  # [S] position in top_k_index.reshape(-1) of each sorted pair
     expert: torch.Tensor  # [S] expert of each sorted pair, sentinels clamped to E - 1 (for bias gathers)
-    valid: torch.Tensor  # [S, 1] False for sentinel pairs (expert id >= E): they contribute nothing
+    valid: Optional[torch.Tensor]  # [S, 1] False for sentinel pairs (id >= E); None: none left (compacted)
     offsets: torch.Tensor  # [E] int32 end row of each expert's group (cumulative counts)
 
 
@@ -241,6 +243,8 @@ def _expert_projection(weight, bias, x_rows, routes: _Routes, out_dtype) -> torc
     y = grouped_gemm(x_rows, weight, routes.offsets)
     if bias is not None:
         y = y + bias[routes.expert].to(y.dtype)
+    if routes.valid is None:
+        return y.to(out_dtype)
     # where, not multiply: the undefined sentinel rows may hold NaN/Inf.
     return torch.where(routes.valid, y, 0.0).to(out_dtype)
 
@@ -279,6 +283,14 @@ def experts_forward(
     first = self.gate_up_proj if has_gate else self.up_proj
     first_bias = (self.gate_up_proj_bias if has_gate else self.up_proj_bias) if has_bias else None
     routes = _route(top_k_index, self.num_experts)
+    compact = False
+    if not torch.compiler.is_compiling():
+        # Eager: drop the pruned (sentinel) pairs, which sort last, so no pass over the hidden rows
+        # touches them and pruning saves its share of every step. Compiled code keeps static shapes.
+        valid_pairs = int(routes.offsets[-1])
+        if valid_pairs < routes.perm.numel():
+            compact = True
+            routes = _Routes(routes.perm[:valid_pairs], routes.expert[:valid_pairs], None, routes.offsets)
 
     if observe is not None:
         observe(0, hidden_states[routes.perm // top_k], routes.offsets)
@@ -299,6 +311,9 @@ def experts_forward(
     # Weight each pair, put the pairs back in (token, slot) order and sum the slots (in float32, in a
     # fixed order: deterministic, unlike index_add_ on CUDA).
     p = top_k_weights.reshape(-1)[routes.perm].unsqueeze(-1)
+    if compact:  # every pair is valid; tokens sum their pairs in expert order (CPU index_add_ is sequential)
+        out = torch.zeros(num_tokens, hidden_dim, dtype=torch.float32, device=hidden_states.device)
+        return out.index_add_(0, routes.perm // top_k, y.float() * p.float()).to(hidden_states.dtype)
     y = torch.where(routes.valid, y.float() * p.float(), 0.0)
     y = torch.zeros_like(y).index_copy(0, routes.perm, y)
     return y.view(num_tokens, top_k, hidden_dim).sum(dim=1).to(hidden_states.dtype)
