@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torchao.utils import TorchAOBaseTensor
 
 from .caching import stable_metadata_hash
+from ..kernels import cpu_mxfp4_gemv
 from ..mx import check_scale_rule, mxfp4_dequantize, mxfp4_fake_quantize, mxfp4_quantize
 from ..rotation import apply_block_rotation
 from .mxfp4_activation_tensor import MXFP4ActivationTensor
@@ -125,6 +126,10 @@ class RotatedMXFP4Tensor(TorchAOBaseTensor):
         if self.act_scale_rule is not None:
             # Same numbers as quantize_input(x).dequantize(), without materialising codes.
             xr = mxfp4_fake_quantize(xr, self.block_size, self.act_scale_rule)
+        if self.dequantized is None and cpu_mxfp4_gemv.applies(self, xr):
+            # Small batch on CPU: decode inside the reduction (same numbers up to float32 summation order).
+            b = None if bias is None else bias.to(gemm_dtype)
+            return cpu_mxfp4_gemv.mxfp4_gemv(xr.to(gemm_dtype), self.qdata, self.scale, self.block_size, self.scale_rule, b, x.dtype)
         w = self.dequantized if self.dequantized is not None else self.dequantize(gemm_dtype)
         y = F.linear(xr.to(gemm_dtype), w.to(gemm_dtype), None if bias is None else bias.to(gemm_dtype))
         return y.to(x.dtype)

@@ -1,0 +1,201 @@
+"""Fused MXFP4 weight-only GEMV for CPUs: the packed weight is decoded inside the reduction.
+
+Decoding is memory-bound: at small batch (decode, a few rows) a linear reads its whole weight once
+per call, and an MXFP4 weight is 4.25 bits per parameter against bf16's 16. The pure-torch path
+(:func:`torchao_mx_ext.mx.mxfp4_dequantize` then ``F.linear``) writes and re-reads a dense weight on
+every call, and Inductor's fusion of decode + multiply + sum into one reduction was 30-100x slower
+than a bf16 ``F.linear`` (measured), so this is a C++ kernel: ``mxfp4_gemv.cpp`` beside this file,
+built on first use with ``torch.utils.cpp_extension`` (needs a C++ compiler and ninja; the ``ninja``
+PyPI package is a dependency) and registered as the CPU kernel of ``torch.ops.torchao_mx_ext.mxfp4_gemv``.
+
+The operator itself is defined here, at import, with a fake kernel (so ``torch.compile(fullgraph=True)``
+keeps it as one extern call) and a pure-torch ``CompositeExplicitAutograd`` kernel that builds the
+extension on its first call and otherwise computes the same numbers with ``mxfp4_dequantize`` +
+``F.linear``. So a traced graph does not depend on whether this process could build the kernel
+(Inductor's and AOTAutograd's on-disk caches do not see that): at worst it runs the fallback.
+
+Numbers: every decoded weight equals ``mxfp4_dequantize``'s float32 value; ``x`` is widened to
+float32 from the dtype the caller passes (``RotatedMXFP4Tensor.linear`` passes it already rounded to
+its GEMM dtype, so bf16 inputs are rounded to bf16 first exactly as for the bf16 GEMM); products and
+sums are float32 (the summation order differs from oneDNN/MKL's), the bias is added in float32 and the
+result is rounded once to ``out_dtype``. A bf16 oneDNN GEMM also accumulates in float32 and rounds
+its output once, so against the existing path only the summation order (float32 rounding) differs.
+
+If the build fails (no compiler, no ninja) one warning is logged and :func:`applies` turns false, so
+linears keep the dequantize path. ``TORCHAO_MX_EXT_CPU_KERNELS=0`` turns the kernel off.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import threading
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from ..mx.e8m0 import element_multiplier
+from ..mx.quantize import mxfp4_dequantize
+
+__all__ = ["MAX_ROWS", "applies", "is_available", "mxfp4_gemv", "reference_mxfp4_gemv", "set_isa"]
+
+logger = logging.getLogger(__name__)
+
+OP = "torchao_mx_ext::mxfp4_gemv"
+# Largest number of rows (M = x.numel() / K) sent to the kernel. The kernel re-decodes the weight for
+# every 4 rows, so its time grows with M: against a dense bf16 GEMM it breaks even near M = 8, but the
+# path it replaces decodes the whole weight first (Inductor's decode of a 576 x 576 weight alone took
+# ~1.8 ms), and against that the kernel was 5x faster at M = 64 and 3x at M = 128 (576x576 and
+# 576x1536, one thread of a busy AVX-512 EPYC). Weights with a dequantized cache never use it.
+MAX_ROWS = 64
+_SOURCE = Path(__file__).with_name("mxfp4_gemv.cpp")
+_EXTENSION_NAME = "torchao_mx_ext_cpu_mxfp4_gemv"
+_DISABLE_ENV = "TORCHAO_MX_EXT_CPU_KERNELS"
+
+_lock = threading.Lock()
+_state: bool | None = None  # None: not tried yet
+
+
+@contextlib.contextmanager
+def _ninja_on_path():
+    """torch's JIT builder runs ``ninja`` from PATH; the ``ninja`` wheel's binary may not be on it
+    (a virtual environment used without activating it)."""
+    if shutil.which("ninja") is not None:
+        yield
+        return
+    try:
+        import ninja  # the PyPI package ships the binary
+    except ImportError:
+        yield
+        return
+    before = os.environ.get("PATH", "")
+    os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + before
+    try:
+        yield
+    finally:
+        os.environ["PATH"] = before
+
+
+_SCHEMA = (
+    "mxfp4_gemv(Tensor x, Tensor qdata, Tensor scale, int block_size, float multiplier, Tensor? bias=None, "
+    "ScalarType? out_dtype=None) -> Tensor"
+)
+_lib = torch.library.Library("torchao_mx_ext", "FRAGMENT")
+_lib.define(_SCHEMA)
+
+
+@torch.library.register_fake(OP, lib=_lib)
+def _fake_mxfp4_gemv(x, qdata, scale, block_size, multiplier, bias=None, out_dtype=None):
+    torch._check(x.shape[-1] == qdata.shape[1] * 2, lambda: "mxfp4_gemv: x and the weight differ in width")
+    return x.new_empty((*x.shape[:-1], qdata.shape[0]), dtype=out_dtype if out_dtype is not None else x.dtype)
+
+
+def reference_mxfp4_gemv(x, qdata, scale, block_size, multiplier, bias=None, out_dtype=None):
+    """The operator in pure torch (float32 dequantize + float32 ``F.linear``), its fallback."""
+    w = mxfp4_dequantize(qdata, scale, block_size, "floor", torch.float32)
+    if multiplier != 1.0:
+        w = w * multiplier  # q 2^e is exact: the same float32 value as q * (2^e * multiplier)
+    y = F.linear(x.to(torch.float32), w, None if bias is None else bias.to(torch.float32))
+    return y.to(out_dtype if out_dtype is not None else x.dtype)
+
+
+@torch.library.impl(_lib, "mxfp4_gemv", "CompositeExplicitAutograd")
+def _fallback_mxfp4_gemv(x, qdata, scale, block_size, multiplier, bias=None, out_dtype=None):
+    # Reached only while the C++ CPU kernel is not registered (or off the CPU): build it once, then
+    # redispatch to it; without it, compute the same numbers in pure torch.
+    if x.device.type == "cpu" and qdata.device.type == "cpu" and is_available():
+        return torch.ops.torchao_mx_ext.mxfp4_gemv.default(x, qdata, scale, block_size, multiplier, bias, out_dtype)
+    return reference_mxfp4_gemv(x, qdata, scale, block_size, multiplier, bias, out_dtype)
+
+
+def _load_extension() -> None:
+    """Compile (or reuse from torch's extension cache) and load ``mxfp4_gemv.cpp``."""
+    if torch._C._dispatch_has_kernel_for_dispatch_key(OP, "CPU"):
+        return
+    from torch.utils import cpp_extension
+
+    start = time.perf_counter()
+    with _ninja_on_path():
+        cpp_extension.load(
+            name=_EXTENSION_NAME,
+            sources=[str(_SOURCE)],
+            extra_cflags=["-O3", "-fopenmp"],
+            extra_ldflags=["-fopenmp"],
+            is_python_module=False,
+            verbose=False,
+        )
+    logger.info("built/loaded the fused CPU MXFP4 GEMV kernel in %.1f s", time.perf_counter() - start)
+
+
+def _build() -> bool:
+    if os.environ.get(_DISABLE_ENV, "1") == "0":
+        logger.info("%s=0: the fused CPU MXFP4 GEMV kernel is off; using the dequantize path", _DISABLE_ENV)
+        return False
+    try:
+        _load_extension()
+        return True
+    except Exception as e:  # no compiler, no ninja, a build error: keep working, slower, and say so once
+        lines = str(e).strip().splitlines()
+        logger.warning(
+            "torchao_mx_ext: the fused CPU MXFP4 GEMV kernel is unavailable (%s: %s); weight-only MXFP4 "
+            "linears on CPU decode the whole weight on every call instead (same numbers, slower).",
+            type(e).__name__,
+            lines[-1] if lines else "",
+        )
+        return False
+
+
+def is_available() -> bool:
+    """Whether the C++ kernel is loaded; builds it on the first call."""
+    global _state
+    if _state is None:
+        with _lock:
+            if _state is None:
+                _state = _build()
+    return _state
+
+
+def applies(weight, x: torch.Tensor) -> bool:
+    """Whether ``RotatedMXFP4Tensor.linear`` should use the kernel for ``x`` (already rotated,
+    ``[..., K_p]``) against ``weight``: CPU, 2-D weight, blocks of a multiple of 32, at most
+    :data:`MAX_ROWS` rows, no gradient needed (the kernel has no backward), and the kernel not known
+    to be unavailable (the build is tried on the operator's first call)."""
+    if _state is False:
+        return False
+    if x.device.type != "cpu" or weight.qdata.device.type != "cpu" or weight.qdata.dim() != 2:
+        return False
+    if weight.block_size % 32 or (torch.is_grad_enabled() and x.requires_grad):
+        return False
+    if x.numel() > MAX_ROWS * x.shape[-1]:
+        return False
+    return True
+
+
+def mxfp4_gemv(
+    x: torch.Tensor,
+    qdata: torch.Tensor,
+    scale: torch.Tensor,
+    block_size: int,
+    scale_rule: str,
+    bias: torch.Tensor | None = None,
+    out_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """``x @ mxfp4_dequantize(qdata, scale, block_size, scale_rule).T + bias`` in one pass over the
+    packed weight (``x [..., K]``, ``qdata [N, K/2]``, ``scale [N, K/block_size]``) -> ``[..., N]``
+    in ``out_dtype`` (default ``x.dtype``). Builds the kernel on first use (pure torch without it)."""
+    return torch.ops.torchao_mx_ext.mxfp4_gemv(
+        x, qdata, scale, block_size, element_multiplier(scale_rule), bias, out_dtype
+    )
+
+
+def set_isa(isa: int | None) -> int:
+    """Test hook: cap the kernel's code path (0 scalar, 1 AVX2, 2 AVX-512, 3 AVX-512 with
+    BF16 dot products for bf16 inputs; ``None`` = the best the
+    CPU and ``ATEN_CPU_CAPABILITY`` allow). Returns the path now in use."""
+    if not is_available():
+        raise RuntimeError("the fused CPU MXFP4 GEMV kernel is not available")
+    return torch.ops.torchao_mx_ext._mxfp4_gemv_set_isa(-1 if isa is None else isa)

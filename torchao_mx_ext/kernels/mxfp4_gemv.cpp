@@ -1,0 +1,402 @@
+// Fused MXFP4 weight-only GEMV for CPUs: y[m, n] = sum_k x[m, k] * (E2M1(code[n, k]) * scale[n, k / B] * mult)
+// (+ bias[n]), decoding the packed weight inside the reduction (no dense weight is ever written).
+//
+// The CPU kernel of torchao_mx_ext::mxfp4_gemv. The operator itself (schema, fake kernel, and a
+// pure-torch CompositeExplicitAutograd fallback used while this library is not loaded) is defined
+// in Python: torchao_mx_ext/kernels/cpu_mxfp4_gemv.py. Layout, as written by torchao_mx_ext.mx:
+//   qdata [N, K/2] uint8, element 2i in the low nibble of byte i; scale [N, K/B] uint8 E8M0
+//   (byte b = 2^(b-127), 255 = NaN); B (block_size) a multiple of 32 here.
+// Numbers: each decoded weight is fl32(E2M1 * fl32(2^e * fl32(mult))), exactly the value
+// mxfp4_dequantize produces; x is read in its own dtype (the caller rounds it to the GEMM dtype) and
+// widened to float32; products and sums are float32 (summation order differs from a BLAS GEMM),
+// bias is added in float32, and the result is rounded once to out_dtype. The AVX-512 BF16 path
+// (bf16 x only) multiplies each block's partial sums by the block scale instead of the weights
+// (the same products for power-of-two scales; with fp_quant's 4/3 a float32 rounding apart), and
+// vdpbf16ps reads bf16 subnormals as zero.
+//
+// Code paths, chosen at run time: AVX-512 BF16 (bf16 x: vdpbf16ps, 32 multiply-adds per
+// instruction), AVX-512F (16-entry table lookup with vpermps), AVX2+FMA (8-entry magnitude lookup +
+// sign bit), scalar. They follow ATen's own CPU capability, so ATEN_CPU_CAPABILITY=avx2/default
+// selects the narrower ones as it does for ATen's kernels. Up to 4 rows of x share one decode of a
+// weight chunk; output rows are split across ATen's threads (at least kGrainBytes of weight each).
+
+#include <ATen/ATen.h>
+#include <ATen/Context.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <string>
+#include <vector>
+
+#if (defined(__x86_64__) || defined(_M_X64)) && (defined(__GNUC__) || defined(__clang__))
+#define TME_X86_SIMD 1
+#include <immintrin.h>
+#if (defined(__clang__) && __clang_major__ >= 9) || (!defined(__clang__) && __GNUC__ >= 10)
+#define TME_AVX512_BF16 1
+#endif
+#endif
+
+namespace {
+
+// E2M1 code -> value (OCP MX v1.0): sign << 3 | index, magnitudes {0, .5, 1, 1.5, 2, 3, 4, 6}.
+constexpr float kE2M1[16] = {0.0f, 0.5f, 1.0f, 1.5f, 2.0f, 3.0f, 4.0f, 6.0f,
+                             -0.0f, -0.5f, -1.0f, -1.5f, -2.0f, -3.0f, -4.0f, -6.0f};
+
+constexpr int kIsaScalar = 0, kIsaAvx2 = 1, kIsaAvx512 = 2, kIsaAvx512Bf16 = 3;
+std::atomic<int> g_isa_override{-1};
+
+int detected_isa() {
+#ifdef TME_X86_SIMD
+  static const int isa = [] {
+    const std::string cap = at::get_cpu_capability();  // honours ATEN_CPU_CAPABILITY
+    __builtin_cpu_init();
+#ifdef TME_AVX512_BF16
+    if (cap == "AVX512" && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+        __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bf16"))
+      return kIsaAvx512Bf16;
+#endif
+    if (cap == "AVX512" && __builtin_cpu_supports("avx512f")) return kIsaAvx512;
+    if ((cap == "AVX512" || cap == "AVX2") && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
+      return kIsaAvx2;
+    return kIsaScalar;
+  }();
+  return isa;
+#else
+  return kIsaScalar;
+#endif
+}
+
+int current_isa() {
+  const int forced = g_isa_override.load(std::memory_order_relaxed);
+  const int best = detected_isa();
+  return forced >= 0 && forced < best ? forced : best;
+}
+
+// fl32(2^(b-127) * fl32(mult)) for every E8M0 byte; 255 is NaN.
+void fill_scale_table(float* tab, double multiplier) {
+  const float mult = static_cast<float>(multiplier);
+  for (int b = 0; b < 255; ++b) {
+    float s;
+    if (b == 0) {
+      s = std::ldexp(1.0f, -127);  // the one subnormal
+    } else {
+      const uint32_t bits = static_cast<uint32_t>(b) << 23;
+      std::memcpy(&s, &bits, sizeof(s));
+    }
+    tab[b] = mult == 1.0f ? s : s * mult;
+  }
+  tab[255] = std::numeric_limits<float>::quiet_NaN();
+}
+
+struct Problem {
+  const uint8_t* q;   // [N, K/2]
+  const uint8_t* sc;  // [N, K/B]
+  const float* xd;    // [M, K] float32, each 32-chunk reordered: 16 even elements, then 16 odd ones
+  const uint16_t* xb; // or [M, Kp] bf16 bits (bf16 path, Kp = K rounded up to 64), see rows_avx512bf16
+  int64_t Kp;
+  const float* tab;   // [256] block scales
+  const float* bias;  // [N] or nullptr
+  void* out;          // [M, N] of out_t
+  at::ScalarType out_t;
+  int64_t M, N, K, B;
+};
+
+inline void store(const Problem& p, int64_t m, int64_t n, float v) {
+  if (p.bias) v += p.bias[n];
+  const int64_t i = m * p.N + n;
+  switch (p.out_t) {
+    case at::kBFloat16: static_cast<c10::BFloat16*>(p.out)[i] = c10::BFloat16(v); break;  // round to nearest even
+    case at::kHalf: static_cast<c10::Half*>(p.out)[i] = c10::Half(v); break;
+    default: static_cast<float*>(p.out)[i] = v; break;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// scalar
+
+template <int MT>
+void rows_scalar(const Problem& p, int64_t m0, int64_t n0, int64_t n1) {
+  const int64_t nb = p.K / p.B, cpb = p.B / 32;
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* qr = p.q + n * (p.K / 2);
+    const uint8_t* sr = p.sc + n * nb;
+    float acc[MT] = {};
+    for (int64_t b = 0; b < nb; ++b) {
+      const float s = p.tab[sr[b]];
+      float lut[16];
+      for (int i = 0; i < 16; ++i) lut[i] = kE2M1[i] * s;
+      for (int64_t c = b * cpb; c < (b + 1) * cpb; ++c) {
+        const uint8_t* qc = qr + c * 16;
+        float wl[16], wh[16];
+        for (int j = 0; j < 16; ++j) {
+          wl[j] = lut[qc[j] & 15];
+          wh[j] = lut[qc[j] >> 4];
+        }
+        for (int m = 0; m < MT; ++m) {
+          const float* xc = p.xd + (m0 + m) * p.K + c * 32;
+          float a = 0.0f;
+          for (int j = 0; j < 16; ++j) a += wl[j] * xc[j] + wh[j] * xc[16 + j];
+          acc[m] += a;
+        }
+      }
+    }
+    for (int m = 0; m < MT; ++m) store(p, m0 + m, n, acc[m]);
+  }
+}
+
+#ifdef TME_X86_SIMD
+// ---------------------------------------------------------------------------------------------
+// AVX-512F: one 32-element chunk = 16 bytes -> 16 int32 lanes; vpermps picks from the 16-entry
+// table (already multiplied by the block scale) by the low nibble, then by the high nibble.
+
+template <int MT>
+__attribute__((target("avx512f"))) void rows_avx512(const Problem& p, int64_t m0, int64_t n0, int64_t n1) {
+  const int64_t nb = p.K / p.B, cpb = p.B / 32;
+  const __m512 lut = _mm512_loadu_ps(kE2M1);
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* qr = p.q + n * (p.K / 2);
+    const uint8_t* sr = p.sc + n * nb;
+    __m512 acc_lo[MT], acc_hi[MT];
+    for (int m = 0; m < MT; ++m) acc_lo[m] = acc_hi[m] = _mm512_setzero_ps();
+    for (int64_t b = 0; b < nb; ++b) {
+      const __m512 lut_s = _mm512_mul_ps(lut, _mm512_set1_ps(p.tab[sr[b]]));
+      for (int64_t c = b * cpb; c < (b + 1) * cpb; ++c) {
+        const __m512i codes = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(qr + c * 16)));
+        const __m512 w_lo = _mm512_permutexvar_ps(codes, lut_s);  // uses bits 0..3 of each lane
+        const __m512 w_hi = _mm512_permutexvar_ps(_mm512_srli_epi32(codes, 4), lut_s);
+        for (int m = 0; m < MT; ++m) {
+          const float* xc = p.xd + (m0 + m) * p.K + c * 32;
+          acc_lo[m] = _mm512_fmadd_ps(w_lo, _mm512_loadu_ps(xc), acc_lo[m]);
+          acc_hi[m] = _mm512_fmadd_ps(w_hi, _mm512_loadu_ps(xc + 16), acc_hi[m]);
+        }
+      }
+    }
+    for (int m = 0; m < MT; ++m) store(p, m0 + m, n, _mm512_reduce_add_ps(_mm512_add_ps(acc_lo[m], acc_hi[m])));
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// AVX2+FMA: 8 bytes -> 8 int32 lanes; vpermps over the 8 scaled magnitudes, sign from bit 3.
+
+__attribute__((target("avx2,fma"))) inline __m256 decode8(__m256i nibbles, __m256 mag_s) {
+  const __m256i sign = _mm256_slli_epi32(_mm256_and_si256(nibbles, _mm256_set1_epi32(8)), 28);
+  return _mm256_xor_ps(_mm256_permutevar8x32_ps(mag_s, nibbles), _mm256_castsi256_ps(sign));
+}
+
+template <int MT>
+__attribute__((target("avx2,fma"))) void rows_avx2(const Problem& p, int64_t m0, int64_t n0, int64_t n1) {
+  const int64_t nb = p.K / p.B, cpb = p.B / 32;
+  const __m256 mag = _mm256_loadu_ps(kE2M1);
+  const __m256i low4 = _mm256_set1_epi32(15);
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* qr = p.q + n * (p.K / 2);
+    const uint8_t* sr = p.sc + n * nb;
+    __m256 acc_lo[MT], acc_hi[MT];
+    for (int m = 0; m < MT; ++m) acc_lo[m] = acc_hi[m] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < nb; ++b) {
+      const __m256 mag_s = _mm256_mul_ps(mag, _mm256_set1_ps(p.tab[sr[b]]));
+      for (int64_t c = b * cpb; c < (b + 1) * cpb; ++c) {
+        for (int g = 0; g < 2; ++g) {
+          const __m256i codes = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(qr + c * 16 + g * 8)));
+          const __m256 w_lo = decode8(_mm256_and_si256(codes, low4), mag_s);
+          const __m256 w_hi = decode8(_mm256_srli_epi32(codes, 4), mag_s);
+          for (int m = 0; m < MT; ++m) {
+            const float* xc = p.xd + (m0 + m) * p.K + c * 32 + g * 8;
+            acc_lo[m] = _mm256_fmadd_ps(w_lo, _mm256_loadu_ps(xc), acc_lo[m]);
+            acc_hi[m] = _mm256_fmadd_ps(w_hi, _mm256_loadu_ps(xc + 16), acc_hi[m]);
+          }
+        }
+      }
+    }
+    for (int m = 0; m < MT; ++m) {
+      const __m256 v = _mm256_add_ps(acc_lo[m], acc_hi[m]);
+      __m128 h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+      h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+      h = _mm_add_ss(h, _mm_movehdup_ps(h));
+      store(p, m0 + m, n, _mm_cvtss_f32(h));
+    }
+  }
+}
+
+#ifdef TME_AVX512_BF16
+// ---------------------------------------------------------------------------------------------
+// AVX-512 BF16 (bf16 inputs only): E2M1 values are exact in bf16, so vdpbf16ps multiplies 32 codes
+// by 32 bf16 activations per instruction (exact products, float32 sums); the block scale follows
+// with one FMA. Two 32-element chunks per step: 32 bytes -> 32 int16 lanes; vpermw picks from the
+// table by the low nibble (it reads 5 index bits, hence the table twice), then by the high one.
+// x layout per chunk pair (c, c+1): even(c), even(c+1), odd(c), odd(c+1), 16 values each; a last
+// unpaired chunk has zeros for c+1.
+
+alignas(64) constexpr uint16_t kE2M1Bf16x2[32] = {
+    0x0000, 0x3F00, 0x3F80, 0x3FC0, 0x4000, 0x4040, 0x4080, 0x40C0,
+    0x8000, 0xBF00, 0xBF80, 0xBFC0, 0xC000, 0xC040, 0xC080, 0xC0C0,
+    0x0000, 0x3F00, 0x3F80, 0x3FC0, 0x4000, 0x4040, 0x4080, 0x40C0,
+    0x8000, 0xBF00, 0xBF80, 0xBFC0, 0xC000, 0xC040, 0xC080, 0xC0C0};
+
+template <int MT, bool B32>
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) void rows_avx512bf16(const Problem& p, int64_t m0, int64_t n0, int64_t n1) {
+  const int64_t nc = p.K / 32, cpb = p.B / 32, nb = p.K / p.B;
+  const __m512i lut = _mm512_load_si512(kE2M1Bf16x2);
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* qr = p.q + n * (p.K / 2);
+    const uint8_t* sr = p.sc + n * nb;
+    __m512 acc[MT];
+    for (int m = 0; m < MT; ++m) acc[m] = _mm512_setzero_ps();
+    for (int64_t c = 0; c < nc; c += 2) {
+      const bool pair = c + 1 < nc;
+      const __m256i bytes = pair ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qr + c * 16))
+                                 : _mm256_maskz_loadu_epi8(0xFFFF, qr + c * 16);
+      const __m512i codes = _mm512_cvtepu8_epi16(bytes);
+      const __m512i w_lo = _mm512_permutexvar_epi16(codes, lut);
+      const __m512i w_hi = _mm512_permutexvar_epi16(_mm512_srli_epi16(codes, 4), lut);
+      const float s0 = p.tab[sr[B32 ? c : c / cpb]];
+      const float s1 = pair ? p.tab[sr[B32 ? c + 1 : (c + 1) / cpb]] : 0.0f;
+      const __m512 sv = _mm512_mask_broadcastss_ps(_mm512_set1_ps(s0), 0xFF00, _mm_set_ss(s1));
+      for (int m = 0; m < MT; ++m) {
+        const uint16_t* xc = p.xb + (m0 + m) * p.Kp + c * 32;
+        __m512 t = _mm512_dpbf16_ps(_mm512_setzero_ps(), (__m512bh)w_lo, (__m512bh)_mm512_loadu_si512(xc));
+        t = _mm512_dpbf16_ps(t, (__m512bh)w_hi, (__m512bh)_mm512_loadu_si512(xc + 32));
+        acc[m] = _mm512_fmadd_ps(t, sv, acc[m]);
+      }
+    }
+    for (int m = 0; m < MT; ++m) store(p, m0 + m, n, _mm512_reduce_add_ps(acc[m]));
+  }
+}
+#endif  // TME_AVX512_BF16
+#endif  // TME_X86_SIMD
+
+// Rows m0..m0+MT-1 of the output, weight rows n0..n1-1.
+template <int MT>
+void rows(int isa, const Problem& p, int64_t m0, int64_t n0, int64_t n1) {
+#ifdef TME_AVX512_BF16
+  if (p.xb) return p.B == 32 ? rows_avx512bf16<MT, true>(p, m0, n0, n1) : rows_avx512bf16<MT, false>(p, m0, n0, n1);
+#endif
+#ifdef TME_X86_SIMD
+  if (isa >= kIsaAvx512) return rows_avx512<MT>(p, m0, n0, n1);
+  if (isa == kIsaAvx2) return rows_avx2<MT>(p, m0, n0, n1);
+#endif
+  rows_scalar<MT>(p, m0, n0, n1);
+}
+
+constexpr int kRowTile = 4;     // x rows sharing one decode of a weight chunk
+constexpr int64_t kRowBlock = 16;  // weight rows visited by every tile of x rows while in L1
+// Decoded-weight bytes (times row tiles) per parallel task, so that small GEMVs stay on one thread.
+// Chosen, not tuned: on the busy 2-core machine this was written on, 2-thread timings were dominated
+// by scheduler stalls.
+constexpr int64_t kGrainBytes = 64 * 1024;
+
+at::Tensor mxfp4_gemv(const at::Tensor& x, const at::Tensor& qdata, const at::Tensor& scale, int64_t block_size,
+                      double multiplier, const c10::optional<at::Tensor>& bias,
+                      c10::optional<at::ScalarType> out_dtype) {
+  TORCH_CHECK(x.device().is_cpu() && qdata.device().is_cpu() && scale.device().is_cpu(),
+              "mxfp4_gemv: CPU tensors expected");
+  TORCH_CHECK(qdata.dim() == 2 && qdata.scalar_type() == at::kByte, "mxfp4_gemv: qdata must be a 2-D uint8 tensor");
+  TORCH_CHECK(scale.dim() == 2 && scale.scalar_type() == at::kByte, "mxfp4_gemv: scale must be a 2-D uint8 tensor");
+  TORCH_CHECK(block_size > 0 && block_size % 32 == 0, "mxfp4_gemv: block_size must be a multiple of 32, got ", block_size);
+  TORCH_CHECK(x.dim() >= 1 && at::isFloatingType(x.scalar_type()), "mxfp4_gemv: x must be a floating-point tensor");
+  const int64_t N = qdata.size(0), K = qdata.size(1) * 2;
+  TORCH_CHECK(K > 0, "mxfp4_gemv: the weight has no columns");
+  TORCH_CHECK(x.size(-1) == K, "mxfp4_gemv: x has ", x.size(-1), " features, the weight ", K);
+  TORCH_CHECK(K % block_size == 0 && scale.size(0) == N && scale.size(1) == K / block_size,
+              "mxfp4_gemv: scale shape ", scale.sizes(), " does not match qdata ", qdata.sizes(), " in blocks of ", block_size);
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == N && bias->device().is_cpu(), "mxfp4_gemv: bias must be a CPU [N] tensor");
+  }
+  const at::ScalarType out_t = out_dtype.value_or(x.scalar_type());
+  TORCH_CHECK(out_t == at::kFloat || out_t == at::kBFloat16 || out_t == at::kHalf,
+              "mxfp4_gemv: out_dtype must be float32, bfloat16 or float16");
+
+  std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
+  out_shape.back() = N;
+  const int64_t M = x.numel() / K;
+  if (M == 0 || N == 0) return at::empty(out_shape, x.options().dtype(out_t));
+
+  const auto q = qdata.contiguous();
+  const auto sc = scale.contiguous();
+  const auto xc = x.contiguous();
+  const int isa = current_isa();
+  const bool bf16_path = isa == kIsaAvx512Bf16 && xc.scalar_type() == at::kBFloat16;
+  const int64_t nc = K / 32, Kp = (nc + 1) / 2 * 64;
+  at::Tensor xd;
+  if (bf16_path) {
+    // bf16 bits, per chunk pair: even(c), even(c+1), odd(c), odd(c+1); zeros for a missing c+1.
+    xd = at::empty({M, Kp}, x.options().dtype(at::kBFloat16));
+    const uint16_t* src = reinterpret_cast<const uint16_t*>(xc.data_ptr<at::BFloat16>());
+    uint16_t* dst = reinterpret_cast<uint16_t*>(xd.data_ptr<at::BFloat16>());
+    for (int64_t m = 0; m < M; ++m) {
+      if (nc % 2) {  // the missing chunk of the last pair
+        uint16_t* tail = dst + m * Kp + (nc / 2) * 64;
+        std::memset(tail + 16, 0, 16 * sizeof(uint16_t));
+        std::memset(tail + 48, 0, 16 * sizeof(uint16_t));
+      }
+      for (int64_t c = 0; c < nc; ++c) {
+        const uint16_t* s = src + m * K + c * 32;
+        uint16_t* d = dst + m * Kp + (c / 2) * 64 + (c % 2) * 16;
+        for (int j = 0; j < 16; ++j) {
+          d[j] = s[2 * j];
+          d[32 + j] = s[2 * j + 1];
+        }
+      }
+    }
+  } else {
+    // float32, each 32-chunk reordered (even elements, then odd) to match the nibble order.
+    xd = at::empty({M, K}, x.options().dtype(at::kFloat));
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, xc.scalar_type(), "mxfp4_gemv_x", [&] {
+      const scalar_t* src = xc.data_ptr<scalar_t>();
+      float* dst = xd.data_ptr<float>();
+      for (int64_t i = 0; i < M * K; i += 32) {
+        for (int j = 0; j < 16; ++j) {
+          dst[i + j] = static_cast<float>(src[i + 2 * j]);
+          dst[i + 16 + j] = static_cast<float>(src[i + 2 * j + 1]);
+        }
+      }
+    });
+  }
+  at::Tensor bias_f;
+  if (bias.has_value()) bias_f = bias->to(at::kFloat).contiguous();
+  float tab[256];
+  fill_scale_table(tab, multiplier);
+
+  auto out = at::empty(out_shape, x.options().dtype(out_t));
+  Problem p{q.data_ptr<uint8_t>(), sc.data_ptr<uint8_t>(),
+            bf16_path ? nullptr : xd.data_ptr<float>(),
+            bf16_path ? reinterpret_cast<const uint16_t*>(xd.data_ptr<at::BFloat16>()) : nullptr, Kp, tab,
+            bias.has_value() ? bias_f.data_ptr<float>() : nullptr, out.data_ptr(), out_t, M, N, K, block_size};
+  const int64_t grain = std::max<int64_t>(1, kGrainBytes / std::max<int64_t>(1, (K / 2) * ((M + kRowTile - 1) / kRowTile)));
+  at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
+    for (int64_t b0 = n0; b0 < n1; b0 += kRowBlock) {
+      const int64_t b1 = std::min(n1, b0 + kRowBlock);
+      for (int64_t m0 = 0; m0 < M; m0 += kRowTile) {
+        switch (std::min<int64_t>(kRowTile, M - m0)) {
+          case 1: rows<1>(isa, p, m0, b0, b1); break;
+          case 2: rows<2>(isa, p, m0, b0, b1); break;
+          case 3: rows<3>(isa, p, m0, b0, b1); break;
+          default: rows<4>(isa, p, m0, b0, b1); break;
+        }
+      }
+    }
+  });
+  return out;
+}
+
+// Test hook: force a narrower code path (0 scalar, 1 AVX2, 2 AVX-512, 3 AVX-512 BF16 for bf16 x;
+// -1 = best available).
+// Returns the path now in use.
+int64_t mxfp4_gemv_set_isa(int64_t isa) {
+  g_isa_override.store(static_cast<int>(isa));
+  return current_isa();
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(torchao_mx_ext, m) { m.def("_mxfp4_gemv_set_isa(int isa) -> int", &mxfp4_gemv_set_isa); }
+
+TORCH_LIBRARY_IMPL(torchao_mx_ext, CPU, m) { m.impl("mxfp4_gemv", &mxfp4_gemv); }
