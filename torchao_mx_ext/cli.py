@@ -253,6 +253,13 @@ def run_quantize(args) -> dict:
     return report
 
 
+def _show(table: str, report: dict, json_path: Optional[str]) -> None:
+    print(table)
+    if json_path:
+        write_json_atomic(Path(json_path), report)
+        print(f"wrote {json_path}")
+
+
 def check_scale_rule_or_exit(rule: str) -> None:
     if rule not in SCALE_RULES:
         raise SystemExit(f"torchao-mx: unknown scale rule {rule!r}; choose from {', '.join(SCALE_RULES)}")
@@ -323,10 +330,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             report = merge_reports([json.loads(Path(p).read_text()) for p in args.reports])
         except (OSError, ValueError, KeyError) as e:
             raise SystemExit(f"torchao-mx merge: {e}")
-        print(format_table(report))
-        if args.json:
-            write_json_atomic(Path(args.json), report)
-            print(f"wrote {args.json}")
+        _show(format_table(report), report, args.json)
         return 0
     if args.command == "moe-compare":
         from .moe.compare import format_moe_table, run_moe_compare
@@ -344,19 +348,13 @@ def main(argv: Optional[List[str]] = None) -> int:
             )
         except ValueError as e:
             raise SystemExit(f"torchao-mx: {e}")
-        print(format_moe_table(report))
-        if args.json:
-            write_json_atomic(Path(args.json), report)
-            print(f"wrote {args.json}")
+        _show(format_moe_table(report), report, args.json)
         return 0
     if args.command == "compare":
         if args.eval_windows is not None and args.eval_windows <= 0:
             parser.error("--eval-windows must be positive")
         report = run_compare(args)
-        print(format_table(report))
-        if args.json:
-            write_json_atomic(Path(args.json), report)
-            print(f"wrote {args.json}")
+        _show(format_table(report), report, args.json)
     return 0
 
 
