@@ -71,7 +71,6 @@ class ExpertsHessianObserver:
 
 
 _OBSERVING_CLASSES: dict = {}
-_REPORTED_EXPERT_PADDING: set = set()
 
 
 def _observing_experts_forward(self, hidden_states, top_k_index, top_k_weights):
@@ -98,6 +97,8 @@ def _describe_experts(module: torch.nn.Module, names: Tuple[str, str]) -> str:
 
 
 def prepare_experts(module: torch.nn.Module, config: GPTQConfig, names: Tuple[str, str]) -> torch.nn.Module:
+    from ..moe.experts import report_expert_padding  # lazy: moe imports calibration
+
     desc = _describe_experts(module, names)
     for name in names:
         weight = getattr(module, name)
@@ -121,12 +122,7 @@ def prepare_experts(module: torch.nn.Module, config: GPTQConfig, names: Tuple[st
             raise ValueError(f"{desc}: GPTQ needs a floating-point [{num_experts}, N, K] {name}, got {weight.dtype} {tuple(weight.shape)}")
         width = weight.shape[-1]
         padded, block = weight_layout(config.base, width, weight.device)
-        if padded != width and (width, padded) not in _REPORTED_EXPERT_PADDING:
-            _REPORTED_EXPERT_PADDING.add((width, padded))
-            logger.warning(
-                "expert input width %d is not a multiple of the MX/rotation block; padding weights and activations "
-                "with zeros to %d (exact: the padded columns meet zero activations)", width, padded,
-            )
+        report_expert_padding(width, padded)
         dtype = _DTYPES[config.hessian_dtype]
         observers.append([HessianObserver(width, padded, block, dtype, weight.device) for _ in range(num_experts)])
     observer = ExpertsHessianObserver(names, type(module), observers)

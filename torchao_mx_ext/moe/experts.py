@@ -60,6 +60,7 @@ __all__ = [
     "mxfp4_experts_forward",
     "quantize_expert_weights",
     "quantize_experts_module",
+    "report_expert_padding",
 ]
 
 EXPERTS_BACKEND = "torchao_mx_ext"
@@ -91,6 +92,16 @@ def expert_projection_names(module: torch.nn.Module) -> Optional[Tuple[str, str]
 
 
 # -- weights ------------------------------------------------------------------------------------
+def report_expert_padding(width: int, padded: int) -> None:
+    """Warn once per ``(width, padded)`` that expert inputs of this width get zero-padded."""
+    if padded != width and (width, padded) not in _REPORTED_PADDING:
+        _REPORTED_PADDING.add((width, padded))
+        logger.warning(
+            "expert input width %d is not a multiple of the MX/rotation block; padding weights and "
+            "activations with zeros to %d (exact: the padded columns meet zero activations)", width, padded,
+        )
+
+
 def quantize_expert_weights(weight: torch.Tensor, config: MXFP4Config) -> RotatedMXFP4Tensor:
     """``W [E, N, K]`` -> 3-D :class:`RotatedMXFP4Tensor` holding ``Q(W_e R)`` for every expert ``e``.
 
@@ -104,12 +115,7 @@ def quantize_expert_weights(weight: torch.Tensor, config: MXFP4Config) -> Rotate
         raise ValueError(f"expected a 3-D expert weight [E, N, K], got shape {tuple(weight.shape)}")
     width = weight.shape[-1]
     padded, block = weight_layout(config, width, weight.device)
-    if padded != width and (width, padded) not in _REPORTED_PADDING:
-        _REPORTED_PADDING.add((width, padded))
-        logger.warning(
-            "expert input width %d is not a multiple of the MX/rotation block; padding weights and "
-            "activations with zeros to %d (exact: the padded columns meet zero activations)", width, padded,
-        )
+    report_expert_padding(width, padded)
     experts = [
         RotatedMXFP4Tensor.from_hp(w, config.block_size, config.scale_rule, config.activation_scale_rule, block)
         for w in weight.detach()
@@ -292,11 +298,12 @@ def experts_forward(
             compact = True
             routes = _Routes(routes.perm[:valid_pairs], routes.expert[:valid_pairs], None, routes.offsets)
 
+    token = routes.perm // top_k  # the token of each sorted pair
     if observe is not None:
-        observe(0, hidden_states[routes.perm // top_k], routes.offsets)
+        observe(0, hidden_states[token], routes.offsets)
     # Rotate + quantize each token once, then gather its rows for the experts it visits.
     x, w = _gemm_operands(first, hidden_states)
-    h = _expert_projection(w, first_bias, x[routes.perm // top_k], routes, hidden_states.dtype)
+    h = _expert_projection(w, first_bias, x[token], routes, hidden_states.dtype)
     if has_gate:
         h = self._apply_gate(h) if hasattr(self, "_apply_gate") else _gate(self.act_fn, h)
     else:
@@ -313,7 +320,7 @@ def experts_forward(
     p = top_k_weights.reshape(-1)[routes.perm].unsqueeze(-1)
     if compact:  # every pair is valid; tokens sum their pairs in expert order (CPU index_add_ is sequential)
         out = torch.zeros(num_tokens, hidden_dim, dtype=torch.float32, device=hidden_states.device)
-        return out.index_add_(0, routes.perm // top_k, y.float() * p.float()).to(hidden_states.dtype)
+        return out.index_add_(0, token, y.float() * p.float()).to(hidden_states.dtype)
     y = torch.where(routes.valid, y.float() * p.float(), 0.0)
     y = torch.zeros_like(y).index_copy(0, routes.perm, y)
     return y.view(num_tokens, top_k, hidden_dim).sum(dim=1).to(hidden_states.dtype)
