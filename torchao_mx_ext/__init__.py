@@ -9,6 +9,8 @@ import torchao.core.config as _ao_config
 
 from .configs import DEFAULT_SCALE_RULE, MXFP4BlockRotConfig, MXFP4Config
 from .inference import cache_dequantized_weights
+from .regional_compile import PACKED_GQA_SDPA, compile_decoder_layers
+from .shared_quant import share_input_quantization, unshare_input_quantization
 from .mx import SCALE_RULES
 from .rotation import ROTATIONS
 from .tensors import MXFP4ActivationTensor, RotatedMXFP4Tensor
@@ -35,6 +37,7 @@ __all__ = [
     "MXFP4BlockRotConfig",
     "MXFP4HfConfig",
     "MXFP4Config",
+    "PACKED_GQA_SDPA",
     "PESFConfig",
     "PickConfig",
     "ROTATIONS",
@@ -42,7 +45,10 @@ __all__ = [
     "SCALE_RULES",
     "apply_router_pass",
     "cache_dequantized_weights",
+    "compile_decoder_layers",
     "gptq_mxfp4",
     "moe",
     "qesc_quantize",
+    "share_input_quantization",
+    "unshare_input_quantization",
 ]

@@ -17,8 +17,10 @@ def cache_dequantized_weights(model: torch.nn.Module, enabled: bool = True) -> t
     """Keep each quantized weight's ``Q(W R)`` decoded, in its GEMM dtype, next to its codes.
 
     Decoding packed FP4 on every call costs more than the matmul on CPUs (each call writes a fresh
-    dense weight); with the cache a linear is the activation's rotate+quantize kernel plus a dense
-    GEMM, at the memory cost of a dense weight. Numbers are unchanged. Clear it (``enabled=False``)
+    dense weight); with the cache a large batch (prefill) is the activation's rotate+quantize kernel
+    plus a dense GEMM, at the memory cost of a dense weight. Small CPU batches (decode steps, at most
+    ``kernels.cpu_mxfp4_gemv.MAX_ROWS_CACHED`` rows) keep using the fused dequant-GEMV on the packed codes,
+    which reads a quarter of the cache's bytes. Numbers are unchanged. Clear it (``enabled=False``)
     before saving a checkpoint.
     """
     found = False

@@ -190,11 +190,13 @@ def test_linear_dispatch_conditions(monkeypatch):
         assert len(calls) == 1
         cached = torch.nn.Linear(64, 16)
         cached.weight = torch.nn.Parameter(lin.weight.with_dequantized_cache(), requires_grad=False)
-        cached(torch.randn(1, 64))  # the dense cache is used as is
-        assert len(calls) == 1
+        cached(torch.randn(1, 64))  # a small batch reads the codes, not the dense cache
+        assert len(calls) == 2
+        cached(torch.randn(cpu_mxfp4_gemv.MAX_ROWS_CACHED + 1, 64))  # a larger one uses the cache
+        assert len(calls) == 2
     x = torch.randn(1, 64, requires_grad=True)  # the kernel has no backward: autograd keeps the old path
     lin(x).sum().backward()
-    assert len(calls) == 1 and x.grad is not None
+    assert len(calls) == 2 and x.grad is not None
 
 
 def test_compiled_fullgraph_matches_eager_and_calls_the_op():

@@ -36,6 +36,7 @@ from transformers.quantizers.quantizers_utils import get_module_from_name, shoul
 
 from ..moe.experts import expert_projection_names, install_mxfp4_experts_class, quantize_expert_weights
 from ..moe.router_configs import install_router_passes, router_pass_settings
+from ..shared_quant import per_linear_state_dict
 from ..tensors import RotatedMXFP4Tensor
 from .config import FORMAT_VERSION, MXFP4HfConfig
 from .serialization import (
@@ -261,7 +262,8 @@ class MXFP4HfQuantizer(HfQuantizer):
             if isinstance(config, MXFP4HfConfig):
                 config.format_version = FORMAT_VERSION
                 config.router_passes = router_passes
-        return flatten_state_dict(model.state_dict())
+        # Inputs shared by q/k/v or gate/up (an inference mode) are saved as the per-linear weights.
+        return flatten_state_dict(per_linear_state_dict(model))
 
 
 def _quantized_names(module: torch.nn.Module) -> tuple:

@@ -1,6 +1,10 @@
-"""Hand-written kernels behind a small boundary: each module says when it applies and falls back
-(with one log line) when it cannot be built. Nothing here is needed for correctness."""
+"""Hand-written kernels behind a small boundary: each module says when it applies (``applies``) and
+the emulation runs otherwise. Nothing here is needed for correctness.
 
-from . import cpu_mxfp4_gemv
+- ``cpu_mxfp4_gemv``: CPU dequant-GEMV for small batches (decode), a C++ custom op with a fake kernel.
+- ``cuda_mxfp4_mm``: MXFP4 tensor-core GEMM on Blackwell GPUs (``F.scaled_mm``), opt-in.
+"""
 
-__all__ = ["cpu_mxfp4_gemv"]
+from . import cpu_mxfp4_gemv, cuda_mxfp4_mm
+
+__all__ = ["cpu_mxfp4_gemv", "cuda_mxfp4_mm"]

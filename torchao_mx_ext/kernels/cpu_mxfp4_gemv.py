@@ -50,8 +50,11 @@ OP = "torchao_mx_ext::mxfp4_gemv"
 # every 4 rows, so its time grows with M: against a dense bf16 GEMM it breaks even near M = 8, but the
 # path it replaces decodes the whole weight first (Inductor's decode of a 576 x 576 weight alone took
 # ~1.8 ms), and against that the kernel was 5x faster at M = 64 and 3x at M = 128 (576x576 and
-# 576x1536, one thread of a busy AVX-512 EPYC). Weights with a dequantized cache never use it.
+# 576x1536, one thread of a busy AVX-512 EPYC).
 MAX_ROWS = 64
+# With a dense cache (``cache_dequantized_weights``) the alternative is a plain GEMM: the kernel is kept
+# for batches it decodes the codes for once (its row block), where it reads a quarter of the bytes.
+MAX_ROWS_CACHED = 4
 _SOURCE = Path(__file__).with_name("mxfp4_gemv.cpp")
 _EXTENSION_NAME = "torchao_mx_ext_cpu_mxfp4_gemv"
 _DISABLE_ENV = "TORCHAO_MX_EXT_CPU_KERNELS"
@@ -162,7 +165,7 @@ def is_available() -> bool:
 def applies(weight, x: torch.Tensor) -> bool:
     """Whether ``RotatedMXFP4Tensor.linear`` should use the kernel for ``x`` (already rotated,
     ``[..., K_p]``) against ``weight``: CPU, 2-D weight, blocks of a multiple of 32, at most
-    :data:`MAX_ROWS` rows, no gradient needed (the kernel has no backward), and the kernel not known
+    :data:`MAX_ROWS` rows (:data:`MAX_ROWS_CACHED` with a dense cache), no gradient needed (the kernel has no backward), and the kernel not known
     to be unavailable (the build is tried on the operator's first call)."""
     if _state is False:
         return False
@@ -170,7 +173,7 @@ def applies(weight, x: torch.Tensor) -> bool:
         return False
     if weight.block_size % 32 or (torch.is_grad_enabled() and x.requires_grad):
         return False
-    if x.numel() > MAX_ROWS * x.shape[-1]:
+    if x.numel() > (MAX_ROWS if weight.dequantized is None else MAX_ROWS_CACHED) * x.shape[-1]:
         return False
     return True
 

@@ -292,9 +292,12 @@ def experts_forward(
     compact = False
     if not torch.compiler.is_compiling():
         # Eager: drop the pruned (sentinel) pairs, which sort last, so no pass over the hidden rows
-        # touches them and pruning saves its share of every step. Compiled code keeps static shapes.
+        # touches them and pruning saves its share of every step; on CPU always, since summing the
+        # pairs with index_add_ is also cheaper than the static-shape combination below (CUDA keeps
+        # that when nothing is pruned: its index_add_ is not deterministic). Compiled code keeps
+        # static shapes.
         valid_pairs = int(routes.offsets[-1])
-        if valid_pairs < routes.perm.numel():
+        if valid_pairs < routes.perm.numel() or hidden_states.device.type == "cpu":
             compact = True
             routes = _Routes(routes.perm[:valid_pairs], routes.expert[:valid_pairs], None, routes.offsets)
 

@@ -12,7 +12,8 @@ in float32, or in bfloat16 for bfloat16 inputs: MXFP4 values (``q * 2^e``, ``q``
 significant bits) are exact in bfloat16, so only the accumulation's output rounding differs
 (``fp_quant``'s 4/3 factor is not exact there, so it stays in float32). An optional ``dequantized``
 cache (:func:`torchao_mx_ext.inference.cache_dequantized_weights`) trades memory for speed by skipping
-the per-call decode.
+the per-call decode. Kernels (``kernels/``): small CPU batches decode inside the reduction
+(``cpu_mxfp4_gemv``); on Blackwell GPUs, opted in, W4A4 runs on MXFP4 tensor cores (``cuda_mxfp4_mm``).
 Rotation-domain paper: FP-Quant / MR-GPTQ (arXiv 2509.23202) and BRQ (arXiv 2511.04214).
 """
 
@@ -23,7 +24,7 @@ import torch.nn.functional as F
 from torchao.utils import TorchAOBaseTensor
 
 from .caching import stable_metadata_hash
-from ..kernels import cpu_mxfp4_gemv
+from ..kernels import cpu_mxfp4_gemv, cuda_mxfp4_mm
 from ..mx import check_scale_rule, mxfp4_dequantize, mxfp4_fake_quantize, mxfp4_quantize
 from ..rotation import apply_block_rotation
 from .mxfp4_activation_tensor import MXFP4ActivationTensor
@@ -123,11 +124,17 @@ class RotatedMXFP4Tensor(TorchAOBaseTensor):
         """``Q_a(x R) Q(W R)^T + b``, emulated (see the module docstring), returned in ``x.dtype``."""
         gemm_dtype = self.gemm_dtype(x.dtype)
         xr = self.rotate_input(x)
+        if cuda_mxfp4_mm.applies(self, xr):
+            # MXFP4 tensor cores (opt-in): the activation as codes + scales, no dequantization.
+            a = MXFP4ActivationTensor.from_hp(xr.reshape(-1, xr.shape[-1]), self.block_size, self.act_scale_rule)
+            y = cuda_mxfp4_mm.mxfp4_scaled_mm(a.qdata, a.scale, a.scale_rule, self.qdata, self.scale, self.scale_rule, bias, x.dtype)
+            return y.reshape(*x.shape[:-1], y.shape[-1])
         if self.act_scale_rule is not None:
             # Same numbers as quantize_input(x).dequantize(), without materialising codes.
             xr = mxfp4_fake_quantize(xr, self.block_size, self.act_scale_rule)
-        if self.dequantized is None and cpu_mxfp4_gemv.applies(self, xr):
+        if cpu_mxfp4_gemv.applies(self, xr):
             # Small batch on CPU: decode inside the reduction (same numbers up to float32 summation order).
+            # Also with a dense cache: the packed codes are a quarter of its bytes, and GEMV is memory-bound.
             b = None if bias is None else bias.to(gemm_dtype)
             return cpu_mxfp4_gemv.mxfp4_gemv(xr.to(gemm_dtype), self.qdata, self.scale, self.block_size, self.scale_rule, b, x.dtype)
         w = self.dequantized if self.dequantized is not None else self.dequantize(gemm_dtype)

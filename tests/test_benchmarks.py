@@ -1,0 +1,63 @@
+"""Smoke test of benchmarks/model_bench.py: every row runs and reports positive numbers (stories260k cut
+to one layer, in one process, Dynamo's ``eager`` backend: the plumbing, not the speed)."""
+
+import json
+import math
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+import model_bench  # noqa: E402
+
+
+def test_model_bench_smoke(tmp_path):
+    out = tmp_path / "model_bench.json"
+    model_bench.main([
+        "--fast", "--layers", "1", "--new-tokens", "2", "--in-process", "--backend", "eager", "--threads", "1",
+        "--json", str(out),
+    ])
+    data = json.loads(out.read_text())
+    rows = {r["variant"]: r for r in data["rows"]}
+    assert list(rows) == list(model_bench.VARIANTS)
+    for name, r in rows.items():
+        assert "error" not in r, (name, r.get("error"))
+        for key in ("prefill_tokens_per_s", "decode_tokens_per_s", "model_mb", "process_peak_mb", "rss_before_gen_mb"):
+            assert math.isfinite(r[key]) and r[key] > 0, (name, key, r[key])
+        assert r["peak_rss_mb"] >= r["rss_before_gen_mb"] or math.isnan(r["peak_rss_mb"]), name
+        assert set(r["vs_bf16"]) == {"prefill_speed", "decode_speed", "model_size", "peak_rss"}
+        assert (r["compile_s"] is not None) == ("_compiled" in name)
+    # Four-bit weights: the quantized rows are smaller than bf16 (stories260k's embedding stays dense).
+    for name in ("torchao_mxfp4_emulated", "ours_w4a4", "ours_wo_compiled_cached"):
+        assert rows[name]["model_mb"] < rows["bf16"]["model_mb"]
+    assert rows["ours_w4a4_compiled_cached"]["cache_mb"] > 0 and rows["ours_w4a4"]["cache_mb"] == 0
+    assert rows["bf16"]["linear_weight_bits"] == 16 and rows["fp32"]["linear_weight_bits"] == 32
+    # 4.25 bits over the padded width (stories260k's 172-wide MLP input is padded to 192) + one rotation block
+    for name in ("ours_w4a4", "ours_wo_compiled_cached"):
+        assert 4.25 < rows[name]["linear_weight_bits"] < 4.25 * 192 / 172 + 0.5
+    assert rows["ours_w4a4"]["shared_input_quant"] is True
+
+
+def test_gpu_check_refuses_without_a_gpu():
+    import gpu_check  # noqa: E402  (benchmarks/ is on sys.path above)
+    import pytest
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: run benchmarks/gpu_check.py itself")
+    with pytest.raises(SystemExit, match="needs a CUDA GPU"):
+        gpu_check.main([])
+
+
+def test_model_bench_interleaves_rows_in_subprocesses(tmp_path):
+    out = tmp_path / "model_bench.json"
+    model_bench.main([
+        "--fast", "--layers", "1", "--new-tokens", "2", "--rounds", "2", "--backend", "eager", "--threads", "1",
+        "--variants", "bf16,ours_wo_compiled", "--json", str(out),
+    ])
+    rows = {r["variant"]: r for r in json.loads(out.read_text())["rows"]}
+    assert list(rows) == ["bf16", "ours_wo_compiled"]
+    for r in rows.values():
+        assert "error" not in r and r["timed_runs"] == 2 and len(r["decode_s_all"]) == 2
+        assert r["decode_tokens_per_s"] == 2 / min(r["decode_s_all"])
+    assert rows["ours_wo_compiled"]["attn_implementation"] == "torchao_mx_ext_sdpa_packed_gqa"
