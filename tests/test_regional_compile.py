@@ -76,3 +76,19 @@ def test_each_layer_compiles_twice_and_matches_eager(quantized):
 def test_model_without_decoder_layers_is_refused():
     with pytest.raises(TypeError, match="no decoder layers"):
         tme.compile_decoder_layers(torch.nn.Sequential(torch.nn.Linear(4, 4)), packed_gqa=False)
+
+
+def test_bfloat16_w4a4_compiled_with_inductor_equals_eager():
+    # Activation quantization turns rounding differences into whole FP4 steps: Inductor must round
+    # fused bfloat16 intermediates as eager does (emulate_precision_casts, on by default here).
+    model, _ = load_model("stories260k", torch.bfloat16)
+    model.model.layers = model.model.layers[:2]
+    model.config.num_hidden_layers = 2
+    quantize_linears(model, tme.MXFP4BlockRotConfig())
+    prompt = torch.randint(0, model.config.vocab_size, (1, 16), generator=torch.Generator().manual_seed(2))
+    eager = greedy_generate(model, prompt, 2, logits_to_keep=0)
+    torch._dynamo.reset()
+    tme.compile_decoder_layers(model)
+    compiled = greedy_generate(model, prompt, 2, logits_to_keep=0)
+    assert torch.equal(compiled["prefill_logits"], eager["prefill_logits"])
+    assert torch.equal(compiled["tokens"], eager["tokens"])
