@@ -20,8 +20,8 @@ def cache_dequantized_weights(model: torch.nn.Module, enabled: bool = True) -> t
     dense weight); with the cache a large batch (prefill) is the activation's rotate+quantize kernel
     plus a dense GEMM, at the memory cost of a dense weight. Small CPU batches (decode steps, at most
     ``kernels.cpu_mxfp4_gemv.MAX_ROWS_CACHED`` rows) keep using the fused dequant-GEMV on the packed codes,
-    which reads a quarter of the cache's bytes. Numbers are unchanged. Clear it (``enabled=False``)
-    before saving a checkpoint.
+    which reads a quarter of the cache's bytes. Numbers are unchanged. Checkpoints never store the
+    cache (``hf/serialization.py``); ``enabled=False`` drops it from memory.
     """
     found = False
     for module, name, weight in list(quantized_weights(model)):

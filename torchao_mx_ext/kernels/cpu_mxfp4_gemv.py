@@ -165,8 +165,9 @@ def is_available() -> bool:
 def applies(weight, x: torch.Tensor) -> bool:
     """Whether ``RotatedMXFP4Tensor.linear`` should use the kernel for ``x`` (already rotated,
     ``[..., K_p]``) against ``weight``: CPU, 2-D weight, blocks of a multiple of 32, at most
-    :data:`MAX_ROWS` rows (:data:`MAX_ROWS_CACHED` with a dense cache), no gradient needed (the kernel has no backward), and the kernel not known
-    to be unavailable (the build is tried on the operator's first call)."""
+    :data:`MAX_ROWS` rows (:data:`MAX_ROWS_CACHED` with a dense cache), no gradient needed (the kernel
+    has no backward), and the kernel not known to be unavailable (the build is tried on the operator's
+    first call)."""
     if _state is False:
         return False
     if x.device.type != "cpu" or weight.qdata.device.type != "cpu" or weight.qdata.dim() != 2:
