@@ -1,8 +1,9 @@
 """All GPU checks and timings in one short script (a few minutes), for the moments a GPU is lent.
 
     python benchmarks/gpu_check.py [--layers 30] [--prompt-len 512] [--new-tokens 32] [--json PATH]
+    python benchmarks/gpu_check.py --device cpu --layers 1 --prompt-len 16 --new-tokens 2   # plumbing only
 
-CPU CI never runs it. What it does, on ``cuda:0``:
+CPU CI runs only the plumbing (``--device cpu``, ``tests/test_benchmarks.py``). What it does, on ``cuda:0``:
 
 1. Linear level, bfloat16, ``MXFP4BlockRotConfig`` W4A4 and weight-only on SmolLM2-135M's shapes:
    compiled (``fullgraph=True``) equals eager; the same quantized layer on CPU in float32 agrees (same
@@ -41,12 +42,25 @@ from torchao_mx_ext.recipes import quantize_linears
 SHAPES = ((576, 576), (576, 1536), (1536, 576))  # (in, out) of SmolLM2-135M's linears
 
 
+DEVICE = torch.device("cuda")
+
+
+def sync():
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize()
+
+
 def cuda_time(fn, repeats: int = 20) -> float:
-    """Median seconds per call (CUDA events, after 3 warm-up calls)."""
+    """Median seconds per call (CUDA events, after 3 warm-up calls; wall clock on CPU)."""
     for _ in range(3):
         fn()
     times = []
     for _ in range(repeats):
+        if DEVICE.type != "cuda":
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+            continue
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         fn()
@@ -56,44 +70,46 @@ def cuda_time(fn, repeats: int = 20) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def triton_kernels(code: str):
-    return sorted(set(re.findall(r"\b(triton_\w+)\.run\(", code)))
+def generated_kernels(code: str):
+    """Inductor's kernels in generated code: Triton (GPU) or C++ (CPU)."""
+    return sorted(set(re.findall(r"\b(triton_\w+)\.run\(", code)) | set(re.findall(r"\b(cpp_fused\w*)\(", code)))
 
 
-def linear_checks() -> list:
+def linear_checks(shapes=SHAPES) -> list:
     rows = []
-    for k, n in SHAPES:
+    for k, n in shapes:
         for name, config in (("w4a4", tme.MXFP4BlockRotConfig()), ("weight_only", tme.MXFP4BlockRotConfig(act_quant=False))):
             torch.manual_seed(0)
             cpu = torch.nn.Linear(k, n, bias=False)
             quantize_(cpu, config)
-            gpu = copy.deepcopy(cpu).cuda().to(torch.bfloat16)
+            gpu = copy.deepcopy(cpu).to(DEVICE).to(torch.bfloat16)
             x = torch.randn(256, k)
-            xg = x.cuda().to(torch.bfloat16)
+            xg = x.to(DEVICE).to(torch.bfloat16)
             with torch.inference_mode():
                 eager = gpu(xg)
                 compiled_fn = torch.compile(gpu, fullgraph=True)
                 compiled, code = run_and_get_code(compiled_fn, xg)
                 reference = cpu(xg.float().cpu())
-            kernels = triton_kernels("\n".join(code))
+            kernels = generated_kernels("\n".join(code))
             scale = reference.abs().max().item()
             rows.append({
                 "shape": f"{k}x{n}", "variant": name,
                 "compiled_vs_eager_max_abs": (compiled.float() - eager.float()).abs().max().item(),
                 "gpu_bf16_vs_cpu_fp32_max_rel": (eager.float().cpu() - reference).abs().max().item() / scale,
-                "triton_kernels": kernels,
-                "triton_kernel_count": len(kernels),
+                "kernels": kernels,
+                "kernel_count": len(kernels),
                 "eager_ms": 1e3 * cuda_time(lambda: gpu(xg)),
                 "compiled_ms": 1e3 * cuda_time(lambda: compiled_fn(xg)),
-                "bf16_linear_ms": 1e3 * cuda_time(lambda w=torch.randn(n, k, device="cuda", dtype=torch.bfloat16): F.linear(xg, w)),
+                "bf16_linear_ms": 1e3 * cuda_time(lambda w=torch.randn(n, k, device=DEVICE, dtype=torch.bfloat16): F.linear(xg, w)),
             })
     return rows
 
 
 def hardware_gemm_checks() -> dict:
-    device = torch.device("cuda")
+    device = DEVICE
     if not cuda_mxfp4_mm.hardware_available(device):
-        return {"available": False, "capability": list(torch.cuda.get_device_capability(device))}
+        capability = list(torch.cuda.get_device_capability(device)) if device.type == "cuda" else None
+        return {"available": False, "capability": capability}
     out = {"available": True, "rows": []}
     for m, k, n in ((2048, 576, 1536), (8192, 1536, 576), (8192, 4096, 4096)):
         lin = torch.nn.Linear(k, n, bias=False).cuda().to(torch.bfloat16)
@@ -132,12 +148,12 @@ def smollm2_like(layers: int):
 
 def model_checks(args) -> list:
     base = smollm2_like(args.layers)
-    prompt = torch.randint(0, base.config.vocab_size, (1, args.prompt_len), device="cuda")
+    prompt = torch.randint(0, base.config.vocab_size, (1, args.prompt_len), device=DEVICE)
     rows, eager_logits = [], {}
     variants = ("bf16", "bf16_compiled", "ours_w4a4_compiled", "ours_wo_compiled", "ours_w4a4_cached_compiled")
     for variant in variants:
         torch._dynamo.reset()
-        model = copy.deepcopy(base).cuda().to(torch.bfloat16)
+        model = copy.deepcopy(base).to(DEVICE).to(torch.bfloat16)
         if variant.startswith("ours"):
             quantize_linears(model, tme.MXFP4BlockRotConfig(act_quant="_wo" not in variant))
             tme.share_input_quantization(model)
@@ -150,24 +166,25 @@ def model_checks(args) -> list:
         cache = static_cache(model, args.prompt_len + args.new_tokens)
         with torch.inference_mode():
             warm = greedy_generate(model, prompt, 2, cache=cache)
-            torch.cuda.synchronize()
+            sync()
             compile_s = time.perf_counter() - t0
             best_prefill, best_decode = float("inf"), float("inf")
             for _ in range(3):
-                torch.cuda.synchronize()
+                sync()
                 r = greedy_generate(model, prompt, args.new_tokens, cache=cache)
-                torch.cuda.synchronize()
+                sync()
                 best_prefill, best_decode = min(best_prefill, r["prefill_s"]), min(best_decode, r["decode_s"])
         row = {
             "variant": variant, "compile_s": compile_s if variant.endswith("compiled") else None,
             "prefill_tokens_per_s": args.prompt_len / best_prefill, "decode_tokens_per_s": args.new_tokens / best_decode,
-            "peak_gpu_mb": torch.cuda.max_memory_allocated() / 2**20,
+            "peak_gpu_mb": torch.cuda.max_memory_allocated() / 2**20 if DEVICE.type == "cuda" else None,
         }
         if variant in eager_logits:
             e = eager_logits[variant]
             row["compiled_vs_eager_max_rel"] = ((warm["step_logits"][-1].float() - e).abs().max() / e.abs().max()).item()
         rows.append(row)
-        torch.cuda.reset_peak_memory_stats()
+        if DEVICE.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
         del model, cache
     base_row = rows[0]
     for r in rows:
@@ -182,13 +199,19 @@ def main(argv=None):
     p.add_argument("--prompt-len", type=int, default=512)
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--skip-model", action="store_true", help="linear and GEMM checks only")
+    p.add_argument("--quick", action="store_true", help="one linear shape (dry runs)")
+    p.add_argument("--device", default="cuda", help="cuda, or cpu for a dry run of the plumbing")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
-    if not torch.cuda.is_available():
-        raise SystemExit("gpu_check.py needs a CUDA GPU")
+    global DEVICE
+    DEVICE = torch.device(args.device)
+    if DEVICE.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("gpu_check.py needs a CUDA GPU (or --device cpu for a dry run)")
     t0 = time.perf_counter()
+    on_gpu = DEVICE.type == "cuda"
     report = {
-        "device": torch.cuda.get_device_name(0), "capability": list(torch.cuda.get_device_capability(0)),
+        "device": torch.cuda.get_device_name(0) if on_gpu else "cpu",
+        "capability": list(torch.cuda.get_device_capability(0)) if on_gpu else None,
         "torch": torch.__version__,
     }
     try:
@@ -197,7 +220,7 @@ def main(argv=None):
         report["triton"] = triton.__version__
     except ImportError:
         report["triton"] = None
-    sections = [("linear", linear_checks), ("hardware_mxfp4_gemm", hardware_gemm_checks)]
+    sections = [("linear", lambda: linear_checks(SHAPES[:1] if args.quick else SHAPES)), ("hardware_mxfp4_gemm", hardware_gemm_checks)]
     if not args.skip_model:
         sections.append(("model", lambda: model_checks(args)))
     for name, fn in sections:

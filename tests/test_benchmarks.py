@@ -38,15 +38,28 @@ def test_model_bench_smoke(tmp_path):
     assert rows["ours_w4a4"]["shared_input_quant"] is True
 
 
-def test_gpu_check_refuses_without_a_gpu():
+def test_gpu_check_dry_run_on_cpu(tmp_path):
+    """The GPU script's plumbing on CPU (one linear shape, a one-layer decoder): every section reports,
+    compiled equals eager, and asking for CUDA without one is refused."""
     import gpu_check  # noqa: E402  (benchmarks/ is on sys.path above)
     import pytest
     import torch
 
-    if torch.cuda.is_available():
-        pytest.skip("a GPU is present: run benchmarks/gpu_check.py itself")
-    with pytest.raises(SystemExit, match="needs a CUDA GPU"):
-        gpu_check.main([])
+    out = tmp_path / "gpu_check.json"
+    gpu_check.main(["--device", "cpu", "--quick", "--layers", "1", "--prompt-len", "16", "--new-tokens", "2", "--json", str(out)])
+    report = json.loads(out.read_text())
+    for row in report["linear"]:
+        assert row["compiled_vs_eager_max_abs"] == 0 and row["gpu_bf16_vs_cpu_fp32_max_rel"] < 0.05 and row["kernel_count"] > 0
+    assert report["hardware_mxfp4_gemm"] == {"available": False, "capability": None}
+    rows = {r["variant"]: r for r in report["model"]}
+    assert set(rows) == {"bf16", "bf16_compiled", "ours_w4a4_compiled", "ours_wo_compiled", "ours_w4a4_cached_compiled"}
+    for name, r in rows.items():
+        assert r["decode_tokens_per_s"] > 0 and r["prefill_tokens_per_s"] > 0
+        if name.startswith("ours"):
+            assert r["compiled_vs_eager_max_rel"] == 0, name
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit, match="needs a CUDA GPU"):
+            gpu_check.main([])
 
 
 def test_model_bench_interleaves_rows_in_subprocesses(tmp_path):
