@@ -93,33 +93,34 @@ def _release_memory() -> None:
         pass
 
 
-def model_bytes(model) -> dict:
-    """Bytes of the model's parameters and buffers, each storage once; tensor subclasses are counted by
-    their inner tensors (our MXFP4 weights: codes + E8M0 scales + rotation block), the dequantized-weight
-    cache apart."""
+def _storages(tensors):
+    """``{(data_ptr, nbytes): in_cache}`` of the storages behind ``tensors``, each once; tensor
+    subclasses by their inner tensors (``in_cache``: under a ``dequantized`` cache)."""
     from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
-    seen, total, cache = set(), 0, 0
+    found = {}
 
-    def visit(t, in_cache=False):
-        nonlocal total, cache
+    def visit(t, in_cache):
         if is_traceable_wrapper_subclass(t):
             names, _ = t.__tensor_flatten__()
             for n in names:
                 visit(getattr(t, n), in_cache or n == "dequantized")
             return
         storage = t.untyped_storage()
-        key = (storage.data_ptr(), storage.nbytes())
-        if key in seen:
-            return
-        seen.add(key)
-        if in_cache:
-            cache += storage.nbytes()
-        else:
-            total += storage.nbytes()
+        found.setdefault((storage.data_ptr(), storage.nbytes()), in_cache)
 
-    for t in list(model.parameters()) + list(model.buffers()):
-        visit(t)
+    for t in tensors:
+        visit(t, False)
+    return found
+
+
+def model_bytes(model) -> dict:
+    """Bytes of the model's parameters and buffers, each storage once; tensor subclasses are counted by
+    their inner tensors (our MXFP4 weights: codes + E8M0 scales + rotation block), the dequantized-weight
+    cache apart."""
+    storages = _storages(list(model.parameters()) + list(model.buffers()))
+    total = sum(nbytes for (_, nbytes), in_cache in storages.items() if not in_cache)
+    cache = sum(nbytes for (_, nbytes), in_cache in storages.items() if in_cache)
     return {"model_mb": total / 2**20, "cache_mb": cache / 2**20, "linear_weight_bits": linear_weight_bits(model)}
 
 
@@ -127,25 +128,10 @@ def linear_weight_bits(model) -> float:
     """Stored bits per weight of the linears ``build`` quantizes (all but ``lm_head``), without a
     dequantized cache: 16 for bf16, 4.25 for MXFP4 (codes + one E8M0 scale per 32) plus the rotation
     block, shared by all (counted once here)."""
-    from torch.utils._python_dispatch import is_traceable_wrapper_subclass
-
-    seen, nbytes, params = set(), 0, 0
-
-    def inner(t):
-        if is_traceable_wrapper_subclass(t):
-            names, _ = t.__tensor_flatten__()
-            return [x for n in names if n != "dequantized" for x in inner(getattr(t, n))]
-        return [t]
-
-    for fqn, module in model.named_modules():
-        if _quantizable(module, fqn):
-            params += module.in_features * module.out_features
-            for t in inner(module.weight):
-                key = (t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())
-                if key not in seen:
-                    seen.add(key)
-                    nbytes += t.untyped_storage().nbytes()
-    return 8 * nbytes / max(params, 1)
+    linears = [m for fqn, m in model.named_modules() if _quantizable(m, fqn)]
+    storages = _storages([m.weight for m in linears])
+    nbytes = sum(n for (_, n), in_cache in storages.items() if not in_cache)
+    return 8 * nbytes / max(sum(m.in_features * m.out_features for m in linears), 1)
 
 
 def _quantizable(module, fqn) -> bool:

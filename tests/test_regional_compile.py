@@ -74,7 +74,7 @@ def test_each_layer_compiles_twice_and_matches_eager(quantized):
 
 
 def test_model_without_decoder_layers_is_refused():
-    with pytest.raises(TypeError, match="no decoder layers"):
+    with pytest.raises(NotImplementedError, match="compile_decoder_layers needs a decoder with model.model.layers"):
         tme.compile_decoder_layers(torch.nn.Sequential(torch.nn.Linear(4, 4)), packed_gqa=False)
 
 

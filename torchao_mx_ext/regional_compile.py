@@ -34,6 +34,8 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from .calibration.sequential import _decoder_layers
+
 __all__ = ["PACKED_GQA_SDPA", "compile_decoder_layers", "packed_gqa_sdpa_attention"]
 
 PACKED_GQA_SDPA = "torchao_mx_ext_sdpa_packed_gqa"
@@ -68,15 +70,6 @@ def _call_forward(layer, *args, **kwargs):
     return type(layer).forward(layer, *args, **kwargs)
 
 
-def _layers(model: torch.nn.Module) -> torch.nn.ModuleList:
-    inner = getattr(model, "model", model)
-    inner = getattr(inner, "language_model", inner)
-    layers = getattr(inner, "layers", None)
-    if not isinstance(layers, torch.nn.ModuleList):
-        raise TypeError(f"{type(model).__name__}: no decoder layers found (expected model.model.layers, a ModuleList)")
-    return layers
-
-
 def compile_decoder_layers(
     model: torch.nn.Module,
     *,
@@ -108,7 +101,7 @@ def compile_decoder_layers(
         options["guard_filter_fn"] = torch.compiler.skip_guard_on_all_nn_modules_unsafe
     if emulate_precision_casts and backend == "inductor":
         options.setdefault("emulate_precision_casts", True)
-    for i, layer in enumerate(_layers(model)):
+    for i, layer in enumerate(_decoder_layers(model, "compile_decoder_layers")):
         name = f"decoder_layer_{i}"
         # A new code object per layer: Dynamo keeps its compiled entries on the code object.
         fn = types.FunctionType(_call_forward.__code__.replace(co_name=name, co_qualname=name), _call_forward.__globals__, name)

@@ -32,11 +32,11 @@ class _StopForward(Exception):
     pass
 
 
-def _decoder_layers(model):
+def _decoder_layers(model, purpose: str = "sequential calibration"):
     layers = getattr(getattr(model, "model", None), "layers", None)
     if layers is None:
         raise NotImplementedError(
-            f"sequential calibration needs a decoder with model.model.layers (Llama-family HF models); got {type(model).__name__}"
+            f"{purpose} needs a decoder with model.model.layers (Llama-family HF models); got {type(model).__name__}"
         )
     return layers
 

@@ -40,7 +40,8 @@ def applies(weight, x: torch.Tensor) -> bool:
     """Whether ``RotatedMXFP4Tensor.linear`` should run ``x`` (rotated, ``[..., K_p]``) through the
     hardware GEMM: opted in, W4A4, 32-element blocks, a 2-D weight, on an MXFP4-capable GPU."""
     return (
-        os.environ.get(ENV_FLAG, "0") == "1"
+        x.device.type == "cuda"  # first: every CPU linear call passes here
+        and os.environ.get(ENV_FLAG, "0") == "1"
         and weight.act_scale_rule is not None
         and weight.block_size == 32
         and weight.qdata.dim() == 2
