@@ -70,3 +70,62 @@ def test_defaults_match_the_public_api():
     assert cfg.scale_rule == tme.DEFAULT_SCALE_RULE and tme.MXFP4Config().rotation == "identity"
     assert tme.MXFP4Config(act_quant=False).activation_scale_rule is None
     assert tme.MXFP4Config(scale_rule="floor", act_scale_rule="even").activation_scale_rule == "even"
+
+
+# -- bad values and failures: refused up front, nothing changed ----------------------------------
+
+@pytest.mark.parametrize("kwargs, error, field", [
+    ({"act_quant": "no"}, TypeError, "act_quant"),
+    ({"act_quant": 1}, TypeError, "act_quant"),
+    ({"seed": 1.5}, TypeError, "seed"),
+    ({"block_size": True}, ValueError, "block_size"),
+    ({"rotation_size": False}, ValueError, "rotation_size"),
+    ({"rotation_size": 0}, ValueError, "rotation_size"),
+    ({"scale_rule": "round"}, ValueError, "scale rule"),
+])
+def test_config_refuses_bad_values_naming_the_field(kwargs, error, field):
+    with pytest.raises(error, match=field):
+        tme.MXFP4Config(**kwargs)
+
+
+def _state(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def test_quantize_with_a_bad_weight_in_a_late_layer_changes_nothing_and_a_retry_works():
+    model = _tiny_llama(intermediate=96)
+    with torch.no_grad():
+        model.model.layers[1].mlp.down_proj.weight[3, 5] = float("nan")
+    before = _state(model)
+    with pytest.raises(ValueError, match=r"layers\.1\.mlp\.down_proj\.weight has 1 NaN.*changed nothing"):
+        quantize_(model, tme.MXFP4BlockRotConfig())
+    after = model.state_dict()
+    assert all(
+        type(after[k]) is torch.Tensor and torch.allclose(after[k], v, rtol=0, atol=0, equal_nan=True)
+        for k, v in before.items()
+    )
+    with torch.no_grad():
+        model.model.layers[1].mlp.down_proj.weight[3, 5] = 0.0
+    quantize_(model, tme.MXFP4BlockRotConfig())
+    assert all(isinstance(m.weight, RotatedMXFP4Tensor) for m in model.modules() if isinstance(m, torch.nn.Linear))
+
+
+def test_quantize_twice_names_every_quantized_layer_and_changes_nothing():
+    model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.Linear(64, 64))
+    quantize_(model, tme.MXFP4Config(), filter_fn=lambda m, fqn: fqn == "1")
+    before = _state(model)
+    with pytest.raises(TypeError, match=r"1\.weight is already MXFP4-quantized.*changed nothing"):
+        quantize_(model, tme.MXFP4Config())
+    assert type(model[0].weight) is torch.nn.Parameter and torch.equal(model[0].weight, before["0.weight"])
+
+
+def test_padding_cost_is_warned_with_its_factor(caplog):
+    from torchao_mx_ext import configs
+
+    configs._REPORTED_PADDING.clear()
+    model = torch.nn.Sequential(torch.nn.Linear(64, 8))
+    with caplog.at_level(logging.WARNING):
+        quantize_(model, tme.MXFP4BlockRotConfig(rotation_size=100))
+    assert "width 64" in caplog.text and "to 800" in caplog.text and "12.50x" in caplog.text
+    assert any(r.levelno == logging.ERROR for r in caplog.records)
+    assert model[0].weight.padded_in_features == 800

@@ -8,18 +8,21 @@
 Each handler swaps ``module.weight`` for a :class:`RotatedMXFP4Tensor`; the linear itself is unchanged.
 """
 
+import functools
 import logging
-import types
+import sys
+import weakref
 from dataclasses import dataclass
 from typing import Optional, Tuple
 
 import torch
 from torchao.core.config import AOBaseConfig
+from torchao.quantization import quantize_
 from torchao.quantization.transform_module import register_quantize_module_handler
 
 from .mx import check_scale_rule
 from .rotation import check_rotation, rotation_block
-from .tensors import RotatedMXFP4Tensor, padded_width
+from .tensors import RotatedMXFP4Tensor, check_weight, padded_width
 
 logger = logging.getLogger(__name__)
 
@@ -50,13 +53,17 @@ class MXFP4Config(AOBaseConfig):
     seed: int = 0
 
     def __post_init__(self):
-        if not isinstance(self.block_size, int) or self.block_size <= 0 or self.block_size % 2:
+        if not _is_int(self.block_size) or self.block_size <= 0 or self.block_size % 2:
             raise ValueError(f"block_size must be a positive even integer, got {self.block_size!r}")
+        if not isinstance(self.act_quant, bool):
+            raise TypeError(f"act_quant must be True (W4A4) or False (weight-only), got {self.act_quant!r}")
+        if not _is_int(self.seed):
+            raise TypeError(f"seed must be an integer, got {self.seed!r}")
         check_scale_rule(self.scale_rule)
         if self.act_scale_rule is not None:
             check_scale_rule(self.act_scale_rule)
         check_rotation(self.rotation)
-        if self.rotation_size is not None and (not isinstance(self.rotation_size, int) or self.rotation_size <= 0):
+        if self.rotation_size is not None and (not _is_int(self.rotation_size) or self.rotation_size <= 0):
             raise ValueError(f"rotation_size must be a positive integer or None, got {self.rotation_size!r}")
 
     @property
@@ -64,6 +71,10 @@ class MXFP4Config(AOBaseConfig):
         if not self.act_quant:
             return None
         return self.act_scale_rule or self.scale_rule
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 @dataclass
@@ -76,6 +87,23 @@ class MXFP4BlockRotConfig(MXFP4Config):
 
 
 _REPORTED_PADDING: set = set()
+
+
+def report_padding(width: int, padded: int, what: str = "input") -> None:
+    """Warn once per ``(width, padded)`` and process (not once per layer) that inputs of this width are
+    zero-padded, and what it costs: padding is exact (the padded columns meet zero activations), but a
+    rotation block that does not fit the width can multiply storage and GEMM work."""
+    if padded == width or (width, padded) in _REPORTED_PADDING:
+        return
+    _REPORTED_PADDING.add((width, padded))
+    level = logging.WARNING if padded <= 1.5 * width else logging.ERROR
+    logger.log(
+        level,
+        "%s width %d is not a multiple of the MX/rotation block; padding weights and activations with zeros "
+        "to %d (exact; %.2fx the storage and GEMM work of those weights); every such layer is padded%s",
+        what, width, padded, padded / width,
+        "" if level == logging.WARNING else ": choose a rotation_size that divides the width",
+    )
 
 
 def weight_layout(config: MXFP4Config, width: int, device) -> Tuple[int, Optional[torch.Tensor]]:
@@ -95,20 +123,20 @@ def _quantize_linear_weight(module: torch.nn.Module, config: MXFP4Config, parame
         raise TypeError(f"{type(module).__name__}.{parameter_name} is already MXFP4-quantized; quantize_ it once")
     width = weight.shape[-1]
     padded, block = weight_layout(config, width, weight.device)
-    if padded != width and (width, padded) not in _REPORTED_PADDING:
-        _REPORTED_PADDING.add((width, padded))  # once per width and process, not once per layer
-        logger.warning(
-            "input width %d is not a multiple of the MX/rotation block; padding weights and activations "
-            "with zeros to %d (exact: the padded columns meet zero activations); every such layer is padded",
-            width, padded,
-        )
+    report_padding(width, padded)
     new_weight = RotatedMXFP4Tensor.from_hp(
         weight.detach(), config.block_size, config.scale_rule, config.activation_scale_rule, block
     )
     setattr(module, parameter_name, torch.nn.Parameter(new_weight, requires_grad=False))
-    if isinstance(module, torch.nn.Linear):
-        module.extra_repr = types.MethodType(linear_extra_repr, module)
+    set_linear_repr(module)
     return module
+
+
+def set_linear_repr(module: torch.nn.Module) -> None:
+    """Show the MXFP4 layout in a quantized linear's repr. A ``partial`` rather than a bound method:
+    it pickles by reference to this module's function, so ``torch.save(model)`` round-trips."""
+    if isinstance(module, torch.nn.Linear):
+        module.extra_repr = functools.partial(linear_extra_repr, module)
 
 
 def linear_extra_repr(self) -> str:
@@ -120,10 +148,63 @@ def linear_extra_repr(self) -> str:
     )
 
 
+def check_quantizable(module: torch.nn.Module, fqn: str = "") -> None:
+    """Raise (naming ``fqn``) unless the handler can quantize ``module``: a linear's weight, or both
+    projections of a fused experts module, finite, floating point, and not quantized yet."""
+    from .moe.experts import expert_projection_names  # lazy: it imports this module
+
+    where = f"{fqn or type(module).__name__}"
+    names = expert_projection_names(module)
+    if names is not None and getattr(module, "is_transposed", False):
+        raise NotImplementedError(f"{where} stores transposed expert weights [E, in, out]; not supported")
+    for name in names or ("weight",):
+        weight = getattr(module, name, None)
+        if isinstance(weight, RotatedMXFP4Tensor):
+            raise TypeError(f"{where}.{name} is already MXFP4-quantized; quantize_ it once")
+        check_weight(weight, 2 if names is None else 3, f"{where}.{name}")
+
+
+def _check_every_target_first(config: MXFP4Config) -> None:
+    """Inside ``torchao.quantization.quantize_(model, config, filter_fn)``: check every module the call
+    will hand to our handler before the first one changes, so a bad weight anywhere (a NaN in the last
+    layer) raises with the model untouched instead of half quantized. torchao calls the handler module
+    by module and has no such hook, so the call's ``model`` and ``filter_fn`` are read from its frame;
+    elsewhere (e.g. ``FqnToConfig``, or a direct call) each module is checked just before it changes."""
+    frame = sys._getframe(1)
+    while frame is not None and frame.f_code is not _QUANTIZE_CODE:
+        frame = frame.f_back
+    if frame is None:
+        return
+    model, filter_fn = frame.f_locals.get("model"), frame.f_locals.get("filter_fn")
+    if frame.f_locals.get("config") is not config or not isinstance(model, torch.nn.Module) or filter_fn is None:
+        return
+    global _CHECKED_CALL
+    key = (id(frame), id(config))
+    if _CHECKED_CALL is not None and _CHECKED_CALL[0] == key and _CHECKED_CALL[1]() is model:
+        return
+    errors = []
+    for fqn, module in model.named_modules():
+        if filter_fn(module, fqn):
+            try:
+                check_quantizable(module, fqn)
+            except (TypeError, ValueError, NotImplementedError) as e:
+                errors.append(e)
+    if errors:
+        more = f" (and {len(errors) - 1} more: {'; '.join(str(e) for e in errors[1:4])})" if len(errors) > 1 else ""
+        raise type(errors[0])(f"{errors[0]}{more}; quantize_ changed nothing")
+    _CHECKED_CALL = (key, weakref.ref(model))
+
+
+_QUANTIZE_CODE = quantize_.__code__
+_CHECKED_CALL = None  # ((frame id, config id), weakref to the model) of the quantize_ call checked last
+
+
 def _quantize_module(module: torch.nn.Module, config: MXFP4Config) -> torch.nn.Module:
     """A linear's ``weight``, or both 3-D projections of a fused MoE experts module."""
     from .moe.experts import is_fused_experts, quantize_experts_module  # lazy: it imports this module
 
+    _check_every_target_first(config)
+    check_quantizable(module)
     if is_fused_experts(module):
         return quantize_experts_module(module, config)
     return _quantize_linear_weight(module, config)

@@ -458,11 +458,12 @@ def test_failed_save_keeps_the_previous_checkpoint(onload, saved_copy, monkeypat
     assert sorted(p.name for p in saved_copy.parent.iterdir()) == ["copy"]
 
 
-def test_save_replaces_an_existing_folder(onload, fp_path, saved_copy):
+def test_save_replaces_the_checkpoint_of_an_existing_folder(onload, fp_path, saved_copy):
     from transformers import AutoTokenizer
 
-    (saved_copy / "stale.txt").write_text("from an older save")
+    (saved_copy / "NOTES.txt").write_text("the user's own file")
     save_pretrained(onload, saved_copy, tokenizer=AutoTokenizer.from_pretrained(fp_path))
-    assert not (saved_copy / "stale.txt").exists() and (saved_copy / "tokenizer_config.json").is_file()
+    assert (saved_copy / "NOTES.txt").read_text() == "the user's own file"
+    assert (saved_copy / "tokenizer_config.json").is_file()
     assert sorted(p.name for p in saved_copy.parent.iterdir()) == ["copy"]
     assert torch.equal(logits(AutoModelForCausalLM.from_pretrained(saved_copy)), logits(onload))

@@ -180,3 +180,33 @@ def test_bf16_inputs_use_an_exact_bf16_gemm():
         y = lin(x)
     assert y.dtype == torch.bfloat16
     torch.testing.assert_close(y.float(), xq @ w.dequantize(torch.float32).T, rtol=2**-7, atol=1e-2)
+
+
+def test_whole_model_pickles_and_computes_the_same():
+    model = torch.nn.Sequential(torch.nn.Linear(64, 48), torch.nn.ReLU(), torch.nn.Linear(48, 16))
+    quantize_(model, MXFP4BlockRotConfig())
+    buf = io.BytesIO()
+    torch.save(model, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    x = torch.randn(3, 64)
+    assert isinstance(loaded[0].weight, RotatedMXFP4Tensor) and "mxfp4(" in repr(loaded)
+    assert torch.equal(loaded(x), model(x))
+
+
+def test_state_dict_between_plain_and_quantized_models_is_refused_clearly():
+    plain = torch.nn.Sequential(torch.nn.Linear(64, 64))
+    quantized = torch.nn.Sequential(torch.nn.Linear(64, 64))
+    quantize_(quantized, MXFP4BlockRotConfig())
+    with pytest.raises(RuntimeError, match="quantized weight into a plain tensor"):
+        plain.load_state_dict(quantized.state_dict())
+    with pytest.raises(RuntimeError, match="plain tensor into an MXFP4-quantized weight"):
+        quantized.load_state_dict(torch.nn.Sequential(torch.nn.Linear(64, 64)).state_dict())
+    other = torch.nn.Sequential(torch.nn.Linear(64, 64))
+    quantize_(other, MXFP4Config(scale_rule="floor"))
+    with pytest.raises(RuntimeError, match="scale_rule"):
+        quantized.load_state_dict(other.state_dict())
+    same = torch.nn.Sequential(torch.nn.Linear(64, 64))
+    quantize_(same, MXFP4BlockRotConfig())
+    same.load_state_dict(quantized.state_dict())
+    assert torch.equal(same[0].weight.qdata, quantized[0].weight.qdata)

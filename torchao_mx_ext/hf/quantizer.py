@@ -26,7 +26,7 @@ buffers, so they are not in the tensors: a save records them in ``quantization_c
 (:func:`~torchao_mx_ext.moe.router_configs.install_router_passes`).
 """
 
-import types
+import re
 from typing import Optional
 
 import torch
@@ -34,12 +34,14 @@ from transformers.core_model_loading import ConversionOps
 from transformers.quantizers.base import HfQuantizer
 from transformers.quantizers.quantizers_utils import get_module_from_name, should_convert_module
 
+from ..configs import set_linear_repr
 from ..moe.experts import expert_projection_names, install_mxfp4_experts_class, quantize_expert_weights
 from ..moe.router_configs import install_router_passes, router_pass_settings
 from ..shared_quant import per_linear_state_dict
 from ..tensors import RotatedMXFP4Tensor
 from .config import FORMAT_VERSION, MXFP4HfConfig
 from .serialization import (
+    IMPORT_NOTE,
     ROTATION_PREFIX,
     CheckpointError,
     QuantizedCheckpoint,
@@ -61,15 +63,6 @@ def _mark_loaded(module: torch.nn.Module) -> None:
     module._is_hf_initialized = True
     for p in module.parameters(recurse=False):
         p._is_hf_initialized = True
-
-
-def _set_linear_repr(module: torch.nn.Module) -> None:
-    from .. import configs
-
-    # The same repr quantize_ gives a linear (cosmetic: skipped if the helper is not there).
-    extra_repr = getattr(configs, "linear_extra_repr", None)
-    if extra_repr is not None and isinstance(module, torch.nn.Linear):
-        module.extra_repr = types.MethodType(extra_repr, module)
 
 
 class MXFP4HfQuantizer(HfQuantizer):
@@ -145,7 +138,7 @@ class MXFP4HfQuantizer(HfQuantizer):
         if checkpoint_files is None:
             raise CheckpointError("a torchao_mx_ext checkpoint loads from safetensors files only (got a state dict)")
         # Check the whole checkpoint before transformers reads it: errors surface here, with our message.
-        self.checkpoint = read_checkpoint(checkpoint_files)
+        self.checkpoint = read_checkpoint(checkpoint_files, optional=_not_needed_by(model))
         stated = self.quantization_config.format_version
         if stated != self.checkpoint.format_version:
             raise CheckpointError(
@@ -154,7 +147,8 @@ class MXFP4HfQuantizer(HfQuantizer):
             )
         # The shared rotation blocks are read here, not by transformers: do not report them as unexpected.
         ignore = set(model._keys_to_ignore_on_load_unexpected or ())
-        ignore.add(r"(^|\.)" + ROTATION_PREFIX.replace(".", r"\.") + r"\d+$")
+        ignore.add(r"(^|\.)" + re.escape(ROTATION_PREFIX) + r"\d+$")
+        ignore.add(r"(^|\.)" + re.escape(IMPORT_NOTE) + "$")
         model._keys_to_ignore_on_load_unexpected = ignore
         return model
 
@@ -289,6 +283,20 @@ def _quantize_expert_projection(module: torch.nn.Module, name: str, value: torch
     setattr(module, name, param)
 
 
+def _not_needed_by(model):
+    """Whether a stored tensor name may be absent from the files when loading ``model``: a weight the
+    model ties to another tensor (transformers writes only one of them), or a name the model does not
+    have (a base model loading a causal-LM checkpoint); either side's base-model prefix accepted."""
+    prefix = getattr(model, "base_model_prefix", "") or ""
+
+    def variants(name):
+        return {name, name.removeprefix(prefix + "."), f"{prefix}.{name}"} if prefix else {name}
+
+    own = {v for name in model.state_dict() for v in variants(name)}
+    tied = {v for name in model.get_expanded_tied_weights_keys(all_submodels=True) for v in variants(name)}
+    return lambda name: name in tied or name not in own
+
+
 def _find_param(model, name: str):
     """The parameter stored as ``name``, also when the model is the base model of the saved one (or vice versa)."""
     prefix = getattr(model, "base_model_prefix", "") or ""
@@ -368,7 +376,7 @@ class MXFP4Deserialize(_QuantizerOp):
         module, _ = get_module_from_name(model, full_layer_name)
         hp_dtype = getattr(module, leaf).dtype  # the load dtype transformers chose for this parameter
         weight = checkpoint.build(stored, parts[leaf], parts[scale_key], hp_dtype)
-        _set_linear_repr(module)
+        set_linear_repr(module)
         param = torch.nn.Parameter(weight, requires_grad=False)
         param._is_hf_initialized = True
         return {full_layer_name: param}

@@ -15,8 +15,13 @@ the input width ``K``) is written as plain tensors:
 Safetensors metadata (every shard carries the same copy) holds, under the key ``torchao_mx_ext``, a
 JSON object: ``format_version``; ``weights`` (per quantized parameter: ``shape`` ``[*L, K]``,
 ``in_features`` ``K``, ``block_size``, ``scale_rule``, ``act_scale_rule``, ``dtype``, ``rotation``);
-``rotations``; ``digests`` (BLAKE2b-128 of the bytes of every tensor written, so that a modified or
-corrupted file fails to load with a message naming the tensor).
+``rotations``; ``digests`` (BLAKE2b-128 of the bytes of every tensor of the state dict, so that a
+modified or corrupted file fails to load with a message naming the tensor; every tensor listed must be
+in the files, except weights the model ties to another one, which transformers does not write).
+
+A one-byte tensor named :data:`IMPORT_NOTE` is written too: a transformers install that loads the
+folder without our package imported lists it among the unexpected keys of its load report, next to
+the size-mismatch error it raises, so the report says what to import.
 
 Format versions (:data:`~.config.FORMAT_VERSION` is the one written):
 
@@ -32,7 +37,7 @@ Format versions (:data:`~.config.FORMAT_VERSION` is the one written):
 import hashlib
 import json
 from dataclasses import dataclass, field
-from typing import Dict, Iterable, List, Optional, Tuple
+from typing import Callable, Dict, Iterable, List, Optional, Tuple
 
 import torch
 
@@ -43,6 +48,7 @@ from .config import FORMAT_VERSION, check_format_version
 __all__ = [
     "CheckpointError",
     "METADATA_KEY",
+    "IMPORT_NOTE",
     "ROTATION_PREFIX",
     "SCALE_SUFFIX",
     "QuantizedCheckpoint",
@@ -55,6 +61,7 @@ __all__ = [
 METADATA_KEY = "torchao_mx_ext"
 SCALE_SUFFIX = "_mxfp4_scale"
 ROTATION_PREFIX = "torchao_mx_ext.rotation."
+IMPORT_NOTE = "torchao_mx_ext.note.import_torchao_mx_ext_before_from_pretrained"
 
 _DTYPES = {str(d).removeprefix("torch."): d for d in (torch.float32, torch.bfloat16, torch.float16, torch.float64)}
 _SAFETENSORS_DTYPES = {"U8": torch.uint8, "F32": torch.float32}
@@ -164,10 +171,12 @@ def flatten_state_dict(state_dict: Dict[str, torch.Tensor], digest_all: bool = T
             ).to_json()
         elif isinstance(t, TorchAOBaseTensor):
             raise TypeError(f"{name}: {type(t).__name__} is not a torchao_mx_ext tensor; this format cannot store it")
-        elif name.endswith(SCALE_SUFFIX) or name.startswith(ROTATION_PREFIX):
+        elif name.endswith(SCALE_SUFFIX) or name.startswith(METADATA_KEY + "."):
             raise ValueError(f"state dict key {name!r} collides with the names this format reserves")
         else:
             out[name] = t
+    out[IMPORT_NOTE] = torch.zeros(1, dtype=torch.uint8)
+    owned.append(IMPORT_NOTE)
     digested = out if digest_all else {k: out[k] for k in owned}
     meta = {
         "format_version": FORMAT_VERSION,
@@ -261,9 +270,13 @@ def _parse_metadata(path: str, raw: Optional[str]) -> dict:
     return meta
 
 
-def read_checkpoint(files: Iterable[str], verify: bool = True) -> QuantizedCheckpoint:
+def read_checkpoint(
+    files: Iterable[str], verify: bool = True, optional: Callable[[str], bool] = lambda name: False
+) -> QuantizedCheckpoint:
     """Read and check the metadata of a checkpoint's safetensors files, verify every digest
-    (``verify``), and load the rotation blocks. Raises :class:`CheckpointError` on any problem."""
+    (``verify``), and load the rotation blocks. Raises :class:`CheckpointError` on any problem,
+    including a tensor the metadata lists that the files lack, unless ``optional(name)`` (weights the
+    loading model ties to another tensor, which transformers does not write, or does not have)."""
     files = [str(f) for f in files]
     if not files:
         raise CheckpointError("no checkpoint files to read")
@@ -311,8 +324,12 @@ def read_checkpoint(files: Iterable[str], verify: bool = True) -> QuantizedCheck
         rotations = {}
         for key, expected in digests.items():
             if key not in location:
-                # Only transformers' own tensors can be absent (e.g. tied weights it chose not to write).
-                continue
+                if optional(key):
+                    continue
+                raise CheckpointError(
+                    f"tensor {key!r} is listed in the metadata but missing from {', '.join(files)} "
+                    "(deleted or from an incomplete copy); loading it would leave that tensor randomly initialised"
+                )
             is_rotation = key in meta["rotations"]
             if not (verify or is_rotation):
                 continue

@@ -38,18 +38,16 @@ calibration forward is :func:`experts_forward` with an ``observe`` callback, and
 layout and class this module gives.
 """
 
-import logging
 from typing import Callable, NamedTuple, Optional, Tuple
 
 import torch
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 from transformers.integrations.moe import _grouped_mm as _hf_grouped_mm
 
-from ..configs import MXFP4Config, weight_layout
+from ..configs import MXFP4Config, report_padding, weight_layout
 from ..mx import mxfp4_fake_quantize
 from ..tensors import RotatedMXFP4Tensor
 
-logger = logging.getLogger(__name__)
 
 __all__ = [
     "EXPERTS_BACKEND",
@@ -65,7 +63,6 @@ __all__ = [
 
 EXPERTS_BACKEND = "torchao_mx_ext"
 
-_REPORTED_PADDING: set = set()
 
 
 # -- detection ----------------------------------------------------------------------------------
@@ -94,12 +91,7 @@ def expert_projection_names(module: torch.nn.Module) -> Optional[Tuple[str, str]
 # -- weights ------------------------------------------------------------------------------------
 def report_expert_padding(width: int, padded: int) -> None:
     """Warn once per ``(width, padded)`` that expert inputs of this width get zero-padded."""
-    if padded != width and (width, padded) not in _REPORTED_PADDING:
-        _REPORTED_PADDING.add((width, padded))
-        logger.warning(
-            "expert input width %d is not a multiple of the MX/rotation block; padding weights and "
-            "activations with zeros to %d (exact: the padded columns meet zero activations)", width, padded,
-        )
+    report_padding(width, padded, "expert input")
 
 
 def quantize_expert_weights(weight: torch.Tensor, config: MXFP4Config) -> RotatedMXFP4Tensor:

@@ -3,9 +3,9 @@
 import torch
 
 from .mxfp4_activation_tensor import MXFP4ActivationTensor
-from .rotated_mxfp4_tensor import RotatedMXFP4Tensor, padded_width
+from .rotated_mxfp4_tensor import RotatedMXFP4Tensor, check_weight, padded_width
 
 # torch.load(weights_only=True) (the default) refuses classes it does not know.
 torch.serialization.add_safe_globals([RotatedMXFP4Tensor, MXFP4ActivationTensor])
 
-__all__ = ["MXFP4ActivationTensor", "RotatedMXFP4Tensor", "padded_width"]
+__all__ = ["MXFP4ActivationTensor", "RotatedMXFP4Tensor", "check_weight", "padded_width"]

@@ -29,7 +29,7 @@ from ..mx import check_scale_rule, mxfp4_dequantize, mxfp4_fake_quantize, mxfp4_
 from ..rotation import apply_block_rotation
 from .mxfp4_activation_tensor import MXFP4ActivationTensor
 
-__all__ = ["RotatedMXFP4Tensor"]
+__all__ = ["RotatedMXFP4Tensor", "check_weight", "padded_width"]
 
 aten = torch.ops.aten
 
@@ -72,7 +72,7 @@ class RotatedMXFP4Tensor(TorchAOBaseTensor):
         check_scale_rule(scale_rule)
         if act_scale_rule is not None:
             check_scale_rule(act_scale_rule)
-        _check_weight(weight)
+        check_weight(weight)
         padded = weight.to(torch.float64)
         pad = padded_width(weight.shape[-1], block_size, None if rotation is None else rotation.shape[0]) - weight.shape[-1]
         if pad:
@@ -148,16 +148,20 @@ def padded_width(width: int, block_size: int, rotation_size: int | None) -> int:
     return -(-width // unit) * unit
 
 
-def _check_weight(weight: torch.Tensor) -> None:
+def check_weight(weight, ndim: int = 2, name: str = "weight") -> None:
+    """Raise unless ``weight`` is a finite floating-point tensor of ``ndim`` dimensions that is not
+    already quantized: what :meth:`RotatedMXFP4Tensor.from_hp` needs (``ndim=3``: fused experts)."""
+    if not isinstance(weight, torch.Tensor):
+        raise TypeError(f"{name} is not a tensor ({type(weight).__name__})")
     if isinstance(weight, TorchAOBaseTensor):
-        raise TypeError(f"weight is already quantized ({type(weight).__name__}); quantize the original weight")
+        raise TypeError(f"{name} is already quantized ({type(weight).__name__}); quantize the original weight once")
     if not weight.is_floating_point():
-        raise TypeError(f"MXFP4 quantizes floating-point weights, got dtype {weight.dtype}")
-    if weight.dim() != 2:
-        raise ValueError(f"expected a 2-D linear weight, got shape {tuple(weight.shape)}")
-    if not bool(torch.isfinite(weight).all()):
+        raise TypeError(f"{name}: MXFP4 quantizes floating-point weights, got dtype {weight.dtype}")
+    if weight.dim() != ndim:
+        raise ValueError(f"{name}: expected a {ndim}-D weight, got shape {tuple(weight.shape)}")
+    if weight.device.type != "meta" and not bool(torch.isfinite(weight).all()):
         bad = int((~torch.isfinite(weight)).sum())
-        raise ValueError(f"weight has {bad} NaN/Inf values; MXFP4 cannot represent them")
+        raise ValueError(f"{name} has {bad} NaN/Inf values; MXFP4 cannot represent them")
 
 
 implements = RotatedMXFP4Tensor.implements
@@ -190,3 +194,36 @@ def _(func, types, args, kwargs):
     rotation = None if self.rotation is None else self.rotation.to(device)
     out = RotatedMXFP4Tensor(*moved, self.block_size, self.scale_rule, self.act_scale_rule, self.in_features, to["dtype"], rotation)
     return out if self.dequantized is None else out.with_dequantized_cache()
+
+
+@implements(aten.copy_.default)
+def _(func, types, args, kwargs):
+    # load_state_dict copies into the existing parameter: say which side is what, instead of torchao's
+    # generic "metadata mismatch" (or an AttributeError when one side is a plain tensor).
+    dst, src = args[0], args[1]
+    if not isinstance(src, RotatedMXFP4Tensor):
+        raise TypeError(
+            "cannot copy a plain tensor into an MXFP4-quantized weight: load a full-precision state dict into "
+            "the model before quantize_ (or quantize it with the same config after loading)"
+        )
+    if not isinstance(dst, RotatedMXFP4Tensor):
+        raise TypeError(
+            "cannot copy an MXFP4-quantized weight into a plain tensor: quantize_ the model with the config the "
+            "state dict was made with first, or load with load_state_dict(..., assign=True)"
+        )
+    fields = ("shape", "block_size", "scale_rule", "act_scale_rule", "in_features", "padded_in_features")
+    differ = [f for f in fields if getattr(dst, f) != getattr(src, f)]
+    if (dst.rotation is None) != (src.rotation is None) or (
+        dst.rotation is not None and dst.rotation.shape != src.rotation.shape
+    ):
+        differ.append("rotation")
+    if differ:
+        detail = ", ".join(f"{f} {getattr(dst, f, '...')!r} vs {getattr(src, f, '...')!r}" for f in differ)
+        raise ValueError(f"cannot copy an MXFP4 weight of another layout ({detail}); quantize with the same config")
+    dst.qdata.copy_(src.qdata)
+    dst.scale.copy_(src.scale)
+    if dst.rotation is not None:
+        dst.rotation.copy_(src.rotation)
+    if dst.dequantized is not None:
+        dst.dequantized.copy_(dst.dequantize(dst.dequantized.dtype))
+    return dst
