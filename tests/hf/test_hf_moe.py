@@ -19,7 +19,7 @@ from transformers import AutoModelForCausalLM
 
 import torchao_mx_ext as tme
 from torchao_mx_ext.hf import FORMAT_VERSION, CheckpointError, MXFP4HfConfig, save_pretrained
-from torchao_mx_ext.hf.serialization import METADATA_KEY, ROTATION_PREFIX, SCALE_SUFFIX
+from torchao_mx_ext.hf.serialization import IMPORT_NOTE, METADATA_KEY, ROTATION_PREFIX, SCALE_SUFFIX
 from torchao_mx_ext.moe.experts import is_fused_experts, mxfp4_experts_forward
 from torchao_mx_ext.recipes import quantize_linears
 from torchao_mx_ext.zoo import model_path
@@ -169,7 +169,8 @@ def test_saved_checkpoint_holds_fused_experts(onload, saved):
     assert config["format_version"] == FORMAT_VERSION
     # Under the model's own names: not split per expert, nor renamed (Mixtral: block_sparse_moe).
     assert not any(".experts.0." in k or "block_sparse_moe" in k for k in tensors)
-    assert sorted(k for k in tensors if not k.startswith(ROTATION_PREFIX)) == sorted(
+    assert IMPORT_NOTE in tensors
+    assert sorted(k for k in tensors if not k.startswith((ROTATION_PREFIX, IMPORT_NOTE))) == sorted(
         k for name in onload.state_dict() for k in ([name, name + SCALE_SUFFIX] if name in meta["weights"] else [name])
     )
     for fqn, module in experts_modules(onload).items():
