@@ -1,8 +1,13 @@
 import json
+import logging
+import shutil
+import sys
 
 import pytest
 
+from torchao_mx_ext import cli
 from torchao_mx_ext.cli import main
+
 
 
 def _run(tmp_path, name, *extra):
@@ -39,7 +44,7 @@ def test_compare_rejects_unknown_names(tmp_path):
         main(["compare", "--model", "stories260k", "--methods", "rtn,awq"])
     with pytest.raises(SystemExit, match="unknown scale rule"):
         main(["compare", "--model", "stories260k", "--scale-rule", "ceil"])
-    with pytest.raises(FileNotFoundError, match="neither a known alias"):
+    with pytest.raises(SystemExit, match="no such folder"):
         main(["compare", "--model", str(tmp_path / "nothing")])
     assert not list(tmp_path.iterdir())
 
@@ -116,3 +121,198 @@ def test_merge_refuses_reports_that_do_not_belong_together(tmp_path):
             main(["merge", *[str(tmp_path / p) for p in pair]])
     with pytest.raises(SystemExit, match="merge"):
         main(["merge", str(tmp_path / "missing.json")])
+
+
+# ---- user errors: one line naming what to fix, before anything heavy ----------------------------------
+
+
+def _one_line_exit(argv, match: str) -> str:
+    with pytest.raises(SystemExit, match=match) as info:
+        main(argv)
+    message = str(info.value.code)
+    assert message.startswith("torchao-mx") and "\n" not in message, message
+    return message
+
+
+@pytest.fixture
+def no_loading(monkeypatch):
+    """Fail the test if a model is loaded: the errors below must come before that."""
+    import torchao_mx_ext.zoo as zoo
+
+    def load_model(*args, **kwargs):
+        raise AssertionError("a model was loaded before the bad input was refused")
+
+    monkeypatch.setattr(zoo, "load_model", load_model)
+
+
+def test_cli_names_match_the_library():
+    from torchao_mx_ext.mx import SCALE_RULES
+    from torchao_mx_ext.recipes import METHODS
+    from torchao_mx_ext.rotation import fusion
+    from torchao_mx_ext.zoo import MODEL_ALIASES
+
+    assert cli.METHOD_NAMES == tuple(METHODS)
+    assert cli.SCALE_RULE_NAMES == tuple(SCALE_RULES)
+    assert cli.MODEL_ALIASES == tuple(MODEL_ALIASES)
+    assert {m for m in METHODS if cli._is_model_level(m)} == {
+        "quarot", "brq", "quarot+gptq", "brq+gptq", "dartquant", "dartquant-block", "dartquant-block+gptq",
+    }
+    assert "check_supported" in vars(fusion)
+
+
+@pytest.mark.parametrize("command", [
+    ["compare"], ["quantize", "--method", "rtn", "--out", "OUT"], ["eval", "--tasks", "wikitext2"], ["moe-compare"],
+])
+def test_missing_model_path_is_refused_with_the_aliases(tmp_path, no_loading, command):
+    command = [str(tmp_path / "out") if a == "OUT" else a for a in command]
+    missing = tmp_path / "no-such-model"
+    message = _one_line_exit([*command, "--model", str(missing)], "no such folder")
+    assert str(missing) in message and "stories260k" in message and "smollm2-135m" in message
+    (tmp_path / "empty").mkdir()
+    _one_line_exit([*command, "--model", str(tmp_path / "empty")], "no config.json")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty"]
+
+
+def _tiny_gpt2(folder):
+    """A 1-layer GPT-2 built offline, with stories260k's tokenizer: a family model-level rotation lacks."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from torchao_mx_ext.zoo import model_path
+
+    config = GPT2Config(vocab_size=512, n_positions=64, n_embd=32, n_layer=1, n_head=2, bos_token_id=1, eos_token_id=2)
+    GPT2LMHeadModel(config).save_pretrained(folder)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(model_path("stories260k") / name, folder)
+    return str(folder)
+
+
+def test_model_level_rotation_refuses_other_architectures_before_any_method(tmp_path, monkeypatch):
+    import torchao_mx_ext.eval as tme_eval
+
+    def no_method_runs(*args, **kwargs):
+        raise AssertionError("a method ran before the unsupported architecture was refused")
+
+    monkeypatch.setattr(tme_eval, "perplexity", no_method_runs)
+    gpt2 = _tiny_gpt2(tmp_path / "gpt2")
+    message = _one_line_exit(["compare", "--model", gpt2, "--methods", "fp,rtn,brq,quarot+gptq", "--seq-len", "32"],
+                             "GPT2LMHeadModel")
+    assert "brq, quarot+gptq" in message and "LlamaForCausalLM" in message
+    _one_line_exit(["quantize", "--model", gpt2, "--method", "dartquant-block", "--out", str(tmp_path / "q")],
+                   "dartquant-block: model-level rotation supports")
+    assert not (tmp_path / "q").exists()
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["compare", "--seeds", "a,b"], "--seeds must be a comma list of distinct integers"),
+    (["compare", "--seeds", ","], "--seeds must be"),
+    (["compare", "--seeds", "1,1"], "--seeds must be"),
+    (["compare", "--calib-samples", "0"], "--calib-samples must be >= 1, got 0"),
+    (["compare", "--calib-samples=-3"], "--calib-samples must be >= 1, got -3"),
+    (["compare", "--calib-seq-len", "0"], "--calib-seq-len must be >= 2"),
+    (["compare", "--seq-len", "0"], "--seq-len must be >= 2"),
+    (["compare", "--seq-len", "1"], "--seq-len must be >= 2"),  # was: ppl nan, exit 0
+    (["compare", "--eval-windows", "0"], "--eval-windows must be >= 1"),
+    (["compare", "--threads", "0"], "--threads must be >= 1"),
+    (["quantize", "--method", "gptq", "--out", "OUT", "--calib-samples", "0"], "--calib-samples must be >= 1"),
+    (["quantize", "--method", "gptq", "--out", "OUT", "--calib-seq-len", "1"], "--calib-seq-len must be >= 2"),
+    (["moe-compare", "--seq-len", "1"], "--seq-len must be >= 2"),
+    (["moe-compare", "--calib-samples", "0"], "--calib-samples must be >= 1"),
+    (["moe-compare", "--timing-rounds", "0"], "--timing-rounds must be >= 1"),
+    (["eval", "--tasks", "wikitext2", "--max-length", "1"], "--max-length must be >= 2"),
+])
+def test_bad_numbers_are_refused_before_loading(tmp_path, no_loading, argv, match):
+    argv = [str(tmp_path / "out") if a == "OUT" else a for a in argv]
+    _one_line_exit([*argv, "--model", "stories260k"], match)
+    assert not list(tmp_path.iterdir())
+
+
+def test_calibration_longer_than_the_context_is_refused(tmp_path):
+    # stories260k has 512 positions
+    _one_line_exit(["compare", "--model", "stories260k", "--methods", "fp,gptq", "--calib-seq-len", "1024"],
+                   "--calib-seq-len 1024 exceeds the model's max_position_embeddings 512")
+    _one_line_exit(["quantize", "--model", "stories260k", "--method", "gptq", "--calib-seq-len", "600",
+                    "--out", str(tmp_path / "q")], "--calib-seq-len 600 exceeds")
+    _one_line_exit(["compare", "--model", "stories260k", "--methods", "fp", "--seq-len", "513"], "--seq-len 513 exceeds")
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("command", [
+    ["compare", "--model", "stories260k"], ["moe-compare"], ["merge", "MISSING"], ["eval", "--tasks", "wikitext2"],
+])
+def test_unwritable_json_is_refused_before_the_run(tmp_path, no_loading, command):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("not a folder")  # chmod does not stop root: a path under a file is unwritable for everyone
+    command = [str(tmp_path / "missing.json") if a == "MISSING" else a for a in command]
+    message = _one_line_exit([*command, "--json", str(a_file / "sub" / "out.json")], "cannot write --json")
+    assert f"{a_file} is not a folder" in message
+    _one_line_exit([*command, "--json", str(tmp_path)], "it is a folder")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]
+
+
+def test_quantize_refuses_an_unwritable_out_folder(tmp_path, no_loading):
+    (tmp_path / "a_file").write_text("")
+    _one_line_exit(["quantize", "--model", "stories260k", "--method", "rtn", "--out", str(tmp_path / "a_file" / "q")],
+                   "cannot write --out")
+
+
+def test_eval_without_lm_eval_names_the_extra(monkeypatch, no_loading):
+    monkeypatch.setitem(sys.modules, "lm_eval", None)  # as if not installed
+    message = _one_line_exit(["eval", "--model", "stories260k", "--tasks", "wikitext2", "--limit", "2"], "needs lm-eval")
+    assert "pip install 'torchao-mx-ext[eval]'" in message
+
+
+def test_setup_installs_the_eval_extra_by_default():
+    from pathlib import Path
+
+    setup = (Path(__file__).resolve().parents[1] / "scripts" / "setup.sh").read_text()
+    default_extras = next(line for line in setup.splitlines() if line.startswith("extras="))
+    assert "eval" in default_extras.split("=", 1)[1].strip('"').split(",")
+
+
+def test_library_input_errors_become_one_line_exits(tmp_path):
+    _one_line_exit(["compare", "--model", "stories260k", "--methods", "gptq", "--calib-source", str(tmp_path / "x.txt")],
+                   "calibration file not found")
+    _one_line_exit(["quantize", "--model", "stories260k", "--method", "gptq", "--calib-source",
+                    str(tmp_path / "wiki.test.txt"), "--out", str(tmp_path / "q")], "refusing to calibrate on an evaluation split")
+    _one_line_exit(["compare", "--model", "stories260k", "--methods", "fp", "--data-dir", str(tmp_path)],
+                   "WikiText-2 test rows not found")
+    short = tmp_path / "short.txt"
+    short.write_text("too short\n")
+    _one_line_exit(["compare", "--model", "stories260k", "--methods", "fp,gptq", "--calib-source", str(short),
+                    "--calib-seq-len", "64"], "too short for one calibration window")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["short.txt"]
+
+
+def test_programming_errors_keep_their_traceback(monkeypatch):
+    import torchao_mx_ext.eval as tme_eval
+
+    def bug(*args, **kwargs):
+        raise ValueError("a bug, not a user error")
+
+    monkeypatch.setattr(tme_eval, "perplexity", bug)
+    with pytest.raises(ValueError, match="a bug"):
+        main(["compare", "--model", "stories260k", "--methods", "fp", "--eval-windows", "1", "--quiet"])
+
+
+def test_known_third_party_noise_is_filtered_and_nothing_else(caplog):
+    cli.quiet_known_noise()
+    cli.quiet_known_noise()  # idempotent
+    torchao_log, pytree_log = logging.getLogger("torchao"), logging.getLogger("torch.utils._pytree")
+    assert sum(isinstance(f, cli._DropMatching) for f in torchao_log.filters) == 1
+    with caplog.at_level(logging.WARNING):
+        torchao_log.warning("Failed to load /x/site-packages/torchao/_C_mxfp8.cpython-310-x86_64-linux-gnu.so: "
+                            "Could not load this library")
+        pytree_log.warning("%s is an Enum subclass and is now natively supported by torch.compile as an opaque "
+                           "value type. Calling register_constant() on Enum subclasses is deprecated", "<enum 'X'>")
+        torchao_log.warning("Failed to load config from x.json")  # not the native-library line: kept
+        pytree_log.warning("some other pytree warning")
+    assert [r.getMessage() for r in caplog.records] == ["Failed to load config from x.json", "some other pytree warning"]
+
+
+def test_help_lists_every_command(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["--help"])
+    assert info.value.code == 0
+    out = capsys.readouterr().out
+    for command in ("compare", "quantize", "merge", "moe-compare", "eval"):
+        assert command in out

@@ -17,25 +17,66 @@ long run keeps every finished method) into one table.
 """
 
 import argparse
+import contextlib
 import copy
 import ctypes
 import gc
 import json
 import logging
 import os
+import re
 import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import List, Optional
+from typing import Dict, List, Optional
 
-import torch
+# torch, transformers and this package's modules are imported inside the commands, not here: parsing
+# arguments and refusing bad ones needs none of them. The parser is therefore built from these names
+# (tests/test_cli.py checks they equal recipes.METHODS, mx.SCALE_RULES and zoo.MODEL_ALIASES).
+METHOD_NAMES = (
+    "fp", "rtn", "block-rot", "global-rot", "quarot", "brq", "gptq", "gptq-block-rot", "quarot+gptq", "brq+gptq",
+    "dartquant", "dartquant-block", "dartquant-block+gptq",
+)
+SCALE_RULE_NAMES = ("floor", "even", "rceil", "fp_quant", "mse")
+MODEL_ALIASES = ("stories260k", "smollm2-135m", "smollm2-135m-moe")
+# Methods that rotate the whole model (QuaRot, BRQ, DartQuant; recipes.py): they know only the decoder
+# layouts in rotation.fusion.SUPPORTED_ARCHITECTURES, while per-linear methods work on any model.
+MODEL_LEVEL_PREFIXES = ("quarot", "brq", "dartquant")
 
-from .configs import DEFAULT_SCALE_RULE
-from .eval.lm_eval_runner import add_eval_subcommand
-from .mx import SCALE_RULES
-from .recipes import METHODS, QuantSettings
+# Third-party log lines printed on every start that say nothing about the run, matched exactly where
+# they are logged (logger name: message pattern):
+# - torchao/__init__.py: "Failed to load .../torchao/_C_*.so: ..." for native kernels built for another
+#   Python or for CUDA (torchao's pure-PyTorch paths, which we use, do not need them);
+# - torch/utils/_pytree.py: "<enum ...> is an Enum subclass and is now natively supported by torch.compile
+#   ... register_constant() on Enum subclasses is deprecated", when torchao registers its enums.
+KNOWN_NOISE = {
+    "torchao": r"^Failed to load \S*torchao\S*/_C\S*\.so: ",
+    "torch.utils._pytree": r"is an Enum subclass and is now natively supported by torch\.compile",
+}
+
+
+class _DropMatching(logging.Filter):
+    """Drops one logger's records whose message matches ``pattern``; every other record passes."""
+
+    def __init__(self, pattern: str):
+        super().__init__()
+        self.pattern = re.compile(pattern)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not self.pattern.search(record.getMessage())
+
+
+def quiet_known_noise() -> None:
+    """Silence the lines in ``KNOWN_NOISE`` (and only those) for a CLI run; the library never does
+    this, so a program importing it sees everything. Idempotent. It acts on lines logged after it runs:
+    ``torchao_mx_ext/__init__.py`` imports torchao, so an entry point inside this package runs it too late
+    for the start-up lines (the entry point must run it before importing the package)."""
+    for name, pattern in KNOWN_NOISE.items():
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropMatching) and f.pattern.pattern == pattern for f in logger.filters):
+            logger.addFilter(_DropMatching(pattern))
 
 
 def _release_memory() -> None:
@@ -55,36 +96,169 @@ def _parse_list(text: str, allowed, what: str) -> List[str]:
     return items
 
 
-def _calibration_ids(args, tokenizer, model, seq_len: int) -> torch.Tensor:
-    from .calibration.data import calibration_ids
+def _parse_seeds(text: str) -> List[int]:
+    """``--seeds`` as distinct integers (a repeated seed would be averaged twice but reported once)."""
+    try:
+        seeds = [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        seeds = []
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise SystemExit(f"torchao-mx: --seeds must be a comma list of distinct integers (e.g. 0,1,2), got {text!r}")
+    return seeds
 
-    return calibration_ids(
-        tokenizer, args.calib_source, args.calib_samples, args.calib_seq_len or seq_len, seed=0,
-        data_dir=Path(args.data_dir) if args.data_dir else None,
-        max_positions=getattr(model.config, "max_position_embeddings", None),
+
+def check_minimums(args, minimums: Dict[str, int], prefix: str = "torchao-mx") -> None:
+    """Refuse numeric flags below what a run can use, before anything is loaded: 0 calibration samples,
+    or a 1-token window (nothing to predict: its perplexity is nan)."""
+    for name, low in minimums.items():
+        value = getattr(args, name, None)
+        if value is not None and value < low:
+            why = " (a window needs one token to predict the next)" if low == 2 else ""
+            raise SystemExit(f"{prefix}: --{name.replace('_', '-')} must be >= {low}{why}, got {value}")
+
+
+def check_output_path(path: Optional[str], flag: str = "--json", prefix: str = "torchao-mx", folder: bool = False) -> None:
+    """Refuse an output that cannot be written before the run rather than after it (hours, for SmolLM2):
+    the nearest existing folder above it must be a writable folder, and a file output not a folder.
+    Nothing is created here."""
+    if not path:
+        return
+    target = Path(path)
+    if not folder and target.is_dir():
+        raise SystemExit(f"{prefix}: cannot write {flag} {path}: it is a folder; give a file path")
+    parent = target.absolute().parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise SystemExit(f"{prefix}: cannot write {flag} {path}: {parent} is not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise SystemExit(f"{prefix}: cannot write {flag} {path}: no write permission in {parent}")
+
+
+def check_model_or_exit(name: str, prefix: str = "torchao-mx") -> None:
+    """A mistyped ``--model`` fails at once, naming what to give, instead of after imports and loading.
+    Aliases are not resolved here (that may convert a model)."""
+    if name in MODEL_ALIASES:
+        return
+    path = Path(name)
+    if not path.exists():
+        why = "no such folder"
+    elif not path.is_dir():
+        why = "not a folder"
+    elif not (path / "config.json").is_file():
+        why = "the folder has no config.json"
+    else:
+        return
+    raise SystemExit(
+        f"{prefix}: --model {name}: {why}; give a Hugging Face checkpoint folder or an alias ({', '.join(MODEL_ALIASES)})"
     )
 
 
+@contextlib.contextmanager
+def user_errors(prefix: str = "torchao-mx"):
+    """Turn what our library raises for bad inputs (a missing data or calibration file, a text too short
+    for a window, a missing optional package) into a one-line exit. Only wrapped around the calls that
+    check user input: an error anywhere else is a bug and keeps its traceback."""
+    try:
+        yield
+    except (ValueError, FileNotFoundError, ModuleNotFoundError) as e:
+        raise SystemExit(f"{prefix}: {e}") from None
+
+
+def _is_model_level(method: str) -> bool:
+    return method.split("+")[0].startswith(MODEL_LEVEL_PREFIXES)
+
+
+def check_architecture(model, methods: List[str]) -> None:
+    """Model-level rotations support only a few decoder layouts: refuse any other model before the
+    first method runs, not after the methods listed before them have spent their time."""
+    from .rotation.fusion import check_supported
+
+    model_level = [m for m in methods if _is_model_level(m)]
+    if model_level:
+        try:
+            check_supported(model)
+        except NotImplementedError as e:
+            raise SystemExit(f"torchao-mx: {', '.join(model_level)}: {e}") from None
+
+
+def check_fits_context(model, flag: str, value: int, given: bool) -> None:
+    """A window longer than the model's positions cannot be run (calibration or evaluation)."""
+    max_positions = getattr(model.config, "max_position_embeddings", None)
+    if max_positions is not None and value > max_positions:
+        default = "" if given else " (the default for this model)"
+        raise SystemExit(
+            f"torchao-mx: {flag} {value}{default} exceeds the model's max_position_embeddings {max_positions}; "
+            f"pass {flag} {max_positions} or less"
+        )
+
+
+def _check_calib_source(args) -> None:
+    """The calibration file must exist (and not be a test split) before the model is loaded."""
+    from .calibration.data import resolve_source
+
+    with user_errors():
+        resolve_source(args.calib_source, Path(args.data_dir) if args.data_dir else None)
+
+
+def _calibration_ids(args, tokenizer, model, seq_len: int):
+    from .calibration.data import calibration_ids
+
+    check_fits_context(model, "--calib-seq-len", args.calib_seq_len or seq_len, given=args.calib_seq_len is not None)
+    with user_errors():
+        return calibration_ids(
+            tokenizer, args.calib_source, args.calib_samples, args.calib_seq_len or seq_len, seed=0,
+            data_dir=Path(args.data_dir) if args.data_dir else None,
+            max_positions=getattr(model.config, "max_position_embeddings", None),
+        )
+
+
+_COMPARE_MINIMUMS = {"seq_len": 2, "eval_windows": 1, "calib_samples": 1, "calib_seq_len": 2, "threads": 1}
+_QUANTIZE_MINIMUMS = {"calib_samples": 1, "calib_seq_len": 2}
+_MOE_MINIMUMS = {
+    "seq_len": 2, "eval_windows": 1, "calib_samples": 1, "calib_seq_len": 2, "prompt_len": 1, "new_tokens": 1,
+    "timing_rounds": 1, "threads": 1,
+}
+
+
 def run_compare(args) -> dict:
+    from .configs import DEFAULT_SCALE_RULE
+
+    # Every check that needs no model comes first: a bad flag, output path or model path costs nothing.
+    methods = _parse_list(args.methods, METHOD_NAMES, "method")
+    scale_rule = args.scale_rule or DEFAULT_SCALE_RULE
+    rules = list(SCALE_RULE_NAMES) if scale_rule == "all" else _parse_list(scale_rule, SCALE_RULE_NAMES, "scale rule")
+    seeds = _parse_seeds(args.seeds)
+    check_minimums(args, _COMPARE_MINIMUMS)
+    check_output_path(args.json)
+    check_model_or_exit(args.model)
+
+    import torch
+
     from .eval import Measure, perplexity, tokenize_for_perplexity, wikitext2_test_text
+    from .recipes import METHODS, QuantSettings
     from .zoo import DEFAULT_SEQ_LEN, data_dir, load_model
 
-    methods = _parse_list(args.methods, list(METHODS), "method")
-    rules = list(SCALE_RULES) if args.scale_rule == "all" else _parse_list(args.scale_rule, SCALE_RULES, "scale rule")
-    seeds = [int(s) for s in args.seeds.split(",")]
+    calibrated = any(METHODS[m].calibrated for m in methods)
+    if calibrated:
+        _check_calib_source(args)
+    with user_errors():
+        text = wikitext2_test_text(Path(args.data_dir) if args.data_dir else data_dir())
     torch.manual_seed(0)
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    base_model, tokenizer = load_model(args.model)
+    with user_errors():
+        base_model, tokenizer = load_model(args.model)
+    check_architecture(base_model, methods)
     seq_len = args.seq_len or DEFAULT_SEQ_LEN.get(args.model, 2048)
-    max_positions = getattr(base_model.config, "max_position_embeddings", None)
-    if max_positions is not None and seq_len > max_positions:
-        raise SystemExit(f"torchao-mx: --seq-len {seq_len} exceeds the model's max_position_embeddings {max_positions}")
-    calib_ids = None
-    if any(METHODS[m].calibrated for m in methods):
-        calib_ids = _calibration_ids(args, tokenizer, base_model, seq_len)
-    input_ids = tokenize_for_perplexity(tokenizer, wikitext2_test_text(Path(args.data_dir) if args.data_dir else data_dir()))
+    check_fits_context(base_model, "--seq-len", seq_len, given=args.seq_len is not None)
+    calib_ids = _calibration_ids(args, tokenizer, base_model, seq_len) if calibrated else None
+    input_ids = tokenize_for_perplexity(tokenizer, text)
+    if input_ids.shape[1] < seq_len:
+        raise SystemExit(
+            f"torchao-mx: the WikiText-2 test text has {input_ids.shape[1]} tokens, fewer than one --seq-len window of {seq_len}"
+        )
 
     runs = []  # (key, method, rule, apply, seeds)
     for method in methods:
@@ -220,30 +394,44 @@ def write_json_atomic(path: Path, data: dict) -> None:
 
 def run_quantize(args) -> dict:
     """Quantize one model with one method (calibrating where it needs it) and save it atomically."""
-    from .hf import save_pretrained
-    from .zoo import DEFAULT_SEQ_LEN, load_model, model_path
+    from .configs import DEFAULT_SCALE_RULE
 
-    if args.method not in METHODS or METHODS[args.method].apply is None:
-        choices = ", ".join(m for m, spec in METHODS.items() if spec.apply is not None)
+    if args.method not in METHOD_NAMES or args.method == "fp":
+        choices = ", ".join(m for m in METHOD_NAMES if m != "fp")
         raise SystemExit(f"torchao-mx: unknown method {args.method!r}; choose from {choices}")
-    check_scale_rule_or_exit(args.scale_rule)
+    scale_rule = args.scale_rule or DEFAULT_SCALE_RULE
+    check_scale_rule_or_exit(scale_rule)
+    check_minimums(args, _QUANTIZE_MINIMUMS)
     out = Path(args.out)
     if out.exists() and not args.overwrite:
         raise SystemExit(f"torchao-mx: {out} exists; pass --overwrite to replace it")
+    check_output_path(args.out, "--out", folder=True)
+    check_model_or_exit(args.model)
+
+    import torch
+
+    from .hf import save_pretrained
+    from .recipes import METHODS, QuantSettings
+    from .zoo import DEFAULT_SEQ_LEN, load_model, model_path
+
+    if METHODS[args.method].calibrated:
+        _check_calib_source(args)
     torch.manual_seed(0)
-    model, tokenizer = load_model(args.model)
+    with user_errors():
+        model, tokenizer = load_model(args.model)
+    check_architecture(model, [args.method])
     calib_ids = None
     if METHODS[args.method].calibrated:
         calib_ids = _calibration_ids(args, tokenizer, model, DEFAULT_SEQ_LEN.get(args.model, 2048))
     from .eval import Measure
 
     with Measure() as m:
-        METHODS[args.method].apply(model, QuantSettings(args.scale_rule, None, args.weight_only, args.seed, calib_ids))
+        METHODS[args.method].apply(model, QuantSettings(scale_rule, None, args.weight_only, args.seed, calib_ids))
     save_pretrained(model, out, tokenizer=tokenizer)
     size = lambda folder: sum(f.stat().st_size for f in Path(folder).glob("*.safetensors"))
     fp_bytes, q_bytes = size(model_path(args.model)), size(out)
     report = {
-        "model": args.model, "method": args.method, "scale_rule": args.scale_rule, "weight_only": args.weight_only,
+        "model": args.model, "method": args.method, "scale_rule": scale_rule, "weight_only": args.weight_only,
         "out": str(out), "quantize_s": m.wall_s, "peak_mem_mb": m.peak_mem_mb,
         "checkpoint_mb": q_bytes / 2**20, "fp_checkpoint_mb": fp_bytes / 2**20,
     }
@@ -261,18 +449,23 @@ def _show(table: str, report: dict, json_path: Optional[str]) -> None:
 
 
 def check_scale_rule_or_exit(rule: str) -> None:
-    if rule not in SCALE_RULES:
-        raise SystemExit(f"torchao-mx: unknown scale rule {rule!r}; choose from {', '.join(SCALE_RULES)}")
+    if rule not in SCALE_RULE_NAMES:
+        raise SystemExit(f"torchao-mx: unknown scale rule {rule!r}; choose from {', '.join(SCALE_RULE_NAMES)}")
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The whole command line; building it imports nothing heavy (see ``METHOD_NAMES``)."""
+    from .eval.lm_eval_runner import add_eval_subcommand
+
+    aliases = ", ".join(MODEL_ALIASES[:2])
     parser = argparse.ArgumentParser(prog="torchao-mx", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     cmp = sub.add_parser("compare", help="perplexity / time / memory of quantization methods on one model")
-    cmp.add_argument("--model", default="smollm2-135m", help="alias (stories260k, smollm2-135m) or HF folder")
-    cmp.add_argument("--methods", default="fp,rtn,block-rot,global-rot", help=f"comma list of: {', '.join(METHODS)}")
-    cmp.add_argument("--scale-rule", default=DEFAULT_SCALE_RULE, help=f"one of {', '.join(SCALE_RULES)}, a comma list, or 'all'")
-    cmp.add_argument("--act-scale-rule", default=None, choices=SCALE_RULES, help="activation scale rule (default: same as weights)")
+    cmp.add_argument("--model", default="smollm2-135m", help=f"alias ({aliases}) or HF folder")
+    cmp.add_argument("--methods", default="fp,rtn,block-rot,global-rot", help=f"comma list of: {', '.join(METHOD_NAMES)}")
+    cmp.add_argument("--scale-rule", default=None,
+                     help=f"one of {', '.join(SCALE_RULE_NAMES)}, a comma list, or 'all' (default: the package default)")
+    cmp.add_argument("--act-scale-rule", default=None, choices=SCALE_RULE_NAMES, help="activation scale rule (default: same as weights)")
     cmp.add_argument("--seq-len", type=int, default=None, help="perplexity window (default: 512 stories260k, 2048 SmolLM2)")
     cmp.add_argument("--eval-windows", type=int, default=4, help="number of perplexity windows")
     cmp.add_argument("--seeds", default="0,1,2", help="seeds for methods with a random rotation")
@@ -285,10 +478,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     cmp.add_argument("--threads", type=int, default=None)
     cmp.add_argument("--quiet", action="store_true")
     qnt = sub.add_parser("quantize", help="quantize a model with one method and save it (safetensors)")
-    qnt.add_argument("--model", required=True, help="alias (stories260k, smollm2-135m) or HF folder")
-    qnt.add_argument("--method", required=True, help=f"one of: {', '.join(m for m in METHODS if m != 'fp')}")
+    qnt.add_argument("--model", required=True, help=f"alias ({aliases}) or HF folder")
+    qnt.add_argument("--method", required=True, help=f"one of: {', '.join(m for m in METHOD_NAMES if m != 'fp')}")
     qnt.add_argument("--out", required=True, help="output folder (written atomically)")
-    qnt.add_argument("--scale-rule", default=DEFAULT_SCALE_RULE)
+    qnt.add_argument("--scale-rule", default=None, help="default: the package default")
     qnt.add_argument("--weight-only", action="store_true")
     qnt.add_argument("--seed", type=int, default=0)
     qnt.add_argument("--calib-samples", type=int, default=128)
@@ -317,8 +510,46 @@ def main(argv: Optional[List[str]] = None) -> int:
     moe.add_argument("--json", default=None)
     moe.add_argument("--quiet", action="store_true")
     add_eval_subcommand(sub)
-    args = parser.parse_args(argv)
+    return parser
 
+
+def run_merge(args) -> int:
+    check_output_path(args.json)
+    try:
+        report = merge_reports([json.loads(Path(p).read_text()) for p in args.reports])
+    except (OSError, ValueError, KeyError) as e:
+        raise SystemExit(f"torchao-mx merge: {e}")
+    _show(format_table(report), report, args.json)
+    return 0
+
+
+def run_moe(args) -> int:
+    check_minimums(args, _MOE_MINIMUMS)
+    if args.scale_rule is not None:
+        check_scale_rule_or_exit(args.scale_rule)
+    check_output_path(args.json)
+    check_model_or_exit(args.model)
+
+    import torch
+
+    from .moe.compare import format_moe_table, run_moe_compare
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    with user_errors():  # run_moe_compare checks its inputs as it goes (methods, model, data)
+        report = run_moe_compare(
+            args.model, [m.strip() for m in args.methods.split(",") if m.strip()], args.eval_windows, args.seq_len,
+            args.calib_samples, args.calib_seq_len, args.prompt_len, args.new_tokens, args.scale_rule,
+            Path(args.data_dir) if args.data_dir else None, progress=not args.quiet,
+            timing_rounds=args.timing_rounds, experts_backend=args.experts_backend,
+        )
+    _show(format_moe_table(report), report, args.json)
+    return 0
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    quiet_known_noise()
+    args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if args.command == "eval":
         return args.handler(args)
@@ -326,35 +557,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         run_quantize(args)
         return 0
     if args.command == "merge":
-        try:
-            report = merge_reports([json.loads(Path(p).read_text()) for p in args.reports])
-        except (OSError, ValueError, KeyError) as e:
-            raise SystemExit(f"torchao-mx merge: {e}")
-        _show(format_table(report), report, args.json)
-        return 0
+        return run_merge(args)
     if args.command == "moe-compare":
-        from .moe.compare import format_moe_table, run_moe_compare
-
-        if args.threads:
-            torch.set_num_threads(args.threads)
-        if args.scale_rule is not None:
-            check_scale_rule_or_exit(args.scale_rule)
-        try:
-            report = run_moe_compare(
-                args.model, [m.strip() for m in args.methods.split(",") if m.strip()], args.eval_windows, args.seq_len,
-                args.calib_samples, args.calib_seq_len, args.prompt_len, args.new_tokens, args.scale_rule,
-                Path(args.data_dir) if args.data_dir else None, progress=not args.quiet,
-                timing_rounds=args.timing_rounds, experts_backend=args.experts_backend,
-            )
-        except ValueError as e:
-            raise SystemExit(f"torchao-mx: {e}")
-        _show(format_moe_table(report), report, args.json)
-        return 0
-    if args.command == "compare":
-        if args.eval_windows is not None and args.eval_windows <= 0:
-            parser.error("--eval-windows must be positive")
-        report = run_compare(args)
-        _show(format_table(report), report, args.json)
+        return run_moe(args)
+    report = run_compare(args)
+    _show(format_table(report), report, args.json)
     return 0
 
 

@@ -319,17 +319,36 @@ def add_eval_subcommand(subparsers) -> argparse.ArgumentParser:
     return p
 
 
+def require_lm_eval(prefix: str = "torchao-mx eval") -> None:
+    """lm-eval is an optional extra: say which one to install before anything is loaded, not after."""
+    try:
+        import lm_eval  # noqa: F401
+    except ImportError as e:
+        raise SystemExit(f"{prefix}: needs lm-eval ({e}); install it with: pip install 'torchao-mx-ext[eval]'") from None
+
+
 def eval_command(args) -> int:
-    # Everything that can be checked without the model is checked first: a bad task name or a missing
-    # data file costs no model loading and writes nothing.
+    from ..cli import check_model_or_exit, check_output_path, user_errors
+
+    # Everything that can be checked without the model is checked first: a bad task name, a missing
+    # data file, an unwritable --json, a wrong --model or a missing lm-eval costs no model loading.
+    prefix = "torchao-mx eval"
     try:
         names = resolve_tasks(args.tasks)
         check_data_files(names, args.data_dir)
     except (ValueError, FileNotFoundError) as e:
-        raise SystemExit(f"torchao-mx eval: {e}") from None
+        raise SystemExit(f"{prefix}: {e}") from None
+    if args.max_length < 2:
+        raise SystemExit(
+            f"{prefix}: --max-length must be >= 2 (a window needs one token to predict the next), got {args.max_length}"
+        )
+    check_output_path(args.json, prefix=prefix)
+    check_model_or_exit(args.model, prefix=prefix)
+    require_lm_eval(prefix)
     from ..zoo import load_model
 
-    model, tokenizer = load_model(args.model)
+    with user_errors(prefix):
+        model, tokenizer = load_model(args.model)
     report = run_lm_eval(
         model, tokenizer, names, data_dir=args.data_dir, limit=args.limit,
         batch_size=args.batch_size, max_length=args.max_length,
