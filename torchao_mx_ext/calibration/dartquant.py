@@ -43,6 +43,7 @@ import torch
 
 from ..rotation.fusion import check_supported, head_dim_of
 from ..rotation.rotations import orthogonal_block
+from .data import check_calibration_ids, check_int, check_real
 from .orthogonal import FitStats, METHODS, block_diag, train_rotation
 
 logger = logging.getLogger(__name__)
@@ -80,23 +81,17 @@ class DartQuantStats:
 
 
 def _check_ids(model: torch.nn.Module, calib_ids: torch.Tensor) -> torch.Tensor:
-    if not isinstance(calib_ids, torch.Tensor) or calib_ids.dtype not in (torch.int64, torch.int32):
-        raise TypeError("calib_ids must be an integer (Long) tensor of token ids, shape [n, seq_len]")
-    if calib_ids.ndim != 2:
-        raise ValueError(f"calib_ids must have shape [n, seq_len], got {tuple(calib_ids.shape)}")
-    if calib_ids.numel() == 0:
-        raise ValueError(f"calib_ids is empty (shape {tuple(calib_ids.shape)}): DartQuant needs calibration tokens")
-    cfg = model.config
-    max_pos = getattr(cfg, "max_position_embeddings", None)
-    if max_pos is not None and calib_ids.shape[1] > max_pos:
-        raise ValueError(
-            f"calibration sequences of {calib_ids.shape[1]} tokens are longer than the model's "
-            f"max_position_embeddings ({max_pos}); cut them to at most {max_pos}"
-        )
-    lo, hi = int(calib_ids.min()), int(calib_ids.max())
-    if lo < 0 or hi >= cfg.vocab_size:
-        raise ValueError(f"calib_ids hold token ids in [{lo}, {hi}], outside the vocabulary [0, {cfg.vocab_size})")
-    return calib_ids.long()
+    """``calib_ids`` as int64 after :func:`.data.check_calibration_ids` (DartQuant also refuses
+    sequences longer than ``max_position_embeddings``)."""
+    max_pos = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    return check_calibration_ids(model, calib_ids, "DartQuant", max_positions=max_pos)
+
+
+def _check_collect_args(r1_max_rows, r2_max_tokens, forward_batch, seed) -> None:
+    check_int(r1_max_rows, "r1_max_rows", low=1)
+    check_int(r2_max_tokens, "r2_max_tokens", low=1)
+    check_int(forward_batch, "forward_batch", low=1)
+    check_int(seed, "seed")
 
 
 def _folded_norm_output(norm: torch.nn.Module, h: torch.Tensor) -> torch.Tensor:
@@ -122,6 +117,7 @@ def collect_activations(
     """Run the calibration ids through ``model`` (read-only, hooks removed afterwards) and keep a
     seeded random subset of the R1 and R2 activations (see the module docstring). ``device``: where
     the activations are kept (default: the model's device)."""
+    _check_collect_args(r1_max_rows, r2_max_tokens, forward_batch, seed)
     check_supported(model)
     ids = _check_ids(model, calib_ids)
     layers = model.model.layers
@@ -233,8 +229,18 @@ def learn_rotations(
     """
     if method not in METHODS:
         raise ValueError(f"unknown rotation optimiser {method!r}; choose one of {', '.join(METHODS)}")
-    if block is not None and block < 1:
-        raise ValueError(f"block must be None or a positive width, got {block}")
+    # Every setting is checked before the (possibly long) forward passes.
+    if block is not None:
+        check_int(block, "block (None or a rotation block width)", low=1)
+    check_int(epochs, "epochs", low=0)
+    check_int(batch_size, "batch_size", low=1)
+    check_real(sample_fraction, "sample_fraction", low=0, high=1, low_open=True)
+    check_real(r1_lr, "r1_lr", low=0, low_open=True)
+    check_real(r2_lr, "r2_lr", low=0, low_open=True)
+    check_real(momentum, "momentum", low=0, high=1, high_open=True)
+    _check_collect_args(r1_max_rows, r2_max_tokens, forward_batch, seed)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise TypeError(f"dtype must be a floating-point torch.dtype (torch.float32, torch.float64), got {dtype!r}")
     check_supported(model)
     d, head_dim = model.config.hidden_size, head_dim_of(model)
     for width in (d, head_dim):  # fail before the (possibly long) forward passes

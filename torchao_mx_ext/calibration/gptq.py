@@ -44,7 +44,6 @@ Fused MoE experts (3-D weights) are GPTQ'd expert by expert through the same con
 """
 
 import logging
-import math
 import types
 from dataclasses import dataclass
 from enum import Enum
@@ -62,6 +61,7 @@ from ..mx.e8m0 import E8M0_MAX_EXP, E8M0_MIN_EXP, exp2_int, exponent_to_e8m0
 from ..mx.quantize import quantize_blocks
 from ..rotation import apply_block_rotation
 from ..tensors import RotatedMXFP4Tensor
+from .data import check_bool, check_real
 
 logger = logging.getLogger(__name__)
 
@@ -129,16 +129,31 @@ def static_group_exponents(
     return best_e
 
 
-def _check_gptq_inputs(weight, hessian, block_size, scale_rule, damp, column_block, compute_dtype):
+def _check_damp(damp, where: str = "") -> float:
+    try:
+        return check_real(damp, f"{where}damp", low=0)
+    except TypeError as e:  # a ValueError as before (damp=None, "0.01", True): it names the field and range
+        raise ValueError(str(e)) from None
+
+
+def _check_column_block(column_block, where: str = "") -> int:
+    if isinstance(column_block, bool) or not isinstance(column_block, int) or column_block <= 0:
+        raise ValueError(f"{where}column_block must be a positive integer (>= 1), got {column_block!r}")
+    return column_block
+
+
+def _check_gptq_inputs(
+    weight, hessian, block_size, scale_rule, damp, column_block, compute_dtype, act_order, mse_shrink
+):
     check_scale_rule(scale_rule)
     if isinstance(weight, TorchAOBaseTensor) or isinstance(hessian, TorchAOBaseTensor):
         raise TypeError("gptq_mxfp4 takes plain high-precision tensors, not quantized tensor subclasses")
-    if not isinstance(block_size, int) or block_size <= 0 or block_size % 2:
+    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size <= 0 or block_size % 2:
         raise ValueError(f"block_size must be a positive even integer, got {block_size!r}")
-    if not isinstance(column_block, int) or column_block <= 0:
-        raise ValueError(f"column_block must be a positive integer, got {column_block!r}")
-    if not isinstance(damp, (int, float)) or not math.isfinite(damp) or damp < 0:
-        raise ValueError(f"damp must be a finite number >= 0, got {damp!r}")
+    _check_column_block(column_block)
+    _check_damp(damp)
+    check_bool(act_order, "act_order")
+    check_bool(mse_shrink, "mse_shrink")
     if compute_dtype not in (torch.float32, torch.float64):
         raise ValueError(f"compute_dtype must be torch.float32 or torch.float64, got {compute_dtype}")
     if weight.dim() != 2 or not weight.is_floating_point():
@@ -167,6 +182,7 @@ def gptq_mxfp4(
     act_order: bool = True,
     mse_shrink: bool = False,
     compute_dtype: torch.dtype = torch.float32,
+    name: Optional[str] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """GPTQ-quantize ``weight [N, K]`` to MXFP4 given ``hessian [K, K]`` (``H = 2/n X^T X``).
 
@@ -186,14 +202,39 @@ def gptq_mxfp4(
     Each column is rounded with the same float32 arithmetic as ``mxfp4_quantize``, and its error is
     taken against the value inference will use (float32 ``q * 2^e * m``), so with ``H = I`` and no
     act-order the result equals plain RTN on the static scales bit for bit.
+
+    Step 1 is a silent loss when the channel is not dead at inference: a ``logging`` warning gives the
+    number of dead channels whose weights were not already zero (``name``: how it names the weight;
+    the ``quantize_`` flow warns once per layer instead, naming it).
     """
-    _check_gptq_inputs(weight, hessian, block_size, scale_rule, damp, column_block, compute_dtype)
+    qdata, scale, zeroed = _gptq_mxfp4(
+        weight, hessian, block_size, scale_rule, damp, column_block, act_order, mse_shrink, compute_dtype
+    )
+    if zeroed:
+        _warn_dead_channels(name or f"weight {tuple(weight.shape)}", zeroed, weight.shape[-1])
+    return qdata, scale
+
+
+def _warn_dead_channels(name: str, zeroed: int, width: int, detail: str = "") -> None:
+    logger.warning(
+        "GPTQ-MXFP4: %s: %d of %d input channels%s saw no calibration signal (zero Hessian diagonal, in the "
+        "stored rotated/padded domain); GPTQ set their nonzero weights to zero, so these inputs are ignored "
+        "at inference (calibrate on more varied data, or quantize this layer without GPTQ)",
+        name, zeroed, width, detail,
+    )
+
+
+def _gptq_mxfp4(weight, hessian, block_size, scale_rule, damp, column_block, act_order, mse_shrink, compute_dtype):
+    """:func:`gptq_mxfp4` without the warning: ``(qdata, scale, zeroed)``, ``zeroed`` the number of dead
+    input channels (``H_ii = 0``) whose weight column was not all zero before step 1 zeroed it."""
+    _check_gptq_inputs(weight, hessian, block_size, scale_rule, damp, column_block, compute_dtype, act_order, mse_shrink)
     device = weight.device
     n, k = weight.shape
     w = weight.detach().to(torch.float64).clone()
     h = hessian.detach().to(device=device, dtype=torch.float64).clone()
 
     dead = torch.diagonal(h) == 0
+    zeroed = int((dead & (w != 0).any(dim=0)).sum())  # padding columns (zero weights) lose nothing
     h.diagonal()[dead] = 1.0
     w[:, dead] = 0.0
 
@@ -239,7 +280,7 @@ def gptq_mxfp4(
     values[:, perm] = q_all
     qdata = pack_uint4(e2m1_to_code(values))
     scale = exponent_to_e8m0(e, torch.zeros_like(e, dtype=torch.bool))
-    return qdata, scale
+    return qdata, scale, zeroed
 
 
 def _upper_cholesky_of_inverse(h: torch.Tensor) -> torch.Tensor:
@@ -268,9 +309,12 @@ class HessianObserver:
     ``RotatedMXFP4Tensor.rotate_input`` does (float32, zero-padded, shared rotation block).
 
     A plain object, not an ``nn.Module``: it must not show up in ``named_modules`` or the state dict.
+    ``name``: how convert's messages name the layer (the sequential driver sets the module's fqn; a
+    ``quantize_`` handler never sees it, so by default they describe the module).
     """
 
     def __init__(self, in_features: int, padded: int, rotation: Optional[torch.Tensor], dtype: torch.dtype, device):
+        self.name: Optional[str] = None
         self.in_features = in_features
         self.padded = padded
         self.rotation = rotation
@@ -344,10 +388,10 @@ class GPTQConfig(AOBaseConfig):
         if not isinstance(step, str) or step.lower() not in ("prepare", "convert"):
             raise ValueError(f"GPTQConfig step must be 'prepare' or 'convert', got {self.step!r}")
         self.step = step.lower()
-        if not isinstance(self.damp, (int, float)) or not math.isfinite(self.damp) or self.damp < 0:
-            raise ValueError(f"damp must be a finite number >= 0, got {self.damp!r}")
-        if not isinstance(self.column_block, int) or self.column_block <= 0:
-            raise ValueError(f"column_block must be a positive integer, got {self.column_block!r}")
+        _check_damp(self.damp, "GPTQConfig.")
+        _check_column_block(self.column_block, "GPTQConfig.")
+        check_bool(self.act_order, "GPTQConfig.act_order")
+        check_bool(self.mse_shrink, "GPTQConfig.mse_shrink")
         for name in ("hessian_dtype", "compute_dtype"):
             if getattr(self, name) not in _DTYPES:
                 raise ValueError(f"{name} must be one of {sorted(_DTYPES)}, got {getattr(self, name)!r}")
@@ -394,12 +438,13 @@ def _same_layout(observer: HessianObserver, padded: int, block: Optional[torch.T
 
 def _gptq_rotated(weight: torch.Tensor, observer: HessianObserver, padded: int, block, config: GPTQConfig):
     """GPTQ of a 2-D ``weight [N, K]`` on the observer's Hessian, in the stored domain: ``W R`` in float64
-    (zero-padded to ``padded``, rotated as ``RotatedMXFP4Tensor.from_hp`` does) -> (qdata, scale)."""
+    (zero-padded to ``padded``, rotated as ``RotatedMXFP4Tensor.from_hp`` does) -> (qdata, scale,
+    zeroed dead channels); the caller warns about the dead channels (:func:`_gptq_mxfp4`)."""
     base = config.base
     w = F.pad(weight.to(torch.float64), (0, padded - weight.shape[-1]))
     if block is not None:
         w = apply_block_rotation(w, block.to(torch.float64))
-    return gptq_mxfp4(
+    return _gptq_mxfp4(
         w, observer.hessian().to(weight.device), base.block_size, base.scale_rule, config.damp,
         config.column_block, config.act_order, config.mse_shrink, _DTYPES[config.compute_dtype],
     )
@@ -424,7 +469,9 @@ def _convert(module: torch.nn.Module, config: GPTQConfig) -> torch.nn.Module:
     padded, block = weight_layout(base, weight.shape[-1], weight.device)
     if not _same_layout(observer, padded, block):
         raise ValueError(f"{_describe(module)}: convert's base config has another rotation/padding than prepare's")
-    qdata, scale = _gptq_rotated(weight, observer, padded, block, config)
+    qdata, scale, zeroed = _gptq_rotated(weight, observer, padded, block, config)
+    if zeroed:
+        _warn_dead_channels(observer.name or _describe(module), zeroed, padded)
     new_weight = RotatedMXFP4Tensor(
         qdata, scale, base.block_size, base.scale_rule, base.activation_scale_rule, weight.shape[-1], weight.dtype, block
     )

@@ -35,7 +35,7 @@ from torchao.utils import TorchAOBaseTensor
 
 from ..configs import weight_layout
 from ..tensors import RotatedMXFP4Tensor
-from .gptq import _DTYPES, OBSERVER_ATTR, GPTQConfig, HessianObserver, _gptq_rotated, _same_layout
+from .gptq import _DTYPES, OBSERVER_ATTR, GPTQConfig, HessianObserver, _gptq_rotated, _same_layout, _warn_dead_channels
 
 logger = logging.getLogger(__name__)
 
@@ -49,10 +49,12 @@ class ExpertsHessianObserver:
     forward (:func:`torchao_mx_ext.moe.experts.experts_forward` with ``observe=self``).
 
     A plain object, not an ``nn.Module`` (kept out of ``named_modules`` and the state dict), stored on
-    the module as ``mxfp4_gptq_observer`` together with the module's class before prepare.
+    the module as ``mxfp4_gptq_observer`` together with the module's class before prepare. ``name``: how
+    convert's messages name the module (set by the sequential driver; default: a description).
     """
 
     def __init__(self, names: Tuple[str, str], original_class: type, observers: List[List[HessianObserver]]):
+        self.name = None
         self.names = names
         self.original_class = original_class
         self.observers = observers
@@ -159,17 +161,23 @@ def convert_experts(module: torch.nn.Module, config: GPTQConfig, names: Tuple[st
 
     # All experts first, the module only changes once every one of them is done.
     quantized = {}
+    dead = {}  # projection -> (zeroed dead channels summed over experts, experts with any, width)
     for name, observers, (padded, block) in zip(names, observer.observers, layouts):
         weight = getattr(module, name).detach()
         qdata, scale = [], []
+        zeroed_total, experts_hit = 0, 0
         for w_e, obs in zip(weight, observers):
             if obs.count == 0:  # no routed calibration rows: nothing to weight the error with -> RTN
                 q = RotatedMXFP4Tensor.from_hp(w_e, base.block_size, base.scale_rule, base.activation_scale_rule, block)
                 q_e, s_e = q.qdata, q.scale
             else:
-                q_e, s_e = _gptq_rotated(w_e, obs, padded, block, config)
+                q_e, s_e, zeroed = _gptq_rotated(w_e, obs, padded, block, config)
+                zeroed_total += zeroed
+                experts_hit += bool(zeroed)
             qdata.append(q_e)
             scale.append(s_e)
+        if zeroed_total:
+            dead[name] = (zeroed_total, experts_hit, padded)
         quantized[name] = RotatedMXFP4Tensor(
             torch.stack(qdata), torch.stack(scale), base.block_size, base.scale_rule, base.activation_scale_rule,
             weight.shape[-1], weight.dtype, block,
@@ -180,6 +188,11 @@ def convert_experts(module: torch.nn.Module, config: GPTQConfig, names: Tuple[st
     for name, new_weight in quantized.items():
         setattr(module, name, torch.nn.Parameter(new_weight, requires_grad=False))
     install_mxfp4_experts_class(module)
+    for name, (zeroed, experts_hit, width) in dead.items():  # one warning per projection, summed over experts
+        _warn_dead_channels(
+            f"{observer.name or desc}.{name}", zeroed, width * len(counts),
+            f" (summed over the experts' {width}-wide inputs; {experts_hit} of {len(counts)} experts affected)",
+        )
     empty = sum(count == 0 for count in counts)
     if empty:
         logger.warning(

@@ -23,7 +23,8 @@ from torchao.quantization import quantize_
 from tqdm.auto import tqdm
 
 from ..configs import MXFP4Config
-from .gptq import GPTQConfig
+from .data import check_calibration_ids
+from .gptq import OBSERVER_ATTR, GPTQConfig
 
 logger = logging.getLogger(__name__)
 
@@ -43,8 +44,10 @@ def _decoder_layers(model, purpose: str = "sequential calibration"):
 
 @torch.no_grad()
 def capture_first_layer_inputs(model, calib_ids: torch.Tensor):
-    """(hidden states ``[n, L, d]`` entering layer 0, the keyword arguments the layer receives)."""
+    """(hidden states ``[n, L, d]`` entering layer 0, the keyword arguments the layer receives) for
+    token ids ``calib_ids [n, L]`` (checked first: :func:`.data.check_calibration_ids`)."""
     layers = _decoder_layers(model)
+    calib_ids = check_calibration_ids(model, calib_ids, "calibration (capture_first_layer_inputs)")
     captured = {}
 
     def hook(module, args, kwargs):
@@ -105,23 +108,48 @@ def sequential_gptq(
     :func:`torchao_mx_ext.recipes.quantize_linears` does for RTN) and gets per-expert GPTQ (module
     docstring of :mod:`torchao_mx_ext.calibration.gptq`). ``gptq_kwargs`` go to :class:`GPTQConfig`
     (``damp``, ``column_block``, ``act_order``, ``mse_shrink``).
+
+    Checked before the model is touched: ``calib_ids`` (an integer ``[n, seq_len]`` tensor of ids in
+    the model's vocabulary, :func:`.data.check_calibration_ids`), ``gptq_kwargs`` and every config
+    ``config_for`` returns. Warnings name layers by their fqn (``model.layers.3.mlp.down_proj``).
     """
     from ..moe.experts import is_fused_experts  # lazy: moe imports calibration
 
     layers = _decoder_layers(model)
-    hidden, kwargs = capture_first_layer_inputs(model, calib_ids)
-    for layer in tqdm(layers, desc="GPTQ layers", disable=not progress):
-        materialize_offloaded(layer)
+    calib_ids = check_calibration_ids(model, calib_ids, "sequential_gptq")
+    # Every layer's targets and configs up front: a bad config fails here, not after earlier layers changed.
+    plan = []
+    for i, layer in enumerate(layers):
         targets = {}
         for fqn, module in layer.named_modules():
             if isinstance(module, torch.nn.Linear) or is_fused_experts(module):
                 base = config_for(fqn.split(".")[-1])
                 if base is not None:
-                    targets[fqn] = base
-        for fqn, base in targets.items():
-            quantize_(layer, GPTQConfig(base=base, step="prepare", **gptq_kwargs), filter_fn=lambda m, n, f=fqn: n == f)
+                    targets[fqn] = (
+                        GPTQConfig(base=base, step="prepare", **gptq_kwargs),
+                        GPTQConfig(base=base, step="convert", **gptq_kwargs),
+                    )
+        plan.append(targets)
+    layers_fqn = _layers_fqn(model)
+    hidden, kwargs = capture_first_layer_inputs(model, calib_ids)
+    for i, (layer, targets) in enumerate(tqdm(list(zip(layers, plan)), desc="GPTQ layers", disable=not progress)):
+        materialize_offloaded(layer)
+        for fqn, (prepare, _) in targets.items():
+            quantize_(layer, prepare, filter_fn=lambda m, n, f=fqn: n == f)
+            observer = getattr(layer.get_submodule(fqn), OBSERVER_ATTR, None)
+            if observer is not None:
+                observer.name = f"{layers_fqn}.{i}.{fqn}"
         _run_layer(layer, hidden, kwargs)
-        for fqn, base in targets.items():
-            quantize_(layer, GPTQConfig(base=base, step="convert", **gptq_kwargs), filter_fn=lambda m, n, f=fqn: n == f)
+        for fqn, (_, convert) in targets.items():
+            quantize_(layer, convert, filter_fn=lambda m, n, f=fqn: n == f)
         hidden = _run_layer(layer, hidden, kwargs)
     return model
+
+
+def _layers_fqn(model) -> str:
+    """The fqn of the decoder's layer list (``"model.layers"``), for messages."""
+    layers = _decoder_layers(model)
+    for name, module in model.named_modules():
+        if module is layers:
+            return name
+    return "model.layers"

@@ -50,6 +50,7 @@ from typing import Dict, Iterable, List, Sequence, Union
 import torch
 from torch import nn
 
+from ..calibration.data import check_calibration_ids, check_int, check_real
 from .adapters import adapter_for_router, disable_sentinel_slots, enable_sentinel_slots, find_moe_blocks
 from .router_pass import (
     append_routing_function,
@@ -73,10 +74,48 @@ __all__ = [
     "measure_ban_pick_statistics",
     "ban_pick_config_from_statistics",
     "calibrate_ban_pick",
+    "check_tau",
+    "check_k_min",
+    "check_boost",
+    "check_experts",
 ]
 
 PICK_PASS = "pick"
 BAN_PASS = "ban"
+
+
+# ---------------------------------------------------------------------------------------------------
+# Settings: the accepted values (configs, installers and saved settings all check through these)
+
+
+def check_tau(tau, name: str = "tau") -> float:
+    """Ban's ``tau`` as a float: a cumulative normalised routing weight, in ``[0, 1]`` (``1`` keeps every
+    expert; ``0`` keeps exactly ``k_min``, the measurement's "Ban at tau = 0")."""
+    return check_real(tau, name, low=0, high=1)
+
+
+def check_k_min(k_min, name: str = "k_min") -> int:
+    """Ban's ``k_min`` as an int: an integer >= 1 (experts kept per token)."""
+    return check_int(k_min, name, low=1)
+
+
+def check_boost(boost, name: str = "boost") -> float:
+    """Pick's ``boost`` as a float: a finite number >= 0 (logit units added to the key experts; ``0`` is
+    the identity, a negative value would demote the key experts instead of reinforcing them)."""
+    return check_real(boost, name, low=0)
+
+
+def check_experts(experts, name: str = "experts") -> List[int]:
+    """Expert indices as a list of ints >= 0 (the upper bound, N, is checked at installation)."""
+    if isinstance(experts, (str, bytes)) or isinstance(experts, torch.Tensor) and experts.dim() != 1:
+        raise TypeError(f"{name} must be a sequence of expert indices (integers >= 0), got {experts!r}")
+    try:
+        items = list(experts)
+    except TypeError:
+        raise TypeError(
+            f"{name} must be a sequence of expert indices (integers >= 0), got {type(experts).__name__} {experts!r}"
+        ) from None
+    return [check_int(e, f"{name}[{j}]", low=0) for j, e in enumerate(items)]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -129,12 +168,11 @@ def ban_route(weights, indices, tau, k_min, protected, num_experts: int):
 # Installing the passes
 
 
-def _expert_mask(experts: Iterable[int], num_experts: int) -> torch.Tensor:
+def _expert_mask(experts: Iterable[int], num_experts: int, name: str = "experts") -> torch.Tensor:
     mask = torch.zeros(num_experts, dtype=torch.bool)
-    for e in experts:
-        e = int(e)
+    for e in check_experts(experts, name):
         if not 0 <= e < num_experts:
-            raise ValueError(f"expert index {e} out of range [0, {num_experts})")
+            raise ValueError(f"{name}: expert index {e} out of range [0, {num_experts})")
         mask[e] = True
     return mask
 
@@ -145,7 +183,9 @@ def install_pick(router: nn.Module, experts: Sequence[int], boost: float) -> nn.
     The graph pass inserts :func:`pick_boost_logits` after the node that the router returns as
     ``router_logits`` and makes every other user of that node read the boosted logits.
     """
+    boost = check_boost(boost)
     num_experts = adapter_for_router(router).num_experts(router)
+    pick_mask = _expert_mask(experts, num_experts)
 
     def rewrite(graph):
         output, logits, _, _ = router_graph_outputs(graph)
@@ -158,8 +198,8 @@ def install_pick(router: nn.Module, experts: Sequence[int], boost: float) -> nn.
         logits.replace_all_uses_with(boosted, delete_user_cb=lambda user: user is not output and user is not boosted)
 
     buffers = {
-        "pick_mask": _expert_mask(experts, num_experts),
-        "pick_boost": torch.tensor(float(boost), dtype=torch.float32),
+        "pick_mask": pick_mask,
+        "pick_boost": torch.tensor(boost, dtype=torch.float32),
     }
     return install_graph_pass(router, PICK_PASS, rewrite, buffers)
 
@@ -167,12 +207,10 @@ def install_pick(router: nn.Module, experts: Sequence[int], boost: float) -> nn.
 def install_ban(router: nn.Module, tau: float, k_min: int = 1, protected: Sequence[int] = ()) -> nn.Module:
     """Install Ban on ``router``: buffers ``ban_tau`` (float32), ``ban_k_min`` (int64), ``ban_protected``
     (``(N,)`` bool). Experts picked by an installed Pick pass are added to ``protected``."""
-    if not 0 <= tau:
-        raise ValueError(f"tau must be >= 0, got {tau}")
-    if int(k_min) < 1:
-        raise ValueError(f"k_min must be >= 1, got {k_min}")
+    tau = check_tau(tau)
+    k_min = check_k_min(k_min)
     num_experts = adapter_for_router(router).num_experts(router)
-    protected_mask = _expert_mask(protected, num_experts)
+    protected_mask = _expert_mask(protected, num_experts, "protected")
     if has_router_pass(router, PICK_PASS):
         protected_mask |= router.pick_mask.cpu()
 
@@ -180,8 +218,8 @@ def install_ban(router: nn.Module, tau: float, k_min: int = 1, protected: Sequen
         append_routing_function(graph, ban_route, ["ban_tau", "ban_k_min", "ban_protected"], constants=(num_experts,))
 
     buffers = {
-        "ban_tau": torch.tensor(float(tau), dtype=torch.float32),
-        "ban_k_min": torch.tensor(int(k_min), dtype=torch.int64),
+        "ban_tau": torch.tensor(tau, dtype=torch.float32),
+        "ban_k_min": torch.tensor(k_min, dtype=torch.int64),
         "ban_protected": protected_mask,
     }
     return install_graph_pass(router, BAN_PASS, rewrite, buffers)
@@ -227,11 +265,27 @@ class _LayerAccumulator:
         self.tokens = 0
 
 
-def _as_batches(calib_ids: Union[torch.Tensor, Sequence[torch.Tensor]], batch_size: int) -> List[torch.Tensor]:
+def _as_batches(
+    model: nn.Module, calib_ids: Union[torch.Tensor, Sequence[torch.Tensor]], batch_size: int
+) -> List[torch.Tensor]:
+    """The forward batches of ``calib_ids``, every one checked (:func:`..calibration.data.check_calibration_ids`)
+    before the first runs."""
+    purpose = "Ban&Pick calibration"
     if isinstance(calib_ids, torch.Tensor):
-        ids = calib_ids if calib_ids.dim() == 2 else calib_ids.unsqueeze(0)
+        ids = check_calibration_ids(model, calib_ids, purpose, allow_1d=True)
+        ids = ids if ids.dim() == 2 else ids.unsqueeze(0)
         return list(ids.split(batch_size))
-    return [t if t.dim() == 2 else t.unsqueeze(0) for t in calib_ids]
+    if isinstance(calib_ids, (str, bytes)) or not isinstance(calib_ids, Sequence):
+        raise TypeError(
+            f"{purpose}: calib_ids must be a tensor or a list of tensors of token ids, got {type(calib_ids).__name__}"
+        )
+    if not calib_ids:
+        raise ValueError(f"{purpose}: calib_ids is an empty list: it needs calibration tokens")
+    batches = []
+    for j, t in enumerate(calib_ids):
+        t = check_calibration_ids(model, t, f"{purpose} (calib_ids[{j}])", allow_1d=True)
+        batches.append(t if t.dim() == 2 else t.unsqueeze(0))
+    return batches
 
 
 @torch.no_grad()
@@ -252,10 +306,13 @@ def measure_ban_pick_statistics(
             ``(b, s)``/``(s,)`` tensors.
         k_min: the ``k_min`` of the sensitivity measurement (use Ban's).
     """
+    k_min = check_k_min(k_min)
+    batch_size = check_int(batch_size, "batch_size", low=1)
     blocks = find_moe_blocks(model)
     passed = [fqn for fqn, block, _ in blocks if installed_passes(block.gate)]
     if passed:
         raise ValueError(f"calibrate on the original routing: routers with passes installed: {passed[:3]}")
+    batches = _as_batches(model, calib_ids, batch_size)
     accumulators: Dict[str, _LayerAccumulator] = {}
     handles, marked = [], []
     for fqn, block, adapter in blocks:
@@ -265,7 +322,7 @@ def measure_ban_pick_statistics(
         if enable_sentinel_slots(block.experts):  # the k_min measurement routes sentinel slots
             marked.append(block.experts)
     try:
-        for ids in _as_batches(calib_ids, batch_size):
+        for ids in batches:
             model(input_ids=ids.to(_model_device(model)), use_cache=False)
     finally:
         for h in handles:
@@ -346,8 +403,7 @@ def ban_pick_config_from_statistics(
     """
     from .router_configs import BanPickConfig
 
-    if not 0 <= tau_min <= tau_max:
-        raise ValueError(f"need 0 <= tau_min <= tau_max, got {tau_min}, {tau_max}")
+    _check_calibration_settings(num_picks, boost, tau_min, tau_max)
     sens = stats.sensitivity
     lo, hi = min(sens.values()), max(sens.values())
     layer_taus = {
@@ -363,6 +419,14 @@ def ban_pick_config_from_statistics(
     )
 
 
+def _check_calibration_settings(num_picks, boost, tau_min, tau_max) -> None:
+    check_int(num_picks, "num_picks", low=0)
+    check_boost(boost)
+    tau_min, tau_max = check_tau(tau_min, "tau_min"), check_tau(tau_max, "tau_max")
+    if tau_min > tau_max:
+        raise ValueError(f"need 0 <= tau_min <= tau_max <= 1, got tau_min={tau_min}, tau_max={tau_max}")
+
+
 def calibrate_ban_pick(
     model: nn.Module,
     calib_ids: Union[torch.Tensor, Sequence[torch.Tensor]],
@@ -374,6 +438,8 @@ def calibrate_ban_pick(
     batch_size: int = 8,
 ):
     """Measure key experts and layer sensitivities on ``calib_ids`` and return the per-layer
-    :class:`.router_configs.BanPickConfig` (apply it with :func:`.router_configs.apply_router_pass`)."""
+    :class:`.router_configs.BanPickConfig` (apply it with :func:`.router_configs.apply_router_pass`).
+    Every setting is checked before the calibration forward passes."""
+    _check_calibration_settings(num_picks, boost, tau_min, tau_max)
     stats = measure_ban_pick_statistics(model, calib_ids, k_min=k_min, batch_size=batch_size)
     return ban_pick_config_from_statistics(stats, num_picks=num_picks, boost=boost, tau_min=tau_min, tau_max=tau_max)

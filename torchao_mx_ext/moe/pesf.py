@@ -35,12 +35,19 @@ on the prefill only.
 import torch
 from torch import nn
 
+from ..calibration.data import check_real
 from .adapters import adapter_for_router
 from .router_pass import append_routing_function, drop_routing_slots, install_graph_pass, routing_function
 
-__all__ = ["PESF_PASS", "pesf_keep_mask", "pesf_route", "install_pesf"]
+__all__ = ["PESF_PASS", "check_alpha", "pesf_keep_mask", "pesf_route", "install_pesf"]
 
 PESF_PASS = "pesf"
+
+
+def check_alpha(alpha, name: str = "alpha") -> float:
+    """PESF's ``alpha`` as a float: a finite number >= 0 (a fraction of the balanced count; values
+    above 1 are allowed, they prune harder), else ``TypeError``/``ValueError`` naming ``name``."""
+    return check_real(alpha, name, low=0)
 
 
 def pesf_keep_mask(
@@ -77,8 +84,7 @@ def pesf_route(router_input, weights, indices, alpha, num_experts: int):
 
 def install_pesf(router: nn.Module, alpha: float) -> nn.Module:
     """Install PESF on ``router`` (in place) with the buffer ``pesf_alpha`` (float32 scalar)."""
-    if not 0 <= alpha:
-        raise ValueError(f"alpha must be >= 0, got {alpha}")
+    alpha = check_alpha(alpha)
     num_experts = adapter_for_router(router).num_experts(router)
 
     def rewrite(graph):

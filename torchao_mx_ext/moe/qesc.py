@@ -29,6 +29,7 @@ import torch
 from torchao.quantization import quantize_
 from tqdm.auto import tqdm
 
+from ..calibration.data import check_bool, check_calibration_ids, check_int, check_real
 from ..calibration.sequential import _decoder_layers, _run_layer, capture_first_layer_inputs
 from ..configs import MXFP4Config
 from ..recipes import is_quantizable_linear
@@ -62,7 +63,10 @@ def fit_router_to_topk_logits(
     weight: torch.Tensor, x_fp: torch.Tensor, x_q: torch.Tensor, k_loss: int, damp: float = 0.01
 ) -> torch.Tensor:
     """The exact minimiser of QESC's loss (module docstring) for router ``weight [E, d]``, full-precision
-    router inputs ``x_fp [T, d]`` and quantized-model inputs ``x_q [T, d]`` of the same tokens."""
+    router inputs ``x_fp [T, d]`` and quantized-model inputs ``x_q [T, d]`` of the same tokens.
+    ``k_loss``: an integer >= 1 (clipped to ``E``); ``damp``: a finite ridge fraction >= 0."""
+    k_loss = check_int(k_loss, "k_loss", low=1)
+    damp = check_real(damp, "damp", low=0)
     if x_fp.shape != x_q.shape or x_fp.shape[-1] != weight.shape[1]:
         raise ValueError(f"router inputs {tuple(x_fp.shape)} / {tuple(x_q.shape)} do not fit weight {tuple(weight.shape)}")
     e, d = weight.shape
@@ -128,9 +132,29 @@ def qesc_quantize(
     top-k (the paper: 8..20); default ``min(E, max(8, 2 * top_k))``, so for a top-14-of-16 router every
     logit counts (with ``K`` below top-k the fit ignores the ranks that decide the selection).
     Returns the per-layer top-k agreement.
+
+    Checked before the model is touched: ``calib_ids`` (an integer ``[n, seq_len]`` tensor of ids in
+    the vocabulary), ``config``, ``k_loss`` (an integer above every MoE layer's top-k, or ``>= E``
+    where ``top_k = E``), ``damp`` (a finite number >= 0), ``calibrate_routers`` (a bool).
     """
     layers = _decoder_layers(model)
+    calib_ids = check_calibration_ids(model, calib_ids, "QESC")
+    if not isinstance(config, MXFP4Config) and not callable(config):
+        raise TypeError(
+            f"config must be an MXFP4Config or a callable fqn -> MXFP4Config/None, got {type(config).__name__}"
+        )
+    damp = check_real(damp, "damp", low=0)
+    calibrate_routers = check_bool(calibrate_routers, "calibrate_routers")
     moe = _moe_blocks_by_layer(model)
+    if k_loss is not None:
+        k_loss = check_int(k_loss, "k_loss", low=1)
+        for i, (router, k) in moe.items():
+            num_experts = router.weight.shape[0]
+            if k_loss <= k and k_loss < num_experts:
+                raise ValueError(
+                    f"k_loss must exceed the routing top-k ({k} in layer {i}; or be >= the {num_experts} experts), "
+                    f"got {k_loss}: with K <= top-k the fit ignores the logits that decide the selection"
+                )
     config_for = (lambda _: config) if isinstance(config, MXFP4Config) else config
     report = QESCReport()
     hidden_fp, kwargs = capture_first_layer_inputs(model, calib_ids)

@@ -31,8 +31,8 @@ from torchao.quantization.quant_api import FqnToConfig
 from torchao.quantization.transform_module import register_quantize_module_handler
 
 from .adapters import enable_sentinel_slots, find_moe_blocks, is_moe_router
-from .ban_pick import BAN_PASS, PICK_PASS, install_ban, install_pick
-from .pesf import PESF_PASS, install_pesf
+from .ban_pick import BAN_PASS, PICK_PASS, check_boost, check_experts, check_k_min, check_tau, install_ban, install_pick
+from .pesf import PESF_PASS, check_alpha, install_pesf
 from .router_pass import _GATE_INPUT_PASS, installed_passes, rewire_block_gate_input
 
 __all__ = [
@@ -48,11 +48,52 @@ __all__ = [
 ]
 
 
+# field -> check of one value (from .pesf / .ban_pick: the installers check through the same functions)
+_FIELD_CHECKS = {
+    "alpha": check_alpha,
+    "tau": check_tau,
+    "k_min": check_k_min,
+    "boost": check_boost,
+    "experts": check_experts,
+    "picks": check_experts,
+    "protected": check_experts,
+}
+
+
 class _PerLayer:
-    """Resolution of ``layer_*`` dict fields into scalar fields, per router fqn."""
+    """Resolution of ``layer_*`` dict fields into scalar fields, per router fqn, and the checks of every
+    field (at construction, ``__post_init__``, and again by :func:`apply_router_pass` before it changes
+    anything, in case a field was assigned after construction)."""
 
     # (layer dict field, scalar field) pairs; set by subclasses
     _LAYER_FIELDS: Sequence = ()
+    # scalar fields checked with _FIELD_CHECKS; set by subclasses
+    _SCALAR_FIELDS: Sequence = ()
+
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self) -> None:
+        """``TypeError``/``ValueError`` naming the field (``PickConfig.boost``, ``BanConfig.layer_taus['...']``)
+        and its accepted range for any bad value."""
+        cls = type(self).__name__
+        for field in self._SCALAR_FIELDS:
+            _FIELD_CHECKS[field](getattr(self, field), f"{cls}.{field}")
+        for layer, scalar in self._LAYER_FIELDS:
+            table = getattr(self, layer)
+            if table is None:
+                continue
+            if not isinstance(table, Mapping):
+                raise TypeError(
+                    f"{cls}.{layer} must be None or a dict {{router_fqn: {scalar}}}, got {type(table).__name__}"
+                )
+            for key, value in table.items():
+                if not isinstance(key, str):
+                    raise TypeError(
+                        f"{cls}.{layer} must be a dict {{router_fqn: {scalar}}} keyed by router names (str), "
+                        f"got the key {key!r}"
+                    )
+                _FIELD_CHECKS[scalar](value, f"{cls}.{layer}[{key!r}]")
 
     def has_layer_values(self) -> bool:
         return any(getattr(self, layer) for layer, _ in self._LAYER_FIELDS)
@@ -88,18 +129,18 @@ class PESFConfig(_PerLayer, AOBaseConfig):
     ``alpha * l * K / N`` times (rule and guarantees: :mod:`.pesf`). ``alpha=0`` is the identity.
 
     Args:
-        alpha: fraction of the balanced count (0.3 safe, 0.7 aggressive in the paper).
+        alpha: fraction of the balanced count (0.3 safe, 0.7 aggressive in the paper); a finite number
+            >= 0 (above 1 prunes harder still).
         layer_alphas: per-router alpha, ``{router_fqn: alpha}``.
     """
 
     alpha: float = 0.3
     layer_alphas: Optional[Dict[str, float]] = None
     _LAYER_FIELDS = (("layer_alphas", "alpha"),)
+    _SCALAR_FIELDS = ("alpha",)
 
     def __post_init__(self):
-        for a in [self.alpha, *(self.layer_alphas or {}).values()]:
-            if not a >= 0:
-                raise ValueError(f"alpha must be >= 0, got {a}")
+        self.validate()
 
 
 @dataclass
@@ -108,8 +149,9 @@ class PickConfig(_PerLayer, AOBaseConfig):
     top-k (rule: :mod:`.ban_pick`). No experts or ``boost=0`` is the identity.
 
     Args:
-        experts: key experts of every router (default for routers not in ``layer_experts``).
-        boost: logit boost (absolute, in logit units).
+        experts: key experts of every router (default for routers not in ``layer_experts``): indices
+            >= 0 (and < N, checked at installation).
+        boost: logit boost (absolute, in logit units): a finite number >= 0.
         layer_experts, layer_boosts: per-router values.
     """
 
@@ -118,6 +160,10 @@ class PickConfig(_PerLayer, AOBaseConfig):
     layer_experts: Optional[Dict[str, List[int]]] = None
     layer_boosts: Optional[Dict[str, float]] = None
     _LAYER_FIELDS = (("layer_experts", "experts"), ("layer_boosts", "boost"))
+    _SCALAR_FIELDS = ("experts", "boost")
+
+    def __post_init__(self):
+        self.validate()
 
 
 @dataclass
@@ -127,9 +173,9 @@ class BanConfig(_PerLayer, AOBaseConfig):
     those of an installed Pick) are never banned (rule: :mod:`.ban_pick`). ``tau=1`` is the identity.
 
     Args:
-        tau: cumulative weight to reach (0.7..0.9 in the paper).
-        k_min: minimum experts per token.
-        protected: experts never banned.
+        tau: cumulative weight to reach (0.7..0.9 in the paper), in ``[0, 1]`` (0: keep ``k_min``).
+        k_min: minimum experts per token, an integer >= 1.
+        protected: experts never banned (indices >= 0).
         layer_taus: per-router tau, ``{router_fqn: tau}``.
     """
 
@@ -138,13 +184,10 @@ class BanConfig(_PerLayer, AOBaseConfig):
     protected: Sequence[int] = ()
     layer_taus: Optional[Dict[str, float]] = None
     _LAYER_FIELDS = (("layer_taus", "tau"),)
+    _SCALAR_FIELDS = ("tau", "k_min", "protected")
 
     def __post_init__(self):
-        if int(self.k_min) < 1:
-            raise ValueError(f"k_min must be >= 1, got {self.k_min}")
-        for t in [self.tau, *(self.layer_taus or {}).values()]:
-            if not t >= 0:
-                raise ValueError(f"tau must be >= 0, got {t}")
+        self.validate()
 
 
 @dataclass
@@ -154,8 +197,9 @@ class BanPickConfig(_PerLayer, AOBaseConfig):
     (``tau=1``, no picks, ``boost=0``): bit-identical routing.
 
     Args:
-        tau, k_min: Ban's settings (``tau`` for routers not in ``layer_taus``).
-        picks, boost: Pick's settings (for routers not in ``layer_picks`` / ``layer_boosts``).
+        tau, k_min: Ban's settings (``tau`` for routers not in ``layer_taus``), ranges as in :class:`BanConfig`.
+        picks, boost: Pick's settings (for routers not in ``layer_picks`` / ``layer_boosts``), ranges as
+            in :class:`PickConfig`.
         layer_taus, layer_picks, layer_boosts: per-router values, ``{router_fqn: value}``.
     """
 
@@ -167,10 +211,10 @@ class BanPickConfig(_PerLayer, AOBaseConfig):
     layer_picks: Optional[Dict[str, List[int]]] = None
     layer_boosts: Optional[Dict[str, float]] = None
     _LAYER_FIELDS = (("layer_taus", "tau"), ("layer_picks", "picks"), ("layer_boosts", "boost"))
+    _SCALAR_FIELDS = ("tau", "k_min", "picks", "boost")
 
     def __post_init__(self):
-        if int(self.k_min) < 1:
-            raise ValueError(f"k_min must be >= 1, got {self.k_min}")
+        self.validate()
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -212,24 +256,31 @@ def apply_router_pass(model: nn.Module, config: AOBaseConfig) -> nn.Module:
     ``FqnToConfig`` of per-router configs), after rewiring the flattening blocks for PESF and marking
     the experts modules to skip sentinel slots.
 
+    Everything below is checked before the model is changed (a refused call leaves it as it was).
+
     Raises:
+        TypeError, ValueError: a config field out of range (also one assigned after construction).
         ValueError: a dense model, an unsupported router (see :func:`.adapters.find_moe_blocks`), a
-            per-layer key that names no router.
+            per-layer key that names no router, an expert index ``>= N`` of a router, a router that
+            already carries the pass.
         RuntimeError: nothing was rewritten.
     """
     if not isinstance(config, _ROUTER_CONFIGS):
         raise TypeError(f"expected one of {[c.__name__ for c in _ROUTER_CONFIGS]}, got {type(config).__name__}")
+    config.validate()  # again: fields may have been assigned since construction
     blocks = find_moe_blocks(model)
     router_fqns = [f"{fqn}.gate" if fqn else "gate" for fqn, _, _ in blocks]
     before = {fqn: installed_passes(block.gate) for (fqn, block, _) in blocks}
-
-    prepare_blocks_for_router_passes(blocks, rewire_gate_input=isinstance(config, PESFConfig))
-
     if config.has_layer_values():
         known = set(router_fqns) | {fqn for fqn, _, _ in blocks}
         unknown = sorted(config.layer_keys() - known)
         if unknown:
             raise ValueError(f"per-layer keys name no MoE router of the model: {unknown[:4]}")
+    _check_routers_take(config, blocks, router_fqns)
+
+    prepare_blocks_for_router_passes(blocks, rewire_gate_input=isinstance(config, PESFConfig))
+
+    if config.has_layer_values():
         quantize_(model, FqnToConfig({fqn: config.for_router(fqn) for fqn in router_fqns}), filter_fn=None)
     else:
         quantize_(model, config, filter_fn=is_moe_router)
@@ -238,6 +289,37 @@ def apply_router_pass(model: nn.Module, config: AOBaseConfig) -> nn.Module:
     if not changed:
         raise RuntimeError(f"{type(config).__name__}: no router of {type(model).__name__} was rewritten")
     return model
+
+
+_CONFIG_PASSES = {
+    PESFConfig: (PESF_PASS,),
+    PickConfig: (PICK_PASS,),
+    BanConfig: (BAN_PASS,),
+    BanPickConfig: (PICK_PASS, BAN_PASS),
+}
+
+
+def _check_routers_take(config, blocks, router_fqns) -> None:
+    """What the installers would refuse on some router, refused for all of them before any changes:
+    a pass already installed, an expert index out of a router's range."""
+    for (_, block, adapter), router_fqn in zip(blocks, router_fqns):
+        installed = installed_passes(block.gate)
+        for name in _CONFIG_PASSES[type(config)]:
+            if name in installed:
+                raise ValueError(
+                    f"pass {name!r} is already installed on {router_fqn}: change its buffers with "
+                    "set_router_pass_buffer, or remove_router_passes first"
+                )
+        resolved = config.for_router(router_fqn) if config.has_layer_values() else config
+        num_experts = adapter.num_experts(block.gate)
+        for field in ("experts", "picks", "protected"):
+            if hasattr(resolved, field):
+                bad = [e for e in check_experts(getattr(resolved, field), field) if e >= num_experts]
+                if bad:
+                    raise ValueError(
+                        f"{type(config).__name__}.{field}: expert index {bad[0]} out of range [0, {num_experts}) "
+                        f"of router {router_fqn}"
+                    )
 
 
 def prepare_blocks_for_router_passes(blocks, rewire_gate_input: bool) -> None:
@@ -302,7 +384,7 @@ def router_pass_settings(model: nn.Module) -> Dict[str, List[Dict[str, Any]]]:
 
     Raises:
         ValueError: a pass this function cannot describe (one installed with ``install_graph_pass``
-            by other code).
+            by other code), a buffer value out of the accepted range (:func:`check_router_pass_settings`).
     """
     settings = {}
     for fqn, module in model.named_modules():
@@ -321,12 +403,17 @@ def router_pass_settings(model: nn.Module) -> Dict[str, List[Dict[str, Any]]]:
                 entry[key] = _read_buffer(module._buffers[buffer], kind)
             entries.append(entry)
         settings[fqn] = entries
+    try:  # values set in place (set_router_pass_buffer) are not checked there: refuse to save bad ones
+        check_router_pass_settings(settings)
+    except ValueError as e:
+        raise ValueError(f"{e} (read from the pass buffers; was it set with set_router_pass_buffer?)") from None
     return settings
 
 
 def check_router_pass_settings(settings: Any) -> None:
     """Check the form of saved pass settings (see :func:`router_pass_settings`) without a model:
-    ``ValueError`` naming the router and pass on unknown pass names, missing or extra values, repeats."""
+    ``ValueError`` naming the router and pass on unknown pass names, missing or extra values, repeats,
+    and values out of the range the configs accept (NaN, ``tau > 1``, a negative boost ...)."""
     if not isinstance(settings, Mapping):
         raise ValueError(f"router passes must be a dict {{router_fqn: [pass, ...]}}, got {type(settings).__name__}")
     for fqn, entries in settings.items():
@@ -360,6 +447,10 @@ def check_router_pass_settings(settings: Any) -> None:
                 )
                 if not ok:
                     raise ValueError(f"router passes of {fqn!r}: {name}.{key} has an invalid value {v!r}")
+                try:
+                    _FIELD_CHECKS[key](v, f"{name}.{key}")
+                except (TypeError, ValueError) as e:
+                    raise ValueError(f"router passes of {fqn!r}: {name}.{key} has an invalid value: {e}") from None
 
 
 def install_router_passes(model: nn.Module, settings: Mapping[str, Sequence[Mapping[str, Any]]]) -> nn.Module:
