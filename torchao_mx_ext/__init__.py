@@ -3,52 +3,67 @@
     from torchao.quantization import quantize_
     import torchao_mx_ext as tme
     quantize_(model, tme.MXFP4BlockRotConfig())
+
+Names are imported on first use (``tme.MXFP4Config`` imports torchao and our configs, ``tme.moe`` the
+MoE layer, ...), so ``import torchao_mx_ext`` costs almost nothing and never imports transformers; what
+must be known to transformers before it loads a checkpoint is registered when transformers is imported
+(:mod:`.registration`).
 """
 
-import torchao.core.config as _ao_config
+import importlib
 
-from .configs import DEFAULT_SCALE_RULE, MXFP4BlockRotConfig, MXFP4Config
-from .inference import cache_dequantized_weights
-from .regional_compile import PACKED_GQA_SDPA, compile_decoder_layers
-from .shared_quant import share_input_quantization, unshare_input_quantization
-from .mx import SCALE_RULES
-from .rotation import ROTATIONS
-from .tensors import MXFP4ActivationTensor, RotatedMXFP4Tensor
-from .calibration import GPTQConfig, gptq_mxfp4
-from . import moe
-from .moe import BanConfig, BanPickConfig, PESFConfig, PickConfig, apply_router_pass, qesc_quantize
-
-# torchao's config_from_dict only resolves classes in an allow-list of modules; add ours so our
-# configs round-trip through config_to_dict / config_from_dict like torchao's own.
-_ao_config.ALLOWED_AO_MODULES.add(__name__)
-
-# Registers the transformers quantization method "torchao_mx_ext" (after the line above: reading our
-# configs back from config.json needs it).
-from .hf import MXFP4HfConfig  # noqa: E402
+from . import registration as _registration
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "BanConfig",
-    "BanPickConfig",
-    "DEFAULT_SCALE_RULE",
-    "GPTQConfig",
-    "MXFP4ActivationTensor",
-    "MXFP4BlockRotConfig",
-    "MXFP4HfConfig",
-    "MXFP4Config",
-    "PACKED_GQA_SDPA",
-    "PESFConfig",
-    "PickConfig",
-    "ROTATIONS",
-    "RotatedMXFP4Tensor",
-    "SCALE_RULES",
-    "apply_router_pass",
-    "cache_dequantized_weights",
-    "compile_decoder_layers",
-    "gptq_mxfp4",
-    "moe",
-    "qesc_quantize",
-    "share_input_quantization",
-    "unshare_input_quantization",
-]
+# public name -> submodule that defines it
+_EXPORTS = {
+    "MXFP4Config": "configs",
+    "MXFP4BlockRotConfig": "configs",
+    "DEFAULT_SCALE_RULE": "configs",
+    "RotatedMXFP4Tensor": "tensors",
+    "MXFP4ActivationTensor": "tensors",
+    "SCALE_RULES": "mx",
+    "ROTATIONS": "rotation",
+    "cache_dequantized_weights": "inference",
+    "share_input_quantization": "shared_quant",
+    "unshare_input_quantization": "shared_quant",
+    "PACKED_GQA_SDPA": "regional_compile",
+    "compile_decoder_layers": "regional_compile",
+    "GPTQConfig": "calibration",
+    "gptq_mxfp4": "calibration",
+    "BanConfig": "moe",
+    "BanPickConfig": "moe",
+    "PESFConfig": "moe",
+    "PickConfig": "moe",
+    "apply_router_pass": "moe",
+    "qesc_quantize": "moe",
+    "MXFP4HfConfig": "hf",
+}
+_SUBMODULES = {
+    "calibration", "cli", "configs", "eval", "hf", "inference", "kernels", "moe", "mx", "recipes",
+    "regional_compile", "rotation", "shared_quant", "tensors", "zoo",
+}
+
+__all__ = sorted(_EXPORTS) + ["moe"]
+
+
+def __getattr__(name):
+    if name in _EXPORTS:
+        if _EXPORTS[name] == "configs":
+            # Fused MoE experts register their quantize_ path with the configs' handler.
+            importlib.import_module(".moe.experts", __name__)
+        value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    elif name in _SUBMODULES:
+        value = importlib.import_module(f".{name}", __name__)
+    else:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_EXPORTS) | _SUBMODULES)
+
+
+_registration.install()

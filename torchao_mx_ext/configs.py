@@ -13,13 +13,14 @@ import logging
 import sys
 import weakref
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import Callable, List, Optional, Tuple, Union
 
 import torch
-from torchao.core.config import AOBaseConfig
+from torchao.core.config import ALLOWED_AO_MODULES, AOBaseConfig
 from torchao.quantization import quantize_
 from torchao.quantization.transform_module import register_quantize_module_handler
 
+from .architectures import expert_projection_names, high_precision_modules
 from .mx import check_scale_rule
 from .rotation import check_rotation, rotation_block
 from .tensors import RotatedMXFP4Tensor, check_weight, padded_width
@@ -148,20 +149,43 @@ def linear_extra_repr(self) -> str:
     )
 
 
-def check_quantizable(module: torch.nn.Module, fqn: str = "") -> None:
-    """Raise (naming ``fqn``) unless the handler can quantize ``module``: a linear's weight, or both
-    projections of a fused experts module, finite, floating point, and not quantized yet."""
-    from .moe.experts import expert_projection_names  # lazy: it imports this module
+# Quantizers of module kinds that do not take the linear path (``module.weight``): fused MoE experts,
+# registered by torchao_mx_ext.moe.experts (their forward lives in the MoE layer).
+_MODULE_QUANTIZERS: dict = {}
 
-    where = f"{fqn or type(module).__name__}"
+
+def register_module_quantizer(kind: str, quantize: Callable) -> None:
+    """Let the ``quantize_`` handler of our configs quantize modules of ``kind`` (``"fused_experts"``:
+    :func:`~torchao_mx_ext.architectures.expert_projection_names` is not ``None``) with
+    ``quantize(module, config)``."""
+    _MODULE_QUANTIZERS[kind] = quantize
+
+
+def _module_quantizer(module: torch.nn.Module) -> Tuple[Tuple[str, ...], Optional[Callable]]:
+    """(names of the parameters the handler replaces, the quantizer of its kind or ``None`` for a linear)."""
     names = expert_projection_names(module)
-    if names is not None and getattr(module, "is_transposed", False):
-        raise NotImplementedError(f"{where} stores transposed expert weights [E, in, out]; not supported")
-    for name in names or ("weight",):
+    if names is None:
+        return ("weight",), None
+    quantize = _MODULE_QUANTIZERS.get("fused_experts")
+    if quantize is None:
+        raise TypeError(f"{type(module).__name__} is a fused MoE experts module: import torchao_mx_ext.moe to quantize it")
+    return names, quantize
+
+
+def check_quantizable(module: torch.nn.Module, fqn: str = "") -> None:
+    """Raise (naming ``fqn``) unless the handler can quantize ``module``: a linear's weight, or the
+    weights of a registered module kind (fused experts), finite, floating point, not quantized yet."""
+    where = f"{fqn or type(module).__name__}"
+    names, quantize = _module_quantizer(module)
+    if quantize is not None and getattr(module, "is_transposed", False):
+        raise NotImplementedError(f"{where} stores its weights transposed ([E, in, out]); not supported")
+    for name in names:
         weight = getattr(module, name, None)
         if isinstance(weight, RotatedMXFP4Tensor):
             raise TypeError(f"{where}.{name} is already MXFP4-quantized; quantize_ it once")
-        check_weight(weight, 2 if names is None else 3, f"{where}.{name}")
+        if weight is None:
+            raise TypeError(f"{where} has no tensor parameter {name!r}: MXFP4 configs quantize linear weights and fused MoE experts")
+        check_weight(weight, 2 if quantize is None else 3, f"{where}.{name}")
 
 
 def _check_every_target_first(config: MXFP4Config) -> None:
@@ -199,17 +223,69 @@ _QUANTIZE_CODE = quantize_.__code__
 _CHECKED_CALL = None  # ((frame id, config id), weakref to the model) of the quantize_ call checked last
 
 
-def _quantize_module(module: torch.nn.Module, config: MXFP4Config) -> torch.nn.Module:
-    """A linear's ``weight``, or both 3-D projections of a fused MoE experts module."""
-    from .moe.experts import is_fused_experts, quantize_experts_module  # lazy: it imports this module
-
+def _quantize_module(module: torch.nn.Module, config: MXFP4Config, *, parameter_name: str = "weight") -> torch.nn.Module:
+    """The ``quantize_`` handler: a linear's ``weight`` (or ``parameter_name``, as torchao's
+    ``FqnToConfig`` passes it), or a module with its own registered quantizer (fused MoE experts)."""
     _check_every_target_first(config)
-    check_quantizable(module)
-    if is_fused_experts(module):
-        return quantize_experts_module(module, config)
-    return _quantize_linear_weight(module, config)
+    _, quantize = _module_quantizer(module)
+    if quantize is not None:
+        check_quantizable(module)
+        return quantize(module, config)
+    if parameter_name == "weight":
+        check_quantizable(module)
+    return _quantize_linear_weight(module, config, parameter_name)
 
+
+# torchao's config_from_dict resolves class names only in an allow-list of modules: add our package's
+# root (which exports every config), so our configs round-trip like torchao's own.
+ALLOWED_AO_MODULES.add("torchao_mx_ext")
 
 # torchao looks handlers up by exact config type, so each config class is registered.
 register_quantize_module_handler(MXFP4Config)(_quantize_module)
 register_quantize_module_handler(MXFP4BlockRotConfig)(_quantize_module)
+
+
+# -- whole models -------------------------------------------------------------------------------
+
+ConfigFor = Callable[[str], Optional[MXFP4Config]]  # a module's short name -> its config (None: skip it)
+
+
+def as_config_for(config: Union[MXFP4Config, ConfigFor]) -> ConfigFor:
+    return (lambda _: config) if isinstance(config, MXFP4Config) else config
+
+
+def is_quantizable(module: torch.nn.Module) -> bool:
+    """A module our handler quantizes and that is not quantized yet: a non-empty ``nn.Linear`` (a
+    zero-width one, e.g. a MoEfied model's empty shared expert, has nothing to store) or a registered
+    module kind (fused MoE experts)."""
+    names, quantize = _module_quantizer(module)
+    if quantize is not None:
+        return not any(isinstance(getattr(module, n, None), RotatedMXFP4Tensor) for n in names)
+    return (
+        isinstance(module, torch.nn.Linear)
+        and not isinstance(module.weight, RotatedMXFP4Tensor)
+        and module.weight.numel() > 0
+    )
+
+
+def quantizable_filter(model: torch.nn.Module) -> Callable[[torch.nn.Module, str], bool]:
+    """The ``quantize_`` filter of every recipe: :func:`is_quantizable` modules outside
+    :func:`~torchao_mx_ext.architectures.high_precision_modules` (the output head, keep-in-fp32 modules)."""
+    keep = high_precision_modules(model)
+    return lambda module, fqn: fqn not in keep and is_quantizable(module)
+
+
+def quantize_linears(model: torch.nn.Module, config: Union[MXFP4Config, ConfigFor]) -> torch.nn.Module:
+    """RTN-``quantize_`` every module :func:`quantizable_filter` selects (every linear but the output
+    head, and every fused MoE experts module) with ``config``, or ``config(short name)`` per module."""
+    config_for = as_config_for(config)
+    wanted = quantizable_filter(model)
+    chosen = {}
+    for fqn, module in model.named_modules():
+        if wanted(module, fqn):
+            cfg = config_for(fqn.rpartition(".")[2])
+            if cfg is not None:
+                chosen.setdefault(id(cfg), (cfg, set()))[1].add(fqn)
+    for cfg, names in chosen.values():
+        quantize_(model, cfg, filter_fn=lambda m, fqn, names=names: fqn in names)
+    return model

@@ -17,19 +17,26 @@ rounded (RTN, or GPTQ calibrated layer by layer):
   rotations, GPTQ weights (sequential, layer by layer).
 """
 
+import warnings
 from dataclasses import dataclass
 from typing import Callable, Optional, Union
 
 import torch
-from torchao.quantization import quantize_
 
 from .calibration.sequential import sequential_gptq
-from .configs import MXFP4BlockRotConfig, MXFP4Config
-from .moe.experts import is_fused_experts
+from .configs import (
+    ConfigFor, MXFP4BlockRotConfig, MXFP4Config, as_config_for, is_quantizable, quantizable_filter, quantize_linears,
+)
 from .rotation.fusion import block_diagonal, check_supported, fuse_rotations, head_dim_of
-from .tensors import RotatedMXFP4Tensor
 
-ConfigFor = Callable[[str], Optional[MXFP4Config]]
+__all__ = ["METHODS", "Method", "QuantSettings", "is_quantizable_linear", "quantizable_filter", "quantize_linears"]
+
+
+def is_quantizable_linear(module: torch.nn.Module, fqn: str) -> bool:
+    """Deprecated: ``quantizable_filter(model)``, the same rule with the model's own output head and
+    keep-in-fp32 modules where this one knows only the name ``lm_head``."""
+    warnings.warn("is_quantizable_linear is deprecated; use quantizable_filter(model)", DeprecationWarning, stacklevel=2)
+    return is_quantizable(module) and fqn.rpartition(".")[2] != "lm_head"
 
 
 @dataclass(frozen=True)
@@ -42,34 +49,6 @@ class QuantSettings:
 
     def config(self, cls=MXFP4Config, **kw) -> MXFP4Config:
         return cls(scale_rule=self.scale_rule, act_scale_rule=self.act_scale_rule, act_quant=not self.weight_only, **kw)
-
-
-def is_quantizable_linear(module: torch.nn.Module, fqn: str) -> bool:
-    return (
-        isinstance(module, torch.nn.Linear)
-        and fqn.split(".")[-1] != "lm_head"
-        and not isinstance(module.weight, RotatedMXFP4Tensor)
-        and module.weight.numel() > 0  # e.g. a MoEfied model's zero-width shared expert: nothing to store
-    )
-
-
-def _as_config_for(config: Union[MXFP4Config, ConfigFor]) -> ConfigFor:
-    return (lambda _: config) if isinstance(config, MXFP4Config) else config
-
-
-def quantize_linears(model: torch.nn.Module, config: Union[MXFP4Config, ConfigFor]) -> torch.nn.Module:
-    """RTN-``quantize_`` every linear but lm_head, and every fused MoE experts module (3-D weights,
-    short name ``experts``), with ``config`` (or ``config(short_name)``)."""
-    config_for = _as_config_for(config)
-    chosen = {}
-    for fqn, module in model.named_modules():
-        if is_quantizable_linear(module, fqn) or is_fused_experts(module):
-            cfg = config_for(fqn.split(".")[-1])
-            if cfg is not None:
-                chosen.setdefault(id(cfg), (cfg, set()))[1].add(fqn)
-    for cfg, names in chosen.values():
-        quantize_(model, cfg, filter_fn=lambda m, fqn, names=names: fqn in names)
-    return model
 
 
 def _fuse_model_rotation(model, s: QuantSettings, block: Optional[int], name: str) -> ConfigFor:
@@ -112,7 +91,7 @@ def _per_linear(s: QuantSettings, kind: str) -> MXFP4Config:
 def _gptq(model, s: QuantSettings, config: Union[MXFP4Config, ConfigFor]):
     if s.calib_ids is None:
         raise ValueError("GPTQ methods need calibration data (QuantSettings.calib_ids)")
-    return sequential_gptq(model, s.calib_ids, _as_config_for(config))
+    return sequential_gptq(model, s.calib_ids, as_config_for(config))
 
 
 def _make(kind: str, gptq: bool) -> Callable:

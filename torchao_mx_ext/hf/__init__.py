@@ -1,7 +1,9 @@
 """Hugging Face transformers integration: our own quantization method, ``quant_method="torchao_mx_ext"``.
 
 Importing this module registers :class:`MXFP4HfConfig` and :class:`MXFP4HfQuantizer` with transformers
-(``transformers.quantizers.auto.register_quantization_config`` / ``register_quantizer``). Then::
+(``transformers.quantizers.auto.register_quantization_config`` / ``register_quantizer``);
+``import torchao_mx_ext`` alone registers stand-ins that import this module when transformers first
+uses them (:mod:`torchao_mx_ext.registration`). Then::
 
     import torchao_mx_ext as tme
     from torchao_mx_ext.hf import MXFP4HfConfig, save_pretrained
@@ -29,6 +31,7 @@ from transformers.quantizers.auto import (
     register_quantizer,
 )
 
+from ..registration import DeferredHfClass
 from .config import FORMAT_VERSION, QUANT_METHOD, MXFP4HfConfig
 from .quantizer import MXFP4HfQuantizer
 from .saving import attach_quantizer, save_pretrained
@@ -56,8 +59,8 @@ def register() -> None:
         if current is cls:
             continue
         if current is not None:
-            if current.__module__.startswith(__name__):
-                # This module was reloaded: replace our own previous class.
+            if isinstance(current, DeferredHfClass) or current.__module__.startswith(__name__):
+                # The stand-in of torchao_mx_ext.registration, or our own class from before a reload.
                 mapping[QUANT_METHOD] = cls
                 continue
             raise RuntimeError(f"transformers already has a quantization method {QUANT_METHOD!r}: {current!r}")

@@ -24,9 +24,10 @@ from typing import Any, Dict, List, Optional
 
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
+from ..registration import QUANT_METHOD
+
 __all__ = ["FORMAT_VERSION", "MXFP4HfConfig", "QUANT_METHOD", "known_configs"]
 
-QUANT_METHOD = "torchao_mx_ext"
 # Version of the checkpoint layout (config.json fields + safetensors tensors and metadata) written here.
 # 1: 2-D linear weights. 2: N-D weights (fused MoE experts), tensors under the model's own names.
 FORMAT_VERSION = 2
@@ -35,15 +36,13 @@ _FIELDS = ("quant_method", "format_version", "quant_config", "modules_to_not_con
 
 
 def known_configs() -> Dict[str, type]:
-    """Our ``AOBaseConfig`` subclasses exported by ``torchao_mx_ext``, by class name."""
-    import torchao_mx_ext
-    from torchao.core.config import AOBaseConfig
+    """Our ``AOBaseConfig`` subclasses, by class name: the configs a checkpoint may record."""
+    from ..calibration.gptq import GPTQConfig
+    from ..configs import MXFP4BlockRotConfig, MXFP4Config
+    from ..moe.router_configs import BanConfig, BanPickConfig, PESFConfig, PickConfig
 
-    return {
-        name: obj
-        for name, obj in vars(torchao_mx_ext).items()
-        if isinstance(obj, type) and issubclass(obj, AOBaseConfig) and obj.__module__.startswith("torchao_mx_ext")
-    }
+    configs = (MXFP4Config, MXFP4BlockRotConfig, GPTQConfig, PESFConfig, PickConfig, BanConfig, BanPickConfig)
+    return {cls.__name__: cls for cls in configs}
 
 
 def check_format_version(version: Any, where: str) -> int:

@@ -9,13 +9,20 @@ DeepSeek-V2/V3).
 - MoEfication of a dense Llama-family model into a real HF MoE for evaluation (:mod:`.moefy`).
 """
 
-from .adapters import find_moe_blocks, is_moe_router, supported_router_names
-from .ban_pick import calibrate_ban_pick
-from .experts import is_fused_experts, quantize_experts_module
-from .qesc import qesc_quantize, topk_agreement
-from .router_configs import BanConfig, BanPickConfig, PESFConfig, PickConfig, apply_router_pass
-from .router_pass import remove_router_passes, set_router_pass_buffer
-from .routing_stats import ActiveExpertCounter, measure_active_experts
+import importlib
+
+# public name -> submodule that defines it; imported on first use, so that the experts backend (which
+# the package's configs need) comes without the router passes, QESC and their dependencies.
+_EXPORTS = {
+    "find_moe_blocks": "adapters", "is_moe_router": "adapters", "supported_router_names": "adapters",
+    "calibrate_ban_pick": "ban_pick",
+    "is_fused_experts": "experts", "quantize_experts_module": "experts",
+    "qesc_quantize": "qesc", "topk_agreement": "qesc",
+    "BanConfig": "router_configs", "BanPickConfig": "router_configs", "PESFConfig": "router_configs",
+    "PickConfig": "router_configs", "apply_router_pass": "router_configs",
+    "remove_router_passes": "router_pass", "set_router_pass_buffer": "router_pass",
+    "ActiveExpertCounter": "routing_stats", "measure_active_experts": "routing_stats",
+}
 
 __all__ = [
     "ActiveExpertCounter",
@@ -36,3 +43,16 @@ __all__ = [
     "supported_router_names",
     "topk_agreement",
 ]
+
+
+def __getattr__(name):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_EXPORTS))
+

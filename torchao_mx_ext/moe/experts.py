@@ -41,10 +41,9 @@ layout and class this module gives.
 from typing import Callable, NamedTuple, Optional, Tuple
 
 import torch
-from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
-from transformers.integrations.moe import _grouped_mm as _hf_grouped_mm
 
-from ..configs import MXFP4Config, report_padding, weight_layout
+from ..architectures import expert_projection_names
+from ..configs import MXFP4Config, register_module_quantizer, report_padding, weight_layout
 from ..mx import mxfp4_fake_quantize
 from ..tensors import RotatedMXFP4Tensor
 
@@ -58,6 +57,7 @@ __all__ = [
     "mxfp4_experts_forward",
     "quantize_expert_weights",
     "quantize_experts_module",
+    "register_experts_backend",
     "report_expert_padding",
 ]
 
@@ -65,27 +65,12 @@ EXPERTS_BACKEND = "torchao_mx_ext"
 
 
 
-# -- detection ----------------------------------------------------------------------------------
-def _projection_names(module: torch.nn.Module) -> Optional[Tuple[str, str]]:
-    """(first, second) projection parameter names of a fused experts module, or ``None``."""
-    first = "gate_up_proj" if getattr(module, "has_gate", True) else "up_proj"
-    weights = [getattr(module, name, None) for name in (first, "down_proj")]
-    if hasattr(module, "num_experts") and all(isinstance(w, torch.Tensor) and w.dim() == 3 for w in weights):
-        return first, "down_proj"
-    return None
-
-
+# -- detection (the layout itself is a structural fact: torchao_mx_ext.architectures) -----------------
 def is_fused_experts(module: torch.nn.Module, fqn: str = "") -> bool:
     """``quantize_`` filter: a fused experts module (3-D ``gate_up_proj``/``up_proj`` and ``down_proj``).
 
     Already-quantized experts match too, so quantizing twice fails loudly (as for linears)."""
-    return _projection_names(module) is not None
-
-
-def expert_projection_names(module: torch.nn.Module) -> Optional[Tuple[str, str]]:
-    """``(first, second)`` projection parameter names of a fused experts module (``("gate_up_proj",
-    "down_proj")``, or ``("up_proj", "down_proj")`` without a gate), ``None`` for any other module."""
-    return _projection_names(module)
+    return expert_projection_names(module) is not None
 
 
 # -- weights ------------------------------------------------------------------------------------
@@ -128,7 +113,7 @@ def quantize_experts_module(module: torch.nn.Module, config: MXFP4Config) -> tor
     """
     if not isinstance(config, MXFP4Config):
         raise TypeError(f"expected an MXFP4Config, got {type(config).__name__}")
-    names = _projection_names(module)
+    names = expert_projection_names(module)
     if names is None:
         raise TypeError(f"{type(module).__name__} is not a fused experts module (3-D gate_up_proj/up_proj and down_proj)")
     if getattr(module, "is_transposed", False):
@@ -150,7 +135,7 @@ def install_mxfp4_experts_class(module: torch.nn.Module) -> torch.nn.Module:
     parameters elsewhere (loaded from a checkpoint, or quantized one projection at a time as
     ``from_pretrained`` reads them) the class :func:`quantize_experts_module` gives: the original class
     with ``forward = mxfp4_experts_forward``. Idempotent; returns the module (same object)."""
-    names = _projection_names(module)
+    names = expert_projection_names(module)
     if names is None:
         raise TypeError(f"{type(module).__name__} is not a fused experts module (3-D gate_up_proj/up_proj and down_proj)")
     if not any(isinstance(getattr(module, name), RotatedMXFP4Tensor) for name in names):
@@ -233,7 +218,11 @@ def grouped_gemm(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor) -
     transformers' grouped-mm dispatcher (``torch.nn.functional.grouped_mm`` where the device/dtype/compile
     combination supports it, else its opaque per-expert custom op), i.e. what its grouped_mm backend runs.
     """
-    return _hf_grouped_mm(x, weight.transpose(-2, -1), offsets)
+    # transformers' private dispatcher: the one function its grouped_mm backend runs (imported here so
+    # that importing this module does not import transformers).
+    from transformers.integrations.moe import _grouped_mm
+
+    return _grouped_mm(x, weight.transpose(-2, -1), offsets)
 
 
 def _expert_projection(weight, bias, x_rows, routes: _Routes, out_dtype) -> torch.Tensor:
@@ -326,5 +315,14 @@ def _gate(act_fn, gate_up: torch.Tensor) -> torch.Tensor:
     return act_fn(gate) * up
 
 
-# Selectable model-wide too: model.set_experts_implementation("torchao_mx_ext").
-ALL_EXPERTS_FUNCTIONS.register(EXPERTS_BACKEND, mxfp4_experts_forward)
+def register_experts_backend() -> None:
+    """Make :func:`mxfp4_experts_forward` selectable model-wide in transformers:
+    ``model.set_experts_implementation("torchao_mx_ext")``. Done by ``import torchao_mx_ext`` as soon as
+    transformers' experts registry is imported (:mod:`torchao_mx_ext.registration`); idempotent."""
+    from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
+
+    ALL_EXPERTS_FUNCTIONS.register(EXPERTS_BACKEND, mxfp4_experts_forward)
+
+
+# The quantize_ handler of MXFP4Config calls quantize_experts_module for fused experts modules.
+register_module_quantizer("fused_experts", quantize_experts_module)

@@ -1,0 +1,63 @@
+"""Facts about model structure that several layers need, each decided in one place.
+
+- :func:`decoder_layers`: the decoder layers of a Hugging Face causal LM (``model.model.layers``), for
+  everything that walks a model layer by layer (sequential GPTQ, QESC, rotation fusion, regional compile).
+- :func:`expert_projection_names`: the layout of transformers 5.x fused MoE experts (one module, 3-D
+  ``gate_up_proj [E, 2I, H]`` or ``up_proj``, and ``down_proj [E, H, I]``), which a tool walking
+  ``nn.Linear`` would skip silently.
+- :func:`high_precision_modules`: the modules no recipe quantizes. For a transformers model that is the
+  output embedding (``get_output_embeddings()``, i.e. ``lm_head``) and the model's own
+  ``_keep_in_fp32_modules`` / ``_keep_in_fp32_modules_strict``, the rule of transformers' quantizers
+  (``get_keys_to_not_convert``) restricted to modules that are linears; for any other module, a child
+  named ``lm_head``. W4A4 recipes keep the output head in high precision: its error lands directly on
+  the logits.
+
+Pure torch and duck typing: nothing here imports transformers.
+"""
+
+from typing import Optional, Set, Tuple
+
+import torch
+
+__all__ = ["decoder_layers", "expert_projection_names", "high_precision_modules", "is_high_precision"]
+
+
+def decoder_layers(model: torch.nn.Module, purpose: str = "layer-by-layer processing") -> torch.nn.ModuleList:
+    """``model.model.layers`` of a Llama-family (or MoE) HF causal LM; a clear error for other models."""
+    layers = getattr(getattr(model, "model", None), "layers", None)
+    if not isinstance(layers, torch.nn.ModuleList):
+        raise NotImplementedError(
+            f"{purpose} needs a decoder with model.model.layers (Llama-family HF models); got {type(model).__name__}"
+        )
+    return layers
+
+
+def expert_projection_names(module: torch.nn.Module) -> Optional[Tuple[str, str]]:
+    """``(first, second)`` projection parameter names of a fused experts module (``("gate_up_proj",
+    "down_proj")``, or ``("up_proj", "down_proj")`` without a gate), ``None`` for any other module."""
+    first = "gate_up_proj" if getattr(module, "has_gate", True) else "up_proj"
+    weights = [getattr(module, name, None) for name in (first, "down_proj")]
+    if hasattr(module, "num_experts") and all(isinstance(w, torch.Tensor) and w.dim() == 3 for w in weights):
+        return first, "down_proj"
+    return None
+
+
+def high_precision_modules(model: torch.nn.Module) -> Set[str]:
+    """Fully qualified names of the modules every recipe leaves unquantized (see the module docstring)."""
+    names = set()
+    get_output = getattr(model, "get_output_embeddings", None)
+    head = get_output() if callable(get_output) else None
+    keep = set(getattr(model, "_keep_in_fp32_modules", None) or ()) | set(
+        getattr(model, "_keep_in_fp32_modules_strict", None) or ()
+    )
+    for fqn, module in model.named_modules():
+        if (head is not None and module is head) or (head is None and fqn.rpartition(".")[2] == "lm_head"):
+            names.add(fqn)
+        elif fqn and any(fqn == k or fqn.endswith("." + k) or k in fqn.split(".") for k in keep):
+            names.add(fqn)
+    return names
+
+
+def is_high_precision(model: torch.nn.Module, fqn: str) -> bool:
+    """Whether the module ``fqn`` of ``model`` stays unquantized (:func:`high_precision_modules`)."""
+    return fqn in high_precision_modules(model)
