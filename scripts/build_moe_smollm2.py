@@ -1,7 +1,7 @@
 """Build the MoEfied SmolLM2-135M evaluation model (DESIGN.md section 8, "MoE evaluation model").
 
 Splits each of SmolLM2-135M's 30 MLPs (1536 SwiGLU neurons) into ``E`` experts by co-activation
-clustering and fits linear routers on WikiText-2 *validation* windows (torchao_mx_ext.moe.moefy), saves
+clustering and fits linear routers on WikiText-2 *validation* windows (torchao_mx_ext.experiments.moefy), saves
 a Qwen2-MoE checkpoint (+ tokenizer, + neuron partition) under
 ``<cache>/models/smollm2-135m-moe-e{E}k{k}``, reloads it from disk and reports, on WikiText-2 raw *test*
 (GPTQ-style windows of 2048 tokens, the first ``--windows``):
@@ -34,7 +34,7 @@ sys.path.insert(0, str(ROOT))
 
 from torchao_mx_ext.calibration.data import calibration_ids  # noqa: E402
 from torchao_mx_ext.eval.perplexity import perplexity, tokenize_for_perplexity, wikitext2_test_text  # noqa: E402
-from torchao_mx_ext.moe.moefy import collect_mlp_inputs, moefy, routing_errors, save, set_top_k  # noqa: E402
+from torchao_mx_ext.experiments.moefy import collect_mlp_inputs, moefy, routing_errors, save, set_top_k  # noqa: E402
 from torchao_mx_ext.zoo import cache_dir, data_dir, load_model  # noqa: E402
 
 
@@ -85,7 +85,7 @@ def dense_vs_full_moe(dense, moe, test_ids, seq_len, windows):
 def main():
     args = parse_args()
     logging.basicConfig(format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
-    logging.getLogger("torchao_mx_ext.moe.moefy").setLevel(logging.INFO)
+    logging.getLogger("torchao_mx_ext.experiments.moefy").setLevel(logging.INFO)
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     E, k = args.num_experts, args.top_k

@@ -1,5 +1,7 @@
 """Facts about model structure that several layers need, each decided in one place.
 
+- :data:`SUPPORTED_ARCHITECTURES` / :func:`check_supported`: the decoders model-level rotation fusion
+  knows (per-linear rotations work on any model).
 - :func:`decoder_layers`: the decoder layers of a Hugging Face causal LM (``model.model.layers``), for
   everything that walks a model layer by layer (sequential GPTQ, QESC, rotation fusion, regional compile).
 - :func:`expert_projection_names`: the layout of transformers 5.x fused MoE experts (one module, 3-D
@@ -19,7 +21,27 @@ from typing import Optional, Set, Tuple
 
 import torch
 
-__all__ = ["decoder_layers", "expert_projection_names", "high_precision_modules", "is_high_precision"]
+__all__ = [
+    "SUPPORTED_ARCHITECTURES",
+    "check_supported",
+    "decoder_layers",
+    "expert_projection_names",
+    "high_precision_modules",
+    "is_high_precision",
+]
+
+# Decoders whose layout model-level rotation fusion (rotation/fusion.py) knows.
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
+
+
+def check_supported(model: torch.nn.Module) -> None:
+    """Raise unless model-level rotation fusion (QuaRot/BRQ/DartQuant) knows ``model``'s layout."""
+    name = type(model).__name__
+    if name not in SUPPORTED_ARCHITECTURES:
+        raise NotImplementedError(
+            f"model-level rotation supports {', '.join(SUPPORTED_ARCHITECTURES)}; got {name}. "
+            "Per-linear rotations (MXFP4BlockRotConfig) work on any model."
+        )
 
 
 def decoder_layers(model: torch.nn.Module, purpose: str = "layer-by-layer processing") -> torch.nn.ModuleList:

@@ -41,6 +41,7 @@ METHOD_NAMES = (
 )
 SCALE_RULE_NAMES = ("floor", "even", "rceil", "fp_quant", "mse")
 MODEL_ALIASES = ("stories260k", "smollm2-135m", "smollm2-135m-moe")
+EVAL_TASK_NAMES = ("wikitext2", "arc_easy", "arc_challenge", "piqa", "winogrande", "openbookqa", "siqa")
 # Methods that rotate the whole model (QuaRot, BRQ, DartQuant; recipes.py): they know only the decoder
 # layouts in rotation.fusion.SUPPORTED_ARCHITECTURES, while per-linear methods work on any model.
 MODEL_LEVEL_PREFIXES = ("quarot", "brq", "dartquant")
@@ -453,9 +454,84 @@ def check_scale_rule_or_exit(rule: str) -> None:
         raise SystemExit(f"torchao-mx: unknown scale rule {rule!r}; choose from {', '.join(SCALE_RULE_NAMES)}")
 
 
+def _limit_arg(text: str):
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--limit must be a number, got {text!r}") from None
+    if value <= 0 or (not value.is_integer() and value >= 1):
+        raise argparse.ArgumentTypeError(f"--limit must be a positive integer or a fraction below 1, got {text!r}")
+    return int(value) if value.is_integer() else value
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def add_eval_subcommand(subparsers) -> argparse.ArgumentParser:
+    """Add ``eval`` to a ``torchao-mx`` subparsers object; the handler is ``args.handler(args)``."""
+    p = subparsers.add_parser("eval", help="lm-eval zero-shot tasks and WikiText-2 (offline, local data)")
+    p.add_argument("--model", default="smollm2-135m", help="alias (stories260k, smollm2-135m) or HF folder")
+    p.add_argument("--tasks", default=",".join(EVAL_TASK_NAMES), help=f"comma list of: {', '.join(EVAL_TASK_NAMES)}")
+    p.add_argument("--limit", type=_limit_arg, default=None, help="first N documents per task (or a fraction < 1)")
+    p.add_argument("--data-dir", default=None, help="folder with wikitext2/ and zeroshot/ (default: the shared data folder)")
+    p.add_argument("--json", default=None, help="write the report here")
+    p.add_argument("--batch-size", type=_positive_int, default=4)
+    p.add_argument("--max-length", type=_positive_int, default=2048, help="capped at the model's max_position_embeddings")
+    p.set_defaults(handler=eval_command)
+    return p
+
+
+def require_lm_eval(prefix: str = "torchao-mx eval") -> None:
+    """lm-eval is an optional extra: say which one to install before anything is loaded, not after."""
+    try:
+        import lm_eval  # noqa: F401
+    except ImportError as e:
+        raise SystemExit(f"{prefix}: needs lm-eval ({e}); install it with: pip install 'torchao-mx-ext[eval]'") from None
+
+
+def eval_command(args) -> int:
+    from .eval.lm_eval_runner import check_data_files, format_lm_eval_table, resolve_tasks, run_lm_eval
+
+    # Everything that can be checked without the model is checked first: a bad task name, a missing
+    # data file, an unwritable --json, a wrong --model or a missing lm-eval costs no model loading.
+    prefix = "torchao-mx eval"
+    try:
+        names = resolve_tasks(args.tasks)
+        check_data_files(names, args.data_dir)
+    except (ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"{prefix}: {e}") from None
+    if args.max_length < 2:
+        raise SystemExit(
+            f"{prefix}: --max-length must be >= 2 (a window needs one token to predict the next), got {args.max_length}"
+        )
+    check_output_path(args.json, prefix=prefix)
+    check_model_or_exit(args.model, prefix=prefix)
+    require_lm_eval(prefix)
+    from .zoo import load_model
+
+    with user_errors(prefix):
+        model, tokenizer = load_model(args.model)
+    report = run_lm_eval(
+        model, tokenizer, names, data_dir=args.data_dir, limit=args.limit,
+        batch_size=args.batch_size, max_length=args.max_length,
+    )
+    report = {"model": args.model, **report}
+    print(format_lm_eval_table(report))
+    if args.json:
+        write_json_atomic(Path(args.json), report)
+        print(f"wrote {args.json}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The whole command line; building it imports nothing heavy (see ``METHOD_NAMES``)."""
-    from .eval.lm_eval_runner import add_eval_subcommand
 
     aliases = ", ".join(MODEL_ALIASES[:2])
     parser = argparse.ArgumentParser(prog="torchao-mx", description=__doc__.split("\n")[0])
@@ -532,7 +608,7 @@ def run_moe(args) -> int:
 
     import torch
 
-    from .moe.compare import format_moe_table, run_moe_compare
+    from .experiments.moe_compare import format_moe_table, run_moe_compare
 
     if args.threads:
         torch.set_num_threads(args.threads)

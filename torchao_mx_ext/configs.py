@@ -13,7 +13,7 @@ import logging
 import sys
 import weakref
 from dataclasses import dataclass
-from typing import Callable, List, Optional, Tuple, Union
+from typing import Callable, Optional, Tuple, Union
 
 import torch
 from torchao.core.config import ALLOWED_AO_MODULES, AOBaseConfig
@@ -27,7 +27,7 @@ from .tensors import RotatedMXFP4Tensor, check_weight, padded_width
 
 logger = logging.getLogger(__name__)
 
-# The rule with the lowest W4A4 perplexity in `torchao-mx compare --scale-rule all` (README, results).
+# The rule with the lowest W4A4 perplexity in `torchao-mx compare --scale-rule all` (docs/results.md).
 DEFAULT_SCALE_RULE = "mse"
 
 

@@ -30,13 +30,10 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
-from transformers import AttentionInterface
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
-from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from .calibration.sequential import _decoder_layers
+from .architectures import decoder_layers
 
-__all__ = ["PACKED_GQA_SDPA", "compile_decoder_layers", "packed_gqa_sdpa_attention"]
+__all__ = ["PACKED_GQA_SDPA", "compile_decoder_layers", "packed_gqa_sdpa_attention", "register_packed_gqa_sdpa"]
 
 PACKED_GQA_SDPA = "torchao_mx_ext_sdpa_packed_gqa"
 
@@ -55,6 +52,8 @@ def packed_gqa_sdpa_attention(module, query, key, value, attention_mask, dropout
         and (attention_mask is None or (attention_mask.dim() == 4 and attention_mask.shape[1] == 1))
     )
     if not simple:
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     batch, heads, _, dim = query.shape
     packed = query.reshape(batch, heads // groups, groups, dim)
@@ -62,8 +61,15 @@ def packed_gqa_sdpa_attention(module, query, key, value, attention_mask, dropout
     return out.reshape(out.shape[0], heads, 1, value.shape[-1]).transpose(1, 2).contiguous(), None
 
 
-AttentionInterface.register(PACKED_GQA_SDPA, packed_gqa_sdpa_attention)
-AttentionMaskInterface.register(PACKED_GQA_SDPA, sdpa_mask)  # same masks as "sdpa"
+def register_packed_gqa_sdpa() -> None:
+    """Register :func:`packed_gqa_sdpa_attention` with transformers as :data:`PACKED_GQA_SDPA` (masks as
+    ``sdpa``), so ``model.set_attn_implementation(PACKED_GQA_SDPA)`` works. :func:`compile_decoder_layers`
+    does it; idempotent. Not done at import: it would import transformers."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(PACKED_GQA_SDPA, packed_gqa_sdpa_attention)
+    AttentionMaskInterface.register(PACKED_GQA_SDPA, sdpa_mask)
 
 
 def _call_forward(layer, *args, **kwargs):
@@ -95,13 +101,14 @@ def compile_decoder_layers(
     mask construction and LM head stay eager.
     """
     if packed_gqa and getattr(model.config, "_attn_implementation", None) == "sdpa":
+        register_packed_gqa_sdpa()
         model.set_attn_implementation(PACKED_GQA_SDPA)
     options = dict(compile_kwargs.pop("options", None) or {})
     if skip_module_guards:
         options["guard_filter_fn"] = torch.compiler.skip_guard_on_all_nn_modules_unsafe
     if emulate_precision_casts and backend == "inductor":
         options.setdefault("emulate_precision_casts", True)
-    for i, layer in enumerate(_decoder_layers(model, "compile_decoder_layers")):
+    for i, layer in enumerate(decoder_layers(model, "compile_decoder_layers")):
         name = f"decoder_layer_{i}"
         # A new code object per layer: Dynamo keeps its compiled entries on the code object.
         fn = types.FunctionType(_call_forward.__code__.replace(co_name=name, co_qualname=name), _call_forward.__globals__, name)

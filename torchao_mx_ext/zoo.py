@@ -7,9 +7,7 @@
 - ``smollm2-135m-moe``: that model MoEfied into a Qwen2-MoE (16 experts, top-14; layer 0 stays dense),
   built once into ``<cache>/models/smollm2-135m-moe``.
 
-``<shared>`` is ``$TORCHAO_MX_SHARED`` or the first ``shared/`` folder (holding ``data/``) beside the
-working directory or the package, walking up; ``<cache>`` is ``$TORCHAO_MX_CACHE``, else ``.cache/``
-in the source checkout, else ``~/.cache/torchao_mx_ext``.
+``<shared>`` and ``<cache>``: :mod:`torchao_mx_ext.paths`.
 """
 
 import importlib.util
@@ -22,50 +20,15 @@ from typing import Tuple
 
 import torch
 
+from .paths import cache_dir, data_dir, shared_dir  # noqa: F401 (data_dir, shared_dir: part of this module's API)
+
 logger = logging.getLogger(__name__)
 
 MODEL_ALIASES = ("stories260k", "smollm2-135m", "smollm2-135m-moe")
-# Perplexity window per model (DESIGN.md section 11): 512 for stories260k, 2048 for SmolLM2.
+# Perplexity window per model (the evaluation protocol of docs/results.md): 512 for stories260k, 2048 for SmolLM2.
 DEFAULT_SEQ_LEN = {"stories260k": 512, "smollm2-135m": 2048, "smollm2-135m-moe": 2048}
 # How the MoE evaluation model is built (scripts/build_moe_smollm2.py reports on these settings).
 SMOLLM2_MOE = {"num_experts": 16, "top_k": 14, "dense_layers": (0,), "calib_samples": 16, "calib_seq_len": 512, "seed": 0}
-
-_PACKAGE_DIR = Path(__file__).resolve().parent
-
-
-def shared_dir() -> Path:
-    env = os.environ.get("TORCHAO_MX_SHARED")
-    if env:
-        path = Path(env)
-        if not (path / "data").is_dir():
-            raise FileNotFoundError(f"TORCHAO_MX_SHARED={env} has no data/ folder")
-        return path
-    for base in (Path.cwd().resolve(), _PACKAGE_DIR):
-        for folder in (base, *base.parents):
-            candidate = folder / "shared"
-            if (candidate / "data").is_dir():
-                return candidate
-    raise FileNotFoundError(
-        "cannot find the shared data folder (a 'shared/' with 'data/' beside the project); "
-        "set TORCHAO_MX_SHARED to its path"
-    )
-
-
-def data_dir() -> Path:
-    return shared_dir() / "data"
-
-
-def cache_dir() -> Path:
-    env = os.environ.get("TORCHAO_MX_CACHE")
-    if env:
-        path = Path(env)
-    elif (_PACKAGE_DIR.parent / "pyproject.toml").is_file():
-        path = _PACKAGE_DIR.parent / ".cache"
-    else:
-        path = Path.home() / ".cache" / "torchao_mx_ext"
-    path.mkdir(parents=True, exist_ok=True)
-    return path
-
 
 def model_path(name: str) -> Path:
     """A folder with a HF checkpoint for an alias (converting SmolLM2 once), or ``name`` itself."""
@@ -130,13 +93,13 @@ def _converted_smollm2() -> Path:
 
 
 def _moefied_smollm2() -> Path:
-    """SmolLM2-135M MoEfied into a Qwen2-MoE (:mod:`torchao_mx_ext.moe.moefy`, settings ``SMOLLM2_MOE``),
+    """SmolLM2-135M MoEfied into a Qwen2-MoE (:mod:`torchao_mx_ext.experiments.moefy`, settings ``SMOLLM2_MOE``),
     built once (a few minutes on 2 CPU cores) from WikiText-2 validation windows."""
     target = cache_dir() / "models" / "smollm2-135m-moe"
     if (target / "config.json").is_file():
         return target
     from .calibration.data import calibration_ids
-    from .moe.moefy import moefy, save
+    from .experiments.moefy import moefy, save
 
     logger.warning("building the MoEfied SmolLM2-135M (once) into %s", target)
     s = SMOLLM2_MOE

@@ -5,7 +5,7 @@ experts to MXFP4, re-fit its routers (QESC), compile, save and reload.
     python tutorials/03_moe_router_passes.py --fast   # stories260k MoEfied on the spot (CI)
 
 No small trained MoE exists offline, so the model is a real dense model split into experts
-("MoEfication", torchao_mx_ext.moe.moefy): a genuine transformers Qwen2-MoE whose experts are groups
+("MoEfication", torchao_mx_ext.experiments.moefy): a genuine transformers Qwen2-MoE whose experts are groups
 of the dense MLP's neurons and whose routers were fitted to predict them. Router passes are FX graph
 rewrites installed as subclasses of the router classes: they stay visible to torch.compile and
 torch.export, keep output shapes fixed (a pruned slot points at expert index E with weight 0), and
@@ -32,7 +32,7 @@ from torchao_mx_ext.zoo import data_dir, load_model
 def moe_model(fast: bool):
     if not fast:
         return load_model("smollm2-135m-moe")  # built once into the cache (scripts/build_moe_smollm2.py)
-    from torchao_mx_ext.moe.moefy import moefy
+    from torchao_mx_ext.experiments.moefy import moefy
 
     dense, tok = load_model("stories260k")
     calib = calibration_ids(tok, "tinystories", 8, 256, seed=0)

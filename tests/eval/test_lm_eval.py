@@ -22,11 +22,11 @@ from torchao_mx_ext.eval import perplexity, tokenize_for_perplexity
 from torchao_mx_ext.eval.lm_eval_runner import (
     DEFAULT_TASKS,
     TASKS_DIR,
-    add_eval_subcommand,
     available_tasks,
     read_task_yaml,
     run_lm_eval,
 )
+from torchao_mx_ext.cli import EVAL_TASK_NAMES, add_eval_subcommand
 from torchao_mx_ext.eval.lm_eval_tasks.utils import read_jsonl, wikitext_detokenizer
 from torchao_mx_ext.zoo import load_model
 
@@ -38,6 +38,11 @@ PPL_REL_TOL = 0.05
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def test_cli_task_names_are_the_runners_defaults():
+    # The CLI lists them without importing the runner (a fast --help).
+    assert EVAL_TASK_NAMES == DEFAULT_TASKS
 
 
 @pytest.fixture(scope="module")

@@ -1,9 +1,9 @@
-"""MoEfication of stories260k into a Qwen2-MoE checkpoint (torchao_mx_ext.moe.moefy)."""
+"""MoEfication of stories260k into a Qwen2-MoE checkpoint (torchao_mx_ext.experiments.moefy)."""
 
 import pytest
 import torch
 
-from torchao_mx_ext.moe.moefy import (
+from torchao_mx_ext.experiments.moefy import (
     balanced_kmeans,
     check_dense_model,
     max_relative_logit_error,
@@ -152,7 +152,7 @@ def test_router_beats_random_routing(dense, moefied, held_out):
 
 
 def test_near_uniform_softmax_keeps_the_router_ranking(dense, moefied, held_out):
-    from torchao_mx_ext.moe.moefy import collect_mlp_inputs
+    from torchao_mx_ext.experiments.moefy import collect_mlp_inputs
 
     moe, result = moefied
     inputs = collect_mlp_inputs(dense[0], held_out)

@@ -8,7 +8,7 @@
 
 The task YAMLs (``lm_eval_tasks/*.yaml``) follow lm-eval's stock ``wikitext``, ``arc_easy``,
 ``arc_challenge``, ``piqa``, ``winogrande``, ``openbookqa`` and ``social_iqa`` definitions, but read local
-JSONL files under a data folder (default ``torchao_mx_ext.zoo.data_dir()``) through
+JSONL files under a data folder (default ``torchao_mx_ext.paths.data_dir()``) through
 ``custom_dataset: !function utils.load_jsonl``; they are loaded with
 ``TaskManager(include_path=<that folder>, include_defaults=False, metadata={"data_dir": ...})``, so no
 stock task is indexed, shadowed or downloaded. The model is wrapped as
@@ -40,14 +40,9 @@ Our fixed windows over the same detokenized articles give 75.3 (0.3 % below); ov
 detokenized, as ``eval.perplexity`` is run) 122.3: the detokenization, not the windowing, is the big step.
 """
 
-import argparse
 import copy
-import json
 import logging
 import math
-import os
-import sys
-import tempfile
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Union
 
@@ -265,111 +260,3 @@ def format_lm_eval_table(report: dict) -> str:
         if "tokens" in r:
             lines.append(f"{'':<14} {'(tokens / words)':<18} {r['tokens']:>12d} {r['words']:>9d}")
     return "\n".join(lines)
-
-
-def write_json_atomic(path: Path, data: dict) -> None:
-    """Write JSON to a temporary file beside ``path`` and rename it: never a half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it 0600; give the file the usual permissions
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def _limit_arg(text: str):
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--limit must be a number, got {text!r}") from None
-    if value <= 0 or (not value.is_integer() and value >= 1):
-        raise argparse.ArgumentTypeError(f"--limit must be a positive integer or a fraction below 1, got {text!r}")
-    return int(value) if value.is_integer() else value
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
-
-
-def add_eval_subcommand(subparsers) -> argparse.ArgumentParser:
-    """Add ``eval`` to a ``torchao-mx`` subparsers object; the handler is ``args.handler(args)``."""
-    p = subparsers.add_parser("eval", help="lm-eval zero-shot tasks and WikiText-2 (offline, local data)")
-    p.add_argument("--model", default="smollm2-135m", help="alias (stories260k, smollm2-135m) or HF folder")
-    p.add_argument("--tasks", default=",".join(DEFAULT_TASKS), help=f"comma list of: {', '.join(DEFAULT_TASKS)}")
-    p.add_argument("--limit", type=_limit_arg, default=None, help="first N documents per task (or a fraction < 1)")
-    p.add_argument("--data-dir", default=None, help="folder with wikitext2/ and zeroshot/ (default: the shared data folder)")
-    p.add_argument("--json", default=None, help="write the report here")
-    p.add_argument("--batch-size", type=_positive_int, default=4)
-    p.add_argument("--max-length", type=_positive_int, default=2048, help="capped at the model's max_position_embeddings")
-    p.set_defaults(handler=eval_command)
-    return p
-
-
-def require_lm_eval(prefix: str = "torchao-mx eval") -> None:
-    """lm-eval is an optional extra: say which one to install before anything is loaded, not after."""
-    try:
-        import lm_eval  # noqa: F401
-    except ImportError as e:
-        raise SystemExit(f"{prefix}: needs lm-eval ({e}); install it with: pip install 'torchao-mx-ext[eval]'") from None
-
-
-def eval_command(args) -> int:
-    from ..cli import check_model_or_exit, check_output_path, user_errors
-
-    # Everything that can be checked without the model is checked first: a bad task name, a missing
-    # data file, an unwritable --json, a wrong --model or a missing lm-eval costs no model loading.
-    prefix = "torchao-mx eval"
-    try:
-        names = resolve_tasks(args.tasks)
-        check_data_files(names, args.data_dir)
-    except (ValueError, FileNotFoundError) as e:
-        raise SystemExit(f"{prefix}: {e}") from None
-    if args.max_length < 2:
-        raise SystemExit(
-            f"{prefix}: --max-length must be >= 2 (a window needs one token to predict the next), got {args.max_length}"
-        )
-    check_output_path(args.json, prefix=prefix)
-    check_model_or_exit(args.model, prefix=prefix)
-    require_lm_eval(prefix)
-    from ..zoo import load_model
-
-    with user_errors(prefix):
-        model, tokenizer = load_model(args.model)
-    report = run_lm_eval(
-        model, tokenizer, names, data_dir=args.data_dir, limit=args.limit,
-        batch_size=args.batch_size, max_length=args.max_length,
-    )
-    report = {"model": args.model, **report}
-    print(format_lm_eval_table(report))
-    if args.json:
-        write_json_atomic(Path(args.json), report)
-        print(f"wrote {args.json}")
-    return 0
-
-
-def main(argv: Optional[List[str]] = None) -> int:
-    """``python -m torchao_mx_ext.eval.lm_eval_runner eval ...`` (the same as ``torchao-mx eval``)."""
-    parser = argparse.ArgumentParser(prog="torchao-mx")
-    sub = parser.add_subparsers(dest="command", required=True)
-    add_eval_subcommand(sub)
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    return args.handler(args)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

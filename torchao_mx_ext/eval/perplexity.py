@@ -1,4 +1,4 @@
-"""Token perplexity, GPTQ style (DESIGN.md section 11).
+"""Token perplexity, GPTQ style.
 
 The WikiText-2 raw test rows are joined with ``"\\n\\n"``, tokenised once, cut into non-overlapping
 windows of ``seq_len`` tokens; perplexity is ``exp`` of the mean over windows of each window's mean

@@ -34,14 +34,13 @@ from typing import Callable, Dict, List, Optional
 import torch
 import torch.nn.functional as F
 
-from ..configs import MXFP4BlockRotConfig
+from ..configs import MXFP4BlockRotConfig, quantize_linears
 from ..eval.timing import prefill_decode_time
 from ..inference import cache_dequantized_weights
-from ..recipes import quantize_linears
-from .ban_pick import calibrate_ban_pick
-from .qesc import qesc_quantize, topk_agreement
-from .router_configs import BanPickConfig, PESFConfig, apply_router_pass
-from .routing_stats import ActiveExpertCounter
+from ..moe.ban_pick import calibrate_ban_pick
+from ..moe.qesc import qesc_quantize, topk_agreement
+from ..moe.router_configs import BanPickConfig, PESFConfig, apply_router_pass
+from ..moe.routing_stats import ActiveExpertCounter
 
 __all__ = ["MOE_METHODS", "run_moe_compare", "format_moe_table"]
 
@@ -133,8 +132,9 @@ def run_moe_compare(
 ) -> dict:
     from ..calibration.data import calibration_ids
     from ..eval import tokenize_for_perplexity, wikitext2_test_text
-    from ..zoo import data_dir as default_data_dir, load_model
-    from .adapters import find_moe_blocks
+    from ..paths import data_dir as default_data_dir
+    from ..zoo import load_model
+    from ..moe.adapters import find_moe_blocks
 
     unknown = [m for m in methods if m not in MOE_METHODS]
     if unknown or not methods:

@@ -6,7 +6,8 @@ DeepSeek-V2/V3).
 - QESC: routers re-fitted after quantization, layer by layer (:func:`qesc_quantize`).
 - MXFP4 for the fused 3-D expert weights: ``quantize_(model, MXFP4BlockRotConfig(),
   filter_fn=is_fused_experts)`` (:mod:`.experts`).
-- MoEfication of a dense Llama-family model into a real HF MoE for evaluation (:mod:`.moefy`).
+- MoEfication of a dense model into a real HF MoE for evaluation lives with the experiment drivers
+  (:mod:`torchao_mx_ext.experiments.moefy`).
 """
 
 import importlib

@@ -161,7 +161,7 @@ def _mxfp4_experts_class(cls: type) -> type:
 
 def _extra_repr(self) -> str:
     parts = [f"num_experts={self.num_experts}"]
-    for name in _projection_names(self):
+    for name in expert_projection_names(self):
         w = getattr(self, name)
         if isinstance(w, RotatedMXFP4Tensor):
             rot = "none" if w.rotation is None else f"{w.rotation.shape[0]}-block"

@@ -22,9 +22,9 @@ from typing import List, Optional, Sequence, Union
 
 import torch
 
+from ..architectures import SUPPORTED_ARCHITECTURES, check_supported, decoder_layers  # noqa: F401 (re-exported)
 from .rotations import orthogonal_block
 
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
 
 
 @dataclass
@@ -35,15 +35,6 @@ class FusedRotations:
     r2: List[torch.Tensor]
 
 
-def check_supported(model: torch.nn.Module) -> None:
-    name = type(model).__name__
-    if name not in SUPPORTED_ARCHITECTURES:
-        raise NotImplementedError(
-            f"model-level rotation supports {', '.join(SUPPORTED_ARCHITECTURES)}; got {name}. "
-            "Per-linear rotations (MXFP4BlockRotConfig) work on any model."
-        )
-
-
 def block_diagonal(name: str, width: int, block: Optional[int], seed: int) -> torch.Tensor:
     """A ``width x width`` float64 orthogonal matrix: one ``block``-wide rotation repeated on the
     diagonal (``block=None``: a single full-width rotation)."""
@@ -52,10 +43,6 @@ def block_diagonal(name: str, width: int, block: Optional[int], seed: int) -> to
         raise ValueError(f"width {width} is not a multiple of the rotation block {size}")
     base = orthogonal_block(name, size, seed)
     return torch.block_diag(*([base] * (width // size)))
-
-
-def _decoder_layers(model):
-    return model.model.layers
 
 
 @torch.no_grad()
@@ -69,7 +56,7 @@ def fold_rms_norms(model: torch.nn.Module) -> None:
             lin.weight.copy_((lin.weight.to(torch.float64) * g).to(lin.weight.dtype))
         norm.weight.fill_(1.0)
 
-    for layer in _decoder_layers(model):
+    for layer in decoder_layers(model, "model-level rotation"):
         attn, mlp = layer.self_attn, layer.mlp
         fold(layer.input_layernorm, [attn.q_proj, attn.k_proj, attn.v_proj])
         fold(layer.post_attention_layernorm, [mlp.gate_proj, mlp.up_proj])
@@ -108,7 +95,7 @@ def fuse_rotations(
     check_supported(model)
     hidden = model.config.hidden_size
     head_dim = head_dim_of(model)
-    layers = _decoder_layers(model)
+    layers = decoder_layers(model, "model-level rotation")
     r2s = [r2] * len(layers) if isinstance(r2, torch.Tensor) else list(r2)
     if len(r2s) != len(layers):
         raise ValueError(f"expected one R2 per layer ({len(layers)}), got {len(r2s)}")

@@ -19,7 +19,7 @@ from pathlib import Path
 def resolve_data_dir(data_dir=None) -> Path:
     if data_dir:
         return Path(data_dir)
-    from torchao_mx_ext.zoo import data_dir as default_data_dir
+    from torchao_mx_ext.paths import data_dir as default_data_dir
 
     return default_data_dir()
 
