@@ -11,8 +11,13 @@ made at once if that module is already imported):
   imports nothing, as it runs in the middle of transformers' own imports.
 - ``transformers.integrations.moe``: the MXFP4 experts backend ``"torchao_mx_ext"``
   (:func:`torchao_mx_ext.moe.experts.register_experts_backend`).
+
+This module sits at the bottom of the package's layers (the integrations import it for
+:data:`QUANT_METHOD` and :class:`DeferredHfClass`); it reaches the layers above only by module name, at
+the moment transformers needs them, like an entry point.
 """
 
+import importlib
 import importlib.abc
 import sys
 from typing import Callable, Dict, List
@@ -29,9 +34,8 @@ class DeferredHfClass:
         self.name = name
 
     def _real(self):
-        from . import hf  # registers the real classes in place of the stand-ins
-
-        return getattr(hf, self.name)
+        # Importing the integration registers the real classes in place of the stand-ins.
+        return getattr(importlib.import_module("torchao_mx_ext.hf"), self.name)
 
     def __getattr__(self, attr):
         return getattr(self._real(), attr)
@@ -46,9 +50,7 @@ def _register_quant_method(auto) -> None:
 
 
 def _register_experts_backend(_module) -> None:
-    from .moe.experts import register_experts_backend
-
-    register_experts_backend()
+    importlib.import_module("torchao_mx_ext.moe.experts").register_experts_backend()
 
 
 _HOOKS: Dict[str, List[Callable]] = {
