@@ -54,6 +54,18 @@ def test_fqn_to_config_picks_layers():
     assert not isinstance(model.lm_head.weight, RotatedMXFP4Tensor)
 
 
+def test_fqn_to_config_by_parameter_name():
+    # torchao passes parameter_name to the handler for keys naming a parameter ("0.weight").
+    model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.Linear(64, 64))
+    reference = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.Linear(64, 64))
+    reference.load_state_dict(model.state_dict())
+    quantize_(model, FqnToConfig({"0.weight": tme.MXFP4BlockRotConfig()}), filter_fn=None)
+    quantize_(reference, tme.MXFP4BlockRotConfig(), filter_fn=lambda m, fqn: fqn == "0")
+    assert isinstance(model[0].weight, RotatedMXFP4Tensor) and type(model[1].weight) is torch.nn.Parameter
+    assert torch.equal(model[0].weight.qdata, reference[0].weight.qdata)
+    assert torch.equal(model[0].weight.scale, reference[0].weight.scale)
+
+
 @pytest.mark.parametrize(
     "config",
     [tme.MXFP4Config(scale_rule="floor", act_quant=False), tme.MXFP4BlockRotConfig(rotation="random_hadamard", rotation_size=None, seed=7)],

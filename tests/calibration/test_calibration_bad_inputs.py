@@ -1,7 +1,7 @@
 """Bad input to the calibration entry points (calibration text, calibration ids, GPTQ and DartQuant
 settings): refused up front, with the exact exception type and a message naming the argument, and the
 model unchanged. And GPTQ's one silent cost made loud: input channels that saw no calibration signal
-(zero Hessian diagonal) get zero weights, now with a warning naming the layer and the count."""
+(zero Hessian diagonal) get zero weights, with a warning naming the layer and the count."""
 
 import logging
 import math
@@ -12,8 +12,8 @@ import torch
 from torchao.quantization import quantize_
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from torchao_mx_ext import MXFP4BlockRotConfig, MXFP4Config, RotatedMXFP4Tensor
-from torchao_mx_ext.calibration import GPTQConfig, collect_activations, gptq_mxfp4, learn_rotations
+from torchao_mx_ext import MXFP4BlockRotConfig, MXFP4Config, RotatedMXFP4Tensor, configs
+from torchao_mx_ext.calibration import MXFP4GPTQConfig, collect_activations, gptq_mxfp4, learn_rotations
 from torchao_mx_ext.calibration.data import CalibrationIdsTypeError, calibration_ids
 from torchao_mx_ext.calibration.gptq import OBSERVER_ATTR
 from torchao_mx_ext.calibration.sequential import capture_first_layer_inputs, sequential_gptq
@@ -64,7 +64,7 @@ class CharTokenizer:
 def test_empty_calibration_file_is_a_clear_error(tmp_path):
     empty = tmp_path / "empty.txt"
     empty.write_text("")
-    with pytest.raises(ValueError) as info:  # was a bare datasets DatasetGenerationError
+    with pytest.raises(ValueError) as info:  # a ValueError naming the file, not datasets' DatasetGenerationError
         calibration_ids(CharTokenizer(), empty, 2, 8)
     assert type(info.value) is ValueError
     assert str(empty) in str(info.value) and "has no text" in str(info.value)
@@ -85,7 +85,7 @@ def test_more_samples_than_the_text_holds_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match=r"only 18 distinct calibration windows of 8 tokens, fewer than the 19") as info:
         calibration_ids(CharTokenizer(), text, 19, 8)
     assert str(text) in str(info.value)
-    with pytest.raises(ValueError, match="too short for one calibration window of 26"):  # unchanged
+    with pytest.raises(ValueError, match="too short for one calibration window of 26"):
         calibration_ids(CharTokenizer(), text, 1, 26)
 
 
@@ -147,14 +147,14 @@ def test_sequential_gptq_refuses_bad_settings_before_changing_the_model():
     model = tiny_llama()
     ids = torch.randint(0, VOCAB, (2, 8))
     before = fingerprint(model)
-    with pytest.raises(ValueError, match=r"GPTQConfig\.damp must be a finite number \(>= 0\), got nan"):
+    with pytest.raises(ValueError, match=r"MXFP4GPTQConfig\.damp must be a finite number \(>= 0\), got nan"):
         sequential_gptq(model, ids, lambda name: MXFP4Config(), progress=False, damp=math.nan)
     assert_unchanged(model, before)
-    with pytest.raises(TypeError, match=r"GPTQConfig\.act_order must be True or False"):
+    with pytest.raises(TypeError, match=r"MXFP4GPTQConfig\.act_order must be True or False"):
         sequential_gptq(model, ids, lambda name: MXFP4Config(), progress=False, act_order="yes")
     assert_unchanged(model, before)
     # a bad config for a linear of the last layer: refused before the first layer is touched
-    with pytest.raises(TypeError, match="GPTQConfig needs base="):
+    with pytest.raises(TypeError, match="MXFP4GPTQConfig needs base="):
         sequential_gptq(model, ids, lambda name: "mxfp4" if name == "down_proj" else MXFP4Config(), progress=False)
     assert_unchanged(model, before)
 
@@ -169,7 +169,7 @@ def test_dartquant_float_ids_are_a_value_error_too():
     model = tiny_llama()
     with pytest.raises(ValueError, match="DartQuant: calib_ids must be an integer"):
         learn_rotations(model, torch.zeros(1, 16), epochs=0)
-    with pytest.raises(TypeError, match="integer"):  # as before
+    with pytest.raises(TypeError, match="integer"):  # a TypeError too (CalibrationIdsTypeError is both)
         learn_rotations(model, torch.zeros(1, 16), epochs=0)
 
 
@@ -217,21 +217,21 @@ def test_collect_activations_refuses_bad_settings(kwargs, text):
 
 
 @pytest.mark.parametrize("kwargs, exc, text", [
-    (dict(damp=math.nan), ValueError, "GPTQConfig.damp must be a finite number (>= 0)"),
-    (dict(damp=math.inf), ValueError, "GPTQConfig.damp"),
-    (dict(damp=-0.01), ValueError, "GPTQConfig.damp must be >= 0"),
-    (dict(damp=True), ValueError, "GPTQConfig.damp"),
-    (dict(damp=None), ValueError, "GPTQConfig.damp"),
-    (dict(column_block=True), ValueError, "GPTQConfig.column_block must be a positive integer"),
-    (dict(column_block=64.0), ValueError, "GPTQConfig.column_block"),
-    (dict(column_block=0), ValueError, "GPTQConfig.column_block"),
-    (dict(act_order="yes"), TypeError, "GPTQConfig.act_order must be True or False"),
-    (dict(act_order=1), TypeError, "GPTQConfig.act_order"),
-    (dict(mse_shrink=None), TypeError, "GPTQConfig.mse_shrink"),
+    (dict(damp=math.nan), ValueError, "MXFP4GPTQConfig.damp must be a finite number (>= 0)"),
+    (dict(damp=math.inf), ValueError, "MXFP4GPTQConfig.damp"),
+    (dict(damp=-0.01), ValueError, "MXFP4GPTQConfig.damp must be >= 0"),
+    (dict(damp=True), ValueError, "MXFP4GPTQConfig.damp"),
+    (dict(damp=None), ValueError, "MXFP4GPTQConfig.damp"),
+    (dict(column_block=True), ValueError, "MXFP4GPTQConfig.column_block must be a positive integer"),
+    (dict(column_block=64.0), ValueError, "MXFP4GPTQConfig.column_block"),
+    (dict(column_block=0), ValueError, "MXFP4GPTQConfig.column_block"),
+    (dict(act_order="yes"), TypeError, "MXFP4GPTQConfig.act_order must be True or False"),
+    (dict(act_order=1), TypeError, "MXFP4GPTQConfig.act_order"),
+    (dict(mse_shrink=None), TypeError, "MXFP4GPTQConfig.mse_shrink"),
 ])
 def test_gptq_config_refuses_bad_values(kwargs, exc, text):
     with pytest.raises(exc) as info:
-        GPTQConfig(base=MXFP4Config(), **kwargs)
+        MXFP4GPTQConfig(base=MXFP4Config(), **kwargs)
     assert type(info.value) is exc and text in str(info.value)
 
 
@@ -286,11 +286,11 @@ def test_gptq_function_warns_about_dead_channels_it_zeroes(caplog):
 
 
 def _gptq_linear(model, batches, base):
-    quantize_(model, GPTQConfig(base=base, step="prepare"))
+    quantize_(model, MXFP4GPTQConfig(base=base, step="prepare"))
     with torch.no_grad():
         for b in batches:
             model(b)
-    quantize_(model, GPTQConfig(base=base, step="convert"))
+    quantize_(model, MXFP4GPTQConfig(base=base, step="convert"))
 
 
 def test_quantize_flow_warns_once_per_layer_with_dead_channels(caplog):
@@ -308,12 +308,13 @@ def test_quantize_flow_warns_once_per_layer_with_dead_channels(caplog):
 
 
 def test_quantize_flow_is_silent_without_dead_channels(caplog):
+    configs._REPORTED_PADDING.clear()  # report_padding warns once per width and process
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(80, 16)).eval()  # padded 80 -> 96: zero columns, zero weights
     with caplog.at_level(logging.WARNING, logger=GPTQ_LOGGER):
         _gptq_linear(model, [torch.randn(128, 80)], MXFP4Config(act_quant=False))
     assert _dead_warnings(caplog) == []
-    assert "padding" in caplog.text  # the padding itself is reported, as before
+    assert "padding" in caplog.text  # the padding itself is reported (configs.report_padding)
 
 
 def test_block_rotation_spreads_single_dead_channels_but_not_a_dead_block(caplog):

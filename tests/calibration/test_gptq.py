@@ -12,8 +12,8 @@ from torchao.quantization import quantize_
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from reference import ref_quantize, rne_e2m1
-from torchao_mx_ext import MXFP4BlockRotConfig, MXFP4Config, RotatedMXFP4Tensor
-from torchao_mx_ext.calibration import GPTQConfig, gptq_mxfp4, static_group_exponents
+from torchao_mx_ext import MXFP4BlockRotConfig, MXFP4Config, RotatedMXFP4Tensor, configs
+from torchao_mx_ext.calibration import GPTQConfig, MXFP4GPTQConfig, gptq_mxfp4, static_group_exponents
 from torchao_mx_ext.calibration.gptq import OBSERVER_ATTR
 from torchao_mx_ext.mx import e2m1_to_code, mxfp4_dequantize, mxfp4_quantize, unpack_uint4
 from torchao_mx_ext.rotation import rotation_block
@@ -190,6 +190,7 @@ def _calibrate(model, batches):
 
 @pytest.mark.parametrize("base", [MXFP4BlockRotConfig(), MXFP4Config(act_quant=False, scale_rule="floor")])
 def test_prepare_convert_sequential(base, caplog):
+    configs._REPORTED_PADDING.clear()  # report_padding warns once per width and process
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(80, 48), torch.nn.GELU(), torch.nn.Linear(48, 40)).eval()
     batches = [correlated_inputs(128, 80, seed=s).reshape(4, 32, 80) for s in range(4)]
@@ -200,7 +201,7 @@ def test_prepare_convert_sequential(base, caplog):
     quantize_(rtn, base)
 
     with caplog.at_level(logging.WARNING):
-        quantize_(model, GPTQConfig(base=base, step="prepare"))
+        quantize_(model, MXFP4GPTQConfig(base=base, step="prepare"))
     assert "input width 80" in caplog.text
     _calibrate(model, batches)
     obs = getattr(model[0], OBSERVER_ATTR)
@@ -212,7 +213,7 @@ def test_prepare_convert_sequential(base, caplog):
     # float32 accumulation over 512 rows vs float64
     torch.testing.assert_close(obs.hessian(), expected, rtol=1e-5, atol=1e-6 * float(expected.abs().max()))
 
-    quantize_(model, GPTQConfig(base=base, step="convert"))
+    quantize_(model, MXFP4GPTQConfig(base=base, step="convert"))
     for i in (0, 2):
         wq = model[i].weight
         assert isinstance(wq, RotatedMXFP4Tensor) and wq.shape == rtn[i].weight.shape
@@ -246,9 +247,9 @@ def test_prepare_convert_tiny_llama():
     rtn = copy.deepcopy(model)
     quantize_(rtn, base)
 
-    quantize_(model, GPTQConfig(base=base, step="prepare"))
+    quantize_(model, MXFP4GPTQConfig(base=base, step="prepare"))
     _calibrate(model, calib)
-    quantize_(model, GPTQConfig(base=base, step="convert"))
+    quantize_(model, MXFP4GPTQConfig(base=base, step="convert"))
     linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
     assert len(linears) == 15 and all(isinstance(m.weight, RotatedMXFP4Tensor) for m in linears)
     with torch.no_grad():
@@ -262,9 +263,40 @@ def test_prepare_convert_tiny_llama():
 
 
 def test_config_round_trips_through_torchao_serialisation():
-    cfg = GPTQConfig(base=MXFP4BlockRotConfig(scale_rule="floor"), step="convert", mse_shrink=True)
+    cfg = MXFP4GPTQConfig(base=MXFP4BlockRotConfig(scale_rule="floor"), step="convert", mse_shrink=True)
     back = config_from_dict(config_to_dict(cfg))
-    assert type(back) is GPTQConfig and back == cfg
+    assert type(back) is MXFP4GPTQConfig and back == cfg
+
+
+def test_deprecated_gptq_config_name_still_works_and_warns():
+    """``GPTQConfig``, the former name: a DeprecationWarning pointing at the caller, the same handler,
+    the same weights bit for bit, and it still round-trips through torchao's serialisation."""
+    base = MXFP4BlockRotConfig(scale_rule="floor")
+    with pytest.warns(DeprecationWarning, match="use MXFP4GPTQConfig") as record:
+        old_prepare = GPTQConfig(base=base, step="prepare")
+    assert record[0].filename == __file__
+    assert isinstance(old_prepare, MXFP4GPTQConfig)
+    with pytest.warns(DeprecationWarning):
+        old_convert = GPTQConfig(base=base, step="convert")
+    with pytest.warns(DeprecationWarning):
+        back = config_from_dict(config_to_dict(old_convert))
+    assert type(back) is GPTQConfig and back == old_convert
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 48), torch.nn.GELU(), torch.nn.Linear(48, 32)).eval()
+    twin = copy.deepcopy(model)
+    batches = [correlated_inputs(64, 64, seed=s) for s in range(2)]
+    for m, (prepare, convert) in (
+        (model, (old_prepare, old_convert)),
+        (twin, (MXFP4GPTQConfig(base=base, step="prepare"), MXFP4GPTQConfig(base=base, step="convert"))),
+    ):
+        quantize_(m, prepare)
+        _calibrate(m, batches)
+        quantize_(m, convert)
+    for i in (0, 2):
+        old_w, new_w = model[i].weight, twin[i].weight
+        assert isinstance(old_w, RotatedMXFP4Tensor)
+        assert torch.equal(old_w.qdata, new_w.qdata) and torch.equal(old_w.scale, new_w.scale)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -297,30 +329,30 @@ def test_gptq_function_rejects_bad_input():
 
 def test_config_rejects_bad_use():
     with pytest.raises(TypeError, match="base="):
-        GPTQConfig(step="prepare")
+        MXFP4GPTQConfig(step="prepare")
     with pytest.raises(ValueError, match="step"):
-        GPTQConfig(base=MXFP4Config(), step="observe")
+        MXFP4GPTQConfig(base=MXFP4Config(), step="observe")
     with pytest.raises(ValueError, match="compute_dtype"):
-        GPTQConfig(base=MXFP4Config(), compute_dtype="bfloat16")
-    assert GPTQConfig(base=MXFP4Config(), step="PREPARE").step == "prepare"
+        MXFP4GPTQConfig(base=MXFP4Config(), compute_dtype="bfloat16")
+    assert MXFP4GPTQConfig(base=MXFP4Config(), step="PREPARE").step == "prepare"
 
     lin = torch.nn.Sequential(torch.nn.Linear(64, 32))
     with pytest.raises(ValueError, match="not prepared"):
-        quantize_(lin, GPTQConfig(base=MXFP4Config(), step="convert"))
-    quantize_(lin, GPTQConfig(base=MXFP4Config(), step="prepare"))
+        quantize_(lin, MXFP4GPTQConfig(base=MXFP4Config(), step="convert"))
+    quantize_(lin, MXFP4GPTQConfig(base=MXFP4Config(), step="prepare"))
     with pytest.raises(ValueError, match="already prepared"):
-        quantize_(lin, GPTQConfig(base=MXFP4Config(), step="prepare"))
+        quantize_(lin, MXFP4GPTQConfig(base=MXFP4Config(), step="prepare"))
     with pytest.raises(ValueError, match="saw no calibration data"):
-        quantize_(lin, GPTQConfig(base=MXFP4Config(), step="convert"))
+        quantize_(lin, MXFP4GPTQConfig(base=MXFP4Config(), step="convert"))
     _calibrate(lin, [torch.randn(16, 64)])
     with pytest.raises(ValueError, match="another rotation"):
-        quantize_(lin, GPTQConfig(base=MXFP4BlockRotConfig(), step="convert"))
-    quantize_(lin, GPTQConfig(base=MXFP4Config(), step="convert"))
+        quantize_(lin, MXFP4GPTQConfig(base=MXFP4BlockRotConfig(), step="convert"))
+    quantize_(lin, MXFP4GPTQConfig(base=MXFP4Config(), step="convert"))
     assert isinstance(lin[0].weight, RotatedMXFP4Tensor)
     with pytest.raises(ValueError, match="already MXFP4-quantized"):
-        quantize_(lin, GPTQConfig(base=MXFP4Config(), step="convert"))
+        quantize_(lin, MXFP4GPTQConfig(base=MXFP4Config(), step="convert"))
     with pytest.raises(TypeError, match="already quantized"):
-        quantize_(lin, GPTQConfig(base=MXFP4Config(), step="prepare"))
+        quantize_(lin, MXFP4GPTQConfig(base=MXFP4Config(), step="prepare"))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -21,12 +21,12 @@ from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeExperts
 
 from reference import ref_hadamard
 from torchao_mx_ext import MXFP4BlockRotConfig, MXFP4Config, RotatedMXFP4Tensor
-from torchao_mx_ext.calibration import GPTQConfig, gptq_mxfp4
+from torchao_mx_ext.configs import quantize_linears
+from torchao_mx_ext.calibration import MXFP4GPTQConfig, gptq_mxfp4
 from torchao_mx_ext.calibration.gptq import OBSERVER_ATTR
 from torchao_mx_ext.calibration.gptq_experts import ExpertsHessianObserver
 from torchao_mx_ext.calibration.sequential import sequential_gptq
 from torchao_mx_ext.moe.experts import is_fused_experts, quantize_expert_weights, quantize_experts_module
-from torchao_mx_ext.recipes import quantize_linears
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "moe"))
 from _router_tiny_models import NUM_EXPERTS, VOCAB, build_tiny  # noqa: E402
@@ -112,7 +112,7 @@ def rotated_weight64(w, rotation64):
 
 
 def observe(module, config, batches):
-    quantize_(module, GPTQConfig(base=config, step="prepare", hessian_dtype="float64"), filter_fn=is_fused_experts)
+    quantize_(module, MXFP4GPTQConfig(base=config, step="prepare", hessian_dtype="float64"), filter_fn=is_fused_experts)
     with torch.no_grad():
         return [module(*b) for b in batches]
 
@@ -176,10 +176,10 @@ def test_convert_is_gptq_per_expert_and_rtn_without_rows(config, gptq_kwargs, ca
 
     observe(module, config, [(x, index, weights)])
     with caplog.at_level(logging.WARNING):
-        quantize_(module, GPTQConfig(base=config, step="convert", **gptq_kwargs), filter_fn=is_fused_experts)
+        quantize_(module, MXFP4GPTQConfig(base=config, step="convert", **gptq_kwargs), filter_fn=is_fused_experts)
     assert "1 of 4 experts received no calibration tokens" in caplog.text
 
-    cfg = GPTQConfig(base=config, step="convert", **gptq_kwargs)
+    cfg = MXFP4GPTQConfig(base=config, step="convert", **gptq_kwargs)
     dtype = torch.float64 if cfg.compute_dtype == "float64" else torch.float32
     rot = block_rotation64(config, 64)
     h1, h2, n = reference_hessians(gate_up, down, x, index, rot, rot, F.relu)
@@ -249,14 +249,14 @@ def test_gptq_beats_rtn_on_tiny_qwen2_moe_routing():
     quantize_(rtn, config, filter_fn=is_fused_experts)
     calib = torch.randint(3, VOCAB, (8, 48), generator=torch.Generator().manual_seed(0))
 
-    quantize_(model, GPTQConfig(base=config, step="prepare"), filter_fn=is_fused_experts)
+    quantize_(model, MXFP4GPTQConfig(base=config, step="prepare"), filter_fn=is_fused_experts)
     seen, handles = _routed_inputs(model)
     with torch.no_grad():
         for ids in calib.split(2):
             model(ids)
     for h in handles:
         h.remove()
-    quantize_(model, GPTQConfig(base=config, step="convert"), filter_fn=is_fused_experts)
+    quantize_(model, MXFP4GPTQConfig(base=config, step="convert"), filter_fn=is_fused_experts)
 
     rot = torch.block_diag(*[ref_hadamard(32)] * 2)  # hidden 64, moe inter 32: both widths fit, no padding
     ratios = []
@@ -323,8 +323,8 @@ def test_sequential_gptq_quantizes_experts_with_gptq(caplog):
 # ---------------------------------------------------------------------------------------------
 def test_bad_use_is_a_clear_error():
     base = MXFP4BlockRotConfig()
-    prepare = GPTQConfig(base=base, step="prepare")
-    convert = GPTQConfig(base=base, step="convert")
+    prepare = MXFP4GPTQConfig(base=base, step="prepare")
+    convert = MXFP4GPTQConfig(base=base, step="convert")
     x, index, weights = make_inputs(16, exact=False)
 
     module = make_experts("silu", exact=False)
@@ -338,9 +338,9 @@ def test_bad_use_is_a_clear_error():
     with torch.no_grad():
         module(x, index, weights)
     with pytest.raises(ValueError, match="another rotation/padding"):
-        quantize_(module, GPTQConfig(base=MXFP4Config(), step="convert"), filter_fn=is_fused_experts)
+        quantize_(module, MXFP4GPTQConfig(base=MXFP4Config(), step="convert"), filter_fn=is_fused_experts)
     with pytest.raises(ValueError, match="another rotation/padding"):
-        quantize_(module, GPTQConfig(base=MXFP4BlockRotConfig(seed=1, rotation="random_hadamard"), step="convert"),
+        quantize_(module, MXFP4GPTQConfig(base=MXFP4BlockRotConfig(seed=1, rotation="random_hadamard"), step="convert"),
                   filter_fn=is_fused_experts)
     assert isinstance(getattr(module, OBSERVER_ATTR), ExpertsHessianObserver)  # failed converts change nothing
     quantize_(module, convert, filter_fn=is_fused_experts)

@@ -119,8 +119,9 @@ def test_config_refuses_bad_value(cls, kwargs, exc, field):
     assert any(r in message for r in (">= 0", ">= 1", "in [0, 1]", "dict", "sequence")), message
 
 
-def test_pick_nan_boost_and_pesf_none_alpha_regressions():
-    """The two reported cases: a NaN boost used to give all-NaN logits, alpha=None a raw TypeError."""
+def test_pick_nan_boost_and_pesf_none_alpha_are_refused():
+    """A NaN boost would make every logit NaN, alpha=None would fail deep inside the pass: both are
+    refused at construction, naming the field and its range."""
     with pytest.raises(ValueError, match=r"PickConfig\.boost must be a finite number \(>= 0\), got nan"):
         PickConfig(experts=[1], boost=float("nan"))
     with pytest.raises(TypeError, match=r"PESFConfig\.alpha must be a real number \(>= 0\), got NoneType None"):
@@ -166,8 +167,8 @@ def test_apply_router_pass_revalidates_a_mutated_config_before_changing_anything
      "expert index 12 out of range [0, 8) of router model.layers.1.mlp.gate"),
 ])
 def test_apply_router_pass_refuses_what_a_router_cannot_take_before_changing_anything(arch, config, text):
-    """Refusals that used to come after the blocks were rewired / the experts marked for sentinels
-    (or after the first routers were rewritten) now come first."""
+    """What one router cannot take is refused before the blocks are rewired, the experts marked for
+    sentinels or the first routers rewritten."""
     model = build_tiny(arch)
     before = fingerprint(model)
     with pytest.raises(ValueError) as info:
@@ -234,16 +235,72 @@ def test_saved_settings_out_of_range_are_refused(entry, text):
     assert_unchanged(model, before)
 
 
-def test_saving_refuses_a_buffer_set_out_of_range():
-    """set_router_pass_buffer writes buffers in place without the configs' checks; the saved form
-    (router_pass_settings, what checkpoints store) refuses such a value instead of writing a
-    checkpoint that cannot be loaded."""
+def test_saving_refuses_a_buffer_written_out_of_range():
+    """A buffer written directly (not through set_router_pass_buffer, which checks) is unchecked; the
+    saved form (router_pass_settings, what checkpoints store) refuses such a value instead of writing
+    a checkpoint that cannot be loaded."""
     model = build_tiny("qwen2_moe")
     apply_router_pass(model, PickConfig(experts=[2], boost=1.0))
     assert router_pass_settings(model)[ROUTER0] == [{"pass": "pick", "experts": [2], "boost": 1.0}]
-    set_router_pass_buffer(model, "pick_boost", float("nan"))
-    with pytest.raises(ValueError, match=r"pick\.boost.*set_router_pass_buffer"):
+    with torch.no_grad():
+        model.model.layers[0].mlp.gate.pick_boost.fill_(float("nan"))
+    with pytest.raises(ValueError, match=r"pick\.boost.*written directly"):
         router_pass_settings(model)
+
+
+ROUTER1 = "model.layers.1.mlp.gate"
+
+
+@pytest.mark.parametrize("name, value, exc, text", [
+    ("pesf_alpha", NAN, ValueError, "pesf_alpha must be a finite number (>= 0), got nan"),
+    ("pesf_alpha", -0.1, ValueError, "pesf_alpha must be >= 0"),
+    ("pesf_alpha", None, TypeError, "pesf_alpha must be a real number"),
+    ("pick_boost", INF, ValueError, "pick_boost must be a finite number (>= 0)"),
+    ("pick_boost", -1.0, ValueError, "pick_boost must be >= 0"),
+    ("ban_tau", 1.5, ValueError, "ban_tau must be in [0, 1]"),
+    ("ban_tau", "0.5", TypeError, "ban_tau must be a real number"),
+    ("ban_k_min", 0, ValueError, "ban_k_min must be an integer >= 1"),
+    ("ban_k_min", 1.5, TypeError, "ban_k_min must be an integer"),
+    ("ban_k_min", True, TypeError, "ban_k_min must be an integer"),
+    ("pick_mask", [1, 0, 0, 0, 0, 0, 0, 0], TypeError, "pick_mask[0] must be True or False"),
+    ("pick_mask", torch.zeros(8), TypeError, "pick_mask must be a bool mask over the 8 experts"),
+    ("pick_mask", [True, False], ValueError, "pick_mask must have 8 entries"),
+    ("ban_protected", "all", TypeError, "ban_protected must be a bool mask"),
+    ("ban_tau", {ROUTER1: NAN}, ValueError, f"ban_tau['{ROUTER1}'] must be a finite number"),
+    ("pick_boost", {ROUTER0: 0.5, ROUTER1: -2.0}, ValueError, f"pick_boost['{ROUTER1}'] must be >= 0"),
+])
+def test_set_router_pass_buffer_checks_values_before_changing_anything(name, value, exc, text):
+    """Every value is checked as the configs check it, on every router, before any buffer changes."""
+    model = build_tiny("qwen2_moe")
+    apply_router_pass(model, PESFConfig(alpha=0.3))
+    apply_router_pass(model, PickConfig(experts=[2], boost=1.0))
+    apply_router_pass(model, BanConfig(tau=0.8, k_min=1))
+    before = fingerprint(model)
+    with pytest.raises(exc) as info:
+        set_router_pass_buffer(model, name, value)
+    assert type(info.value) is exc and text in str(info.value), str(info.value)
+    assert_unchanged(model, before)
+
+
+def test_set_router_pass_buffer_takes_documented_values():
+    model = build_tiny("qwen2_moe")
+    apply_router_pass(model, PickConfig(experts=[2], boost=1.0))
+    apply_router_pass(model, BanConfig(tau=0.8, k_min=1))
+    gate0, gate1 = model.model.layers[0].mlp.gate, model.model.layers[1].mlp.gate
+    assert set_router_pass_buffer(model, "ban_tau", {ROUTER1: 1}) == 1
+    assert float(gate1.ban_tau) == 1.0 and float(gate0.ban_tau) == pytest.approx(0.8)
+    assert set_router_pass_buffer(model, "ban_k_min", np.int64(2)) == 2
+    assert int(gate0.ban_k_min) == int(gate1.ban_k_min) == 2
+    assert set_router_pass_buffer(model, "pick_boost", torch.tensor(0.25)) == 2
+    assert float(gate0.pick_boost) == 0.25
+    set_router_pass_buffer(model, "pick_mask", {ROUTER0: [i == 3 for i in range(8)]})
+    assert gate0.pick_mask.nonzero().flatten().tolist() == [3]
+    set_router_pass_buffer(model, "pick_mask", np.arange(8) < 2)
+    assert gate1.pick_mask.nonzero().flatten().tolist() == [0, 1]
+    set_router_pass_buffer(model, "ban_protected", False)
+    assert not gate0.ban_protected.any() and not gate1.ban_protected.any()
+    with pytest.raises(ValueError, match="has a pass buffer 'pesf_alpha'"):
+        set_router_pass_buffer(model, "pesf_alpha", 0.5)  # no PESF installed
 
 
 # ---------------------------------------------------------------------------------------------------

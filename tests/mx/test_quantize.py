@@ -2,7 +2,17 @@ import pytest
 import torch
 
 from reference import ref_quantize
-from torchao_mx_ext.mx import SCALE_RULES, mxfp4_dequantize, mxfp4_fake_quantize, mxfp4_quantize
+from torchao_mx_ext.mx import (
+    SCALE_RULES,
+    element_multiplier,
+    e2m1_to_code,
+    mxfp4_dequantize,
+    mxfp4_fake_quantize,
+    mxfp4_quantize,
+    round_onto_scales,
+    unpack_uint4,
+)
+from torchao_mx_ext.mx.e8m0 import exp2_int
 
 
 def _hard_cases() -> torch.Tensor:
@@ -43,6 +53,19 @@ def test_bit_exact_against_float64_reference(rule):
         torch.testing.assert_close(deq, ref_deq, rtol=2**-22, atol=0)
     else:
         assert torch.equal(deq, ref_deq)
+
+
+@pytest.mark.parametrize("rule", SCALE_RULES)
+def test_rounding_onto_fixed_scales_is_the_quantizers_rounding(rule):
+    """round_onto_scales on the exponents mxfp4_quantize chose gives its codes bit for bit (the one
+    element rounding GPTQ shares), from float32 and from float64 input alike."""
+    x = _hard_cases()[:-1]  # the last block (fp_quant overflow) has its own test
+    qdata, scale = mxfp4_quantize(x, 32, rule)
+    inv_scale = exp2_int(-(scale.to(torch.int32) - 127))  # [n, 1]: one block per row
+    for src in (x, x.double()):
+        q = round_onto_scales(src, inv_scale, element_multiplier(rule))
+        assert q.dtype == torch.float32
+        assert torch.equal(e2m1_to_code(q), unpack_uint4(qdata))
 
 
 def test_floor_rule_is_the_ocp_definition_on_known_blocks():

@@ -21,6 +21,9 @@ from typing import Any, Optional, Union
 
 import torch
 
+from ..paths import cache_dir
+from ..paths import data_dir as shared_data_dir
+
 SOURCES = {
     "wikitext2": "wikitext2/wt2_tokenized_valid.txt",
     "tinystories": "tinystories/tinystories_val_subset.txt",
@@ -169,8 +172,6 @@ def check_calibration_ids(
 def resolve_source(source: Union[str, Path], data_dir: Optional[Path] = None) -> Path:
     if str(source) in SOURCES:
         if data_dir is None:
-            from ..zoo import data_dir as shared_data_dir
-
             data_dir = shared_data_dir()
         path = Path(data_dir) / SOURCES[str(source)]
     else:
@@ -187,8 +188,6 @@ def read_text(path: Path) -> str:
     has no text (empty, or only whitespace) or cannot be read as text."""
     from datasets import load_dataset
     from datasets.exceptions import DatasetGenerationError
-
-    from ..zoo import cache_dir
 
     if Path(path).stat().st_size == 0:  # datasets fails on it with a bare DatasetGenerationError
         raise ValueError(f"calibration file {path} has no text (it is empty)")

@@ -27,13 +27,18 @@ MXFP4 specifics (MR-GPTQ):
 - weight and Hessian live in the rotated, zero-padded domain the weight is stored in (``W R`` and
   ``H = 2/n (X R)^T (X R)``), so the result is a :class:`RotatedMXFP4Tensor` payload.
 
-:class:`GPTQConfig` wires this into torchao's ``quantize_`` as prepare (observe inputs) -> calibrate
+:class:`MXFP4GPTQConfig` wires this into torchao's ``quantize_`` as prepare (observe inputs) -> calibrate
 (run forward passes) -> convert (run GPTQ, install :class:`RotatedMXFP4Tensor` weights)::
 
-    quantize_(model, GPTQConfig(base=MXFP4BlockRotConfig(), step="prepare"))
+    quantize_(model, MXFP4GPTQConfig(base=MXFP4BlockRotConfig(), step="prepare"))
     for batch in calibration_batches:
         model(batch)
-    quantize_(model, GPTQConfig(base=MXFP4BlockRotConfig(), step="convert"))
+    quantize_(model, MXFP4GPTQConfig(base=MXFP4BlockRotConfig(), step="convert"))
+
+This module holds the algorithm, the observer, the config and the linear steps
+(:func:`prepare_linear`, :func:`convert_linear`); the ``quantize_`` handler that dispatches a module to
+them or to the fused-experts steps is :mod:`.gptq_handler`, registered when the
+``torchao_mx_ext.calibration`` package is imported (which any import of this module does first).
 
 All layers observe the full-precision model's inputs (one pass). The paper's sequential variant (each
 layer calibrated on the outputs of the already quantized layers before it) is the per-layer driver
@@ -41,10 +46,13 @@ layer calibrated on the outputs of the already quantized layers before it) is th
 
 Fused MoE experts (3-D weights) are GPTQ'd expert by expert through the same config
 (``filter_fn=is_fused_experts``): :mod:`.gptq_experts`.
+
+``GPTQConfig`` is the deprecated former name of :class:`MXFP4GPTQConfig` (it clashes with torchao's
+own ``torchao.prototype.gptq.GPTQConfig``): it still works, with a ``DeprecationWarning``.
 """
 
 import logging
-import types
+import warnings
 from dataclasses import dataclass
 from enum import Enum
 from typing import List, Optional, Tuple
@@ -52,11 +60,10 @@ from typing import List, Optional, Tuple
 import torch
 import torch.nn.functional as F
 from torchao.core.config import AOBaseConfig
-from torchao.quantization.transform_module import register_quantize_module_handler
 from torchao.utils import TorchAOBaseTensor
 
-from ..configs import MXFP4Config, linear_extra_repr, weight_layout
-from ..mx import check_scale_rule, e2m1_to_code, element_multiplier, pack_uint4, round_to_e2m1
+from ..configs import MXFP4Config, report_padding, set_linear_repr, weight_layout
+from ..mx import check_scale_rule, e2m1_to_code, element_multiplier, pack_uint4, round_onto_scales
 from ..mx.e8m0 import E8M0_MAX_EXP, E8M0_MIN_EXP, exp2_int, exponent_to_e8m0
 from ..mx.quantize import quantize_blocks
 from ..rotation import apply_block_rotation
@@ -65,27 +72,33 @@ from .data import check_bool, check_real
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["GPTQConfig", "HessianObserver", "gptq_mxfp4", "static_group_exponents"]
+__all__ = [
+    "GPTQConfig",
+    "HESSIAN_DTYPES",
+    "HessianObserver",
+    "MXFP4GPTQConfig",
+    "OBSERVER_ATTR",
+    "convert_linear",
+    "gptq_mxfp4",
+    "gptq_rotated",
+    "prepare_linear",
+    "static_group_exponents",
+    "warn_dead_channels",
+]
 
-_DTYPES = {"float32": torch.float32, "float64": torch.float64}
+# The accepted values of MXFP4GPTQConfig.hessian_dtype / compute_dtype and the dtypes they name.
+HESSIAN_DTYPES = {"float32": torch.float32, "float64": torch.float64}
+# Attribute of a prepared module holding its observer (HessianObserver, or ExpertsHessianObserver).
 OBSERVER_ATTR = "mxfp4_gptq_observer"
 
 
 # ---------------------------------------------------------------------------------------------
 # the algorithm
 # ---------------------------------------------------------------------------------------------
-def _round_onto(w: torch.Tensor, inv_scale: torch.Tensor, multiplier: float) -> torch.Tensor:
-    """E2M1 values of ``w`` on fixed scales: the same float32 arithmetic as ``mxfp4_quantize``."""
-    v = w.to(torch.float32) * inv_scale
-    if multiplier != 1.0:
-        v = v * (1.0 / multiplier)
-    return round_to_e2m1(v)
-
-
 def _group_errors(wb: torch.Tensor, e: torch.Tensor, multiplier: float, h_groups: Optional[torch.Tensor]) -> torch.Tensor:
     """Per-group reconstruction error ``[N, G]`` of blocks ``wb [N, G, B]`` on exponents ``e [N, G]``:
     ``d H_gg d^T`` with ``d = w_g - deq(q_g)`` (plain ``|d|^2`` when ``h_groups`` is None)."""
-    q = _round_onto(wb, exp2_int(-e).unsqueeze(-1), multiplier)
+    q = round_onto_scales(wb, exp2_int(-e).unsqueeze(-1), multiplier)
     d = wb.to(torch.float64) - (q * (exp2_int(e) * multiplier).unsqueeze(-1)).to(torch.float64)
     if h_groups is None:
         return d.square().sum(-1)
@@ -132,7 +145,7 @@ def static_group_exponents(
 def _check_damp(damp, where: str = "") -> float:
     try:
         return check_real(damp, f"{where}damp", low=0)
-    except TypeError as e:  # a ValueError as before (damp=None, "0.01", True): it names the field and range
+    except TypeError as e:  # one exception type for every bad damp (None, "0.01", True, nan, -1): ValueError
         raise ValueError(str(e)) from None
 
 
@@ -211,11 +224,14 @@ def gptq_mxfp4(
         weight, hessian, block_size, scale_rule, damp, column_block, act_order, mse_shrink, compute_dtype
     )
     if zeroed:
-        _warn_dead_channels(name or f"weight {tuple(weight.shape)}", zeroed, weight.shape[-1])
+        warn_dead_channels(name or f"weight {tuple(weight.shape)}", zeroed, weight.shape[-1])
     return qdata, scale
 
 
-def _warn_dead_channels(name: str, zeroed: int, width: int, detail: str = "") -> None:
+def warn_dead_channels(name: str, zeroed: int, width: int, detail: str = "") -> None:
+    """Log the warning of GPTQ's step 1 (:func:`gptq_mxfp4`): ``zeroed`` of the ``width`` input
+    channels of the weight ``name`` saw no calibration signal and lost their nonzero weights
+    (``detail``: appended to the count, e.g. how experts were summed)."""
     logger.warning(
         "GPTQ-MXFP4: %s: %d of %d input channels%s saw no calibration signal (zero Hessian diagonal, in the "
         "stored rotated/padded domain); GPTQ set their nonzero weights to zero, so these inputs are ignored "
@@ -267,7 +283,7 @@ def _gptq_mxfp4(weight, hessian, block_size, scale_rule, damp, column_block, act
         for i in range(i2 - i1):
             g = col_group[i1 + i]
             col = w1[:, i]
-            q = _round_onto(col, inv_scale[:, g], multiplier)
+            q = round_onto_scales(col, inv_scale[:, g], multiplier)
             q_all[:, i1 + i] = q
             err = (col - (q * deq_scale[:, g]).to(compute_dtype)) / u1[i, i]
             w1[:, i:] -= err.unsqueeze(1) * u1[i, i:].unsqueeze(0)
@@ -287,8 +303,8 @@ def _upper_cholesky_of_inverse(h: torch.Tensor) -> torch.Tensor:
     """``U`` with ``H^-1 = U^T U`` (float64), with a clear error when ``H`` is not positive definite."""
     lower, info = torch.linalg.cholesky_ex(h)
     if int(info) == 0:
-        # H^-1 = L^-T L^-1. Not torch.cholesky_inverse: on CPU it is ~30x slower than a triangular
-        # solve (5 s vs 0.2 s at K = 1024 here), and it is the same math.
+        # H^-1 = L^-T L^-1 by a triangular solve: the same math as torch.cholesky_inverse, which is
+        # much slower on CPU.
         eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
         lower_inv = torch.linalg.solve_triangular(lower, eye, upper=False)
         upper, info = torch.linalg.cholesky_ex(lower_inv.T @ lower_inv, upper=True)
@@ -351,9 +367,17 @@ class HessianObserver:
             raise ValueError("no calibration data observed")
         return self.sum.to(torch.float64) * (2.0 / self.count)
 
+    def matches_layout(self, padded: int, block: Optional[torch.Tensor]) -> bool:
+        """Does ``(padded, block)`` (convert's ``weight_layout``) describe the domain this observer saw?"""
+        if padded != self.padded:
+            return False
+        if block is None or self.rotation is None:
+            return block is None and self.rotation is None
+        return block.shape == self.rotation.shape and torch.equal(block, self.rotation.to(block.device))
+
 
 @dataclass
-class GPTQConfig(AOBaseConfig):
+class MXFP4GPTQConfig(AOBaseConfig):
     """GPTQ (MR-GPTQ recipe, arXiv 2509.23202) on top of an MXFP4 config, in two ``quantize_`` steps.
 
     Args:
@@ -382,19 +406,35 @@ class GPTQConfig(AOBaseConfig):
     compute_dtype: str = "float32"
 
     def __post_init__(self):
+        cls = type(self).__name__
         if not isinstance(self.base, MXFP4Config):
-            raise TypeError(f"GPTQConfig needs base=MXFP4Config(...) or MXFP4BlockRotConfig(...), got {self.base!r}")
+            raise TypeError(f"{cls} needs base=MXFP4Config(...) or MXFP4BlockRotConfig(...), got {self.base!r}")
         step = self.step.value if isinstance(self.step, Enum) else self.step
         if not isinstance(step, str) or step.lower() not in ("prepare", "convert"):
-            raise ValueError(f"GPTQConfig step must be 'prepare' or 'convert', got {self.step!r}")
+            raise ValueError(f"{cls} step must be 'prepare' or 'convert', got {self.step!r}")
         self.step = step.lower()
-        _check_damp(self.damp, "GPTQConfig.")
-        _check_column_block(self.column_block, "GPTQConfig.")
-        check_bool(self.act_order, "GPTQConfig.act_order")
-        check_bool(self.mse_shrink, "GPTQConfig.mse_shrink")
+        _check_damp(self.damp, f"{cls}.")
+        _check_column_block(self.column_block, f"{cls}.")
+        check_bool(self.act_order, f"{cls}.act_order")
+        check_bool(self.mse_shrink, f"{cls}.mse_shrink")
         for name in ("hessian_dtype", "compute_dtype"):
-            if getattr(self, name) not in _DTYPES:
-                raise ValueError(f"{name} must be one of {sorted(_DTYPES)}, got {getattr(self, name)!r}")
+            if getattr(self, name) not in HESSIAN_DTYPES:
+                raise ValueError(f"{name} must be one of {sorted(HESSIAN_DTYPES)}, got {getattr(self, name)!r}")
+
+
+class GPTQConfig(MXFP4GPTQConfig):
+    """Deprecated name of :class:`MXFP4GPTQConfig` (same fields, same ``quantize_`` handler), kept for
+    one release: the name clashes with torchao's own ``torchao.prototype.gptq.GPTQConfig``.
+    Constructing it emits a ``DeprecationWarning``."""
+
+    def __post_init__(self):
+        warnings.warn(
+            "torchao_mx_ext GPTQConfig is deprecated (it clashes with torchao.prototype.gptq.GPTQConfig); "
+            "use MXFP4GPTQConfig",
+            DeprecationWarning,
+            stacklevel=3,  # the caller of the generated __init__
+        )
+        super().__post_init__()
 
 
 def _describe(module: torch.nn.Module) -> str:
@@ -403,7 +443,9 @@ def _describe(module: torch.nn.Module) -> str:
     return f"{type(module).__name__}(weight {shape})"
 
 
-def _prepare(module: torch.nn.Module, config: GPTQConfig) -> torch.nn.Module:
+def prepare_linear(module: torch.nn.Module, config: MXFP4GPTQConfig) -> torch.nn.Module:
+    """``step="prepare"`` for a module with a 2-D ``weight``: attach a :class:`HessianObserver` (as a
+    forward pre-hook, and as the attribute :data:`OBSERVER_ATTR`)."""
     weight = getattr(module, "weight", None)
     if not isinstance(weight, torch.Tensor):
         raise TypeError(f"{_describe(module)} has no weight tensor to calibrate")
@@ -415,48 +457,38 @@ def _prepare(module: torch.nn.Module, config: GPTQConfig) -> torch.nn.Module:
         raise ValueError(f"{_describe(module)}: GPTQ needs a 2-D floating-point weight, got {weight.dtype}")
     width = weight.shape[-1]
     padded, block = weight_layout(config.base, width, weight.device)
-    if padded != width:
-        logger.warning(
-            "%s: input width %d is not a multiple of the MX/rotation block; padding weights and activations "
-            "with zeros to %d (exact: the padded columns meet zero activations)",
-            type(module).__name__, width, padded,
-        )
-    observer = HessianObserver(width, padded, block, _DTYPES[config.hessian_dtype], weight.device)
+    report_padding(width, padded)
+    observer = HessianObserver(width, padded, block, HESSIAN_DTYPES[config.hessian_dtype], weight.device)
     observer.handle = module.register_forward_pre_hook(observer, with_kwargs=True)
     setattr(module, OBSERVER_ATTR, observer)
     return module
 
 
-def _same_layout(observer: HessianObserver, padded: int, block: Optional[torch.Tensor]) -> bool:
-    """Does ``(padded, block)`` (convert's ``weight_layout``) describe the domain the observer saw?"""
-    if padded != observer.padded:
-        return False
-    if block is None or observer.rotation is None:
-        return block is None and observer.rotation is None
-    return block.shape == observer.rotation.shape and torch.equal(block, observer.rotation.to(block.device))
-
-
-def _gptq_rotated(weight: torch.Tensor, observer: HessianObserver, padded: int, block, config: GPTQConfig):
+def gptq_rotated(weight: torch.Tensor, observer: HessianObserver, padded: int, block, config: MXFP4GPTQConfig):
     """GPTQ of a 2-D ``weight [N, K]`` on the observer's Hessian, in the stored domain: ``W R`` in float64
-    (zero-padded to ``padded``, rotated as ``RotatedMXFP4Tensor.from_hp`` does) -> (qdata, scale,
-    zeroed dead channels); the caller warns about the dead channels (:func:`_gptq_mxfp4`)."""
+    (zero-padded to ``padded``, rotated by ``block`` as ``RotatedMXFP4Tensor.from_hp`` does), with
+    ``config``'s settings. Returns ``(qdata, scale, zeroed)``, ``zeroed`` the number of dead input
+    channels whose weights GPTQ set to zero: the caller warns about them (:func:`warn_dead_channels`),
+    naming the layer (one linear) or summing over experts (fused experts)."""
     base = config.base
     w = F.pad(weight.to(torch.float64), (0, padded - weight.shape[-1]))
     if block is not None:
         w = apply_block_rotation(w, block.to(torch.float64))
     return _gptq_mxfp4(
         w, observer.hessian().to(weight.device), base.block_size, base.scale_rule, config.damp,
-        config.column_block, config.act_order, config.mse_shrink, _DTYPES[config.compute_dtype],
+        config.column_block, config.act_order, config.mse_shrink, HESSIAN_DTYPES[config.compute_dtype],
     )
 
 
-def _convert(module: torch.nn.Module, config: GPTQConfig) -> torch.nn.Module:
+def convert_linear(module: torch.nn.Module, config: MXFP4GPTQConfig) -> torch.nn.Module:
+    """``step="convert"`` for a module prepared by :func:`prepare_linear`: GPTQ on the observed Hessian,
+    a :class:`RotatedMXFP4Tensor` weight in place of the original, the observer removed."""
     observer = getattr(module, OBSERVER_ATTR, None)
     if observer is None:
         if isinstance(getattr(module, "weight", None), RotatedMXFP4Tensor):
             raise ValueError(f"{_describe(module)} is already MXFP4-quantized; convert runs once")
         raise ValueError(
-            f"{_describe(module)} was not prepared for GPTQ: run quantize_(model, GPTQConfig(step='prepare', ...)) "
+            f"{_describe(module)} was not prepared for GPTQ: run quantize_(model, MXFP4GPTQConfig(step='prepare', ...)) "
             "with the same filter_fn first"
         )
     if observer.count == 0:
@@ -467,34 +499,17 @@ def _convert(module: torch.nn.Module, config: GPTQConfig) -> torch.nn.Module:
     base = config.base
     weight = module.weight.detach()
     padded, block = weight_layout(base, weight.shape[-1], weight.device)
-    if not _same_layout(observer, padded, block):
+    if not observer.matches_layout(padded, block):
         raise ValueError(f"{_describe(module)}: convert's base config has another rotation/padding than prepare's")
-    qdata, scale, zeroed = _gptq_rotated(weight, observer, padded, block, config)
+    qdata, scale, zeroed = gptq_rotated(weight, observer, padded, block, config)
     if zeroed:
-        _warn_dead_channels(observer.name or _describe(module), zeroed, padded)
+        warn_dead_channels(observer.name or _describe(module), zeroed, padded)
     new_weight = RotatedMXFP4Tensor(
         qdata, scale, base.block_size, base.scale_rule, base.activation_scale_rule, weight.shape[-1], weight.dtype, block
     )
     observer.handle.remove()
     delattr(module, OBSERVER_ATTR)
     module.weight = torch.nn.Parameter(new_weight, requires_grad=False)
-    if isinstance(module, torch.nn.Linear):
-        module.extra_repr = types.MethodType(linear_extra_repr, module)
+    set_linear_repr(module)
     logger.info("GPTQ-MXFP4: %s quantized from %d calibration rows", _describe(module), observer.count)
     return module
-
-
-@register_quantize_module_handler(GPTQConfig)
-def _gptq_transform(module: torch.nn.Module, config: GPTQConfig) -> torch.nn.Module:
-    from ..moe.experts import expert_projection_names  # lazy: moe imports calibration
-
-    names = expert_projection_names(module)
-    if names is not None:
-        from .gptq_experts import convert_experts, prepare_experts
-
-        if config.step == "prepare":
-            return prepare_experts(module, config, names)
-        return convert_experts(module, config, names)
-    if config.step == "prepare":
-        return _prepare(module, config)
-    return _convert(module, config)

@@ -4,9 +4,9 @@ Fused MoE experts (transformers 5.x ``mlp.experts``: 3-D ``gate_up_proj [E, 2I, 
 without a gate) and ``down_proj [E, H, I]``, see :mod:`torchao_mx_ext.moe.experts`) are GPTQ'd expert
 by expert, each expert ``e`` a pair of linears calibrated on the tokens the router sends it::
 
-    quantize_(model, GPTQConfig(base=..., step="prepare"), filter_fn=is_fused_experts)
+    quantize_(model, MXFP4GPTQConfig(base=..., step="prepare"), filter_fn=is_fused_experts)
     ...calibration forward passes...
-    quantize_(model, GPTQConfig(base=..., step="convert"), filter_fn=is_fused_experts)
+    quantize_(model, MXFP4GPTQConfig(base=..., step="convert"), filter_fn=is_fused_experts)
 
 With ``T_e`` the calibration (token, slot) pairs routed to ``e`` (top-k slots, sentinel slots with an
 id ``>= E`` excluded), ``n_e = |T_e|``, ``x_t`` the token's hidden state and ``h_t = act(g_t) * u_t``
@@ -33,9 +33,17 @@ from typing import List, Tuple
 import torch
 from torchao.utils import TorchAOBaseTensor
 
-from ..configs import weight_layout
+from ..configs import check_quantizable, report_padding, weight_layout
+from ..moe.experts import experts_forward, install_mxfp4_experts_class
 from ..tensors import RotatedMXFP4Tensor
-from .gptq import _DTYPES, OBSERVER_ATTR, GPTQConfig, HessianObserver, _gptq_rotated, _same_layout, _warn_dead_channels
+from .gptq import (
+    HESSIAN_DTYPES,
+    OBSERVER_ATTR,
+    HessianObserver,
+    MXFP4GPTQConfig,
+    gptq_rotated,
+    warn_dead_channels,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -77,8 +85,6 @@ _OBSERVING_CLASSES: dict = {}
 
 def _observing_experts_forward(self, hidden_states, top_k_index, top_k_weights):
     """The plain (full-precision) experts math of ``mxfp4_experts_forward``, feeding the observers."""
-    from ..moe.experts import experts_forward  # lazy: moe imports calibration
-
     return experts_forward(self, hidden_states, top_k_index, top_k_weights, observe=getattr(self, OBSERVER_ATTR))
 
 
@@ -98,9 +104,9 @@ def _describe_experts(module: torch.nn.Module, names: Tuple[str, str]) -> str:
     return f"{cls.__name__}({shapes})"
 
 
-def prepare_experts(module: torch.nn.Module, config: GPTQConfig, names: Tuple[str, str]) -> torch.nn.Module:
-    from ..moe.experts import report_expert_padding  # lazy: moe imports calibration
-
+def prepare_experts(module: torch.nn.Module, config: MXFP4GPTQConfig, names: Tuple[str, str]) -> torch.nn.Module:
+    """``step="prepare"`` for a fused experts module with projections ``names``: attach an
+    :class:`ExpertsHessianObserver` and swap in the observing class (module docstring)."""
     desc = _describe_experts(module, names)
     for name in names:
         weight = getattr(module, name)
@@ -108,8 +114,7 @@ def prepare_experts(module: torch.nn.Module, config: GPTQConfig, names: Tuple[st
             raise TypeError(f"{desc}: {name} is already quantized ({type(weight).__name__}); prepare the original model")
     if getattr(module, OBSERVER_ATTR, None) is not None:
         raise ValueError(f"{desc} is already prepared for GPTQ; run the calibration and step='convert'")
-    if getattr(module, "is_transposed", False):
-        raise NotImplementedError(f"{desc} stores transposed expert weights [E, in, out]; not supported")
+    check_quantizable(module)  # transposed [E, in, out] weights, NaN/Inf, ...: refused as the RTN path does
     if "forward" in vars(module):
         # e.g. an accelerate hook: it calls the forward bound before prepare, the observing class never runs
         raise NotImplementedError(
@@ -124,8 +129,8 @@ def prepare_experts(module: torch.nn.Module, config: GPTQConfig, names: Tuple[st
             raise ValueError(f"{desc}: GPTQ needs a floating-point [{num_experts}, N, K] {name}, got {weight.dtype} {tuple(weight.shape)}")
         width = weight.shape[-1]
         padded, block = weight_layout(config.base, width, weight.device)
-        report_expert_padding(width, padded)
-        dtype = _DTYPES[config.hessian_dtype]
+        report_padding(width, padded, "expert input")
+        dtype = HESSIAN_DTYPES[config.hessian_dtype]
         observers.append([HessianObserver(width, padded, block, dtype, weight.device) for _ in range(num_experts)])
     observer = ExpertsHessianObserver(names, type(module), observers)
     module.__class__ = _observing_experts_class(type(module))
@@ -133,16 +138,16 @@ def prepare_experts(module: torch.nn.Module, config: GPTQConfig, names: Tuple[st
     return module
 
 
-def convert_experts(module: torch.nn.Module, config: GPTQConfig, names: Tuple[str, str]) -> torch.nn.Module:
-    from ..moe.experts import install_mxfp4_experts_class  # lazy: moe imports calibration
-
+def convert_experts(module: torch.nn.Module, config: MXFP4GPTQConfig, names: Tuple[str, str]) -> torch.nn.Module:
+    """``step="convert"`` for a module prepared by :func:`prepare_experts`: one GPTQ per expert and
+    projection (RTN for experts no calibration token reached), the MXFP4 experts class installed."""
     desc = _describe_experts(module, names)
     observer = getattr(module, OBSERVER_ATTR, None)
     if not isinstance(observer, ExpertsHessianObserver):
         if any(isinstance(getattr(module, name), RotatedMXFP4Tensor) for name in names):
             raise ValueError(f"{desc} is already MXFP4-quantized; convert runs once")
         raise ValueError(
-            f"{desc} was not prepared for GPTQ: run quantize_(model, GPTQConfig(step='prepare', ...)) "
+            f"{desc} was not prepared for GPTQ: run quantize_(model, MXFP4GPTQConfig(step='prepare', ...)) "
             "with the same filter_fn first"
         )
     counts = observer.counts()
@@ -156,7 +161,7 @@ def convert_experts(module: torch.nn.Module, config: GPTQConfig, names: Tuple[st
     for name, observers in zip(names, observer.observers):
         weight = getattr(module, name)
         layouts.append(weight_layout(base, weight.shape[-1], weight.device))
-        if not _same_layout(observers[0], *layouts[-1]):
+        if not observers[0].matches_layout(*layouts[-1]):
             raise ValueError(f"{desc}: convert's base config has another rotation/padding than prepare's ({name})")
 
     # All experts first, the module only changes once every one of them is done.
@@ -171,7 +176,7 @@ def convert_experts(module: torch.nn.Module, config: GPTQConfig, names: Tuple[st
                 q = RotatedMXFP4Tensor.from_hp(w_e, base.block_size, base.scale_rule, base.activation_scale_rule, block)
                 q_e, s_e = q.qdata, q.scale
             else:
-                q_e, s_e, zeroed = _gptq_rotated(w_e, obs, padded, block, config)
+                q_e, s_e, zeroed = gptq_rotated(w_e, obs, padded, block, config)
                 zeroed_total += zeroed
                 experts_hit += bool(zeroed)
             qdata.append(q_e)
@@ -189,7 +194,7 @@ def convert_experts(module: torch.nn.Module, config: GPTQConfig, names: Tuple[st
         setattr(module, name, torch.nn.Parameter(new_weight, requires_grad=False))
     install_mxfp4_experts_class(module)
     for name, (zeroed, experts_hit, width) in dead.items():  # one warning per projection, summed over experts
-        _warn_dead_channels(
+        warn_dead_channels(
             f"{observer.name or desc}.{name}", zeroed, width * len(counts),
             f" (summed over the experts' {width}-wide inputs; {experts_hit} of {len(counts)} experts affected)",
         )

@@ -9,7 +9,7 @@ Models larger than memory: dispatch them with accelerate (``disk_offload``/``cpu
 just before it is calibrated and then kept, quantized (4.25 bits per weight), in memory, so peak
 memory is one full-precision layer plus the quantized model plus the calibration activations.
 
-Per layer: attach Hessian observers (``GPTQConfig(step="prepare")``) to its linears and fused MoE
+Per layer: attach Hessian observers (``MXFP4GPTQConfig(step="prepare")``) to its linears and fused MoE
 experts modules (per-expert Hessians of both 3-D projections, from the tokens the layer's router sends
 each expert), run the calibration inputs through it, run GPTQ (``step="convert"``), then run the
 inputs through the quantized layer to produce the next layer's inputs. A tqdm bar shows the layers.
@@ -22,31 +22,26 @@ import torch
 from torchao.quantization import quantize_
 from tqdm.auto import tqdm
 
+from ..architectures import decoder_layers
 from ..configs import MXFP4Config
+from ..moe.experts import is_fused_experts
 from .data import check_calibration_ids
-from .gptq import OBSERVER_ATTR, GPTQConfig
+from .gptq import OBSERVER_ATTR, MXFP4GPTQConfig
 
 logger = logging.getLogger(__name__)
+
+__all__ = ["capture_first_layer_inputs", "decoder_layers_fqn", "materialize_offloaded", "run_layer", "sequential_gptq"]
 
 
 class _StopForward(Exception):
     pass
 
 
-def _decoder_layers(model, purpose: str = "sequential calibration"):
-    layers = getattr(getattr(model, "model", None), "layers", None)
-    if layers is None:
-        raise NotImplementedError(
-            f"{purpose} needs a decoder with model.model.layers (Llama-family HF models); got {type(model).__name__}"
-        )
-    return layers
-
-
 @torch.no_grad()
 def capture_first_layer_inputs(model, calib_ids: torch.Tensor):
     """(hidden states ``[n, L, d]`` entering layer 0, the keyword arguments the layer receives) for
     token ids ``calib_ids [n, L]`` (checked first: :func:`.data.check_calibration_ids`)."""
-    layers = _decoder_layers(model)
+    layers = decoder_layers(model, "sequential calibration")
     calib_ids = check_calibration_ids(model, calib_ids, "calibration (capture_first_layer_inputs)")
     captured = {}
 
@@ -84,7 +79,9 @@ def materialize_offloaded(layer: torch.nn.Module) -> torch.nn.Module:
     return layer
 
 
-def _run_layer(layer, hidden: torch.Tensor, kwargs: Dict) -> torch.Tensor:
+def run_layer(layer, hidden: torch.Tensor, kwargs: Dict) -> torch.Tensor:
+    """The outputs ``[n, L, d]`` of decoder ``layer`` on ``hidden [n, L, d]``, one sample at a time,
+    with the keyword arguments :func:`capture_first_layer_inputs` captured."""
     out = torch.empty_like(hidden)
     for i in range(hidden.shape[0]):
         y = layer(hidden[i : i + 1], **kwargs)
@@ -105,17 +102,15 @@ def sequential_gptq(
     ``config_for(name)`` gives the MXFP4 base config for a linear by its short name inside the layer
     (``"q_proj"``, ``"down_proj"``, ...), or ``None`` to leave it alone; a fused experts module is
     looked up by its own short name (``"experts"``: one config for both its 3-D projections, as
-    :func:`torchao_mx_ext.recipes.quantize_linears` does for RTN) and gets per-expert GPTQ (module
-    docstring of :mod:`torchao_mx_ext.calibration.gptq`). ``gptq_kwargs`` go to :class:`GPTQConfig`
-    (``damp``, ``column_block``, ``act_order``, ``mse_shrink``).
+    :func:`torchao_mx_ext.configs.quantize_linears` does for RTN) and gets per-expert GPTQ (module
+    docstring of :mod:`torchao_mx_ext.calibration.gptq`). ``gptq_kwargs`` go to
+    :class:`~.gptq.MXFP4GPTQConfig` (``damp``, ``column_block``, ``act_order``, ``mse_shrink``).
 
     Checked before the model is touched: ``calib_ids`` (an integer ``[n, seq_len]`` tensor of ids in
     the model's vocabulary, :func:`.data.check_calibration_ids`), ``gptq_kwargs`` and every config
     ``config_for`` returns. Warnings name layers by their fqn (``model.layers.3.mlp.down_proj``).
     """
-    from ..moe.experts import is_fused_experts  # lazy: moe imports calibration
-
-    layers = _decoder_layers(model)
+    layers = decoder_layers(model, "sequential calibration")
     calib_ids = check_calibration_ids(model, calib_ids, "sequential_gptq")
     # Every layer's targets and configs up front: a bad config fails here, not after earlier layers changed.
     plan = []
@@ -126,11 +121,11 @@ def sequential_gptq(
                 base = config_for(fqn.split(".")[-1])
                 if base is not None:
                     targets[fqn] = (
-                        GPTQConfig(base=base, step="prepare", **gptq_kwargs),
-                        GPTQConfig(base=base, step="convert", **gptq_kwargs),
+                        MXFP4GPTQConfig(base=base, step="prepare", **gptq_kwargs),
+                        MXFP4GPTQConfig(base=base, step="convert", **gptq_kwargs),
                     )
         plan.append(targets)
-    layers_fqn = _layers_fqn(model)
+    layers_fqn = decoder_layers_fqn(model)
     hidden, kwargs = capture_first_layer_inputs(model, calib_ids)
     for i, (layer, targets) in enumerate(tqdm(list(zip(layers, plan)), desc="GPTQ layers", disable=not progress)):
         materialize_offloaded(layer)
@@ -139,16 +134,17 @@ def sequential_gptq(
             observer = getattr(layer.get_submodule(fqn), OBSERVER_ATTR, None)
             if observer is not None:
                 observer.name = f"{layers_fqn}.{i}.{fqn}"
-        _run_layer(layer, hidden, kwargs)
+        run_layer(layer, hidden, kwargs)
         for fqn, (_, convert) in targets.items():
             quantize_(layer, convert, filter_fn=lambda m, n, f=fqn: n == f)
-        hidden = _run_layer(layer, hidden, kwargs)
+        hidden = run_layer(layer, hidden, kwargs)
     return model
 
 
-def _layers_fqn(model) -> str:
-    """The fqn of the decoder's layer list (``"model.layers"``), for messages."""
-    layers = _decoder_layers(model)
+def decoder_layers_fqn(model) -> str:
+    """The fqn of the decoder's layer list (``"model.layers"``): with a layer index and a module's fqn
+    inside the layer, the module's fqn in ``model`` (for messages and model-level filters)."""
+    layers = decoder_layers(model, "sequential calibration")
     for name, module in model.named_modules():
         if module is layers:
             return name

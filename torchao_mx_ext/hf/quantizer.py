@@ -34,6 +34,7 @@ from transformers.core_model_loading import ConversionOps
 from transformers.quantizers.base import HfQuantizer
 from transformers.quantizers.quantizers_utils import get_module_from_name, should_convert_module
 
+from ..architectures import high_precision_modules
 from ..configs import set_linear_repr
 from ..moe.experts import expert_projection_names, install_mxfp4_experts_class, quantize_expert_weights
 from ..moe.router_configs import install_router_passes, router_pass_settings
@@ -52,12 +53,6 @@ from .serialization import (
 __all__ = ["MXFP4HfQuantizer"]
 
 
-def _never_quantized(fqn: str) -> bool:
-    # Same rule as torchao-mx compare (recipes.is_quantizable_linear): W4A4 recipes keep the output
-    # head in high precision.
-    return fqn.rpartition(".")[2] == "lm_head"
-
-
 def _mark_loaded(module: torch.nn.Module) -> None:
     # transformers re-initialises parameters without this flag after loading.
     module._is_hf_initialized = True
@@ -74,6 +69,7 @@ class MXFP4HfQuantizer(HfQuantizer):
     def __init__(self, quantization_config: MXFP4HfConfig, **kwargs):
         super().__init__(quantization_config, **kwargs)
         self.checkpoint: Optional[QuantizedCheckpoint] = None
+        self.high_precision: set = set()  # module names, set once the model is built
 
     # -- checks and flags ---------------------------------------------------------------------------
     def validate_environment(self, device_map=None, **kwargs):
@@ -114,10 +110,12 @@ class MXFP4HfQuantizer(HfQuantizer):
 
     def eligible(self, module: torch.nn.Module, fqn: str) -> bool:
         """Whether quantize-on-load quantizes this module: an ``nn.Linear`` or a fused MoE experts module
-        (the modules ``recipes.quantize_linears`` quantizes), not excluded."""
+        (what ``configs.quantize_linears`` quantizes), outside the model's high-precision modules
+        (``architectures.high_precision_modules``: the output head, keep-in-fp32 modules) and
+        ``modules_to_not_convert``."""
         return (
             (isinstance(module, torch.nn.Linear) or expert_projection_names(module) is not None)
-            and not _never_quantized(fqn)
+            and fqn not in self.high_precision
             and should_convert_module(fqn, self.quantization_config.modules_to_not_convert)
         )
 
@@ -129,6 +127,7 @@ class MXFP4HfQuantizer(HfQuantizer):
 
     # -- loading ------------------------------------------------------------------------------------
     def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs):
+        self.high_precision = high_precision_modules(model)
         if not self.pre_quantized:
             # Fail before reading any weight on experts our backend cannot run.
             for fqn, module in model.named_modules():

@@ -49,9 +49,11 @@ from typing import Dict, Iterable, List, Sequence, Union
 
 import torch
 from torch import nn
+from torchao.quantization.transform_module import register_quantize_module_handler
 
-from ..calibration.data import check_calibration_ids, check_int, check_real
+from ..calibration.data import check_calibration_ids, check_int
 from .adapters import adapter_for_router, disable_sentinel_slots, enable_sentinel_slots, find_moe_blocks
+from .pass_settings import BanConfig, BanPickConfig, PickConfig, check_boost, check_experts, check_k_min, check_tau
 from .router_pass import (
     append_routing_function,
     drop_routing_slots,
@@ -79,43 +81,10 @@ __all__ = [
     "check_boost",
     "check_experts",
 ]
+# check_*: the accepted values of the settings, defined in .pass_settings (shared with the configs)
 
 PICK_PASS = "pick"
 BAN_PASS = "ban"
-
-
-# ---------------------------------------------------------------------------------------------------
-# Settings: the accepted values (configs, installers and saved settings all check through these)
-
-
-def check_tau(tau, name: str = "tau") -> float:
-    """Ban's ``tau`` as a float: a cumulative normalised routing weight, in ``[0, 1]`` (``1`` keeps every
-    expert; ``0`` keeps exactly ``k_min``, the measurement's "Ban at tau = 0")."""
-    return check_real(tau, name, low=0, high=1)
-
-
-def check_k_min(k_min, name: str = "k_min") -> int:
-    """Ban's ``k_min`` as an int: an integer >= 1 (experts kept per token)."""
-    return check_int(k_min, name, low=1)
-
-
-def check_boost(boost, name: str = "boost") -> float:
-    """Pick's ``boost`` as a float: a finite number >= 0 (logit units added to the key experts; ``0`` is
-    the identity, a negative value would demote the key experts instead of reinforcing them)."""
-    return check_real(boost, name, low=0)
-
-
-def check_experts(experts, name: str = "experts") -> List[int]:
-    """Expert indices as a list of ints >= 0 (the upper bound, N, is checked at installation)."""
-    if isinstance(experts, (str, bytes)) or isinstance(experts, torch.Tensor) and experts.dim() != 1:
-        raise TypeError(f"{name} must be a sequence of expert indices (integers >= 0), got {experts!r}")
-    try:
-        items = list(experts)
-    except TypeError:
-        raise TypeError(
-            f"{name} must be a sequence of expert indices (integers >= 0), got {type(experts).__name__} {experts!r}"
-        ) from None
-    return [check_int(e, f"{name}[{j}]", low=0) for j, e in enumerate(items)]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -223,6 +192,28 @@ def install_ban(router: nn.Module, tau: float, k_min: int = 1, protected: Sequen
         "ban_protected": protected_mask,
     }
     return install_graph_pass(router, BAN_PASS, rewrite, buffers)
+
+
+# quantize_ handlers: one router each, in place (the router instance stays; its class becomes a subclass)
+
+
+@register_quantize_module_handler(PickConfig)
+def _pick_transform(module: nn.Module, config: PickConfig) -> nn.Module:
+    config.check_no_layer_values()
+    return install_pick(module, config.experts, config.boost)
+
+
+@register_quantize_module_handler(BanConfig)
+def _ban_transform(module: nn.Module, config: BanConfig) -> nn.Module:
+    config.check_no_layer_values()
+    return install_ban(module, config.tau, config.k_min, config.protected)
+
+
+@register_quantize_module_handler(BanPickConfig)
+def _ban_pick_transform(module: nn.Module, config: BanPickConfig) -> nn.Module:
+    config.check_no_layer_values()
+    install_pick(module, config.picks, config.boost)
+    return install_ban(module, config.tau, config.k_min)  # protects the picked experts itself
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -394,15 +385,13 @@ def ban_pick_config_from_statistics(
     boost: float = 1.0,
     tau_min: float = 0.7,
     tau_max: float = 0.9,
-):
+) -> BanPickConfig:
     """A per-layer :class:`.router_configs.BanPickConfig` from measured statistics.
 
     Picks: the ``num_picks`` experts with the largest key score per layer (selected at least once).
     Boost: ``boost * logit_std`` per layer. Tau: linear in the layer sensitivity between ``tau_min``
     (least sensitive) and ``tau_max`` (most sensitive); all ``tau_max`` if the sensitivities are equal.
     """
-    from .router_configs import BanPickConfig
-
     _check_calibration_settings(num_picks, boost, tau_min, tau_max)
     sens = stats.sensitivity
     lo, hi = min(sens.values()), max(sens.values())
@@ -436,7 +425,7 @@ def calibrate_ban_pick(
     tau_min: float = 0.7,
     tau_max: float = 0.9,
     batch_size: int = 8,
-):
+) -> BanPickConfig:
     """Measure key experts and layer sensitivities on ``calib_ids`` and return the per-layer
     :class:`.router_configs.BanPickConfig` (apply it with :func:`.router_configs.apply_router_pass`).
     Every setting is checked before the calibration forward passes."""

@@ -34,20 +34,16 @@ on the prefill only.
 
 import torch
 from torch import nn
+from torchao.quantization.transform_module import register_quantize_module_handler
 
-from ..calibration.data import check_real
 from .adapters import adapter_for_router
+from .pass_settings import PESFConfig, check_alpha
 from .router_pass import append_routing_function, drop_routing_slots, install_graph_pass, routing_function
 
 __all__ = ["PESF_PASS", "check_alpha", "pesf_keep_mask", "pesf_route", "install_pesf"]
+# check_alpha: the accepted values of alpha, defined in .pass_settings (shared with the configs)
 
 PESF_PASS = "pesf"
-
-
-def check_alpha(alpha, name: str = "alpha") -> float:
-    """PESF's ``alpha`` as a float: a finite number >= 0 (a fraction of the balanced count; values
-    above 1 are allowed, they prune harder), else ``TypeError``/``ValueError`` naming ``name``."""
-    return check_real(alpha, name, low=0)
 
 
 def pesf_keep_mask(
@@ -93,3 +89,10 @@ def install_pesf(router: nn.Module, alpha: float) -> nn.Module:
     return install_graph_pass(
         router, PESF_PASS, rewrite, {"pesf_alpha": torch.tensor(float(alpha), dtype=torch.float32)}
     )
+
+
+@register_quantize_module_handler(PESFConfig)
+def _pesf_transform(module: nn.Module, config: PESFConfig) -> nn.Module:
+    """The ``quantize_`` handler of :class:`.router_configs.PESFConfig`: PESF on one router, in place."""
+    config.check_no_layer_values()
+    return install_pesf(module, config.alpha)

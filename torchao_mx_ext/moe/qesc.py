@@ -29,12 +29,12 @@ import torch
 from torchao.quantization import quantize_
 from tqdm.auto import tqdm
 
+from ..architectures import decoder_layers
 from ..calibration.data import check_bool, check_calibration_ids, check_int, check_real
-from ..calibration.sequential import _decoder_layers, _run_layer, capture_first_layer_inputs
-from ..configs import MXFP4Config
-from ..recipes import is_quantizable_linear
+from ..calibration.sequential import capture_first_layer_inputs, decoder_layers_fqn, run_layer
+from ..configs import MXFP4Config, quantizable_filter
+from . import experts  # noqa: F401  registers fused MoE experts with the configs' handler (quantizable_filter)
 from .adapters import find_moe_blocks
-from .experts import is_fused_experts
 
 __all__ = ["QESCReport", "fit_router_to_topk_logits", "qesc_quantize", "topk_agreement"]
 
@@ -52,7 +52,7 @@ def _moe_blocks_by_layer(model: torch.nn.Module) -> Dict[int, tuple]:
     """``{decoder layer index: (router, top_k)}`` (a clear error for dense / unsupported models)."""
     blocks = {id(block): (block.gate, adapter.top_k(block.gate)) for _, block, adapter in find_moe_blocks(model)}
     found = {}
-    for i, layer in enumerate(_decoder_layers(model)):
+    for i, layer in enumerate(decoder_layers(model, "QESC")):
         mlp = getattr(layer, "mlp", None)
         if id(mlp) in blocks:
             found[i] = blocks[id(mlp)]
@@ -137,7 +137,7 @@ def qesc_quantize(
     the vocabulary), ``config``, ``k_loss`` (an integer above every MoE layer's top-k, or ``>= E``
     where ``top_k = E``), ``damp`` (a finite number >= 0), ``calibrate_routers`` (a bool).
     """
-    layers = _decoder_layers(model)
+    layers = decoder_layers(model, "QESC")
     calib_ids = check_calibration_ids(model, calib_ids, "QESC")
     if not isinstance(config, MXFP4Config) and not callable(config):
         raise TypeError(
@@ -157,30 +157,32 @@ def qesc_quantize(
                 )
     config_for = (lambda _: config) if isinstance(config, MXFP4Config) else config
     report = QESCReport()
+    quantizable = quantizable_filter(model)  # linears and fused experts, not the output head / keep-in-fp32 ones
+    layers_fqn = decoder_layers_fqn(model)
     hidden_fp, kwargs = capture_first_layer_inputs(model, calib_ids)
     hidden_q = hidden_fp.clone()
 
-    def quantize_part(layer, wanted: Callable[[str], bool]):
+    def quantize_part(i: int, layer, wanted: Callable[[str], bool]):
         for fqn, module in list(layer.named_modules()):
-            if wanted(fqn) and (is_quantizable_linear(module, fqn) or is_fused_experts(module)):
+            if wanted(fqn) and quantizable(module, f"{layers_fqn}.{i}.{fqn}"):
                 cfg = config_for(fqn)
                 if cfg is not None:
                     quantize_(layer, cfg, filter_fn=lambda m, n, f=fqn: n == f)
 
     for i, layer in enumerate(tqdm(layers, desc="QESC layers", disable=not progress)):
         if i not in moe:  # a dense layer: quantize it, nothing to calibrate
-            hidden_fp = _run_layer(layer, hidden_fp, kwargs)
-            quantize_part(layer, lambda fqn: True)
-            hidden_q = _run_layer(layer, hidden_q, kwargs)
+            hidden_fp = run_layer(layer, hidden_fp, kwargs)
+            quantize_part(i, layer, lambda fqn: True)
+            hidden_q = run_layer(layer, hidden_q, kwargs)
             continue
         router, k = moe[i]
         fp_inputs = _RouterInputs(router)
-        hidden_fp = _run_layer(layer, hidden_fp, kwargs)
+        hidden_fp = run_layer(layer, hidden_fp, kwargs)
         x_fp = fp_inputs.take()
 
-        quantize_part(layer, lambda fqn: fqn.startswith("self_attn"))
+        quantize_part(i, layer, lambda fqn: fqn.startswith("self_attn"))
         q_inputs = _RouterInputs(router)
-        _run_layer(layer, hidden_q, kwargs)
+        run_layer(layer, hidden_q, kwargs)
         x_q = q_inputs.take()
 
         target = _topk_indices(router.weight, x_fp, k)
@@ -191,8 +193,8 @@ def qesc_quantize(
             router.weight.copy_(fit_router_to_topk_logits(router.weight, x_fp, x_q, k_fit, damp))
         report.agreement_after.append(_agreement(target, _topk_indices(router.weight, x_q, k)))
 
-        quantize_part(layer, lambda fqn: not fqn.startswith("self_attn"))
-        hidden_q = _run_layer(layer, hidden_q, kwargs)
+        quantize_part(i, layer, lambda fqn: not fqn.startswith("self_attn"))
+        hidden_q = run_layer(layer, hidden_q, kwargs)
     return report
 
 

@@ -1,5 +1,6 @@
-"""``quantize_`` configs of the MoE router passes and their handlers (the passes live in
-:mod:`.pesf`, :mod:`.ban_pick`, :mod:`.router_pass`).
+"""``quantize_`` configs of the MoE router passes and how to apply and save them (the passes live in
+:mod:`.pesf`, :mod:`.ban_pick`, :mod:`.router_pass`; the configs and their accepted values in
+:mod:`.pass_settings`, the handlers next to each pass; importing this module loads them all).
 
     apply_router_pass(model, PESFConfig(alpha=0.3))                     # EAC-MoE PESF
     apply_router_pass(model, BanConfig(tau=0.8, k_min=1))               # Ban only
@@ -20,20 +21,19 @@ rewires the flattening blocks for PESF (so the router sees ``(B, S, H)``) and ma
 to skip sentinel slots in every experts backend (:func:`.adapters.enable_sentinel_slots`).
 """
 
-from dataclasses import dataclass, replace
-from typing import Any, Dict, List, Mapping, Optional, Sequence
+from typing import Any, Dict, List, Mapping, Sequence
 
 import torch
 from torch import nn
 from torchao.core.config import AOBaseConfig
 from torchao.quantization import quantize_
 from torchao.quantization.quant_api import FqnToConfig
-from torchao.quantization.transform_module import register_quantize_module_handler
 
 from .adapters import enable_sentinel_slots, find_moe_blocks, is_moe_router
-from .ban_pick import BAN_PASS, PICK_PASS, check_boost, check_experts, check_k_min, check_tau, install_ban, install_pick
-from .pesf import PESF_PASS, check_alpha, install_pesf
-from .router_pass import _GATE_INPUT_PASS, installed_passes, rewire_block_gate_input
+from .ban_pick import BAN_PASS, PICK_PASS, install_ban, install_pick
+from .pass_settings import SETTING_CHECKS, BanConfig, BanPickConfig, PESFConfig, PickConfig, check_experts
+from .pesf import PESF_PASS, install_pesf
+from .router_pass import GATE_INPUT_PASS, installed_passes, rewire_block_gate_input
 
 __all__ = [
     "PESFConfig",
@@ -46,204 +46,8 @@ __all__ = [
     "check_router_pass_settings",
     "install_router_passes",
 ]
-
-
-# field -> check of one value (from .pesf / .ban_pick: the installers check through the same functions)
-_FIELD_CHECKS = {
-    "alpha": check_alpha,
-    "tau": check_tau,
-    "k_min": check_k_min,
-    "boost": check_boost,
-    "experts": check_experts,
-    "picks": check_experts,
-    "protected": check_experts,
-}
-
-
-class _PerLayer:
-    """Resolution of ``layer_*`` dict fields into scalar fields, per router fqn, and the checks of every
-    field (at construction, ``__post_init__``, and again by :func:`apply_router_pass` before it changes
-    anything, in case a field was assigned after construction)."""
-
-    # (layer dict field, scalar field) pairs; set by subclasses
-    _LAYER_FIELDS: Sequence = ()
-    # scalar fields checked with _FIELD_CHECKS; set by subclasses
-    _SCALAR_FIELDS: Sequence = ()
-
-    def __post_init__(self):
-        self.validate()
-
-    def validate(self) -> None:
-        """``TypeError``/``ValueError`` naming the field (``PickConfig.boost``, ``BanConfig.layer_taus['...']``)
-        and its accepted range for any bad value."""
-        cls = type(self).__name__
-        for field in self._SCALAR_FIELDS:
-            _FIELD_CHECKS[field](getattr(self, field), f"{cls}.{field}")
-        for layer, scalar in self._LAYER_FIELDS:
-            table = getattr(self, layer)
-            if table is None:
-                continue
-            if not isinstance(table, Mapping):
-                raise TypeError(
-                    f"{cls}.{layer} must be None or a dict {{router_fqn: {scalar}}}, got {type(table).__name__}"
-                )
-            for key, value in table.items():
-                if not isinstance(key, str):
-                    raise TypeError(
-                        f"{cls}.{layer} must be a dict {{router_fqn: {scalar}}} keyed by router names (str), "
-                        f"got the key {key!r}"
-                    )
-                _FIELD_CHECKS[scalar](value, f"{cls}.{layer}[{key!r}]")
-
-    def has_layer_values(self) -> bool:
-        return any(getattr(self, layer) for layer, _ in self._LAYER_FIELDS)
-
-    def layer_keys(self) -> set:
-        return {k for layer, _ in self._LAYER_FIELDS for k in (getattr(self, layer) or {})}
-
-    def for_router(self, router_fqn: str):
-        """The scalar config of one router: per-layer values where given, the defaults elsewhere."""
-        block_fqn = router_fqn[: -len(".gate")] if router_fqn.endswith(".gate") else router_fqn
-        values = {}
-        for layer, scalar in self._LAYER_FIELDS:
-            table = getattr(self, layer) or {}
-            for key in (router_fqn, block_fqn):
-                if key in table:
-                    values[scalar] = table[key]
-                    break
-            values[layer] = None
-        return replace(self, **values)
-
-    def _refuse_layer_values(self):
-        if self.has_layer_values():
-            raise ValueError(
-                f"{type(self).__name__} has per-layer values, which need the router's name: use "
-                "apply_router_pass(model, config), or quantize_(model, FqnToConfig({fqn: config.for_router(fqn)}), "
-                "filter_fn=None)"
-            )
-
-
-@dataclass
-class PESFConfig(_PerLayer, AOBaseConfig):
-    """PESF (EAC-MoE, arXiv 2508.01625): per sequence and layer, drop experts selected fewer than
-    ``alpha * l * K / N`` times (rule and guarantees: :mod:`.pesf`). ``alpha=0`` is the identity.
-
-    Args:
-        alpha: fraction of the balanced count (0.3 safe, 0.7 aggressive in the paper); a finite number
-            >= 0 (above 1 prunes harder still).
-        layer_alphas: per-router alpha, ``{router_fqn: alpha}``.
-    """
-
-    alpha: float = 0.3
-    layer_alphas: Optional[Dict[str, float]] = None
-    _LAYER_FIELDS = (("layer_alphas", "alpha"),)
-    _SCALAR_FIELDS = ("alpha",)
-
-    def __post_init__(self):
-        self.validate()
-
-
-@dataclass
-class PickConfig(_PerLayer, AOBaseConfig):
-    """Pick (Ban&Pick, arXiv 2509.06346): add ``boost`` to the router logits of key experts before
-    top-k (rule: :mod:`.ban_pick`). No experts or ``boost=0`` is the identity.
-
-    Args:
-        experts: key experts of every router (default for routers not in ``layer_experts``): indices
-            >= 0 (and < N, checked at installation).
-        boost: logit boost (absolute, in logit units): a finite number >= 0.
-        layer_experts, layer_boosts: per-router values.
-    """
-
-    experts: Sequence[int] = ()
-    boost: float = 1.0
-    layer_experts: Optional[Dict[str, List[int]]] = None
-    layer_boosts: Optional[Dict[str, float]] = None
-    _LAYER_FIELDS = (("layer_experts", "experts"), ("layer_boosts", "boost"))
-    _SCALAR_FIELDS = ("experts", "boost")
-
-    def __post_init__(self):
-        self.validate()
-
-
-@dataclass
-class BanConfig(_PerLayer, AOBaseConfig):
-    """Ban (Ban&Pick, arXiv 2509.06346): per token keep experts in descending weight order until their
-    cumulative normalised weight reaches ``tau``, never fewer than ``k_min``; ``protected`` experts (and
-    those of an installed Pick) are never banned (rule: :mod:`.ban_pick`). ``tau=1`` is the identity.
-
-    Args:
-        tau: cumulative weight to reach (0.7..0.9 in the paper), in ``[0, 1]`` (0: keep ``k_min``).
-        k_min: minimum experts per token, an integer >= 1.
-        protected: experts never banned (indices >= 0).
-        layer_taus: per-router tau, ``{router_fqn: tau}``.
-    """
-
-    tau: float = 0.9
-    k_min: int = 1
-    protected: Sequence[int] = ()
-    layer_taus: Optional[Dict[str, float]] = None
-    _LAYER_FIELDS = (("layer_taus", "tau"),)
-    _SCALAR_FIELDS = ("tau", "k_min", "protected")
-
-    def __post_init__(self):
-        self.validate()
-
-
-@dataclass
-class BanPickConfig(_PerLayer, AOBaseConfig):
-    """Ban&Pick on every router: Pick (boost the key experts' logits), then Ban (with the picked
-    experts protected). What :func:`.ban_pick.calibrate_ban_pick` returns. The defaults are neutral
-    (``tau=1``, no picks, ``boost=0``): bit-identical routing.
-
-    Args:
-        tau, k_min: Ban's settings (``tau`` for routers not in ``layer_taus``), ranges as in :class:`BanConfig`.
-        picks, boost: Pick's settings (for routers not in ``layer_picks`` / ``layer_boosts``), ranges as
-            in :class:`PickConfig`.
-        layer_taus, layer_picks, layer_boosts: per-router values, ``{router_fqn: value}``.
-    """
-
-    tau: float = 1.0
-    k_min: int = 1
-    picks: Sequence[int] = ()
-    boost: float = 0.0
-    layer_taus: Optional[Dict[str, float]] = None
-    layer_picks: Optional[Dict[str, List[int]]] = None
-    layer_boosts: Optional[Dict[str, float]] = None
-    _LAYER_FIELDS = (("layer_taus", "tau"), ("layer_picks", "picks"), ("layer_boosts", "boost"))
-    _SCALAR_FIELDS = ("tau", "k_min", "picks", "boost")
-
-    def __post_init__(self):
-        self.validate()
-
-
-# ---------------------------------------------------------------------------------------------------
-# Handlers: one router each, in place (the router instance stays; its class becomes a subclass)
-
-
-@register_quantize_module_handler(PESFConfig)
-def _pesf_transform(module: nn.Module, config: PESFConfig) -> nn.Module:
-    config._refuse_layer_values()
-    return install_pesf(module, config.alpha)
-
-
-@register_quantize_module_handler(PickConfig)
-def _pick_transform(module: nn.Module, config: PickConfig) -> nn.Module:
-    config._refuse_layer_values()
-    return install_pick(module, config.experts, config.boost)
-
-
-@register_quantize_module_handler(BanConfig)
-def _ban_transform(module: nn.Module, config: BanConfig) -> nn.Module:
-    config._refuse_layer_values()
-    return install_ban(module, config.tau, config.k_min, config.protected)
-
-
-@register_quantize_module_handler(BanPickConfig)
-def _ban_pick_transform(module: nn.Module, config: BanPickConfig) -> nn.Module:
-    config._refuse_layer_values()
-    install_pick(module, config.picks, config.boost)
-    return install_ban(module, config.tau, config.k_min)  # protects the picked experts itself
+# PESFConfig, PickConfig, BanConfig, BanPickConfig are defined in .pass_settings (below the passes, which
+# need them for their handlers); this is their public home.
 
 
 _ROUTER_CONFIGS = (PESFConfig, PickConfig, BanConfig, BanPickConfig)
@@ -388,7 +192,7 @@ def router_pass_settings(model: nn.Module) -> Dict[str, List[Dict[str, Any]]]:
     """
     settings = {}
     for fqn, module in model.named_modules():
-        passes = [p for p in installed_passes(module) if p != _GATE_INPUT_PASS]
+        passes = [p for p in installed_passes(module) if p != GATE_INPUT_PASS]
         if not passes:
             continue
         entries = []
@@ -403,10 +207,12 @@ def router_pass_settings(model: nn.Module) -> Dict[str, List[Dict[str, Any]]]:
                 entry[key] = _read_buffer(module._buffers[buffer], kind)
             entries.append(entry)
         settings[fqn] = entries
-    try:  # values set in place (set_router_pass_buffer) are not checked there: refuse to save bad ones
+    try:  # a buffer written directly (not through set_router_pass_buffer) is unchecked: refuse to save bad values
         check_router_pass_settings(settings)
     except ValueError as e:
-        raise ValueError(f"{e} (read from the pass buffers; was it set with set_router_pass_buffer?)") from None
+        raise ValueError(
+            f"{e} (read from the pass buffers; written directly, bypassing set_router_pass_buffer's checks?)"
+        ) from None
     return settings
 
 
@@ -448,7 +254,7 @@ def check_router_pass_settings(settings: Any) -> None:
                 if not ok:
                     raise ValueError(f"router passes of {fqn!r}: {name}.{key} has an invalid value {v!r}")
                 try:
-                    _FIELD_CHECKS[key](v, f"{name}.{key}")
+                    SETTING_CHECKS[key](v, f"{name}.{key}")
                 except (TypeError, ValueError) as e:
                     raise ValueError(f"router passes of {fqn!r}: {name}.{key} has an invalid value: {e}") from None
 

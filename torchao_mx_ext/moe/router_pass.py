@@ -46,9 +46,11 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from .adapters import MoEAdapter
+from .adapters import MoEAdapter, disable_sentinel_slots
+from .pass_settings import BUFFER_CHECKS, MASK_BUFFERS, check_expert_mask
 
 __all__ = [
+    "GATE_INPUT_PASS",
     "routing_function",
     "RouterPassTracer",
     "trace_module",
@@ -233,8 +235,6 @@ def remove_graph_passes(module: nn.Module) -> bool:
 def remove_router_passes(model: nn.Module) -> int:
     """Undo every router pass and block rewrite in ``model`` (and the sentinel flags of the experts):
     original classes, no added buffers. Returns the number of modules restored."""
-    from .adapters import disable_sentinel_slots
-
     restored = 0
     for module in list(model.modules()):
         restored += int(remove_graph_passes(module))
@@ -246,7 +246,9 @@ def remove_router_passes(model: nn.Module) -> int:
 # Block rewrite: give the router the (B, S, H) input of the block
 
 
-_GATE_INPUT_PASS = "gate_sees_sequences"
+# Name of the block rewrite below: installed like a pass (on the block), but no router pass; the saved
+# pass settings leave it out and PESF's preparation redoes it.
+GATE_INPUT_PASS = "gate_sees_sequences"
 
 
 def _rewire_gate_input(graph: fx.Graph) -> None:
@@ -279,11 +281,11 @@ def rewire_block_gate_input(block: nn.Module, adapter: MoEAdapter) -> bool:
         ValueError: Mixtral with ``router_jitter_noise > 0``: its block multiplies the input by noise
             in training mode, a branch a trace would freeze; not supported.
     """
-    if not adapter.flattens_before_gate or has_router_pass(block, _GATE_INPUT_PASS):
+    if not adapter.flattens_before_gate or has_router_pass(block, GATE_INPUT_PASS):
         return False
     if getattr(block, "jitter_noise", 0) > 0:
         raise ValueError("cannot rewire a Mixtral block with router_jitter_noise > 0 (training-time branch)")
-    install_graph_pass(block, _GATE_INPUT_PASS, _rewire_gate_input, leaf_submodules=True)
+    install_graph_pass(block, GATE_INPUT_PASS, _rewire_gate_input, leaf_submodules=True)
     return True
 
 
@@ -304,25 +306,44 @@ def set_router_pass_buffer(
     Buffers: ``pesf_alpha`` (float), ``ban_tau`` (float), ``ban_k_min`` (int), ``ban_protected``
     (``(N,)`` bool), ``pick_mask`` (``(N,)`` bool), ``pick_boost`` (float). ``ban_protected`` is set
     from the picks when Ban is installed; changing ``pick_mask`` later does not change it.
+
+    Every value is checked (for every router) before any buffer changes, with the checks the configs
+    use (:mod:`.pass_settings`): ``pesf_alpha`` and ``pick_boost`` finite and >= 0, ``ban_tau`` in
+    ``[0, 1]``, ``ban_k_min`` an integer >= 1, the masks bools, one per expert (or one for all).
+    ``TypeError``/``ValueError`` naming the buffer (and the router, for per-router values) otherwise.
+    Buffers of passes installed by other code (:func:`install_graph_pass`) only need to broadcast.
     """
     per_router = value if isinstance(value, Mapping) else None
-    updated = 0
+    writes = []
     for fqn, module in model.named_modules():
         if name not in getattr(type(module), _BUFFERS_ATTR, ()):
             continue
         if per_router is not None:
             if fqn not in per_router:
                 continue
-            v = per_router[fqn]
+            v, where = per_router[fqn], f"{name}[{fqn!r}]"
         else:
-            v = value
+            v, where = value, name
         buf = module._buffers[name]
-        with torch.no_grad():
-            buf.copy_(torch.as_tensor(v, dtype=buf.dtype, device=buf.device).expand_as(buf))
-        updated += 1
-    if updated == 0:
+        writes.append((buf, _checked_buffer_value(v, buf, name, where)))
+    if not writes:
         raise ValueError(f"no router of {type(model).__name__} has a pass buffer {name!r}")
-    return updated
+    with torch.no_grad():
+        for buf, new in writes:
+            buf.copy_(new)
+    return len(writes)
+
+
+def _checked_buffer_value(value, buf: torch.Tensor, name: str, where: str) -> torch.Tensor:
+    """``value`` for the pass buffer ``name`` (``buf``), checked and broadcast to ``buf``'s shape."""
+    if name in BUFFER_CHECKS:
+        value = BUFFER_CHECKS[name](value, where)
+    elif name in MASK_BUFFERS:
+        value = check_expert_mask(value, buf.shape[0], where)
+    try:
+        return torch.as_tensor(value, dtype=buf.dtype, device=buf.device).expand_as(buf)
+    except (RuntimeError, TypeError, ValueError) as e:
+        raise ValueError(f"{where}: {value!r} does not fit the buffer of shape {tuple(buf.shape)} ({e})") from None
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -3,7 +3,7 @@
 from .e2m1 import E2M1_MAX, code_to_e2m1, e2m1_to_code, round_to_e2m1
 from .e8m0 import SCALE_RULES, check_scale_rule, element_multiplier, shared_exponent
 from .packing import pack_uint4, unpack_uint4
-from .quantize import mxfp4_dequantize, mxfp4_fake_quantize, mxfp4_quantize
+from .quantize import mxfp4_dequantize, mxfp4_fake_quantize, mxfp4_quantize, round_onto_scales
 
 __all__ = [
     "E2M1_MAX",
@@ -16,6 +16,7 @@ __all__ = [
     "mxfp4_fake_quantize",
     "mxfp4_quantize",
     "pack_uint4",
+    "round_onto_scales",
     "round_to_e2m1",
     "shared_exponent",
     "unpack_uint4",

@@ -36,12 +36,22 @@ def _to_blocks(x: torch.Tensor, block_size: int) -> torch.Tensor:
     return x.to(torch.float32).reshape(*x.shape[:-1], x.shape[-1] // block_size, block_size)
 
 
-def _elements_for_exponent(xb: torch.Tensor, e: torch.Tensor, multiplier: float) -> torch.Tensor:
-    inv_scale = exp2_int(-e).unsqueeze(-1)
-    v = xb * inv_scale
+def round_onto_scales(x: torch.Tensor, inv_scale: torch.Tensor, multiplier: float = 1.0) -> torch.Tensor:
+    """E2M1 values of ``x`` on fixed block scales: ``RNE_E2M1(x * inv_scale / multiplier)`` in float32.
+
+    ``inv_scale`` holds exact powers of two ``2^-e`` (broadcast against ``x``) and ``multiplier`` is
+    :func:`~.e8m0.element_multiplier` of the scale rule. The one element rounding of the format: the
+    quantizers here and GPTQ's column loop (which fixes the scales before it rounds) both use it, so
+    they agree bit for bit.
+    """
+    v = x.to(torch.float32) * inv_scale
     if multiplier != 1.0:
         v = v * (1.0 / multiplier)
     return round_to_e2m1(v)
+
+
+def _elements_for_exponent(xb: torch.Tensor, e: torch.Tensor, multiplier: float) -> torch.Tensor:
+    return round_onto_scales(xb, exp2_int(-e).unsqueeze(-1), multiplier)
 
 
 def quantize_blocks(xb: torch.Tensor, scale_rule: str) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
