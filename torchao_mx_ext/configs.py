@@ -21,6 +21,7 @@ from torchao.quantization import quantize_
 from torchao.quantization.transform_module import register_quantize_module_handler
 
 from .architectures import expert_projection_names, high_precision_modules
+from .kernels import check_kernel_preference
 from .mx import check_scale_rule
 from .rotation import check_rotation, rotation_block
 from .tensors import RotatedMXFP4Tensor, check_weight, padded_width
@@ -43,6 +44,10 @@ class MXFP4Config(AOBaseConfig):
         rotation: ``identity``, ``hadamard`` or ``random_hadamard`` (seeded by ``seed``).
         rotation_size: width of the diagonal blocks of ``R``; ``None`` = the full (padded) input width.
         seed: seed of ``random_hadamard`` signs (and of the random orthogonal fallback).
+        kernel_preference: which kernel the linears use: ``auto`` (the CPU dequant-GEMV for small
+            batches, else the float emulation), ``emulated`` (the reference emulation only) or
+            ``hw_mxfp4`` (Blackwell MXFP4 tensor cores where available); stored on each weight and in
+            checkpoints (``torchao_mx_ext.kernels``).
     """
 
     block_size: int = 32
@@ -52,6 +57,7 @@ class MXFP4Config(AOBaseConfig):
     rotation: str = "identity"
     rotation_size: Optional[int] = 32
     seed: int = 0
+    kernel_preference: str = "auto"
 
     def __post_init__(self):
         if not _is_int(self.block_size) or self.block_size <= 0 or self.block_size % 2:
@@ -64,6 +70,7 @@ class MXFP4Config(AOBaseConfig):
         if self.act_scale_rule is not None:
             check_scale_rule(self.act_scale_rule)
         check_rotation(self.rotation)
+        check_kernel_preference(self.kernel_preference)
         if self.rotation_size is not None and (not _is_int(self.rotation_size) or self.rotation_size <= 0):
             raise ValueError(f"rotation_size must be a positive integer or None, got {self.rotation_size!r}")
 
@@ -126,7 +133,7 @@ def _quantize_linear_weight(module: torch.nn.Module, config: MXFP4Config, parame
     padded, block = weight_layout(config, width, weight.device)
     report_padding(width, padded)
     new_weight = RotatedMXFP4Tensor.from_hp(
-        weight.detach(), config.block_size, config.scale_rule, config.activation_scale_rule, block
+        weight.detach(), config.block_size, config.scale_rule, config.activation_scale_rule, block, config.kernel_preference
     )
     setattr(module, parameter_name, torch.nn.Parameter(new_weight, requires_grad=False))
     set_linear_repr(module)

@@ -159,6 +159,7 @@ def share_input_quantization(
             for m, w in zip(members, weights):
                 _set_weight(m, RotatedMXFP4Tensor(
                     w.qdata, w.scale, w.block_size, w.scale_rule, None, w.padded_in_features, w.dtype, None, w.dequantized,
+                    w.kernel_preference,
                 ))
             parent.register_forward_pre_hook(_pre_hook, with_kwargs=True)
             setattr(parent, _META, _SharedInput(
@@ -180,6 +181,7 @@ def _per_linear_weight(parent: torch.nn.Module, meta: _SharedInput, w: RotatedMX
     rotation = None if rotation is None else rotation.view(torch.float32)
     return RotatedMXFP4Tensor(
         w.qdata, w.scale, w.block_size, w.scale_rule, meta.act_scale_rule, meta.in_features, w.dtype, rotation, w.dequantized,
+        w.kernel_preference,
     )
 
 

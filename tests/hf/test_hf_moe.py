@@ -164,7 +164,7 @@ def test_quantize_on_load_equals_quantize_in_memory(reference, onload):
 def test_saved_checkpoint_holds_fused_experts(onload, saved):
     tensors, metas = file_tensors(saved)
     meta = json.loads(metas[0][METADATA_KEY])
-    assert meta["format_version"] == FORMAT_VERSION == 2
+    assert meta["format_version"] == FORMAT_VERSION == 3
     config = json.loads((saved / "config.json").read_text())["quantization_config"]
     assert config["format_version"] == FORMAT_VERSION
     # Under the model's own names: not split per expert, nor renamed (Mixtral: block_sparse_moe).
@@ -293,6 +293,13 @@ def moe_copy(moe_saved, tmp_path):
     return Path(shutil.copytree(moe_saved, tmp_path / "copy"))
 
 
+def _as_version_1(meta):
+    # Version 1 had no kernel_preference per weight (format versions: hf/serialization.py).
+    meta["format_version"] = 1
+    for w in meta["weights"].values():
+        del w["kernel_preference"]
+
+
 def test_version_1_checkpoints_still_load(tmp_path):
     """A 2-D checkpoint of format version 1 (same tensors, version 1 in config.json and metadata)."""
     cfg = transformers.LlamaConfig(**_COMMON)
@@ -300,7 +307,7 @@ def test_version_1_checkpoints_still_load(tmp_path):
     model = transformers.LlamaForCausalLM(cfg)
     quantize_linears(model, CONFIG)
     old = save_pretrained(model, tmp_path / "v1")
-    _edit_metadata(old / "model.safetensors", lambda m: m.update(format_version=1))
+    _edit_metadata(old / "model.safetensors", _as_version_1)
     _set_config_version(old, 1)
     reloaded = AutoModelForCausalLM.from_pretrained(old)
     assert reloaded.config.quantization_config.format_version == 1
@@ -315,7 +322,7 @@ def test_version_1_checkpoints_still_load(tmp_path):
 
 
 def test_version_1_cannot_hold_expert_weights(moe_copy):
-    _edit_metadata(moe_copy / "model.safetensors", lambda m: m.update(format_version=1))
+    _edit_metadata(moe_copy / "model.safetensors", _as_version_1)
     _set_config_version(moe_copy, 1)
     with pytest.raises(CheckpointError, match=r"experts\.(gate_up|down)_proj: bad shape.*format version 1"):
         AutoModelForCausalLM.from_pretrained(moe_copy)
@@ -323,7 +330,7 @@ def test_version_1_cannot_hold_expert_weights(moe_copy):
 
 def test_config_and_files_of_different_versions_are_refused(moe_copy):
     _set_config_version(moe_copy, 1)
-    with pytest.raises(CheckpointError, match="config.json says torchao_mx_ext format version 1, but the safetensors files say 2"):
+    with pytest.raises(CheckpointError, match=f"config.json says torchao_mx_ext format version 1, but the safetensors files say {FORMAT_VERSION}"):
         AutoModelForCausalLM.from_pretrained(moe_copy)
 
 

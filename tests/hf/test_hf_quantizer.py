@@ -467,3 +467,37 @@ def test_save_replaces_the_checkpoint_of_an_existing_folder(onload, fp_path, sav
     assert (saved_copy / "tokenizer_config.json").is_file()
     assert sorted(p.name for p in saved_copy.parent.iterdir()) == ["copy"]
     assert torch.equal(logits(AutoModelForCausalLM.from_pretrained(saved_copy)), logits(onload))
+
+
+# -- kernel preference and older format versions ---------------------------------------------------
+
+def test_kernel_preference_is_saved_and_reloaded(fp_path, tmp_path):
+    model = AutoModelForCausalLM.from_pretrained(
+        fp_path, quantization_config=MXFP4HfConfig(tme.MXFP4BlockRotConfig(kernel_preference="emulated"))
+    )
+    assert {p.kernel_preference for p in quantized_params(model).values()} == {"emulated"}
+    save_pretrained(model, tmp_path / "ckpt")
+    _, metas = file_tensors(tmp_path / "ckpt")
+    weights = json.loads(metas[0][METADATA_KEY])["weights"]
+    assert {w["kernel_preference"] for w in weights.values()} == {"emulated"}
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt")
+    assert {p.kernel_preference for p in quantized_params(reloaded).values()} == {"emulated"}
+
+
+def test_a_version_2_checkpoint_loads_with_the_auto_kernel(onload, saved_copy):
+    # A version-2 file: no kernel_preference per weight (metadata edits keep every tensor digest valid).
+    def to_version_2(meta):
+        ours = json.loads(meta[METADATA_KEY])
+        ours["format_version"] = 2
+        for w in ours["weights"].values():
+            del w["kernel_preference"]
+        meta[METADATA_KEY] = json.dumps(ours)
+        return meta
+
+    _rewrite(saved_copy / "model.safetensors", to_version_2)
+    config = json.loads((saved_copy / "config.json").read_text())
+    config["quantization_config"]["format_version"] = 2
+    (saved_copy / "config.json").write_text(json.dumps(config))
+    reloaded = AutoModelForCausalLM.from_pretrained(saved_copy)
+    assert {p.kernel_preference for p in quantized_params(reloaded).values()} == {"auto"}
+    assert torch.equal(logits(reloaded), logits(onload))

@@ -210,3 +210,27 @@ def test_state_dict_between_plain_and_quantized_models_is_refused_clearly():
     quantize_(same, MXFP4BlockRotConfig())
     same.load_state_dict(quantized.state_dict())
     assert torch.equal(same[0].weight.qdata, quantized[0].weight.qdata)
+
+
+def test_kernel_preference_chooses_the_kernel(monkeypatch):
+    from torchao_mx_ext.kernels import cpu_mxfp4_gemv
+
+    calls = []
+    real = cpu_mxfp4_gemv.mxfp4_gemv
+    monkeypatch.setattr(cpu_mxfp4_gemv, "mxfp4_gemv", lambda *a, **k: calls.append(1) or real(*a, **k))
+    x = torch.randn(1, 64)
+    outputs = {}
+    for preference in ("auto", "emulated"):
+        model = torch.nn.Sequential(torch.nn.Linear(64, 32))
+        torch.manual_seed(0)
+        model[0].reset_parameters()
+        quantize_(model, MXFP4BlockRotConfig(kernel_preference=preference))
+        assert model[0].weight.kernel_preference == preference
+        assert model[0].weight.to(torch.bfloat16).kernel_preference == preference
+        calls.clear()
+        with torch.no_grad():
+            outputs[preference] = model(x)
+        assert calls == ([1] if preference == "auto" and cpu_mxfp4_gemv.applies(model[0].weight, x) else [])
+    torch.testing.assert_close(outputs["auto"], outputs["emulated"], rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="kernel_preference"):
+        MXFP4Config(kernel_preference="fast")

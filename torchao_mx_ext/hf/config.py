@@ -30,7 +30,8 @@ __all__ = ["FORMAT_VERSION", "MXFP4HfConfig", "QUANT_METHOD", "known_configs"]
 
 # Version of the checkpoint layout (config.json fields + safetensors tensors and metadata) written here.
 # 1: 2-D linear weights. 2: N-D weights (fused MoE experts), tensors under the model's own names.
-FORMAT_VERSION = 2
+# 3: each weight's kernel_preference (hf/serialization.py).
+FORMAT_VERSION = 3
 
 _FIELDS = ("quant_method", "format_version", "quant_config", "modules_to_not_convert", "router_passes")
 

@@ -14,7 +14,8 @@ the input width ``K``) is written as plain tensors:
 
 Safetensors metadata (every shard carries the same copy) holds, under the key ``torchao_mx_ext``, a
 JSON object: ``format_version``; ``weights`` (per quantized parameter: ``shape`` ``[*L, K]``,
-``in_features`` ``K``, ``block_size``, ``scale_rule``, ``act_scale_rule``, ``dtype``, ``rotation``);
+``in_features`` ``K``, ``block_size``, ``scale_rule``, ``act_scale_rule``, ``dtype``, ``rotation``, and from
+version 3 ``kernel_preference``);
 ``rotations``; ``digests`` (BLAKE2b-128 of the bytes of every tensor of the state dict, so that a
 modified or corrupted file fails to load with a message naming the tensor; every tensor listed must be
 in the files, except weights the model ties to another one, which transformers does not write).
@@ -31,7 +32,9 @@ Format versions (:data:`~.config.FORMAT_VERSION` is the one written):
   fused experts back into per-expert ``experts.<e>.gate_proj.weight`` ... on save (and fuses them on
   load); that would cut our packed codes apart by expert and drop their scales, and its renames (e.g.
   Mixtral's ``mlp`` -> ``block_sparse_moe``) would move keys away from the names our metadata lists.
-  Version 1 files still load (as before).
+  Version-1 files still load.
+- 3: each weight's ``kernel_preference``, and the :data:`IMPORT_NOTE` tensor. Version-1 and -2 files load
+  with ``kernel_preference="auto"`` (what their weights used).
 """
 
 import hashlib
@@ -41,6 +44,7 @@ from typing import Callable, Dict, Iterable, List, Optional, Tuple
 
 import torch
 
+from ..kernels import KERNEL_PREFERENCES
 from ..mx import check_scale_rule
 from ..tensors import RotatedMXFP4Tensor, padded_width
 from .config import FORMAT_VERSION, check_format_version
@@ -65,7 +69,8 @@ IMPORT_NOTE = "torchao_mx_ext.note.import_torchao_mx_ext_before_from_pretrained"
 
 _DTYPES = {str(d).removeprefix("torch."): d for d in (torch.float32, torch.bfloat16, torch.float16, torch.float64)}
 _SAFETENSORS_DTYPES = {"U8": torch.uint8, "F32": torch.float32}
-_WEIGHT_FIELDS = {"shape", "in_features", "block_size", "scale_rule", "act_scale_rule", "dtype", "rotation"}
+_WEIGHT_FIELDS = {"shape", "in_features", "block_size", "scale_rule", "act_scale_rule", "dtype", "rotation", "kernel_preference"}
+_WEIGHT_FIELDS_V2 = _WEIGHT_FIELDS - {"kernel_preference"}  # format versions 1 and 2
 
 
 class CheckpointError(ValueError):
@@ -89,12 +94,13 @@ class WeightInfo:
     act_scale_rule: Optional[str]
     dtype: str
     rotation: Optional[str]
+    kernel_preference: str = "auto"
 
     def to_json(self) -> dict:
         return {
             "shape": list(self.shape), "in_features": self.in_features, "block_size": self.block_size,
             "scale_rule": self.scale_rule, "act_scale_rule": self.act_scale_rule, "dtype": self.dtype,
-            "rotation": self.rotation,
+            "rotation": self.rotation, "kernel_preference": self.kernel_preference,
         }
 
     @property
@@ -104,8 +110,12 @@ class WeightInfo:
 
     @classmethod
     def from_json(cls, name: str, d, format_version: int = FORMAT_VERSION) -> "WeightInfo":
-        if not isinstance(d, dict) or set(d) != _WEIGHT_FIELDS:
-            raise CheckpointError(f"metadata of {name}: expected fields {sorted(_WEIGHT_FIELDS)}, got {d!r}")
+        fields = _WEIGHT_FIELDS if format_version >= 3 else _WEIGHT_FIELDS_V2
+        if not isinstance(d, dict) or set(d) != fields:
+            raise CheckpointError(f"metadata of {name}: expected fields {sorted(fields)}, got {d!r}")
+        preference = d.get("kernel_preference", "auto")
+        if preference not in KERNEL_PREFERENCES:
+            raise CheckpointError(f"metadata of {name}: unknown kernel_preference {preference!r}")
         shape = d["shape"]
         # Version 1 knew linears only: [N, K]. Version 2 adds leading dimensions (experts: [E, N, K]).
         ndims_ok = isinstance(shape, list) and (len(shape) == 2 if format_version == 1 else len(shape) >= 2)
@@ -126,7 +136,10 @@ class WeightInfo:
             raise CheckpointError(f"metadata of {name}: unsupported dtype {d['dtype']!r}")
         if d["rotation"] is not None and not (isinstance(d["rotation"], str) and d["rotation"].startswith(ROTATION_PREFIX)):
             raise CheckpointError(f"metadata of {name}: bad rotation reference {d['rotation']!r}")
-        return cls(tuple(shape), d["in_features"], d["block_size"], d["scale_rule"], d["act_scale_rule"], d["dtype"], d["rotation"])
+        return cls(
+            tuple(shape), d["in_features"], d["block_size"], d["scale_rule"], d["act_scale_rule"], d["dtype"], d["rotation"],
+            preference,
+        )
 
 
 # -- writing ----------------------------------------------------------------------------------------
@@ -167,7 +180,7 @@ def flatten_state_dict(state_dict: Dict[str, torch.Tensor], digest_all: bool = T
             owned += [name, name + SCALE_SUFFIX]
             weights[name] = WeightInfo(
                 (*leading, t.in_features), t.in_features, t.block_size, t.scale_rule, t.act_scale_rule,
-                str(t.dtype).removeprefix("torch."), rot_name,
+                str(t.dtype).removeprefix("torch."), rot_name, t.kernel_preference,
             ).to_json()
         elif isinstance(t, TorchAOBaseTensor):
             raise TypeError(f"{name}: {type(t).__name__} is not a torchao_mx_ext tensor; this format cannot store it")
@@ -221,7 +234,7 @@ class QuantizedCheckpoint:
         _check_parts(name, info, rot_size, (tuple(qdata.shape), qdata.dtype), (tuple(scale.shape), scale.dtype))
         return RotatedMXFP4Tensor(
             qdata.reshape(*info.leading, -1), scale, info.block_size, info.scale_rule, info.act_scale_rule,
-            info.in_features, dtype, rotation,
+            info.in_features, dtype, rotation, None, info.kernel_preference,
         )
 
 

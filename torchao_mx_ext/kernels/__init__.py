@@ -1,10 +1,36 @@
-"""Hand-written kernels behind a small boundary: each module says when it applies (``applies``) and
-the emulation runs otherwise. Nothing here is needed for correctness.
+"""Hand-written kernels behind a small boundary. Which one a weight uses is its ``kernel_preference``
+(a config field, stored on the tensor and in checkpoints); each kernel module says when it can run
+(``applies``) and the float emulation runs otherwise. Nothing here is needed for correctness.
 
 - ``cpu_mxfp4_gemv``: CPU dequant-GEMV for small batches (decode), a C++ custom op with a fake kernel.
-- ``cuda_mxfp4_mm``: MXFP4 tensor-core GEMM on Blackwell GPUs (``F.scaled_mm``), opt-in.
+- ``cuda_mxfp4_mm``: MXFP4 tensor-core GEMM on Blackwell GPUs (``F.scaled_mm``).
+
+Preferences (:data:`KERNEL_PREFERENCES`):
+
+- ``auto``: the CPU dequant-GEMV where it applies (same numbers as the emulation up to float32
+  summation order), the emulation elsewhere. The environment variable ``TORCHAO_MX_EXT_HW_MXFP4=1``
+  overrides it with ``hw_mxfp4``.
+- ``emulated``: the float emulation only (the reference numbers).
+- ``hw_mxfp4``: Blackwell MXFP4 tensor cores where the GPU has them (their accumulation order and
+  bfloat16 output rounding differ from the emulation), else as ``auto``.
 """
+
+import os
 
 from . import cpu_mxfp4_gemv, cuda_mxfp4_mm
 
-__all__ = ["cpu_mxfp4_gemv", "cuda_mxfp4_mm"]
+__all__ = ["KERNEL_PREFERENCES", "check_kernel_preference", "cpu_mxfp4_gemv", "cuda_mxfp4_mm", "effective_preference"]
+
+KERNEL_PREFERENCES = ("auto", "emulated", "hw_mxfp4")
+
+
+def check_kernel_preference(preference) -> None:
+    if preference not in KERNEL_PREFERENCES:
+        raise ValueError(f"kernel_preference must be one of {', '.join(KERNEL_PREFERENCES)}, got {preference!r}")
+
+
+def effective_preference(preference: str) -> str:
+    """The preference after the environment's override (read at call time, so a process can opt in)."""
+    if preference == "auto" and os.environ.get(cuda_mxfp4_mm.ENV_FLAG, "0") == "1":
+        return "hw_mxfp4"
+    return preference

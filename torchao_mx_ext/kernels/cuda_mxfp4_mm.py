@@ -9,13 +9,13 @@ multiplier, 4/3 for ``fp_quant``, else 1), accumulated in float32 by the tensor 
 computes the same products in float32 (bfloat16 operands are exact), so results agree to accumulation
 order and the bfloat16 output rounding (the GEMM writes bfloat16, as in torchao's MX inference path).
 
-Opt-in with ``TORCHAO_MX_EXT_HW_MXFP4=1``: no Blackwell GPU has run this code yet (this project's CI has
-no GPU); ``benchmarks/gpu_check.py`` compares it against the emulation and times it where one exists.
+Used by weights whose ``kernel_preference`` is ``hw_mxfp4`` (``TORCHAO_MX_EXT_HW_MXFP4=1`` turns ``auto``
+into that): no Blackwell GPU has run this code yet (this project's CI has no GPU);
+``benchmarks/gpu_check.py`` compares it against the emulation and times it where one exists.
 Hopper (sm_90) has no MXFP4 tensor-core instruction: there the emulation runs (Inductor's Triton
 kernels for rotate+quantize and weight decode, cuBLAS for the GEMM).
 """
 
-import os
 from typing import Optional
 
 import torch
@@ -37,11 +37,11 @@ def hardware_available(device: torch.device) -> bool:
 
 
 def applies(weight, x: torch.Tensor) -> bool:
-    """Whether ``RotatedMXFP4Tensor.linear`` should run ``x`` (rotated, ``[..., K_p]``) through the
-    hardware GEMM: opted in, W4A4, 32-element blocks, a 2-D weight, on an MXFP4-capable GPU."""
+    """Whether ``RotatedMXFP4Tensor.linear`` can run ``x`` (rotated, ``[..., K_p]``) through the
+    hardware GEMM: W4A4, 32-element blocks, a 2-D weight, on an MXFP4-capable GPU (the caller decides
+    by the weight's kernel preference whether it should)."""
     return (
         x.device.type == "cuda"  # first: every CPU linear call passes here
-        and os.environ.get(ENV_FLAG, "0") == "1"
         and weight.act_scale_rule is not None
         and weight.block_size == 32
         and weight.qdata.dim() == 2

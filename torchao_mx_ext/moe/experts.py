@@ -94,13 +94,14 @@ def quantize_expert_weights(weight: torch.Tensor, config: MXFP4Config) -> Rotate
     padded, block = weight_layout(config, width, weight.device)
     report_expert_padding(width, padded)
     experts = [
-        RotatedMXFP4Tensor.from_hp(w, config.block_size, config.scale_rule, config.activation_scale_rule, block)
+        RotatedMXFP4Tensor.from_hp(w, config.block_size, config.scale_rule, config.activation_scale_rule, block, config.kernel_preference)
         for w in weight.detach()
     ]
     qdata = torch.stack([q.qdata for q in experts])
     scale = torch.stack([q.scale for q in experts])
     return RotatedMXFP4Tensor(
-        qdata, scale, config.block_size, config.scale_rule, config.activation_scale_rule, width, weight.dtype, block
+        qdata, scale, config.block_size, config.scale_rule, config.activation_scale_rule, width, weight.dtype, block, None,
+        config.kernel_preference,
     )
 
 

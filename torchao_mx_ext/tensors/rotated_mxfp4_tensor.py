@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torchao.utils import TorchAOBaseTensor
 
 from .caching import stable_metadata_hash
-from ..kernels import cpu_mxfp4_gemv, cuda_mxfp4_mm
+from ..kernels import check_kernel_preference, cpu_mxfp4_gemv, cuda_mxfp4_mm, effective_preference
 from ..mx import check_scale_rule, mxfp4_dequantize, mxfp4_fake_quantize, mxfp4_quantize
 from ..rotation import apply_block_rotation
 from .mxfp4_activation_tensor import MXFP4ActivationTensor
@@ -38,12 +38,20 @@ class RotatedMXFP4Tensor(TorchAOBaseTensor):
     tensor_data_names = ["qdata", "scale"]
     tensor_attribute_names = ["block_size", "scale_rule", "act_scale_rule", "in_features", "dtype"]
     optional_tensor_data_names = ["rotation", "dequantized"]
+    optional_tensor_attribute_names = ["kernel_preference"]
 
-    def __new__(cls, qdata, scale, block_size, scale_rule, act_scale_rule, in_features, dtype, rotation=None, dequantized=None):
+    def __new__(
+        cls, qdata, scale, block_size, scale_rule, act_scale_rule, in_features, dtype, rotation=None, dequantized=None,
+        kernel_preference="auto",
+    ):
         shape = (*qdata.shape[:-1], in_features)
         return torch.Tensor._make_wrapper_subclass(cls, shape, dtype=dtype, device=qdata.device, requires_grad=False)
 
-    def __init__(self, qdata, scale, block_size, scale_rule, act_scale_rule, in_features, dtype, rotation=None, dequantized=None):
+    def __init__(
+        self, qdata, scale, block_size, scale_rule, act_scale_rule, in_features, dtype, rotation=None, dequantized=None,
+        kernel_preference="auto",
+    ):
+        check_kernel_preference(kernel_preference)
         self.qdata = qdata
         self.scale = scale
         self.block_size = block_size
@@ -52,6 +60,7 @@ class RotatedMXFP4Tensor(TorchAOBaseTensor):
         self.in_features = in_features
         self.rotation = rotation
         self.dequantized = dequantized
+        self.kernel_preference = kernel_preference  # kernels/__init__.py: which kernel the linear uses
 
     def _stable_hash_for_caching(self) -> str:
         return stable_metadata_hash(self)
@@ -65,6 +74,7 @@ class RotatedMXFP4Tensor(TorchAOBaseTensor):
         scale_rule: str = "floor",
         act_scale_rule: str | None = "floor",
         rotation: torch.Tensor | None = None,
+        kernel_preference: str = "auto",
     ) -> "RotatedMXFP4Tensor":
         """Quantize a high-precision ``N x K`` weight. ``rotation`` is the ``b x b`` block of ``R``
         (``b`` divides the padded width); the width is zero-padded to a multiple of ``block_size``
@@ -81,7 +91,7 @@ class RotatedMXFP4Tensor(TorchAOBaseTensor):
             # Rotate offline in float64: the stored weight is Q(fl32(W R)).
             padded = apply_block_rotation(padded, rotation.to(torch.float64))
         qdata, scale = mxfp4_quantize(padded.to(torch.float32), block_size, scale_rule)
-        return cls(qdata, scale, block_size, scale_rule, act_scale_rule, weight.shape[-1], weight.dtype, rotation)
+        return cls(qdata, scale, block_size, scale_rule, act_scale_rule, weight.shape[-1], weight.dtype, rotation, None, kernel_preference)
 
     # -- math -----------------------------------------------------------------------------------
     @property
@@ -117,14 +127,15 @@ class RotatedMXFP4Tensor(TorchAOBaseTensor):
         cache = self.dequantize(self.gemm_dtype(self.dtype)) if enabled else None
         return RotatedMXFP4Tensor(
             self.qdata, self.scale, self.block_size, self.scale_rule, self.act_scale_rule,
-            self.in_features, self.dtype, self.rotation, cache,
+            self.in_features, self.dtype, self.rotation, cache, self.kernel_preference,
         )
 
     def linear(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         """``Q_a(x R) Q(W R)^T + b``, emulated (see the module docstring), returned in ``x.dtype``."""
         gemm_dtype = self.gemm_dtype(x.dtype)
         xr = self.rotate_input(x)
-        if cuda_mxfp4_mm.applies(self, xr):
+        # The device test first: CPU calls (also compiled ones) never read the environment override.
+        if xr.device.type == "cuda" and effective_preference(self.kernel_preference) == "hw_mxfp4" and cuda_mxfp4_mm.applies(self, xr):
             # MXFP4 tensor cores (opt-in): the activation as codes + scales, no dequantization.
             a = MXFP4ActivationTensor.from_hp(xr.reshape(-1, xr.shape[-1]), self.block_size, self.act_scale_rule)
             y = cuda_mxfp4_mm.mxfp4_scaled_mm(a.qdata, a.scale, a.scale_rule, self.qdata, self.scale, self.scale_rule, bias, x.dtype)
@@ -132,7 +143,7 @@ class RotatedMXFP4Tensor(TorchAOBaseTensor):
         if self.act_scale_rule is not None:
             # Same numbers as quantize_input(x).dequantize(), without materialising codes.
             xr = mxfp4_fake_quantize(xr, self.block_size, self.act_scale_rule)
-        if cpu_mxfp4_gemv.applies(self, xr):
+        if self.kernel_preference != "emulated" and cpu_mxfp4_gemv.applies(self, xr):
             # Small batch on CPU: decode inside the reduction (same numbers up to float32 summation order).
             # Also with a dense cache: the packed codes are a quarter of its bytes, and GEMV is memory-bound.
             b = None if bias is None else bias.to(gemm_dtype)
@@ -192,7 +203,10 @@ def _(func, types, args, kwargs):
     device = to["device"]
     moved = [getattr(self, n).to(device) for n in self.tensor_data_names]
     rotation = None if self.rotation is None else self.rotation.to(device)
-    out = RotatedMXFP4Tensor(*moved, self.block_size, self.scale_rule, self.act_scale_rule, self.in_features, to["dtype"], rotation)
+    out = RotatedMXFP4Tensor(
+        *moved, self.block_size, self.scale_rule, self.act_scale_rule, self.in_features, to["dtype"], rotation, None,
+        self.kernel_preference,
+    )
     return out if self.dequantized is None else out.with_dequantized_cache()
 
 
