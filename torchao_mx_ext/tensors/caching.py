@@ -4,7 +4,7 @@ The cache keys a compiled graph by the Dynamo graph, which shows a linear on our
 ``F.linear(x, w)``: what that becomes (emulation, the CPU dequant-GEMV, the dense cache) is decided by
 our Python code while AOTAutograd traces the subclass. So the hash includes a digest of this package's
 source: after an upgrade or an edit, graphs compiled by the old code are not reused from the on-disk
-cache (seen: a stale cached graph that kept the old dispatch).
+cache: a graph cached by older code would keep its old dispatch.
 """
 
 import functools

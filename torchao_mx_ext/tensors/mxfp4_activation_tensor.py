@@ -7,36 +7,33 @@ consumes. Without such hardware the linear emulates it with ``mxfp4_fake_quantiz
 instead of materialising codes.
 """
 
-import torch
-from torchao.utils import TorchAOBaseTensor
+from dataclasses import dataclass
 
-from .caching import stable_metadata_hash
+import torch
+
 from ..mx import check_scale_rule, mxfp4_dequantize, mxfp4_quantize
 
 __all__ = ["MXFP4ActivationTensor"]
 
-aten = torch.ops.aten
 
-
-class MXFP4ActivationTensor(TorchAOBaseTensor):
+@dataclass(frozen=True)
+class MXFP4ActivationTensor:
     """Codes ``qdata`` (uint8, two per byte, ``[..., K/2]``) and E8M0 ``scale`` (uint8, ``[..., K/32]``)
-    of an already rotated activation ``x R``; ``dequantize()`` gives ``Q(x R)`` in ``dtype``."""
+    of an already rotated activation ``x R``; ``dequantize()`` gives ``Q(x R)`` in ``dtype``.
 
-    tensor_data_names = ["qdata", "scale"]
-    tensor_attribute_names = ["block_size", "scale_rule", "dtype"]
+    A plain container, not a tensor subclass: it lives between the activation's quantization and a GEMM
+    that consumes codes and scales, and no torch op ever receives it."""
 
-    def __new__(cls, qdata, scale, block_size, scale_rule, dtype):
-        shape = (*qdata.shape[:-1], qdata.shape[-1] * 2)
-        return torch.Tensor._make_wrapper_subclass(cls, shape, dtype=dtype, device=qdata.device, requires_grad=False)
+    qdata: torch.Tensor
+    scale: torch.Tensor
+    block_size: int
+    scale_rule: str
+    dtype: torch.dtype
 
-    def __init__(self, qdata, scale, block_size, scale_rule, dtype):
-        self.qdata = qdata
-        self.scale = scale
-        self.block_size = block_size
-        self.scale_rule = scale_rule
-
-    def _stable_hash_for_caching(self) -> str:
-        return stable_metadata_hash(self)
+    @property
+    def shape(self) -> torch.Size:
+        """The activation's logical shape ``[..., K]``."""
+        return torch.Size((*self.qdata.shape[:-1], self.qdata.shape[-1] * 2))
 
     @classmethod
     def from_hp(cls, x: torch.Tensor, block_size: int = 32, scale_rule: str = "floor") -> "MXFP4ActivationTensor":
@@ -46,8 +43,3 @@ class MXFP4ActivationTensor(TorchAOBaseTensor):
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         return mxfp4_dequantize(self.qdata, self.scale, self.block_size, self.scale_rule, dtype or self.dtype)
-
-
-@MXFP4ActivationTensor.implements_torch_function(torch.Tensor.dequantize)
-def _(func, types, args, kwargs):
-    return args[0].dequantize(*args[1:], **kwargs)
