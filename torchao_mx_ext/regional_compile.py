@@ -1,24 +1,21 @@
 """Compile a decoder layer by layer, with cheap guards and GQA-packed decode attention.
 
-Compiling the whole model with ``fullgraph=True`` works (``tests/test_compile.py``) but a quantized
-SmolLM2-135M takes many minutes of Inductor code generation. Regional compilation (each decoder layer
-compiled on its own; all layers share the generated code through Inductor's FX-graph cache) compiles
-in about a minute, and leaves two per-step costs that this module removes, and one exactness trap:
+Compiling the whole model with ``fullgraph=True`` works (``tests/test_compile.py``) but generates code
+for every layer. Regional compilation (each decoder layer compiled on its own; all layers share the
+generated code through Inductor's FX-graph cache) compiles far faster, and leaves two per-step costs
+that this module removes, and one exactness trap (timings: ``docs/results.md``):
 
 * **Guard evaluation.** ``layer.compile()`` gives every layer the same code object (``Module._call_impl``)
   and so one Dynamo cache; the layers differ in constants (the layer index picks its KV-cache slot), so
   the cache holds ``2 x num_layers`` entries (prompt and decode step per layer) that each call scans,
-  evaluating a guard tree over the whole module and cache for each. Measured on SmolLM2-135M (30 layers,
-  2 CPU threads): 230-410 µs of "TorchDynamo Cache Lookup" per layer call, 7-12 ms per decode step.
+  evaluating a guard tree over the whole module and cache for each.
   :func:`compile_decoder_layers` gives each layer its own code object (its own cache: 2 entries) and,
-  by default, drops the guards on module attributes (``torch.compiler.skip_guard_on_all_nn_modules_unsafe``):
-  ~70 µs per call.
+  by default, drops the guards on module attributes (``torch.compiler.skip_guard_on_all_nn_modules_unsafe``).
 * **GQA decode attention.** For one query token, transformers' SDPA path folds the query heads of each
   key/value head into the query-length axis (``pack_gqa``: ``[B, H, 1, D] -> [B, H_kv, H / H_kv, D]``),
   so attention reads each cached key once instead of ``H / H_kv`` times; it skips that under Dynamo and
   repeats keys and values instead (``repeat_kv``). :data:`PACKED_GQA_SDPA` is an attention
-  implementation that packs in compiled code too (measured: 128 µs instead of 354 µs per layer call).
-  Same math; the softmax runs over the same keys.
+  implementation that packs in compiled code too. Same math; the softmax runs over the same keys.
 * **Exactness.** Inductor's ``emulate_precision_casts`` is on, so a bfloat16 W4A4 model compiles to the
   same logits as eager (activation quantization would turn fused-precision differences into FP4 steps).
 
@@ -97,7 +94,7 @@ def compile_decoder_layers(
     :data:`PACKED_GQA_SDPA` when it uses ``sdpa``. ``emulate_precision_casts`` (Inductor) rounds
     fused intermediates to bfloat16/float16 where eager code does: activation quantization is
     discontinuous, and without it a bfloat16 W4A4 model's compiled logits differ from eager by whole
-    FP4 steps (measured on stories260k: max 2.3 on logits up to 14; with it: identical). Embedding,
+    FP4 steps (with it they are identical: ``tests/test_regional_compile.py``). Embedding,
     mask construction and LM head stay eager.
     """
     if packed_gqa and getattr(model.config, "_attn_implementation", None) == "sdpa":

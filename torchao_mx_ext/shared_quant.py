@@ -4,7 +4,7 @@ Each :class:`RotatedMXFP4Tensor` linear pads, rotates and MXFP4-quantizes its ow
 decoder layer q_proj, k_proj and v_proj each compute ``Q_a(x R)`` of the same ``x`` (and gate_proj and
 up_proj of theirs). Neither Dynamo, AOTAutograd nor Inductor merges them: each weight's rotation block
 reaches the graph as a separate input (tensor subclasses are flattened per parameter), and Inductor
-does not eliminate duplicate subgraphs even when the inputs are the same tensor (measured:
+does not eliminate duplicate subgraphs even when the inputs are the same tensor (kernel counts:
 ``benchmarks/README.md``). A W4A4 layer of a compiled decoder therefore runs 7 rotation GEMMs and 7
 activation-quantization kernels where 4 suffice.
 

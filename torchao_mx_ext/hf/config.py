@@ -146,7 +146,7 @@ class MXFP4HfConfig(QuantizationConfigMixin):
             "modules_to_not_convert": None if self.modules_to_not_convert is None else list(self.modules_to_not_convert),
         }
         router_passes = _copy_router_passes(self.router_passes)
-        if router_passes is not None:  # absent without passes: config.json as before
+        if router_passes is not None:  # absent without passes: config.json keeps its plain form
             data["router_passes"] = router_passes
         return data
 

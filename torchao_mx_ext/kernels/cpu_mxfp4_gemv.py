@@ -3,8 +3,8 @@
 Decoding is memory-bound: at small batch (decode, a few rows) a linear reads its whole weight once
 per call, and an MXFP4 weight is 4.25 bits per parameter against bf16's 16. The pure-torch path
 (:func:`torchao_mx_ext.mx.mxfp4_dequantize` then ``F.linear``) writes and re-reads a dense weight on
-every call, and Inductor's fusion of decode + multiply + sum into one reduction was 30-100x slower
-than a bf16 ``F.linear`` (measured), so this is a C++ kernel: ``mxfp4_gemv.cpp`` beside this file,
+every call, and Inductor's fusion of decode + multiply + sum into one reduction is far slower than a
+bf16 ``F.linear`` (``benchmarks/gemv_bench.py``), so this is a C++ kernel: ``mxfp4_gemv.cpp`` beside this file,
 built on first use with ``torch.utils.cpp_extension`` (needs a C++ compiler and ninja; the ``ninja``
 PyPI package is a dependency) and registered as the CPU kernel of ``torch.ops.torchao_mx_ext.mxfp4_gemv``.
 
@@ -47,10 +47,8 @@ logger = logging.getLogger(__name__)
 
 OP = "torchao_mx_ext::mxfp4_gemv"
 # Largest number of rows (M = x.numel() / K) sent to the kernel. The kernel re-decodes the weight for
-# every 4 rows, so its time grows with M: against a dense bf16 GEMM it breaks even near M = 8, but the
-# path it replaces decodes the whole weight first (Inductor's decode of a 576 x 576 weight alone took
-# ~1.8 ms), and against that the kernel was 5x faster at M = 64 and 3x at M = 128 (576x576 and
-# 576x1536, one thread of a busy AVX-512 EPYC).
+# every 4 rows, so its time grows with M; the path it replaces decodes the whole weight first, and the
+# crossover against that lies above M = 128 on AVX-512 CPUs (benchmarks/gemv_bench.py).
 MAX_ROWS = 64
 # With a dense cache (``cache_dequantized_weights``) the alternative is a plain GEMM: the kernel is kept
 # for batches it decodes the codes for once (its row block), where it reads a quarter of the bytes.
