@@ -346,3 +346,24 @@ def test_eager_drops_pruned_pairs_before_any_gemm(monkeypatch):
         module(x, index, weights)
     valid = int((index < 4).sum())
     assert 0 < valid < index.numel() and rows == [valid, valid]
+
+
+def test_quantized_moe_model_pickles_whole():
+    import io
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from _router_tiny_models import build_tiny
+    from torchao_mx_ext.configs import quantize_linears
+
+    model = quantize_linears(build_tiny("qwen3_moe"), MXFP4BlockRotConfig())
+    buf = io.BytesIO()
+    torch.save(model, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    experts = loaded.model.layers[0].mlp.experts
+    assert type(experts) is type(model.model.layers[0].mlp.experts)
+    ids = torch.randint(0, model.config.vocab_size, (2, 9))
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, model(ids).logits)

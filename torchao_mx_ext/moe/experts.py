@@ -155,9 +155,23 @@ def _mxfp4_experts_class(cls: type) -> type:
     """``MXFP4<cls>``: ``cls`` with ``forward = mxfp4_experts_forward`` (one subclass per class)."""
     sub = _MXFP4_CLASSES.get(cls)
     if sub is None:
-        sub = type(f"MXFP4{cls.__name__}", (cls,), {"forward": mxfp4_experts_forward, "extra_repr": _extra_repr})
+        sub = type(f"MXFP4{cls.__name__}", (cls,), {
+            "forward": mxfp4_experts_forward, "extra_repr": _extra_repr, "__reduce_ex__": _reduce_mxfp4_experts,
+        })
         _MXFP4_CLASSES[cls] = sub
     return sub
+
+
+def _reduce_mxfp4_experts(self, protocol):
+    # The class is made at run time, so pickle cannot find it by name: pickle the module as its original
+    # class plus state, and rebuild the MXFP4 subclass on load (torch.save / torch.load of a whole model).
+    return new_mxfp4_experts, (type(self).__mro__[1],), self.__dict__.copy()
+
+
+def new_mxfp4_experts(original: type) -> torch.nn.Module:
+    """An empty instance of ``MXFP4<original>``, for unpickling (its state is set afterwards)."""
+    cls = _mxfp4_experts_class(original)
+    return cls.__new__(cls)
 
 
 def _extra_repr(self) -> str:
