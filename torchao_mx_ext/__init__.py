@@ -30,7 +30,8 @@ _EXPORTS = {
     "unshare_input_quantization": "shared_quant",
     "PACKED_GQA_SDPA": "regional_compile",
     "compile_decoder_layers": "regional_compile",
-    "GPTQConfig": "calibration",
+    "MXFP4GPTQConfig": "calibration",
+    "GPTQConfig": "calibration",  # deprecated name of MXFP4GPTQConfig
     "gptq_mxfp4": "calibration",
     "BanConfig": "moe",
     "BanPickConfig": "moe",

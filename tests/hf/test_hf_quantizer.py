@@ -94,7 +94,7 @@ def test_registered_under_our_own_name():
     tme.MXFP4BlockRotConfig(),
     tme.MXFP4Config(scale_rule="floor", act_quant=False),
     tme.MXFP4BlockRotConfig(rotation="random_hadamard", rotation_size=None, seed=7, act_scale_rule="rceil"),
-    tme.GPTQConfig(base=tme.MXFP4BlockRotConfig(scale_rule="even"), step="convert"),
+    tme.MXFP4GPTQConfig(base=tme.MXFP4BlockRotConfig(scale_rule="even"), step="convert"),
     None,
 ])
 def test_config_round_trips_through_json(inner):
@@ -174,8 +174,8 @@ def test_quantize_on_load_also_quantizes_linears_missing_from_the_checkpoint(fp_
 def test_quantize_on_load_needs_a_data_free_recipe(fp_path):
     with pytest.raises(ValueError, match="needs a quant_config"):
         AutoModelForCausalLM.from_pretrained(fp_path, quantization_config=MXFP4HfConfig())
-    gptq = tme.GPTQConfig(base=tme.MXFP4Config(), step="convert")
-    with pytest.raises(ValueError, match="GPTQConfig cannot quantize on load"):
+    gptq = tme.MXFP4GPTQConfig(base=tme.MXFP4Config(), step="convert")
+    with pytest.raises(ValueError, match="MXFP4GPTQConfig cannot quantize on load"):
         AutoModelForCausalLM.from_pretrained(fp_path, quantization_config=MXFP4HfConfig(gptq))
 
 

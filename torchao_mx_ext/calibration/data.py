@@ -51,7 +51,8 @@ def _range_text(low, high, low_open: bool, high_open: bool) -> str:
 def _is_bool(value: Any) -> bool:
     if isinstance(value, torch.Tensor):
         return value.dtype == torch.bool
-    return isinstance(value, bool) or type(value).__name__ == "bool_"  # numpy.bool_ is no Python bool
+    # numpy's bool scalar is no Python bool; its class is named bool_ (numpy 1) or bool (numpy 2)
+    return isinstance(value, bool) or (type(value).__module__ == "numpy" and type(value).__name__ in ("bool_", "bool"))
 
 
 def check_real(

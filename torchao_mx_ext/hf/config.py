@@ -38,11 +38,11 @@ _FIELDS = ("quant_method", "format_version", "quant_config", "modules_to_not_con
 
 def known_configs() -> Dict[str, type]:
     """Our ``AOBaseConfig`` subclasses, by class name: the configs a checkpoint may record."""
-    from ..calibration.gptq import GPTQConfig
+    from ..calibration import GPTQConfig, MXFP4GPTQConfig
     from ..configs import MXFP4BlockRotConfig, MXFP4Config
     from ..moe.router_configs import BanConfig, BanPickConfig, PESFConfig, PickConfig
 
-    configs = (MXFP4Config, MXFP4BlockRotConfig, GPTQConfig, PESFConfig, PickConfig, BanConfig, BanPickConfig)
+    configs = (MXFP4Config, MXFP4BlockRotConfig, MXFP4GPTQConfig, GPTQConfig, PESFConfig, PickConfig, BanConfig, BanPickConfig)
     return {cls.__name__: cls for cls in configs}
 
 

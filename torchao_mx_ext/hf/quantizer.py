@@ -87,7 +87,7 @@ class MXFP4HfQuantizer(HfQuantizer):
                 "MXFP4HfConfig needs a quant_config (e.g. MXFP4BlockRotConfig()) to quantize a full-precision checkpoint"
             )
         if not isinstance(config, MXFP4Config):
-            # e.g. GPTQConfig: it needs calibration data, which loading does not have.
+            # e.g. MXFP4GPTQConfig: it needs calibration data, which loading does not have.
             raise ValueError(
                 f"{type(config).__name__} cannot quantize on load (only data-free MXFP4Config / MXFP4BlockRotConfig "
                 "can); quantize the loaded model with quantize_ and save it with torchao_mx_ext.hf.save_pretrained"

@@ -32,7 +32,7 @@ the pairs of pruned slots (router passes) ride along and are masked; eager drops
 pass that prunes a fraction of the slots saves that fraction of the experts' work.
 
 :func:`quantize_experts_module` is RTN. GPTQ (per-expert Hessians from the tokens routed to each
-expert) goes through :class:`torchao_mx_ext.calibration.GPTQConfig` with ``filter_fn=is_fused_experts``
+expert) goes through :class:`torchao_mx_ext.calibration.MXFP4GPTQConfig` with ``filter_fn=is_fused_experts``
 (and :func:`torchao_mx_ext.calibration.sequential.sequential_gptq` does it for every layer); its
 calibration forward is :func:`experts_forward` with an ``observe`` callback, and the result has the
 layout and class this module gives.
