@@ -214,10 +214,21 @@ def install_graph_pass(
             "__module__": cls.__module__,
             "__qualname__": cls.__qualname__,
             "__doc__": f"{base.__name__} with router passes {list(passes)} (torchao_mx_ext.moe.router_pass).",
+            "__reduce_ex__": _refuse_pickling,
         })
         _CLASS_CACHE[key] = new_cls
     module.__class__ = new_cls
     return module
+
+
+def _refuse_pickling(self, protocol):
+    # The class holds FX-generated code made at run time; pickle would fail with a bare "not the same
+    # object" error. Say what works instead.
+    raise TypeError(
+        f"a {type(self).__name__} with router passes {list(type(self)._router_passes)} cannot be pickled "
+        "(torch.save(model)): save with torchao_mx_ext.hf.save_pretrained, which records the passes and "
+        "re-installs them on load, or remove_router_passes(model) first"
+    )
 
 
 def remove_graph_passes(module: nn.Module) -> bool:
