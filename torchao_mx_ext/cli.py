@@ -51,10 +51,14 @@ MODEL_LEVEL_PREFIXES = ("quarot", "brq", "dartquant")
 # - torchao/__init__.py: "Failed to load .../torchao/_C_*.so: ..." for native kernels built for another
 #   Python or for CUDA (torchao's pure-PyTorch paths, which we use, do not need them);
 # - torch/utils/_pytree.py: "<enum ...> is an Enum subclass and is now natively supported by torch.compile
-#   ... register_constant() on Enum subclasses is deprecated", when torchao registers its enums.
+#   ... register_constant() on Enum subclasses is deprecated", when torchao registers its enums;
+# - torchao/kernel/intmm.py: "Warning: Detected no triton, ..." on CPU-only machines (we use no Triton
+#   kernel on CPU).
 KNOWN_NOISE = {
     "torchao": r"^Failed to load \S*torchao\S*/_C\S*\.so: ",
+    "torchao.kernel.intmm": r"^Warning: Detected no triton",
     "torch.utils._pytree": r"is an Enum subclass and is now natively supported by torch\.compile",
+    "transformers.tokenization_utils_base": r"^Token indices sequence length is longer than the specified maximum",
 }
 
 
@@ -223,18 +227,22 @@ _MOE_MINIMUMS = {
 
 
 def run_compare(args) -> dict:
-    from .configs import DEFAULT_SCALE_RULE
-
-    # Every check that needs no model comes first: a bad flag, output path or model path costs nothing.
+    # Every check that needs no model comes first: a bad flag, output path or model path costs nothing
+    # (not even importing torch).
     methods = _parse_list(args.methods, METHOD_NAMES, "method")
-    scale_rule = args.scale_rule or DEFAULT_SCALE_RULE
-    rules = list(SCALE_RULE_NAMES) if scale_rule == "all" else _parse_list(scale_rule, SCALE_RULE_NAMES, "scale rule")
+    rules = None
+    if args.scale_rule is not None:
+        rules = list(SCALE_RULE_NAMES) if args.scale_rule == "all" else _parse_list(args.scale_rule, SCALE_RULE_NAMES, "scale rule")
     seeds = _parse_seeds(args.seeds)
     check_minimums(args, _COMPARE_MINIMUMS)
     check_output_path(args.json)
     check_model_or_exit(args.model)
 
     import torch
+
+    from .configs import DEFAULT_SCALE_RULE
+
+    rules = rules or [DEFAULT_SCALE_RULE]
 
     from .eval import Measure, perplexity, tokenize_for_perplexity, wikitext2_test_text
     from .recipes import METHODS, QuantSettings
