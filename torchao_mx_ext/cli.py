@@ -401,28 +401,28 @@ def write_json_atomic(path: Path, data: dict) -> None:
     os.replace(tmp, path)
 
 
-def run_quantize(args) -> dict:
-    """Quantize one model with one method (calibrating where it needs it) and save it atomically."""
-    from .configs import DEFAULT_SCALE_RULE
-
+def _quantized_model(args, out_is_folder: bool = True):
+    """(model, tokenizer, scale rule, Measure of the quantization) for ``quantize`` and ``export``:
+    every input checked first, then the model loaded and quantized with ``--method``."""
     if args.method not in METHOD_NAMES or args.method == "fp":
         choices = ", ".join(m for m in METHOD_NAMES if m != "fp")
         raise SystemExit(f"torchao-mx: unknown method {args.method!r}; choose from {choices}")
-    scale_rule = args.scale_rule or DEFAULT_SCALE_RULE
-    check_scale_rule_or_exit(scale_rule)
+    if args.scale_rule is not None:
+        check_scale_rule_or_exit(args.scale_rule)
     check_minimums(args, _QUANTIZE_MINIMUMS)
-    out = Path(args.out)
-    if out.exists() and not args.overwrite:
-        raise SystemExit(f"torchao-mx: {out} exists; pass --overwrite to replace it")
-    check_output_path(args.out, "--out", folder=True)
+    if Path(args.out).exists() and not args.overwrite:
+        raise SystemExit(f"torchao-mx: {args.out} exists; pass --overwrite to replace it")
+    check_output_path(args.out, "--out", folder=out_is_folder)
     check_model_or_exit(args.model)
 
     import torch
 
-    from .hf import save_pretrained
+    from .configs import DEFAULT_SCALE_RULE
+    from .eval import Measure
     from .recipes import METHODS, QuantSettings
-    from .zoo import DEFAULT_SEQ_LEN, load_model, model_path
+    from .zoo import DEFAULT_SEQ_LEN, load_model
 
+    scale_rule = args.scale_rule or DEFAULT_SCALE_RULE
     if METHODS[args.method].calibrated:
         _check_calib_source(args)
     torch.manual_seed(0)
@@ -432,10 +432,52 @@ def run_quantize(args) -> dict:
     calib_ids = None
     if METHODS[args.method].calibrated:
         calib_ids = _calibration_ids(args, tokenizer, model, DEFAULT_SEQ_LEN.get(args.model, 2048))
-    from .eval import Measure
-
     with Measure() as m:
         METHODS[args.method].apply(model, QuantSettings(scale_rule, None, args.weight_only, args.seed, calib_ids))
+    return model, tokenizer, scale_rule, m
+
+
+# What each serving format can express (the exporters refuse the rest with the reason): GGUF has no
+# online rotation and llama.cpp quantizes activations itself; compressed-tensors expresses the 32-wide
+# block Hadamard as an online transform.
+EXPORT_METHODS = {
+    "gguf": ("rtn", "gptq"),
+    "compressed-tensors": ("rtn", "gptq", "block-rot", "gptq-block-rot"),
+}
+
+
+def run_export(args) -> dict:
+    """Quantize one model with one method and export it for a serving engine (written atomically)."""
+    allowed = EXPORT_METHODS[args.format]
+    if args.method not in allowed:
+        raise SystemExit(
+            f"torchao-mx export: --format {args.format} cannot express method {args.method!r}; methods that export "
+            f"to it: {', '.join(allowed)}"
+        )
+    if args.format == "gguf" and not args.weight_only:
+        raise SystemExit("torchao-mx export: GGUF holds weights only (llama.cpp quantizes activations itself): add --weight-only")
+    model, tokenizer, scale_rule, m = _quantized_model(args, out_is_folder=args.format != "gguf")
+    from . import export
+
+    writer = export.to_gguf if args.format == "gguf" else export.to_compressed_tensors
+    with user_errors("torchao-mx export"):
+        out = writer(model, tokenizer, args.out, overwrite=args.overwrite)
+    size = sum(f.stat().st_size for f in ([Path(out)] if Path(out).is_file() else Path(out).rglob("*")) if f.is_file())
+    report = {
+        "model": args.model, "method": args.method, "format": args.format, "scale_rule": scale_rule,
+        "weight_only": args.weight_only, "out": str(out), "quantize_s": m.wall_s, "size_mb": size / 2**20,
+    }
+    print(f"{args.method} {args.model} -> {out} ({args.format}, {report['size_mb']:.1f} MB), quantized in {m.wall_s:.1f} s")
+    return report
+
+
+def run_quantize(args) -> dict:
+    """Quantize one model with one method (calibrating where it needs it) and save it atomically."""
+    from .hf import save_pretrained
+    from .zoo import model_path
+
+    model, tokenizer, scale_rule, m = _quantized_model(args)
+    out = Path(args.out)
     save_pretrained(model, out, tokenizer=tokenizer)
     size = lambda folder: sum(f.stat().st_size for f in Path(folder).glob("*.safetensors"))
     fp_bytes, q_bytes = size(model_path(args.model)), size(out)
@@ -573,6 +615,19 @@ def build_parser() -> argparse.ArgumentParser:
     qnt.add_argument("--calib-source", default="wikitext2")
     qnt.add_argument("--data-dir", default=None)
     qnt.add_argument("--overwrite", action="store_true")
+    exp = sub.add_parser("export", help="quantize a model and export it for vLLM (compressed-tensors) or llama.cpp (GGUF)")
+    exp.add_argument("--model", required=True, help=f"alias ({aliases}) or HF folder")
+    exp.add_argument("--method", required=True, help="; ".join(f"{f}: {', '.join(ms)}" for f, ms in EXPORT_METHODS.items()))
+    exp.add_argument("--format", required=True, choices=tuple(EXPORT_METHODS))
+    exp.add_argument("--out", required=True, help="output folder (compressed-tensors) or .gguf file, written atomically")
+    exp.add_argument("--scale-rule", default=None, help="default: the package default")
+    exp.add_argument("--weight-only", action="store_true")
+    exp.add_argument("--seed", type=int, default=0)
+    exp.add_argument("--calib-samples", type=int, default=128)
+    exp.add_argument("--calib-seq-len", type=int, default=None)
+    exp.add_argument("--calib-source", default="wikitext2")
+    exp.add_argument("--data-dir", default=None)
+    exp.add_argument("--overwrite", action="store_true")
     mrg = sub.add_parser("merge", help="join compare reports (JSON) of one model and setting into one table")
     mrg.add_argument("reports", nargs="+", help="compare --json files")
     mrg.add_argument("--json", default=None, help="write the merged report here")
@@ -639,6 +694,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         return args.handler(args)
     if args.command == "quantize":
         run_quantize(args)
+        return 0
+    if args.command == "export":
+        run_export(args)
         return 0
     if args.command == "merge":
         return run_merge(args)

@@ -19,6 +19,8 @@ from torchao_mx_ext.calibration.gptq import OBSERVER_ATTR
 from torchao_mx_ext.calibration.sequential import capture_first_layer_inputs, sequential_gptq
 from torchao_mx_ext.mx import mxfp4_dequantize
 
+from model_state import assert_unchanged, fingerprint
+
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 VOCAB = 128
@@ -30,24 +32,6 @@ def tiny_llama(layers=2, seed=0):
     cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=layers,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
     return LlamaForCausalLM(cfg).eval()
-
-
-def fingerprint(model):
-    tensors = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    structure = {
-        name: (type(m), tuple(m._buffers), tuple(sorted(vars(m))), len(m._forward_hooks), len(m._forward_pre_hooks))
-        for name, m in model.named_modules()
-    }
-    return tensors, structure
-
-
-def assert_unchanged(model, before):
-    tensors, structure = fingerprint(model)
-    assert structure == before[1]
-    assert tensors.keys() == before[0].keys()
-    for k, v in tensors.items():
-        assert type(v) is type(before[0][k]) and torch.equal(v, before[0][k]), k
-    assert not any(hasattr(m, OBSERVER_ATTR) for m in model.modules())
 
 
 # ---------------------------------------------------------------------------------------------------

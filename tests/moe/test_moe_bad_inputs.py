@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from _router_tiny_models import VOCAB, build_tiny
+from model_state import assert_unchanged, fingerprint
 from torchao_mx_ext import MXFP4BlockRotConfig, RotatedMXFP4Tensor
 from torchao_mx_ext.calibration.data import CalibrationIdsTypeError
 from torchao_mx_ext.moe import BanConfig, BanPickConfig, PESFConfig, PickConfig, apply_router_pass
@@ -36,30 +37,6 @@ ROUTER0 = "model.layers.0.mlp.gate"
 
 # ---------------------------------------------------------------------------------------------------
 # "the model is unchanged": every tensor, every module's class, buffers, attributes and hooks
-
-
-def fingerprint(model):
-    tensors = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    tensors.update({f"buffer:{k}": v.detach().clone() for k, v in model.named_buffers()})
-    structure = {
-        name: (
-            type(m),
-            tuple(m._buffers),
-            tuple(sorted(vars(m))),
-            len(m._forward_hooks),
-            len(m._forward_pre_hooks),
-        )
-        for name, m in model.named_modules()
-    }
-    return tensors, structure
-
-
-def assert_unchanged(model, before):
-    tensors, structure = fingerprint(model)
-    assert structure == before[1]
-    assert tensors.keys() == before[0].keys()
-    for k, v in tensors.items():
-        assert type(v) is type(before[0][k]) and torch.equal(v, before[0][k]), k
 
 
 # ---------------------------------------------------------------------------------------------------
