@@ -22,7 +22,7 @@ def _tiny_llama(intermediate=172):
 def test_quantize_hf_llama_every_linear(config, caplog):
     from torchao_mx_ext import configs
 
-    configs._REPORTED_PADDING.clear()
+    configs.reset_padding_reports()
     model = _tiny_llama()
     ids = torch.randint(0, 128, (2, 16))
     with torch.no_grad():
@@ -134,7 +134,7 @@ def test_quantize_twice_names_every_quantized_layer_and_changes_nothing():
 def test_padding_cost_is_warned_with_its_factor(caplog):
     from torchao_mx_ext import configs
 
-    configs._REPORTED_PADDING.clear()
+    configs.reset_padding_reports()
     model = torch.nn.Sequential(torch.nn.Linear(64, 8))
     with caplog.at_level(logging.WARNING):
         quantize_(model, tme.MXFP4BlockRotConfig(rotation_size=100))

@@ -97,6 +97,11 @@ class MXFP4BlockRotConfig(MXFP4Config):
 _REPORTED_PADDING: set = set()
 
 
+def reset_padding_reports() -> None:
+    """Forget which widths were reported, so that the next padding of each width warns again."""
+    _REPORTED_PADDING.clear()
+
+
 def report_padding(width: int, padded: int, what: str = "input") -> None:
     """Warn once per ``(width, padded)`` and process (not once per layer) that inputs of this width are
     zero-padded, and what it costs: padding is exact (the padded columns meet zero activations), but a

@@ -292,7 +292,7 @@ def test_quantize_flow_warns_once_per_layer_with_dead_channels(caplog):
 
 
 def test_quantize_flow_is_silent_without_dead_channels(caplog):
-    configs._REPORTED_PADDING.clear()  # report_padding warns once per width and process
+    configs.reset_padding_reports()  # report_padding warns once per width and process
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(80, 16)).eval()  # padded 80 -> 96: zero columns, zero weights
     with caplog.at_level(logging.WARNING, logger=GPTQ_LOGGER):

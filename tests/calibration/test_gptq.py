@@ -190,7 +190,7 @@ def _calibrate(model, batches):
 
 @pytest.mark.parametrize("base", [MXFP4BlockRotConfig(), MXFP4Config(act_quant=False, scale_rule="floor")])
 def test_prepare_convert_sequential(base, caplog):
-    configs._REPORTED_PADDING.clear()  # report_padding warns once per width and process
+    configs.reset_padding_reports()  # report_padding warns once per width and process
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(80, 48), torch.nn.GELU(), torch.nn.Linear(48, 40)).eval()
     batches = [correlated_inputs(128, 80, seed=s).reshape(4, 32, 80) for s in range(4)]

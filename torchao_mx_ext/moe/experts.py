@@ -58,7 +58,6 @@ __all__ = [
     "quantize_expert_weights",
     "quantize_experts_module",
     "register_experts_backend",
-    "report_expert_padding",
 ]
 
 EXPERTS_BACKEND = "torchao_mx_ext"
@@ -74,11 +73,6 @@ def is_fused_experts(module: torch.nn.Module, fqn: str = "") -> bool:
 
 
 # -- weights ------------------------------------------------------------------------------------
-def report_expert_padding(width: int, padded: int) -> None:
-    """Warn once per ``(width, padded)`` that expert inputs of this width get zero-padded."""
-    report_padding(width, padded, "expert input")
-
-
 def quantize_expert_weights(weight: torch.Tensor, config: MXFP4Config) -> RotatedMXFP4Tensor:
     """``W [E, N, K]`` -> 3-D :class:`RotatedMXFP4Tensor` holding ``Q(W_e R)`` for every expert ``e``.
 
@@ -92,7 +86,7 @@ def quantize_expert_weights(weight: torch.Tensor, config: MXFP4Config) -> Rotate
         raise ValueError(f"expected a 3-D expert weight [E, N, K], got shape {tuple(weight.shape)}")
     width = weight.shape[-1]
     padded, block = weight_layout(config, width, weight.device)
-    report_expert_padding(width, padded)
+    report_padding(width, padded, "expert input")
     experts = [
         RotatedMXFP4Tensor.from_hp(w, config.block_size, config.scale_rule, config.activation_scale_rule, block, config.kernel_preference)
         for w in weight.detach()
