@@ -398,3 +398,13 @@ def test_real_smollm2_layer_hessian_weighted_error_below_rtn(linear, rotate, sha
     gptq = mxfp4_dequantize(*gptq_mxfp4(rotated(w).float(), h, scale_rule="mse"), 32, "mse")
     for x in (x_cal, x_held):
         assert weighted_error(gptq, x) < 0.9 * weighted_error(rtn, x), (linear, weighted_error(gptq, x), weighted_error(rtn, x))
+
+
+def test_gptq_weights_keep_the_configs_kernel_preference():
+    model = torch.nn.Sequential(torch.nn.Linear(64, 32))
+    base = MXFP4Config(kernel_preference="emulated")
+    quantize_(model, MXFP4GPTQConfig(base=base, step="prepare"))
+    with torch.no_grad():
+        model(torch.randn(16, 64))
+    quantize_(model, MXFP4GPTQConfig(base=base, step="convert"))
+    assert model[0].weight.kernel_preference == "emulated"

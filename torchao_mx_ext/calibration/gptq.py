@@ -505,7 +505,8 @@ def convert_linear(module: torch.nn.Module, config: MXFP4GPTQConfig) -> torch.nn
     if zeroed:
         warn_dead_channels(observer.name or _describe(module), zeroed, padded)
     new_weight = RotatedMXFP4Tensor(
-        qdata, scale, base.block_size, base.scale_rule, base.activation_scale_rule, weight.shape[-1], weight.dtype, block
+        qdata, scale, base.block_size, base.scale_rule, base.activation_scale_rule, weight.shape[-1], weight.dtype, block,
+        None, base.kernel_preference,
     )
     observer.handle.remove()
     delattr(module, OBSERVER_ATTR)

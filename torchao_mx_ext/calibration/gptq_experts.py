@@ -173,7 +173,7 @@ def convert_experts(module: torch.nn.Module, config: MXFP4GPTQConfig, names: Tup
         zeroed_total, experts_hit = 0, 0
         for w_e, obs in zip(weight, observers):
             if obs.count == 0:  # no routed calibration rows: nothing to weight the error with -> RTN
-                q = RotatedMXFP4Tensor.from_hp(w_e, base.block_size, base.scale_rule, base.activation_scale_rule, block)
+                q = RotatedMXFP4Tensor.from_hp(w_e, base.block_size, base.scale_rule, base.activation_scale_rule, block, base.kernel_preference)
                 q_e, s_e = q.qdata, q.scale
             else:
                 q_e, s_e, zeroed = gptq_rotated(w_e, obs, padded, block, config)
@@ -185,7 +185,7 @@ def convert_experts(module: torch.nn.Module, config: MXFP4GPTQConfig, names: Tup
             dead[name] = (zeroed_total, experts_hit, padded)
         quantized[name] = RotatedMXFP4Tensor(
             torch.stack(qdata), torch.stack(scale), base.block_size, base.scale_rule, base.activation_scale_rule,
-            weight.shape[-1], weight.dtype, block,
+            weight.shape[-1], weight.dtype, block, None, base.kernel_preference,
         )
 
     delattr(module, OBSERVER_ATTR)
