@@ -20,7 +20,7 @@ from transformers import AutoModelForCausalLM
 import torchao_mx_ext as tme
 from torchao_mx_ext.eval import perplexity, tokenize_for_perplexity, wikitext2_test_text
 from torchao_mx_ext.hf import save_pretrained
-from torchao_mx_ext.recipes import is_quantizable_linear
+from torchao_mx_ext.configs import quantizable_filter
 from torchao_mx_ext.zoo import data_dir, load_model
 
 
@@ -42,7 +42,7 @@ def main():
     fp_ppl = perplexity(model, ids, seq_len, windows, progress=False)["ppl"]
 
     # 2. One call: W4A4 MXFP4 with a block Hadamard, lm_head kept in high precision.
-    quantize_(model, tme.MXFP4BlockRotConfig(), filter_fn=is_quantizable_linear)
+    quantize_(model, tme.MXFP4BlockRotConfig(), filter_fn=quantizable_filter(model))
     w = model.model.layers[0].mlp.up_proj.weight
     print(f"up_proj weight: {type(w).__name__}, codes {tuple(w.qdata.shape)} uint8, scales {tuple(w.scale.shape)} uint8, "
           f"rotation block {tuple(w.rotation.shape)}")

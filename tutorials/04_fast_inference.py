@@ -33,7 +33,7 @@ from transformers import AutoModelForCausalLM
 import torchao_mx_ext as tme
 from torchao_mx_ext.eval.generation import greedy_generate, static_cache
 from torchao_mx_ext.hf import save_pretrained
-from torchao_mx_ext.recipes import is_quantizable_linear
+from torchao_mx_ext.configs import quantizable_filter
 from torchao_mx_ext.zoo import load_model
 
 
@@ -64,7 +64,7 @@ def main():
 
     model = copy.deepcopy(base)
     config = tme.MXFP4BlockRotConfig(act_quant=not args.weight_only)
-    quantize_(model, config, filter_fn=is_quantizable_linear)  # 1.
+    quantize_(model, config, filter_fn=quantizable_filter(model))  # 1.
     eager = greedy_generate(model, prompt, new_tokens)
     eager_tokens = eager["tokens"]
     groups = tme.share_input_quantization(model)  # 2.
