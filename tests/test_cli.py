@@ -4,6 +4,7 @@ import shutil
 import sys
 
 import pytest
+import torch
 
 from torchao_mx_ext import cli
 from torchao_mx_ext.cli import main
@@ -316,3 +317,52 @@ def test_help_lists_every_command(capsys):
     out = capsys.readouterr().out
     for command in ("compare", "quantize", "merge", "moe-compare", "eval"):
         assert command in out
+
+
+# ---- export -----------------------------------------------------------------------------------------
+
+def _tiny_llama_folder(folder):
+    """A 1-layer Llama (widths multiples of 32, so every linear exports) with stories260k's tokenizer."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from torchao_mx_ext.zoo import model_path
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=1, max_position_embeddings=64, bos_token_id=1, eos_token_id=2,
+    )
+    LlamaForCausalLM(config).save_pretrained(folder)
+    source = model_path("stories260k")
+    for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json"):
+        if (source / name).exists():
+            shutil.copy(source / name, folder)
+    return str(folder)
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["--format", "gguf", "--method", "block-rot", "--weight-only"], r"gguf cannot express method 'block-rot'.*rtn, gptq"),
+    (["--format", "gguf", "--method", "rtn"], r"GGUF holds weights only.*--weight-only"),
+    (["--format", "compressed-tensors", "--method", "global-rot"], r"cannot express method 'global-rot'"),
+])
+def test_export_refuses_what_the_format_cannot_express_before_loading(tmp_path, no_loading, argv, match):
+    _one_line_exit(["export", "--model", "stories260k", "--out", str(tmp_path / "out"), *argv], match)
+
+
+def test_export_writes_a_compressed_tensors_folder_and_a_gguf_file(tmp_path, capsys):
+    from safetensors import safe_open
+
+    model = _tiny_llama_folder(tmp_path / "tiny")
+    folder, gguf_file = tmp_path / "ct", tmp_path / "model.gguf"
+    assert main(["export", "--model", model, "--method", "block-rot", "--format", "compressed-tensors", "--out", str(folder)]) == 0
+    config = json.loads((folder / "config.json").read_text())["quantization_config"]
+    assert config["format"] == "mxfp4-pack-quantized" and "transform_config" in config
+    with safe_open(str(folder / "model.safetensors"), "pt") as f:
+        assert "model.layers.0.mlp.up_proj.weight_packed" in f.keys()
+    assert main(["export", "--model", model, "--method", "rtn", "--format", "gguf", "--weight-only", "--out", str(gguf_file)]) == 0
+    import gguf
+
+    types = {t.name: t.tensor_type for t in gguf.GGUFReader(str(gguf_file)).tensors}
+    assert types["blk.0.ffn_up.weight"] == gguf.GGMLQuantizationType.MXFP4
+    _one_line_exit(["export", "--model", model, "--method", "rtn", "--format", "gguf", "--weight-only", "--out", str(gguf_file)],
+                   "exists; pass --overwrite")

@@ -15,6 +15,12 @@ With ``k = floor(log2(amax))`` (exact, read from the float32 exponent field):
   effective scale is ``2^e * 4/3``; ``amax`` then lands in [3, 6) and never clips. The constant 4/3
   is global, so a hardware GEMM applies it once as its alpha. (Its largest value, 8 * 2^125, overflows
   float32: blocks with amax above about 2.8e38 dequantize to inf.)
+- ``even`` is also compressed-tensors' dynamic activation rule (``quantization/utils/mxfp_utils.py``
+  ``round_to_power_2``: add half an E2M1 ulp to the bits of ``amax`` and mask the mantissa, then
+  ``e = log2 - 2``), so it is what a compressed-tensors / vLLM W4A4 MXFP4 model computes for its
+  activations: bit for bit for every finite ``amax < 1.75 * 2^127`` (above that compressed-tensors'
+  rounding overflows and stores the NaN byte 255; this rule keeps 126). ``tests/mx/`` checks it against
+  compressed-tensors itself.
 - ``mse`` (ours): per block, the exponent among ``{e_floor, e_floor + 1}`` with the smaller squared
   quantization error (ties keep ``e_floor``); it needs the elements, see ``quantize.py``.
 """
