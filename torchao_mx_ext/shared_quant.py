@@ -30,10 +30,9 @@ from dataclasses import dataclass
 from typing import Dict, FrozenSet, Optional, Sequence, Tuple
 
 import torch
-import torch.nn.functional as F
 
 from .mx import mxfp4_fake_quantize
-from .rotation import apply_block_rotation
+from .rotation import pad_and_rotate
 from .rotation.fusion import SUPPORTED_ARCHITECTURES
 from .tensors import RotatedMXFP4Tensor
 
@@ -99,12 +98,7 @@ def _shared_input(meta: _SharedInput, rotation: Optional[torch.Tensor], x: torch
         )
     if x.shape[-1] != meta.in_features:
         raise ValueError(f"expected an input of width {meta.in_features}, got {tuple(x.shape)}")
-    xr = x.to(torch.float32)
-    pad = meta.padded_in_features - meta.in_features
-    if pad:
-        xr = F.pad(xr, (0, pad))
-    if rotation is not None:
-        xr = apply_block_rotation(xr, rotation.view(torch.float32))
+    xr = pad_and_rotate(x.to(torch.float32), meta.padded_in_features, None if rotation is None else rotation.view(torch.float32))
     if meta.act_scale_rule is not None:
         xr = mxfp4_fake_quantize(xr, meta.block_size, meta.act_scale_rule)
     return xr.to(x.dtype)

@@ -58,7 +58,6 @@ from enum import Enum
 from typing import List, Optional, Tuple
 
 import torch
-import torch.nn.functional as F
 from torchao.core.config import AOBaseConfig
 from torchao.utils import TorchAOBaseTensor
 
@@ -66,7 +65,7 @@ from ..configs import MXFP4Config, report_padding, set_linear_repr, weight_layou
 from ..mx import check_scale_rule, e2m1_to_code, element_multiplier, pack_uint4, round_onto_scales
 from ..mx.e8m0 import E8M0_MAX_EXP, E8M0_MIN_EXP, exp2_int, exponent_to_e8m0
 from ..mx.quantize import quantize_blocks
-from ..rotation import apply_block_rotation
+from ..rotation import pad_and_rotate
 from ..tensors import RotatedMXFP4Tensor
 from .data import check_bool, check_real
 
@@ -339,12 +338,7 @@ class HessianObserver:
         self.handle = None
 
     def rotate(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.to(torch.float32)
-        if self.padded != self.in_features:
-            x = F.pad(x, (0, self.padded - self.in_features))
-        if self.rotation is not None:
-            x = apply_block_rotation(x, self.rotation)
-        return x
+        return pad_and_rotate(x.to(torch.float32), self.padded, self.rotation)
 
     @torch.no_grad()
     def update(self, x: torch.Tensor) -> None:
@@ -471,9 +465,7 @@ def gptq_rotated(weight: torch.Tensor, observer: HessianObserver, padded: int, b
     channels whose weights GPTQ set to zero: the caller warns about them (:func:`warn_dead_channels`),
     naming the layer (one linear) or summing over experts (fused experts)."""
     base = config.base
-    w = F.pad(weight.to(torch.float64), (0, padded - weight.shape[-1]))
-    if block is not None:
-        w = apply_block_rotation(w, block.to(torch.float64))
+    w = pad_and_rotate(weight.to(torch.float64), padded, block)
     return _gptq_mxfp4(
         w, observer.hessian().to(weight.device), base.block_size, base.scale_rule, config.damp,
         config.column_block, config.act_order, config.mse_shrink, HESSIAN_DTYPES[config.compute_dtype],

@@ -1,7 +1,7 @@
 """Orthogonal rotations: Hadamard constructions and block-diagonal application."""
 
 from .hadamard import hadamard_matrix, paley_hadamard, random_orthogonal, sylvester_hadamard
-from .rotations import ROTATIONS, apply_block_rotation, check_rotation, orthogonal_block, rotation_block
+from .rotations import ROTATIONS, apply_block_rotation, check_rotation, orthogonal_block, pad_and_rotate, rotation_block
 
 __all__ = [
     "ROTATIONS",
@@ -9,6 +9,7 @@ __all__ = [
     "check_rotation",
     "hadamard_matrix",
     "orthogonal_block",
+    "pad_and_rotate",
     "paley_hadamard",
     "random_orthogonal",
     "rotation_block",

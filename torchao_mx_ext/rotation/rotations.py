@@ -66,3 +66,13 @@ def apply_block_rotation(x: torch.Tensor, block: torch.Tensor) -> torch.Tensor:
     """``x R`` along the last dimension for ``R = diag(block, ..., block)``; ``x`` width divisible by the block."""
     b = block.shape[0]
     return (x.reshape(*x.shape[:-1], x.shape[-1] // b, b) @ block).reshape(x.shape)
+
+
+def pad_and_rotate(x: torch.Tensor, width: int, block: Optional[torch.Tensor]) -> torch.Tensor:
+    """``pad(x) R``: ``x`` zero-padded along the last dimension to ``width``, then rotated block by block
+    (``block`` ``None``: not rotated). Weights and activations of a quantized linear both go through it,
+    so both sides of ``x R (W R)^T`` live in the same padded, rotated domain; the padded columns meet
+    zeros, which keeps the product exact. Computes in ``x``'s dtype (the block is cast to it)."""
+    if width != x.shape[-1]:
+        x = torch.nn.functional.pad(x, (0, width - x.shape[-1]))
+    return x if block is None else apply_block_rotation(x, block.to(x.dtype))

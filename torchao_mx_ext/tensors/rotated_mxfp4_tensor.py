@@ -26,7 +26,7 @@ from torchao.utils import TorchAOBaseTensor
 from .caching import stable_metadata_hash
 from ..kernels import check_kernel_preference, cpu_mxfp4_gemv, cuda_mxfp4_mm, effective_preference
 from ..mx import check_scale_rule, mxfp4_dequantize, mxfp4_fake_quantize, mxfp4_quantize
-from ..rotation import apply_block_rotation
+from ..rotation import pad_and_rotate
 from .mxfp4_activation_tensor import MXFP4ActivationTensor
 
 __all__ = ["RotatedMXFP4Tensor", "check_weight", "padded_width"]
@@ -83,14 +83,10 @@ class RotatedMXFP4Tensor(TorchAOBaseTensor):
         if act_scale_rule is not None:
             check_scale_rule(act_scale_rule)
         check_weight(weight)
-        padded = weight.to(torch.float64)
-        pad = padded_width(weight.shape[-1], block_size, None if rotation is None else rotation.shape[0]) - weight.shape[-1]
-        if pad:
-            padded = F.pad(padded, (0, pad))
-        if rotation is not None:
-            # Rotate offline in float64: the stored weight is Q(fl32(W R)).
-            padded = apply_block_rotation(padded, rotation.to(torch.float64))
-        qdata, scale = mxfp4_quantize(padded.to(torch.float32), block_size, scale_rule)
+        width = padded_width(weight.shape[-1], block_size, None if rotation is None else rotation.shape[0])
+        # Rotated offline in float64: the stored weight is Q(fl32(W R)).
+        rotated = pad_and_rotate(weight.to(torch.float64), width, rotation)
+        qdata, scale = mxfp4_quantize(rotated.to(torch.float32), block_size, scale_rule)
         return cls(qdata, scale, block_size, scale_rule, act_scale_rule, weight.shape[-1], weight.dtype, rotation, None, kernel_preference)
 
     # -- math -----------------------------------------------------------------------------------
@@ -104,13 +100,7 @@ class RotatedMXFP4Tensor(TorchAOBaseTensor):
 
     def rotate_input(self, x: torch.Tensor) -> torch.Tensor:
         """``x R`` in float32, with ``x`` zero-padded to the stored width."""
-        x = x.to(torch.float32)
-        pad = self.padded_in_features - self.in_features
-        if pad:
-            x = F.pad(x, (0, pad))
-        if self.rotation is not None:
-            x = apply_block_rotation(x, self.rotation)
-        return x
+        return pad_and_rotate(x.to(torch.float32), self.padded_in_features, self.rotation)
 
     def quantize_input(self, x: torch.Tensor) -> MXFP4ActivationTensor:
         """The activation operand as codes + scales: ``Q_a(x R)`` (for hardware MXFP4 GEMMs)."""
