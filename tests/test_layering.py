@@ -1,7 +1,7 @@
 """The package's layering, checked on its import graph (every import statement, also inside functions):
 no module imports a higher layer, and no two modules import each other, directly or around a cycle.
 
-    L0 mx/, rotation/, architectures.py, paths.py, registration.py   format math, model structure, bootstrap
+    L0 mx/, rotation/, architectures.py, paths.py, atomic.py, registration.py   format math, structure, files, bootstrap
     L1 kernels/
     L2 tensors/
     L3 configs.py, inference.py, shared_quant.py, regional_compile.py
@@ -17,7 +17,7 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "torchao_mx_ext"
 LAYERS = {
-    "mx": 0, "rotation": 0, "architectures": 0, "paths": 0, "registration": 0,
+    "mx": 0, "rotation": 0, "architectures": 0, "paths": 0, "registration": 0, "atomic": 0,
     "kernels": 1,
     "tensors": 2,
     "configs": 3, "inference": 3, "shared_quant": 3, "regional_compile": 3,

@@ -119,7 +119,8 @@ SAVE_SCRIPT = textwrap.dedent("""
     import os, signal, sys
     sys.path.insert(0, {tests!r})
     from hf.test_save_faults import quantized_llama
-    from torchao_mx_ext.hf import save_pretrained, saving
+    from torchao_mx_ext import atomic
+    from torchao_mx_ext.hf import save_pretrained
     target, seed, fault = sys.argv[1], int(sys.argv[2]), sys.argv[3]
     if fault == "kill-while-writing":
         import transformers.modeling_utils as mu
@@ -127,13 +128,13 @@ SAVE_SCRIPT = textwrap.dedent("""
             os.kill(os.getpid(), signal.SIGKILL)
         mu.safe_save_file = write_then_die
     elif fault == "kill-between-renames":
-        saving._exchange = lambda a, b: False  # a system without renameat2: two renames
+        atomic._exchange = lambda a, b: False  # a system without renameat2: two renames
         replace = os.replace
         def replace_then_die(src, dst):
             replace(src, dst)
             if ".old-" in str(dst):
                 os.kill(os.getpid(), signal.SIGKILL)
-        saving.os.replace = replace_then_die
+        atomic.os.replace = replace_then_die
     elif fault == "file-size-limit":
         import resource
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a too-large write raises EFBIG, like a full disk

@@ -48,13 +48,10 @@ they are exported dense), block sizes other than 32, fused MoE experts, NaN bloc
 """
 
 import copy
-import ctypes
-import errno
 import math
 import os
 import re
 import shutil
-import uuid
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,9 +60,9 @@ from typing import Dict, List, Optional, Tuple, Union
 import torch
 from torchao.utils import TorchAOBaseTensor
 
-from ..hf.saving import clean_interrupted_saves
-from ..shared_quant import per_linear_state_dict
+from ..atomic import clean_interrupted, install_folder, new_sibling
 from ..tensors import RotatedMXFP4Tensor
+from .state import export_state
 
 __all__ = [
     "CompressedTensorsExportError",
@@ -134,20 +131,6 @@ class _Linear:
     act: bool  # W4A4 (dynamic MXFP4 input activations) or weight-only
     hadamard: Optional[int]  # head_dim of the input transform, None: no rotation
     bias: bool
-
-
-def _export_state(model: torch.nn.Module) -> Dict[str, torch.Tensor]:
-    """Tensors by HF name: per-linear weights (also in shared-input mode), no tied output head."""
-    state = per_linear_state_dict(model)
-    state = {k: v for k, v in state.items() if not k.endswith(".rotary_emb.inv_freq")}
-    get_in, get_out = getattr(model, "get_input_embeddings", None), getattr(model, "get_output_embeddings", None)
-    if callable(get_in) and callable(get_out):
-        emb, head = get_in(), get_out()
-        if emb is not None and head is not None and getattr(head, "weight", None) is getattr(emb, "weight", 0):
-            for name, module in model.named_modules():
-                if module is head:
-                    state.pop(f"{name}.weight", None)
-    return state
 
 
 def _plan(model: torch.nn.Module, state: Dict[str, torch.Tensor]) -> Tuple[List[_Linear], List[str], List[str]]:
@@ -230,7 +213,7 @@ def _plan(model: torch.nn.Module, state: Dict[str, torch.Tensor]) -> Tuple[List[
 
 def check_exportable(model: torch.nn.Module) -> None:
     """Raise :class:`CompressedTensorsExportError` listing every reason ``model`` cannot be exported."""
-    _, _, problems = _plan(_unwrap(model), _export_state(_unwrap(model)))
+    _, _, problems = _plan(_unwrap(model), export_state(_unwrap(model)))
     if problems:
         raise CompressedTensorsExportError("cannot export to compressed-tensors: " + "; ".join(problems))
 
@@ -346,63 +329,6 @@ def _write_config(folder: Path, model: torch.nn.Module, qconfig, tconfig) -> Non
         generation_config.save_pretrained(folder)
 
 
-def _new_folder(target: Path, tag: str) -> Path:
-    """A fresh sibling ``.<target>.<tag>-<pid>-<random>``: the names ``hf.saving.clean_interrupted_saves``
-    removes once their process is gone (os.mkdir honours the umask, unlike mkdtemp's 0700)."""
-    path = target.parent / f".{target.name}.{tag}-{os.getpid()}-{uuid.uuid4().hex[:12]}"
-    os.mkdir(path)
-    return path
-
-
-def _exchange(a: Path, b: Path) -> bool:
-    """Swap two folders atomically (Linux ``renameat2(RENAME_EXCHANGE)``); ``False`` where unavailable."""
-    try:
-        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
-    except (OSError, AttributeError):
-        return False
-    at_fdcwd, rename_exchange = -100, 2
-    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
-        return True
-    err = ctypes.get_errno()
-    if err in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP):
-        return False
-    raise OSError(err, os.strerror(err), str(b))
-
-
-def _cwd_inside(folder: Path) -> Optional[Path]:
-    try:
-        cwd = Path(os.getcwd())
-    except FileNotFoundError:
-        return None
-    return cwd if cwd == folder or folder in cwd.parents else None
-
-
-def _install(new: Path, target: Path) -> None:
-    """Put the complete folder ``new`` at ``target`` in one step; afterwards ``new`` holds the old
-    folder (or nothing), to be deleted. Unlike ``hf.saving``, nothing of the old folder is kept.
-    Where the exchange is unavailable two renames are used; ``clean_interrupted_saves`` repairs a
-    crash between them on the next export to the same folder."""
-    try:
-        os.rename(new, target)  # no folder there, or an empty one
-        return
-    except OSError as e:
-        if e.errno not in (errno.EEXIST, errno.ENOTEMPTY):
-            raise
-    cwd = _cwd_inside(target)
-    if not _exchange(new, target):
-        parked = _new_folder(target, "old")
-        os.rmdir(parked)
-        os.replace(target, parked)
-        try:
-            os.replace(new, target)
-        except BaseException:
-            os.replace(parked, target)
-            raise
-        os.replace(parked, new)
-    if cwd is not None:
-        os.chdir(cwd)
-
-
 def _warn_about_engines(plan: List[_Linear], tconfig) -> None:
     dtypes = sorted({str(lin.weight.dtype).replace("torch.", "") for lin in plan} - {"bfloat16"})
     if dtypes:
@@ -455,7 +381,7 @@ def to_compressed_tensors(model: torch.nn.Module, tokenizer, out: Union[str, os.
     """
     _compressed_tensors()
     model = _unwrap(model)
-    state = _export_state(model)
+    state = export_state(model)
     plan, linears, problems = _plan(model, state)
     if problems:
         raise CompressedTensorsExportError("cannot export to compressed-tensors: " + "; ".join(problems))
@@ -472,14 +398,14 @@ def to_compressed_tensors(model: torch.nn.Module, tokenizer, out: Union[str, os.
     tensors = _tensors(state, plan)
 
     target.parent.mkdir(parents=True, exist_ok=True)
-    clean_interrupted_saves(target)
-    tmp = _new_folder(target, "saving")
+    clean_interrupted(target)
+    tmp = new_sibling(target, "saving")
     try:
         _write_weights(tmp, tensors)
         _write_config(tmp, model, qconfig, tconfig)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        _install(tmp, target)
+        install_folder(tmp, target)  # nothing of an old folder is kept
     finally:
         shutil.rmtree(tmp, ignore_errors=True)  # after an exchange: the old folder
     _warn_about_engines(plan, tconfig)

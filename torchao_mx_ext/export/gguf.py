@@ -71,9 +71,10 @@ from typing import Dict, Iterable, List, Optional, Tuple, Union
 import torch
 from torchao.utils import TorchAOBaseTensor
 
+from ..atomic import process_alive
 from ..mx.packing import unpack_uint4
-from ..shared_quant import per_linear_state_dict
 from ..tensors import RotatedMXFP4Tensor
+from .state import export_state
 
 __all__ = [
     "ARCHITECTURES",
@@ -145,21 +146,6 @@ def _architecture(model: torch.nn.Module) -> str:
     return type(model).__name__
 
 
-def _export_state(model: torch.nn.Module) -> Dict[str, torch.Tensor]:
-    """The tensors to write, by HF name: per-linear weights (also in shared-input mode), no tied head."""
-    state = per_linear_state_dict(model)
-    state = {k: v for k, v in state.items() if not k.endswith(".rotary_emb.inv_freq")}
-    get_in, get_out = getattr(model, "get_input_embeddings", None), getattr(model, "get_output_embeddings", None)
-    if callable(get_in) and callable(get_out):
-        emb, head = get_in(), get_out()
-        if emb is not None and head is not None and head.weight is emb.weight:
-            # Tied (the checkpoint holds no lm_head.weight either): llama.cpp reuses token_embd.
-            for name, module in model.named_modules():
-                if module is head:
-                    state.pop(f"{name}.weight", None)
-    return state
-
-
 def _names(names: List[str]) -> str:
     shown = ", ".join(names[:_SHOWN])
     return shown + (f" and {len(names) - _SHOWN} more" if len(names) > _SHOWN else "")
@@ -221,7 +207,7 @@ def _refusals(model: torch.nn.Module, state: Dict[str, torch.Tensor]) -> List[st
 
 def check_exportable(model: torch.nn.Module) -> None:
     """Raise :class:`GGUFExportError` listing every reason ``model`` cannot be written as GGUF."""
-    problems = _refusals(model, _export_state(model))
+    problems = _refusals(model, export_state(model))
     if problems:
         raise GGUFExportError("cannot export to GGUF: " + "; ".join(problems))
 
@@ -730,22 +716,12 @@ class _Writer:
 _TMP_SUFFIX = ".gguf-tmp"
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _remove_stale_temporaries(out: Path) -> None:
     """Temporary files of earlier writes to ``out`` whose process is gone (killed mid-write)."""
     pattern = re.compile(re.escape(f".{out.name}.") + r"(\d+)\.[^.]+" + re.escape(_TMP_SUFFIX) + "$")
     for sibling in out.parent.iterdir():
         m = pattern.match(sibling.name)
-        if m and int(m.group(1)) != os.getpid() and not _pid_alive(int(m.group(1))):
+        if m and int(m.group(1)) != os.getpid() and not process_alive(int(m.group(1))):
             sibling.unlink(missing_ok=True)
 
 
@@ -834,7 +810,7 @@ def to_gguf(
         raise ValueError(f"outtype must be one of {', '.join(OUTTYPES)} (or None: the model's float type), got {outtype!r}")
     if tokenizer is None or not callable(getattr(tokenizer, "save_pretrained", None)):
         raise ValueError("to_gguf needs the model's Hugging Face tokenizer (llama.cpp reads the vocabulary from the GGUF)")
-    state = _export_state(model)
+    state = export_state(model)
     problems = _refusals(model, state)
     if problems:
         raise GGUFExportError("cannot export to GGUF: " + "; ".join(problems))

@@ -11,18 +11,18 @@ Temporary folders are named ``.<target>.<tag>-<pid>-<random>``; a save removes t
 longer runs (interrupted saves), so nothing accumulates.
 """
 
-import ctypes
-import errno
 import os
 import re
 import shutil
-import uuid
 from pathlib import Path
 
+from ..atomic import clean_interrupted, install_folder, new_sibling
 from ..tensors import RotatedMXFP4Tensor
 from .config import MXFP4HfConfig
 
-__all__ = ["attach_quantizer", "save_pretrained"]
+__all__ = ["attach_quantizer", "clean_interrupted_saves", "save_pretrained"]
+
+clean_interrupted_saves = clean_interrupted  # what the next save to a target does first
 
 # Files that belong to a checkpoint's weights: a new save replaces all of them (a sharded save must not
 # leave the shards of an unsharded one behind, and vice versa). Any other file in the folder is kept.
@@ -68,41 +68,16 @@ def save_pretrained(model, save_directory, quant_config=None, tokenizer=None, **
     if target.exists() and not target.is_dir():
         raise NotADirectoryError(f"{save_directory} exists and is not a folder")
     target.parent.mkdir(parents=True, exist_ok=True)
-    clean_interrupted_saves(target)
-    tmp = _new_folder(target, "saving")
+    clean_interrupted(target)
+    tmp = new_sibling(target, "saving")
     try:
         model.save_pretrained(tmp, **kwargs)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        _install(tmp, target)
+        install_folder(tmp, target, before_swap=_link_unrelated_files)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)  # after an exchange: the old checkpoint
     return Path(save_directory)
-
-
-def _install(new: Path, target: Path) -> None:
-    """Put the complete folder ``new`` at ``target``; afterwards ``new`` holds what is to be deleted."""
-    try:
-        os.rename(new, target)  # no folder there (or an empty one): one atomic rename
-        return
-    except OSError as e:
-        if e.errno not in (errno.EEXIST, errno.ENOTEMPTY):
-            raise
-    _link_unrelated_files(target, new)
-    cwd = _cwd_inside(target)
-    if not _exchange(new, target):
-        parked = _new_folder(target, "old")
-        os.rmdir(parked)
-        os.replace(target, parked)
-        try:
-            os.replace(new, target)
-        except BaseException:
-            os.replace(parked, target)
-            raise
-        os.replace(parked, new)
-    if cwd is not None:
-        # The process's working directory moved with the old folder: follow the path instead.
-        os.chdir(cwd)
 
 
 def _link_unrelated_files(old: Path, new: Path) -> None:
@@ -124,63 +99,3 @@ def _link_or_copy(src, dst) -> None:
         os.link(src, dst, follow_symlinks=False)
     except OSError:
         shutil.copy2(src, dst, follow_symlinks=False)
-
-
-_RENAME_EXCHANGE = 2
-_AT_FDCWD = -100
-
-
-def _exchange(a: Path, b: Path) -> bool:
-    """Swap two folders atomically (Linux ``renameat2``); ``False`` where the system cannot."""
-    try:
-        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
-    except (OSError, AttributeError):
-        return False
-    if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
-        return True
-    err = ctypes.get_errno()
-    if err in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP):
-        return False
-    raise OSError(err, os.strerror(err), str(b))
-
-
-def _cwd_inside(folder: Path):
-    try:
-        cwd = Path(os.getcwd())
-    except FileNotFoundError:
-        return None
-    return cwd if cwd == folder or folder in cwd.parents else None
-
-
-def _new_folder(target: Path, tag: str) -> Path:
-    # os.mkdir (unlike tempfile.mkdtemp's 0700) honours the umask, so the renamed folder gets the
-    # permissions a plain save_pretrained would give it.
-    path = target.parent / f".{target.name}.{tag}-{os.getpid()}-{uuid.uuid4().hex[:12]}"
-    os.mkdir(path)
-    return path
-
-
-def clean_interrupted_saves(target: Path) -> None:
-    """Remove the temporary folders of saves to ``target`` whose process is gone; if such a save was
-    killed between its two renames (no exchange available), put the parked old checkpoint back."""
-    pattern = re.compile(rf"\.{re.escape(target.name)}\.(saving|old)-(\d+)-[0-9a-f]{{12}}")
-    for entry in sorted(os.scandir(target.parent), key=lambda e: e.name):
-        match = pattern.fullmatch(entry.name)
-        if match is None or not entry.is_dir(follow_symlinks=False) or _process_alive(int(match.group(2))):
-            continue
-        if match.group(1) == "old" and not os.path.lexists(target):
-            os.replace(entry.path, target)
-        else:
-            shutil.rmtree(entry.path, ignore_errors=True)
-
-
-def _process_alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
