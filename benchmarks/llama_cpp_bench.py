@@ -95,7 +95,10 @@ def ours(work: Path, model_name: str, method: str, args, info: Dict) -> Path:
     rule = args.scale_rule or DEFAULT_SCALE_RULE
     calib = f"_c{args.calib_samples}x{args.calib_seq_len}" if method == "gptq" else ""
     target = work / f"ours_{method}_mxfp4_{rule}{calib}.gguf"
+    sidecar = target.with_suffix(".json")  # how the file was made (quantization time), kept beside it
     if target.is_file():
+        if sidecar.is_file():
+            info.update(json.loads(sidecar.read_text()))
         return target
 
     import torch
@@ -121,6 +124,7 @@ def ours(work: Path, model_name: str, method: str, args, info: Dict) -> Path:
     info[f"ours_{method}_mxfp4_quantize_s"] = time.perf_counter() - t0
     log(f"quantized in {info[f'ours_{method}_mxfp4_quantize_s']:.0f} s; exporting with to_gguf")
     to_gguf(model, tokenizer, target, outtype="bf16")
+    sidecar.write_text(json.dumps({f"ours_{method}_mxfp4_quantize_s": info[f"ours_{method}_mxfp4_quantize_s"]}))
     return target
 
 
