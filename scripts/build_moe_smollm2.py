@@ -1,4 +1,4 @@
-"""Build the MoEfied SmolLM2-135M evaluation model (DESIGN.md section 8, "MoE evaluation model").
+"""Build the MoEfied SmolLM2-135M evaluation model.
 
 Splits each of SmolLM2-135M's 30 MLPs (1536 SwiGLU neurons) into ``E`` experts by co-activation
 clustering and fits linear routers on WikiText-2 *validation* windows (torchao_mx_ext.experiments.moefy), saves
