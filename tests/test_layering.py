@@ -17,7 +17,7 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "torchao_mx_ext"
 LAYERS = {
-    "mx": 0, "rotation": 0, "architectures": 0, "paths": 0, "registration": 0, "atomic": 0,
+    "mx": 0, "rotation": 0, "architectures": 0, "paths": 0, "registration": 0, "atomic": 0, "lazy": 0,
     "kernels": 1,
     "tensors": 2,
     "configs": 3, "inference": 3, "shared_quant": 3, "regional_compile": 3,

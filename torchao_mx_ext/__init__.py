@@ -13,6 +13,7 @@ must be known to transformers before it loads a checkpoint is registered when tr
 import importlib
 
 from . import registration as _registration
+from .lazy import lazy_attributes
 
 __version__ = "0.1.0"
 
@@ -49,22 +50,14 @@ _SUBMODULES = {
 __all__ = sorted(_EXPORTS) + ["moe"]
 
 
+_lazy_getattr, __dir__ = lazy_attributes(__name__, _EXPORTS, _SUBMODULES)
+
+
 def __getattr__(name):
-    if name in _EXPORTS:
-        if _EXPORTS[name] == "configs":
-            # Fused MoE experts register their quantize_ path with the configs' handler.
-            importlib.import_module(".moe.experts", __name__)
-        value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
-    elif name in _SUBMODULES:
-        value = importlib.import_module(f".{name}", __name__)
-    else:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    globals()[name] = value
-    return value
-
-
-def __dir__():
-    return sorted(set(globals()) | set(_EXPORTS) | _SUBMODULES)
+    if _EXPORTS.get(name) == "configs":
+        # Fused MoE experts register their quantize_ path with the configs' handler.
+        importlib.import_module(".moe.experts", __name__)
+    return _lazy_getattr(name)
 
 
 _registration.install()

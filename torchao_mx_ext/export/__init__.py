@@ -8,7 +8,7 @@ Both write atomically and refuse, with the reason, what their format cannot expr
 imported on first use, so importing this package imports neither ``gguf`` nor ``compressed_tensors``.
 """
 
-import importlib
+from ..lazy import lazy_attributes
 
 __all__ = ["CompressedTensorsExportError", "GGUFExportError", "to_compressed_tensors", "to_gguf"]
 
@@ -21,13 +21,4 @@ _EXPORTS = {
 }
 
 
-def __getattr__(name):
-    if name not in _EXPORTS:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__():
-    return sorted(set(globals()) | set(_EXPORTS))
+__getattr__, __dir__ = lazy_attributes(__name__, _EXPORTS)

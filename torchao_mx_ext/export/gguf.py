@@ -576,6 +576,10 @@ class _Writer:
 
     def _set_vocab_sentencepiece(self) -> None:
         tokens, scores, toktypes = self._create_vocab_sentencepiece()
+        self._write_llama_vocab(tokens, scores, toktypes)
+
+    def _write_llama_vocab(self, tokens, scores, toktypes) -> None:
+        """The ``llama`` (SentencePiece-style) tokenizer metadata, as the converter writes it."""
         w = self.writer
         w.add_tokenizer_model("llama")
         w.add_tokenizer_pre("default")
@@ -651,13 +655,7 @@ class _Writer:
             scores.append(score)
             toktypes.append(toktype)
         assert len(tokens) == vocab.vocab_size
-        w = self.writer
-        w.add_tokenizer_model("llama")
-        w.add_tokenizer_pre("default")
-        w.add_token_list(tokens)
-        w.add_token_scores(scores)
-        w.add_token_types(toktypes)
-        self.gguf.SpecialVocab(self.folder, n_vocab=len(tokens)).add_to_gguf(w)
+        self._write_llama_vocab(tokens, scores, toktypes)
 
     def _set_vocab_gpt2(self) -> None:
         tokens, toktypes, tokpre = self._get_vocab_base()

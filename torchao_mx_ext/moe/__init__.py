@@ -10,7 +10,7 @@ DeepSeek-V2/V3).
   (:mod:`torchao_mx_ext.experiments.moefy`).
 """
 
-import importlib
+from ..lazy import lazy_attributes
 
 # public name -> submodule that defines it; imported on first use, so that the experts backend (which
 # the package's configs need) comes without the router passes, QESC and their dependencies.
@@ -46,14 +46,4 @@ __all__ = [
 ]
 
 
-def __getattr__(name):
-    if name not in _EXPORTS:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__():
-    return sorted(set(globals()) | set(_EXPORTS))
-
+__getattr__, __dir__ = lazy_attributes(__name__, _EXPORTS)
