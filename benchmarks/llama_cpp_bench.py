@@ -90,6 +90,8 @@ def llama_quantized(work: Path, bf16: Path, row: str, threads: int) -> Path:
 
 
 def ours(work: Path, model_name: str, method: str, args, info: Dict) -> Path:
+    """Our weight-only MXFP4 GGUF of ``model_name`` by ``method`` (``args``: ``scale_rule``, and
+    ``calib_samples`` / ``calib_seq_len`` for GPTQ), built once; ``info`` gets its quantization time."""
     from torchao_mx_ext.configs import DEFAULT_SCALE_RULE
 
     rule = args.scale_rule or DEFAULT_SCALE_RULE
@@ -126,6 +128,34 @@ def ours(work: Path, model_name: str, method: str, args, info: Dict) -> Path:
     to_gguf(model, tokenizer, target, outtype="bf16")
     sidecar.write_text(json.dumps({f"ours_{method}_mxfp4_quantize_s": info[f"ours_{method}_mxfp4_quantize_s"]}))
     return target
+
+
+def missing_tools() -> List[str]:
+    """What of llama.cpp is not built here (empty when the binaries and the converter are all there)."""
+    missing = [t for t in TOOLS if not (BIN / t).exists()]
+    return missing + ([] if CONVERTER.is_file() else ["convert_hf_to_gguf.py"])
+
+
+def skip_message(missing: List[str]) -> str:
+    return (f"llama.cpp is not built here ({', '.join(missing)} missing under {LLAMA_CPP}); "
+            "run: bash scripts/build_llama_cpp.sh")
+
+
+def work_dir(model_name: str) -> Path:
+    work = ROOT / ".cache" / "llama_cpp_bench" / Path(model_name).name
+    work.mkdir(parents=True, exist_ok=True)
+    return work
+
+
+def row_file(row: str, model_name: str, threads: int, args, info: Dict) -> Path:
+    """The GGUF of one row (see the module docstring), built once into the cache."""
+    from torchao_mx_ext.zoo import model_path
+
+    work = work_dir(model_name)
+    if row in LLAMA_QUANT_TYPES or row == "bf16":
+        bf16 = bf16_gguf(work, model_path(model_name))
+        return bf16 if row == "bf16" else llama_quantized(work, bf16, row, threads)
+    return ours(work, model_name, row.split("_")[1], args, info)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -181,6 +211,19 @@ def speed(path: Path, threads: int, reps: int) -> Dict:
     return result
 
 
+def generation_times(path: Path, prompt_len: int, new_tokens: int, threads: int) -> Dict:
+    """One llama-bench measurement shaped like one generation of ``model_bench``: the prefill time of a
+    ``prompt_len`` prompt (``-p P -n 0``) and the time of ``new_tokens`` decode steps after it (``-p 0 -n N
+    -d P``: generation at context depth P, as after the prompt), each a single repetition."""
+    times = {}
+    for key, flags in (("prefill_s", ["-p", str(prompt_len), "-n", "0"]),
+                       ("decode_s", ["-p", "0", "-n", str(new_tokens), "-d", str(prompt_len)])):
+        out = run([str(BIN / "llama-bench"), "-m", str(path), *flags, "-t", str(threads), "-r", "1", "-o", "json"])
+        (entry,) = json.loads(out[out.index("["): out.rindex("]") + 1])
+        times[key] = (prompt_len if key == "prefill_s" else new_tokens) / entry["avg_ts"]
+    return times
+
+
 def table(rows: List[Dict]) -> str:
     lines = [
         "| row | bits/weight | linears: bits/weight (types) | token_embd | ppl | pp512 t/s | tg32 t/s | file MB |",
@@ -219,29 +262,18 @@ def main(argv: Optional[List[str]] = None) -> Optional[Dict]:
     unknown = [r for r in rows if r not in ROWS]
     if unknown:
         raise SystemExit(f"llama_cpp_bench: unknown rows {unknown}; choose from {', '.join(ROWS)}")
-    missing = [t for t in TOOLS if not (BIN / t).exists()]
-    if missing or not CONVERTER.is_file():
-        print(f"llama_cpp_bench: skipped: llama.cpp is not built here ({', '.join(missing) or 'convert_hf_to_gguf.py'} "
-              f"missing under {LLAMA_CPP}); run: bash scripts/build_llama_cpp.sh")
+    missing = missing_tools()
+    if missing:
+        print(f"llama_cpp_bench: skipped: {skip_message(missing)}")
         return None
 
     from torchao_mx_ext.zoo import data_dir, model_path
 
     text = Path(args.text) if args.text else data_dir() / "wikitext2" / "wiki.test.raw"
     hf_folder = model_path(args.model)
-    work = ROOT / ".cache" / "llama_cpp_bench" / Path(args.model).name
-    work.mkdir(parents=True, exist_ok=True)
     info: Dict = {}
-    bf16 = bf16_gguf(work, hf_folder)
-    n_params = parameters(bf16)
-    files = {}
-    for row in rows:
-        if row == "bf16":
-            files[row] = bf16
-        elif row in LLAMA_QUANT_TYPES:
-            files[row] = llama_quantized(work, bf16, row, args.threads)
-        else:
-            files[row] = ours(work, args.model, row.split("_")[1], args, info)
+    n_params = parameters(row_file("bf16", args.model, args.threads, args, info))
+    files = {row: row_file(row, args.model, args.threads, args, info) for row in rows}
 
     results = []
     for row in rows:

@@ -12,6 +12,13 @@ model) W4A4 (``ours_w4a4*``) and weight-only (``ours_wo*``), eager, compiled, an
 ``share_input_quantization`` (q/k/v and gate/up rotate and quantize their common input once; exact,
 see ``torchao_mx_ext/shared_quant.py``); ``--no-share`` turns it off.
 
+llama.cpp rows (``llama.cpp_bf16``, ``llama.cpp_q4_0``, ``llama.cpp_mxfp4``): the same model in llama.cpp,
+timed by ``llama-bench`` in the same interleaved rounds with the same thread count: bf16 (llama.cpp's
+converter), Q4_0 (its ``llama-quantize``) and ours (``torchao-mx export --format gguf``, RTN weight-only
+MXFP4, ggml's MXFP4 type), each GGUF built once by ``benchmarks/llama_cpp_bench.py`` into the cache.
+Prefill: ``-p <prompt-len> -n 0``; decode: ``-n <new-tokens> -d <prompt-len>`` (generation at the depth a
+prompt leaves). Skipped with a message where llama.cpp is not built (``bash scripts/build_llama_cpp.sh``).
+
 Each row runs in a subprocess of its own. They are started one after the other (builds and compiles
 never overlap): load, quantize, warm up (this compiles), then wait. Then the timing runs in
 ``--rounds`` interleaved rounds: in each, every row in turn runs one greedy generation with a static KV
@@ -61,8 +68,13 @@ VARIANTS = (
     "ours_wo",
     "ours_wo_compiled",
     "ours_wo_compiled_cached",
+    "llama.cpp_bf16",
+    "llama.cpp_q4_0",
+    "llama.cpp_mxfp4",
 )
 BASELINE = "bf16"
+# llama.cpp rows: the GGUF each runs (benchmarks/llama_cpp_bench.py builds them once into the cache).
+LLAMA_CPP_ROWS = {"llama.cpp_bf16": "bf16", "llama.cpp_q4_0": "q4_0", "llama.cpp_mxfp4": "ours_rtn_mxfp4"}
 
 
 # -- measurement helpers (worker side) -----------------------------------------------------------------
@@ -322,9 +334,84 @@ class Worker:
         return row
 
 
+class LlamaCppWorker:
+    """A llama.cpp row, with the interface of :class:`Worker`: each ``run`` is one ``llama-bench``
+    measurement of the prefill of ``--prompt-len`` tokens and of ``--new-tokens`` decode steps at that
+    context depth, on the same thread count (``--threads``, or all cores). Where llama.cpp is not built,
+    the row is skipped with a message (no error)."""
+
+    def __init__(self, variant: str, args):
+        import llama_cpp_bench as lcb
+
+        self.variant, self.args, self.lcb, self.t0 = variant, args, lcb, time.perf_counter()
+        self.threads = args.threads or os.cpu_count()
+        self.error = self.skipped = None
+        self.prefill, self.decode = [], []
+        missing = lcb.missing_tools()
+        if missing:
+            self.skipped = lcb.skip_message(missing)
+            return
+        settings = argparse.Namespace(scale_rule=None, calib_samples=0, calib_seq_len=0)
+        try:
+            self.path = lcb.row_file(LLAMA_CPP_ROWS[variant], args.model, self.threads, settings, {})
+        except (RuntimeError, OSError, ValueError) as e:
+            self.error = f"{type(e).__name__}: {e}"
+
+    def ask(self, command: str):
+        if self.error or self.skipped or command != "run":
+            return None
+        try:
+            t = self.lcb.generation_times(self.path, self.args.prompt_len, self.args.new_tokens, self.threads)
+        except (RuntimeError, ValueError) as e:
+            self.error = f"{type(e).__name__}: {e}"
+            return None
+        self.prefill.append(t["prefill_s"])
+        self.decode.append(t["decode_s"])
+        return t
+
+    def finish(self) -> dict:
+        if self.skipped:
+            return {"variant": self.variant, "skipped": self.skipped}
+        if self.error or not self.prefill:
+            return {"variant": self.variant, "error": self.error or "no timed run"}
+        args = self.args
+        bits = self.lcb.linear_bits(self.path)
+        return {
+            "variant": self.variant,
+            "engine": "llama.cpp (llama-bench)",
+            "gguf": str(self.path),
+            "linear_types": bits["linear_types"],
+            "threads": self.threads,
+            "prefill_tokens_per_s": args.prompt_len / min(self.prefill),
+            "decode_tokens_per_s": args.new_tokens / min(self.decode),
+            "prefill_s": min(self.prefill),
+            "decode_ms_per_token": 1e3 * min(self.decode) / args.new_tokens,
+            "timed_runs": len(self.prefill),
+            "prefill_s_all": self.prefill,
+            "decode_s_all": self.decode,
+            "compile_s": None,
+            # The whole file (all tensors, metadata) against our rows' parameters + buffers.
+            "model_mb": self.path.stat().st_size / 2**20,
+            "cache_mb": 0.0,
+            "linear_weight_bits": bits["linear_bits_per_weight"],
+            "peak_rss_mb": float("nan"),  # llama-bench reports no memory
+            "gen_delta_mb": float("nan"),
+            "subprocess_s": time.perf_counter() - self.t0,
+        }
+
+
+def start_row(variant: str, args):
+    return LlamaCppWorker(variant, args) if variant in LLAMA_CPP_ROWS else Worker(variant, args)
+
+
 def run_in_process(variant: str, args) -> dict:
     import torch
 
+    if variant in LLAMA_CPP_ROWS:  # a subprocess of llama.cpp's anyway
+        worker = LlamaCppWorker(variant, args)
+        for _ in range(args.rounds):
+            worker.ask("run")
+        return worker.finish()
     torch._dynamo.reset()
     t0 = time.perf_counter()
     try:
@@ -345,13 +432,15 @@ def run_interleaved(variants, args, log) -> list:
     round only."""
     workers = []
     for v in variants:
-        workers.append(Worker(v, args))
-        log(f"{v}: ready" + (f" (ERROR {workers[-1].error.splitlines()[-1]})" if workers[-1].error else ""))
+        workers.append(start_row(v, args))
+        w = workers[-1]
+        log(f"{v}: " + (f"skipped: {w.skipped}" if getattr(w, "skipped", None)
+                        else f"ready (ERROR {w.error.splitlines()[-1]})" if w.error else "ready"))
     slow = set()
     for r in range(args.rounds):
         order = workers[r % len(workers):] + workers[: r % len(workers)]
         for w in order:
-            if w.variant in slow:
+            if w.variant in slow or getattr(w, "skipped", None):
                 continue
             t = w.ask("run")
             if t is not None and t["prefill_s"] + t["decode_s"] > args.slow_s:
@@ -363,7 +452,7 @@ def run_interleaved(variants, args, log) -> list:
 def add_ratios(rows):
     base = next((r for r in rows if r["variant"] == BASELINE and "error" not in r), None)
     for r in rows:
-        if base is None or "error" in r:
+        if base is None or "error" in r or "skipped" in r:
             continue
         r["vs_bf16"] = {
             "prefill_speed": r["prefill_tokens_per_s"] / base["prefill_tokens_per_s"],
@@ -384,11 +473,17 @@ def print_table(rows, args):
         if "error" in r:
             print(f"{r['variant']:<26} ERROR {r['error'].splitlines()[-1] if r['error'] else ''}")
             continue
+        if "skipped" in r:
+            print(f"{r['variant']:<26} skipped: {r['skipped']}")
+            continue
         v = r.get("vs_bf16", {})
         print(f"{r['variant']:<26} {r['prefill_tokens_per_s']:>13.1f} {v.get('prefill_speed', float('nan')):>6.2f}"
               f" {r['decode_tokens_per_s']:>12.2f} {v.get('decode_speed', float('nan')):>6.2f}"
               f" {r['model_mb']:>9.1f} {v.get('model_size', float('nan')):>5.2f} {r['linear_weight_bits']:>8.2f} {r['cache_mb']:>8.1f}"
               f" {r['peak_rss_mb']:>8.0f} {r['gen_delta_mb']:>7.0f} {'' if r['compile_s'] is None else format(r['compile_s'], '.1f'):>9}")
+    if any(r["variant"] in LLAMA_CPP_ROWS and "error" not in r and "skipped" not in r for r in rows):
+        print("llama.cpp rows: llama-bench on the GGUF (llama.cpp_mxfp4: ours, torchao-mx export --format gguf, rtn);"
+              " decode = generation at context depth --prompt-len; model MB = the GGUF file; no memory reading")
 
 
 def main(argv=None):

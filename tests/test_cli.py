@@ -155,6 +155,9 @@ def test_cli_names_match_the_library():
     assert cli.METHOD_NAMES == tuple(METHODS)
     assert cli.SCALE_RULE_NAMES == tuple(SCALE_RULES)
     assert cli.MODEL_ALIASES == tuple(MODEL_ALIASES)
+    from torchao_mx_ext.experiments.moe_compare import DEFAULT_METHODS, MOE_METHODS
+
+    assert cli.MOE_METHOD_NAMES == tuple(MOE_METHODS) and cli.MOE_DEFAULT_METHODS == DEFAULT_METHODS
     assert {m for m in METHODS if cli._is_model_level(m)} == {
         "quarot", "brq", "quarot+gptq", "brq+gptq", "dartquant", "dartquant-block", "dartquant-block+gptq",
     }

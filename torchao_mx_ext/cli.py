@@ -34,7 +34,7 @@ from typing import Dict, List, Optional
 
 # torch, transformers and this package's modules are imported inside the commands, not here: parsing
 # arguments and refusing bad ones needs none of them. The parser is therefore built from these names
-# (tests/test_cli.py checks they equal recipes.METHODS, mx.SCALE_RULES and zoo.MODEL_ALIASES).
+# (tests/test_cli.py checks they equal recipes.METHODS, mx.SCALE_RULES, zoo.MODEL_ALIASES and the MoE methods).
 METHOD_NAMES = (
     "fp", "rtn", "block-rot", "global-rot", "quarot", "brq", "gptq", "gptq-block-rot", "quarot+gptq", "brq+gptq",
     "dartquant", "dartquant-block", "dartquant-block+gptq",
@@ -42,6 +42,11 @@ METHOD_NAMES = (
 SCALE_RULE_NAMES = ("floor", "even", "rceil", "fp_quant", "mse")
 MODEL_ALIASES = ("stories260k", "smollm2-135m", "smollm2-135m-moe")
 EVAL_TASK_NAMES = ("wikitext2", "arc_easy", "arc_challenge", "piqa", "winogrande", "openbookqa", "siqa")
+MOE_METHOD_NAMES = (
+    "baseline", "pesf-0.1", "pesf-0.3", "pesf-0.5", "pesf-0.7", "pesf-0.9", "ban", "pick", "ban+pick",
+    "ban+pick:frequency-picks", "ban+pick:uniform-tau", "mxfp4", "mxfp4+qesc", "mxfp4-gptq", "mxfp4+qesc+ban+pick",
+)
+MOE_DEFAULT_METHODS = ("baseline", "pesf-0.3", "pesf-0.7", "ban", "pick", "ban+pick", "mxfp4", "mxfp4+qesc")
 # Methods that rotate the whole model (QuaRot, BRQ, DartQuant; recipes.py): they know only the decoder
 # layouts in rotation.fusion.SUPPORTED_ARCHITECTURES, while per-linear methods work on any model.
 MODEL_LEVEL_PREFIXES = ("quarot", "brq", "dartquant")
@@ -222,7 +227,7 @@ _COMPARE_MINIMUMS = {"seq_len": 2, "eval_windows": 1, "calib_samples": 1, "calib
 _QUANTIZE_MINIMUMS = {"calib_samples": 1, "calib_seq_len": 2}
 _MOE_MINIMUMS = {
     "seq_len": 2, "eval_windows": 1, "calib_samples": 1, "calib_seq_len": 2, "prompt_len": 1, "new_tokens": 1,
-    "timing_rounds": 1, "threads": 1,
+    "timing_rounds": 1, "threads": 1, "lm_eval_limit": 1,
 }
 
 
@@ -633,7 +638,8 @@ def build_parser() -> argparse.ArgumentParser:
     mrg.add_argument("--json", default=None, help="write the merged report here")
     moe = sub.add_parser("moe-compare", help="router passes (PESF, Ban&Pick) and MXFP4 experts (+QESC) on a MoE model")
     moe.add_argument("--model", default="smollm2-135m-moe", help="alias (smollm2-135m-moe) or a HF MoE folder")
-    moe.add_argument("--methods", default="baseline,pesf-0.3,pesf-0.7,ban,pick,ban+pick,mxfp4,mxfp4+qesc")
+    moe.add_argument("--methods", default=",".join(MOE_DEFAULT_METHODS),
+                     help=f"comma list of: {', '.join(MOE_METHOD_NAMES)}")
     moe.add_argument("--eval-windows", type=int, default=4)
     moe.add_argument("--seq-len", type=int, default=2048)
     moe.add_argument("--calib-samples", type=int, default=16, help="WikiText-2 validation windows (Ban&Pick, QESC)")
@@ -644,6 +650,8 @@ def build_parser() -> argparse.ArgumentParser:
     moe.add_argument("--timing-rounds", type=int, default=5, help="interleaved prefill timing rounds")
     moe.add_argument("--experts-backend", default="torchao_mx_ext",
                      help="transformers experts implementation for every method (ours, grouped_mm, eager, ...)")
+    moe.add_argument("--lm-eval-task", default=None, help="also score each method on this offline lm-eval task (e.g. arc_easy)")
+    moe.add_argument("--lm-eval-limit", type=int, default=None, help="the first N documents of that task")
     moe.add_argument("--data-dir", default=None)
     moe.add_argument("--threads", type=int, default=None)
     moe.add_argument("--json", default=None)
@@ -681,6 +689,7 @@ def run_moe(args) -> int:
             args.calib_samples, args.calib_seq_len, args.prompt_len, args.new_tokens, args.scale_rule,
             Path(args.data_dir) if args.data_dir else None, progress=not args.quiet,
             timing_rounds=args.timing_rounds, experts_backend=args.experts_backend,
+            lm_eval_task=args.lm_eval_task, lm_eval_limit=args.lm_eval_limit,
         )
     _show(format_moe_table(report), report, args.json)
     return 0

@@ -83,6 +83,26 @@ def test_statistics_match_a_per_token_reference(arch):
         assert config.layer_boosts[fqn] == pytest.approx(0.5 * logit_std, rel=1e-4)
 
 
+def test_alternative_rules_frequency_picks_and_uniform_tau():
+    """The rules Ban&Pick's calibration was measured against: key experts by selection frequency alone,
+    and one tau for every layer (the middle of [tau_min, tau_max]); bad rule names are refused."""
+    model = build_tiny("qwen2_moe")
+    ids = _calib_ids()
+    reference = _reference_statistics(model, ids)
+    stats = measure_ban_pick_statistics(model, ids, k_min=1, batch_size=2)
+    config = ban_pick_config_from_statistics(stats, num_picks=2, tau_min=0.6, tau_max=0.9,
+                                             pick_score="frequency", tau_rule="uniform")
+    for layer, (freq, _, _, _) in enumerate(reference):
+        fqn = f"model.layers.{layer}.mlp.gate"
+        assert config.layer_picks[fqn] == torch.argsort(freq, descending=True, stable=True)[:2].tolist()
+        assert config.layer_taus[fqn] == pytest.approx(0.75)
+    for bad in ({"pick_score": "largest"}, {"tau_rule": "random"}):
+        with pytest.raises(ValueError, match="pick_score must be one of"):
+            ban_pick_config_from_statistics(stats, **bad)
+        with pytest.raises(ValueError, match="pick_score must be one of"):
+            calibrate_ban_pick(model, ids, **bad)
+
+
 def test_calibrated_ban_pick_installs_and_prunes():
     model = build_tiny("qwen3_moe")
     ids = _calib_ids()

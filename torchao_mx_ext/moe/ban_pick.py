@@ -379,33 +379,53 @@ def _make_statistics_hook(block: nn.Module, adapter, acc: _LayerAccumulator, k_m
     return hook
 
 
+PICK_SCORES = ("effect", "frequency")
+TAU_RULES = ("sensitivity", "uniform")
+
+
 def ban_pick_config_from_statistics(
     stats: BanPickStatistics,
     num_picks: int = 1,
     boost: float = 1.0,
     tau_min: float = 0.7,
     tau_max: float = 0.9,
+    pick_score: str = "effect",
+    tau_rule: str = "sensitivity",
 ) -> BanPickConfig:
     """A per-layer :class:`.router_configs.BanPickConfig` from measured statistics.
 
-    Picks: the ``num_picks`` experts with the largest key score per layer (selected at least once).
-    Boost: ``boost * logit_std`` per layer. Tau: linear in the layer sensitivity between ``tau_min``
-    (least sensitive) and ``tau_max`` (most sensitive); all ``tau_max`` if the sensitivities are equal.
+    Picks: the ``num_picks`` experts with the largest key score per layer (selected at least once):
+    ``pick_score="effect"`` ranks by ``f_e * d_e`` (the removal effect averaged over all tokens, the
+    default), ``"frequency"`` by the selection frequency ``f_e`` alone (the alternative it was measured
+    against). Boost: ``boost * logit_std`` per layer. Tau (``tau_rule="sensitivity"``, the default): linear
+    in the layer sensitivity between ``tau_min`` (least sensitive) and ``tau_max`` (most sensitive), all
+    ``tau_max`` if the sensitivities are equal; ``"uniform"``: every layer ``(tau_min + tau_max) / 2``.
     """
     _check_calibration_settings(num_picks, boost, tau_min, tau_max)
+    _check_rules(pick_score, tau_rule)
     sens = stats.sensitivity
     lo, hi = min(sens.values()), max(sens.values())
-    layer_taus = {
-        fqn: (tau_max if hi <= lo else tau_min + (tau_max - tau_min) * (s - lo) / (hi - lo)) for fqn, s in sens.items()
-    }
+    if tau_rule == "uniform":
+        layer_taus = {fqn: (tau_min + tau_max) / 2 for fqn in sens}
+    else:
+        layer_taus = {
+            fqn: (tau_max if hi <= lo else tau_min + (tau_max - tau_min) * (s - lo) / (hi - lo)) for fqn, s in sens.items()
+        }
+    scores = stats.key_score if pick_score == "effect" else stats.frequency
     layer_picks = {}
-    for fqn, score in stats.key_score.items():
+    for fqn, score in scores.items():
         candidates = torch.argsort(score, descending=True, stable=True)[:num_picks]
         layer_picks[fqn] = [int(e) for e in candidates if stats.frequency[fqn][e] > 0]
     layer_boosts = {fqn: float(boost) * std for fqn, std in stats.logit_std.items()}
     return BanPickConfig(
         k_min=stats.k_min, layer_taus=layer_taus, layer_picks=layer_picks, layer_boosts=layer_boosts
     )
+
+
+def _check_rules(pick_score: str, tau_rule: str) -> None:
+    if pick_score not in PICK_SCORES or tau_rule not in TAU_RULES:
+        raise ValueError(f"pick_score must be one of {PICK_SCORES} and tau_rule one of {TAU_RULES}; "
+                         f"got {pick_score!r}, {tau_rule!r}")
 
 
 def _check_calibration_settings(num_picks, boost, tau_min, tau_max) -> None:
@@ -425,10 +445,15 @@ def calibrate_ban_pick(
     tau_min: float = 0.7,
     tau_max: float = 0.9,
     batch_size: int = 8,
+    pick_score: str = "effect",
+    tau_rule: str = "sensitivity",
 ) -> BanPickConfig:
     """Measure key experts and layer sensitivities on ``calib_ids`` and return the per-layer
-    :class:`.router_configs.BanPickConfig` (apply it with :func:`.router_configs.apply_router_pass`).
-    Every setting is checked before the calibration forward passes."""
+    :class:`.router_configs.BanPickConfig` (apply it with :func:`.router_configs.apply_router_pass`;
+    ``pick_score`` and ``tau_rule``: :func:`ban_pick_config_from_statistics`). Every setting is checked
+    before the calibration forward passes."""
     _check_calibration_settings(num_picks, boost, tau_min, tau_max)
+    _check_rules(pick_score, tau_rule)
     stats = measure_ban_pick_statistics(model, calib_ids, k_min=k_min, batch_size=batch_size)
-    return ban_pick_config_from_statistics(stats, num_picks=num_picks, boost=boost, tau_min=tau_min, tau_max=tau_max)
+    return ban_pick_config_from_statistics(stats, num_picks=num_picks, boost=boost, tau_min=tau_min, tau_max=tau_max,
+                                           pick_score=pick_score, tau_rule=tau_rule)

@@ -1,0 +1,268 @@
+"""Train a sparse MoE from SmolLM2-135M: MoEfy into 16 experts routed top-4, then fine-tune experts and routers.
+
+Why this model (and not a MoE trained from scratch): the only text offline is ~0.8 MB of TinyStories and
+WikiText-2 validation (~1.1 MB); a MoE trained from scratch on it is a toy that overfits in minutes and
+scores at chance on the zero-shot sets. Starting from a real LLM keeps what the quantization and
+router methods react to (massive activations, a real attention stack, WikiText-2 perplexity in the
+20s), and the sparse routing is then *trained*, as in LLaMA-MoE (Zhu et al., arXiv 2406.16554: split
+the FFN neurons into experts, then continue training with a routing gate and a balance loss):
+
+1. MoEfication (:func:`torchao_mx_ext.experiments.moefy.moefy`): each MLP of layers 1..29 is split into
+   16 experts of 96 co-activating neurons with a fitted linear router (layer 0 stays dense, like
+   DeepSeek-MoE's first layer); routed top-4 (25% of the MLP per token) it starts far from the dense model.
+2. Fine-tuning: the routers and the experts (gate/up/down) of every MoE layer are trained with the
+   language-modelling loss plus the Switch-Transformer load-balancing loss (``router_aux_loss_coef``,
+   transformers' ``load_balancing_loss_func``); attention, norms and embeddings stay frozen. Data:
+   512-token windows drawn alternately from TinyStories and WikiText-2 *validation* (the last 10% of
+   each held out for early stopping); never the WikiText-2 test split. Training stops when the
+   held-out loss has not improved for ``--patience`` evaluations or the ``--budget-min`` time is spent;
+   the best state is kept.
+
+The model is written once to ``<cache>/models/smollm2-135m-moe-e{E}k{k}-trained`` (its ``config.json``
+records the settings under ``moe_training``); the curve and the checks (WikiText-2 test perplexity of
+the dense model, the MoEfied model and the trained one; expert load balance; routing concentration) go
+to ``results/train_moe_smollm2.json``.
+
+    .venv/bin/python scripts/train_moe_smollm2.py                      # ~1 h on 2 cores
+    .venv/bin/python scripts/train_moe_smollm2.py --budget-min 2 --eval-every 5 --output /tmp/moe  # smoke
+"""
+
+import argparse
+import json
+import math
+import platform
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from torchao_mx_ext.calibration.data import calibration_ids  # noqa: E402
+from torchao_mx_ext.eval.perplexity import perplexity, tokenize_for_perplexity, wikitext2_test_text  # noqa: E402
+from torchao_mx_ext.experiments.moefy import moefy, save  # noqa: E402
+from torchao_mx_ext.zoo import cache_dir, data_dir, load_model  # noqa: E402
+
+
+def parse_args():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--num-experts", type=int, default=16)
+    p.add_argument("--top-k", type=int, default=4)
+    p.add_argument("--seq-len", type=int, default=512, help="training window")
+    p.add_argument("--batch", type=int, default=4, help="windows per step")
+    p.add_argument("--lr", type=float, default=5e-5, help="AdamW learning rate of the experts")
+    p.add_argument("--router-lr", type=float, default=3e-5, help="AdamW learning rate of the routers")
+    p.add_argument("--aux-coef", type=float, default=0.01, help="load-balancing loss weight")
+    p.add_argument("--warmup", type=int, default=10, help="linear warm-up steps")
+    p.add_argument("--eval-every", type=int, default=20, help="steps between held-out evaluations")
+    p.add_argument("--eval-windows", type=int, default=8, help="held-out windows per source")
+    p.add_argument("--patience", type=int, default=3, help="evaluations without improvement before stopping")
+    p.add_argument("--budget-min", type=float, default=55.0, help="training time budget (minutes)")
+    p.add_argument("--test-windows", type=int, default=4, help="WikiText-2 test windows of 2048 for the checks")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--output", default=None)
+    p.add_argument("--results", default=str(ROOT / "results" / "train_moe_smollm2.json"))
+    return p.parse_args()
+
+
+def token_splits(tokenizer, held_out_fraction=0.1):
+    """``{source: (train_ids, held_out_ids)}``: each text's last ``held_out_fraction`` is held out."""
+    from torchao_mx_ext.calibration.data import read_text, resolve_source
+
+    splits = {}
+    for source in ("tinystories", "wikitext2"):
+        ids = tokenizer(read_text(resolve_source(source)), return_tensors="pt").input_ids[0]
+        cut = int(len(ids) * (1 - held_out_fraction))
+        splits[source] = (ids[:cut], ids[cut:])
+    return splits
+
+
+def windows(ids, seq_len):
+    n = len(ids) // seq_len
+    return ids[: n * seq_len].view(n, seq_len)
+
+
+@torch.no_grad()
+def normalise_top_k_weights(model):
+    """Re-parametrise the MoEfied blocks for training, exactly at the start: MoEfication stores each
+    expert as ``E y_e`` weighted by near-uniform softmax probabilities ``p_e ~ 1/E`` (not renormalised),
+    so a router that learns to concentrate its softmax would scale an expert's output up to ``E`` times.
+    With ``norm_topk_prob=True`` the top-k weights are renormalised to sum to 1 (``~1/k`` each at the
+    start) and the experts are stored as ``k y_e`` (down_proj times ``k / E``): the same output now, and
+    a convex combination of the chosen experts (times ``k``) whatever the router learns."""
+    E, k = model.config.num_experts, model.config.num_experts_per_tok
+    for module in model.modules():
+        if type(module).__name__.endswith("TopKRouter"):
+            module.norm_topk_prob = True
+        if type(module).__name__.endswith("Experts"):
+            module.down_proj.mul_(k / E)
+    model.config.norm_topk_prob = True
+
+
+def moe_parameters(model):
+    """(expert parameters, router parameters) of the MoE layers; everything else is frozen."""
+    experts, routers = [], []
+    for name, p in model.named_parameters():
+        p.requires_grad_(False)
+        if ".mlp.experts." in name:
+            experts.append(p)
+        elif ".mlp.gate." in name:
+            routers.append(p)
+    for p in experts + routers:
+        p.requires_grad_(True)
+    return experts, routers
+
+
+@torch.no_grad()
+def held_out_loss(model, batches):
+    model.eval()
+    losses = [model(b, labels=b).loss.item() for b in batches]
+    model.train()
+    return sum(losses) / len(losses)
+
+
+@torch.no_grad()
+def routing_stats(model, ids, seq_len, windows_n):
+    """Expert load and routing concentration over WikiText-2 test windows, per MoE layer.
+
+    ``load_cv``: coefficient of variation of the experts' token shares (0 = perfectly balanced);
+    ``max_load``: the busiest expert's share times E (1 = its fair share); ``top1_share``: the largest
+    routing weight over the sum of the top-k weights, mean over tokens (1/k = flat, 1 = one expert);
+    ``topk_mass``: the softmax mass the top-k experts hold (k/E = flat)."""
+    captured = []
+    hooks = [m.register_forward_hook(lambda mod, inp, out: captured.append(out[0].float()))
+             for n, m in model.named_modules() if type(m).__name__.endswith("TopKRouter")]
+    model.eval()
+    for i in range(windows_n):
+        captured_layer = len(captured)
+        model(ids[:, i * seq_len:(i + 1) * seq_len], use_cache=False)
+        assert len(captured) - captured_layer == len(hooks)
+    for h in hooks:
+        h.remove()
+    L = len(hooks)
+    per_layer = [torch.cat(captured[j::L]) for j in range(L)]  # router logits [tokens, E] per layer
+    E, k = model.config.num_experts, model.config.num_experts_per_tok
+    stats = []
+    for logits in per_layer:
+        probs = logits.softmax(-1)
+        top, idx = probs.topk(k, dim=-1)
+        load = torch.bincount(idx.flatten(), minlength=E).float()
+        load /= load.sum()
+        stats.append({
+            "load_cv": (load.std() / load.mean()).item(),
+            "max_load": (load.max() * E).item(),
+            "top1_share": (top[:, 0] / top.sum(-1)).mean().item(),
+            "topk_mass": top.sum(-1).mean().item(),
+        })
+    mean = {key: sum(s[key] for s in stats) / len(stats) for key in stats[0]}
+    return {"mean_over_layers": mean, "per_layer": stats}
+
+
+def main():
+    args = parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    random.seed(args.seed)
+    E, k = args.num_experts, args.top_k
+    out_dir = Path(args.output) if args.output else cache_dir() / "models" / f"smollm2-135m-moe-e{E}k{k}-trained"
+    t_start = time.time()
+    record = {"settings": vars(args).copy(), "machine": f"{platform.machine()} CPU, {args.threads} threads, torch {torch.__version__}"}
+
+    dense, tokenizer = load_model("smollm2-135m")
+    calib = calibration_ids(tokenizer, "wikitext2", 16, 512, seed=args.seed)
+    print(f"[{time.time() - t_start:5.0f} s] MoEfying SmolLM2-135M into {E} experts, top-{k}", flush=True)
+    model = moefy(dense, calib, num_experts=E, top_k=k, dense_layers=[0], seed=args.seed)
+    normalise_top_k_weights(model)
+    model.config.router_aux_loss_coef = args.aux_coef
+    model.config.output_router_logits = True
+    test_ids = tokenize_for_perplexity(tokenizer, wikitext2_test_text(data_dir()))
+    ppl_dense = perplexity(dense, test_ids, 2048, args.test_windows, progress=False)["ppl"]
+    del dense
+    ppl_moefied = perplexity(model, test_ids, 2048, args.test_windows, progress=False)["ppl"]
+    print(f"[{time.time() - t_start:5.0f} s] WikiText-2 test ppl: dense {ppl_dense:.2f}, MoEfied top-{k} {ppl_moefied:.2f}", flush=True)
+    record["ppl_dense"], record["ppl_moefied"] = ppl_dense, ppl_moefied
+    record["routing_moefied"] = routing_stats(model, test_ids, 2048, 1)["mean_over_layers"]
+
+    splits = token_splits(tokenizer)
+    train = {s: windows(tr, args.seq_len) for s, (tr, _) in splits.items()}
+    held = [windows(ho, args.seq_len)[: args.eval_windows] for _, ho in splits.values()]
+    held_batches = [w[i:i + args.batch] for w in held for i in range(0, len(w), args.batch)]
+    record["data"] = {s: {"train_windows": len(train[s]), "held_out_windows": len(h)} for s, h in zip(train, held)}
+    experts, routers = moe_parameters(model)
+    opt = torch.optim.AdamW([{"params": experts, "lr": args.lr}, {"params": routers, "lr": args.router_lr}],
+                            weight_decay=0.0, betas=(0.9, 0.95))
+    base_lrs = [g["lr"] for g in opt.param_groups]
+    gen = torch.Generator().manual_seed(args.seed)
+    model.train()
+    best, best_state, bad, curve, step = held_out_loss(model, held_batches), None, 0, [], 0
+    curve.append({"step": 0, "tokens": 0, "held_out_loss": best, "s": time.time() - t_start})
+    print(f"[{time.time() - t_start:5.0f} s] step 0: held-out loss {best:.4f} (ppl {math.exp(best):.2f})", flush=True)
+    t_train = time.time()
+    sources = list(train)
+    while True:
+        step += 1
+        src = train[sources[step % len(sources)]]
+        batch = src[torch.randint(0, len(src), (args.batch,), generator=gen)]
+        for g, lr in zip(opt.param_groups, base_lrs):
+            g["lr"] = lr * min(1.0, step / args.warmup)
+        out = model(batch, labels=batch)
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(experts + routers, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if step % 5 == 0:
+            print(f"[{time.time() - t_start:5.0f} s] step {step}: loss {out.loss.item():.4f} "
+                  f"(aux {out.aux_loss.item():.3f})", flush=True)
+        out_of_time = time.time() - t_train > args.budget_min * 60
+        if step % args.eval_every == 0 or out_of_time:
+            loss = held_out_loss(model, held_batches)
+            curve.append({"step": step, "tokens": step * args.batch * args.seq_len, "held_out_loss": loss,
+                          "train_loss": out.loss.item(), "aux_loss": out.aux_loss.item(), "s": time.time() - t_start})
+            improved = loss < best - 1e-4
+            if improved:
+                best, bad = loss, 0
+                best_state = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+            else:
+                bad += 1
+            print(f"[{time.time() - t_start:5.0f} s] step {step}: held-out loss {loss:.4f} (ppl {math.exp(loss):.2f})"
+                  f"{' best' if improved else f', no gain {bad}/{args.patience}'}", flush=True)
+            if bad >= args.patience or out_of_time:
+                break
+    record["stopped"] = "patience" if bad >= args.patience else "time budget"
+    record["train_s"] = time.time() - t_train
+    record["curve"] = curve
+    if best_state is not None:
+        model.load_state_dict(best_state, strict=False)
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    model.config.output_router_logits = False
+    model.config.moe_training = {
+        "recipe": "MoEfication (co-activation split, fitted routers) + fine-tuning of experts and routers "
+                  "(scripts/train_moe_smollm2.py)",
+        "steps": step, "tokens": step * args.batch * args.seq_len, "best_held_out_loss": best,
+        **{key: record["settings"][key] for key in ("num_experts", "top_k", "seq_len", "batch", "lr", "router_lr",
+                                                    "aux_coef", "warmup", "seed")},
+        "data": "TinyStories subset + WikiText-2 validation (first 90% each), alternating windows",
+    }
+    record["ppl_trained"] = perplexity(model, test_ids, 2048, args.test_windows, progress=False)["ppl"]
+    record["routing_trained"] = routing_stats(model, test_ids, 2048, args.test_windows)
+    print(f"[{time.time() - t_start:5.0f} s] trained: WikiText-2 test ppl {record['ppl_trained']:.2f} "
+          f"(dense {ppl_dense:.2f}, MoEfied {ppl_moefied:.2f}); routing {record['routing_trained']['mean_over_layers']}",
+          flush=True)
+    save(model, out_dir, tokenizer)
+    record["checkpoint"] = str(out_dir)
+    record["total_s"] = time.time() - t_start
+    path = Path(args.results)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record, indent=2) + "\n")
+    print(f"saved {out_dir}; wrote {path}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
