@@ -1,7 +1,8 @@
 """Facts about model structure that several layers need, each decided in one place.
 
 - :data:`SUPPORTED_ARCHITECTURES` / :func:`check_supported`: the decoders model-level rotation fusion
-  knows (per-linear rotations work on any model).
+  knows (per-linear rotations work on any model); :data:`UNFUSABLE_ARCHITECTURES`: decoders it refuses
+  because no residual-stream rotation can be fused into them exactly, each with the reason.
 - :func:`decoder_layers`: the decoder layers of a Hugging Face causal LM (``model.model.layers``), for
   everything that walks a model layer by layer (sequential GPTQ, QESC, rotation fusion, regional compile).
 - :func:`expert_projection_names`: the layout of transformers 5.x fused MoE experts (one module, 3-D
@@ -23,6 +24,7 @@ import torch
 
 __all__ = [
     "SUPPORTED_ARCHITECTURES",
+    "UNFUSABLE_ARCHITECTURES",
     "check_supported",
     "decoder_layers",
     "expert_projection_names",
@@ -30,13 +32,40 @@ __all__ = [
     "is_high_precision",
 ]
 
-# Decoders whose layout model-level rotation fusion (rotation/fusion.py) knows.
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
+# Decoders whose layout model-level rotation fusion (rotation/fusion.py) knows: pre-norm decoders whose
+# every RMSNorm is read only by linears (q/k/v or a fused qkv_proj, gate/up or a fused gate_up_proj, lm_head).
+SUPPORTED_ARCHITECTURES = (
+    "LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
+    "Phi3ForCausalLM", "GraniteForCausalLM", "GemmaForCausalLM",
+)
+
+# Gemma 2 and 3 write ``post_norm(y) = y / rms(y) * (1 + w)`` (y: the o_proj or down_proj output) to the
+# residual stream. With the stream rotated (``h -> h R1``) that write must become ``post_norm(y) R1``,
+# and all fusion can change is what feeds the norm (``y -> y M``) and its weight (``w -> w'``). Asking
+# ``y M / rms(y M) * (1 + w') = y / rms(y) * (1 + w) R1`` for all y forces ``M diag(1 + w') = diag(1 + w) R1``
+# and ``rms(y M) = rms(y)`` (a linear map sending every y to a multiple of itself is a multiple of the
+# identity; the norm's eps fixes the multiple), so M is orthogonal and ``R1 diag(1 + w')^-2 R1^T =
+# diag(1 + w)^-2``: R1 may only map channels onto channels of equal |1 + w|. With trained per-channel
+# weights that leaves signed permutations, which mix nothing. (The head-wise R2 alone would be exact: it
+# never touches the stream.)
+_POST_NORM_REASON = (
+    "its post-sublayer RMSNorms (post_attention_layernorm, post_feedforward_layernorm) scale each "
+    "sublayer's output per channel, by 1 + w, just before the residual add, with no linear after them: "
+    "a residual-stream rotation R1 would have to commute with diag(1 + w) up to an orthogonal change of "
+    "the sublayer's output, which only (signed) permutations do when the weights differ per channel"
+)
+UNFUSABLE_ARCHITECTURES = {"Gemma2ForCausalLM": _POST_NORM_REASON, "Gemma3ForCausalLM": _POST_NORM_REASON}
 
 
 def check_supported(model: torch.nn.Module) -> None:
-    """Raise unless model-level rotation fusion (QuaRot/BRQ/DartQuant) knows ``model``'s layout."""
+    """Raise unless model-level rotation fusion (QuaRot/BRQ/DartQuant) knows ``model``'s layout; for a
+    decoder it cannot rotate exactly (:data:`UNFUSABLE_ARCHITECTURES`) the error says why."""
     name = type(model).__name__
+    if name in UNFUSABLE_ARCHITECTURES:
+        raise NotImplementedError(
+            f"model-level rotation cannot be fused exactly into {name}: {UNFUSABLE_ARCHITECTURES[name]}. "
+            "Per-linear rotations (MXFP4BlockRotConfig) work on any model."
+        )
     if name not in SUPPORTED_ARCHITECTURES:
         raise NotImplementedError(
             f"model-level rotation supports {', '.join(SUPPORTED_ARCHITECTURES)}; got {name}. "

@@ -1,11 +1,15 @@
 import pytest
 import torch
 from transformers import (
-    LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM,
-    Qwen3Config, Qwen3ForCausalLM,
+    Gemma2Config, Gemma2ForCausalLM, Gemma3ForCausalLM, Gemma3TextConfig, GemmaConfig, GemmaForCausalLM,
+    GraniteConfig, GraniteForCausalLM, LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM,
+    Phi3Config, Phi3ForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM,
 )
 
-from torchao_mx_ext.rotation.fusion import block_diagonal, fuse_rotations, head_dim_of
+from torchao_mx_ext.architectures import decoder_layers, high_precision_modules
+from torchao_mx_ext.rotation.fusion import (
+    block_diagonal, fold_rms_norms, fuse_rotations, head_dim_of, norm_weight_offset, value_rows,
+)
 
 SMALL = dict(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2, max_position_embeddings=64)
@@ -20,11 +24,35 @@ def _randomise_norms(model):
     return model
 
 
+def _randomise_biases(model):
+    # biases start at zero; a non-zero one checks that output rotations rotate it too
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(".bias"):
+                p.normal_()
+    return model
+
+
+IDS = dict(pad_token_id=0, bos_token_id=1, eos_token_id=2)  # Phi-3's defaults (32000) exceed the small vocab
 MODELS = {
     "llama": lambda: LlamaForCausalLM(LlamaConfig(**SMALL, tie_word_embeddings=True)),
     "mistral": lambda: MistralForCausalLM(MistralConfig(**SMALL)),
     "qwen2": lambda: Qwen2ForCausalLM(Qwen2Config(**SMALL, tie_word_embeddings=True)),
     "qwen3": lambda: Qwen3ForCausalLM(Qwen3Config(**SMALL, head_dim=32)),
+    # fused qkv_proj / gate_up_proj; tied and partial rotary as in Phi-4-mini
+    "phi3": lambda: Phi3ForCausalLM(Phi3Config(**SMALL, **IDS, tie_word_embeddings=True, partial_rotary_factor=0.5)),
+    # scalar multipliers of the size Granite 3 uses, and biases on every linear
+    "granite": lambda: GraniteForCausalLM(GraniteConfig(
+        **SMALL, embedding_multiplier=12.0, residual_multiplier=0.22, attention_multiplier=0.0078125,
+        logits_scaling=8.0, attention_bias=True, mlp_bias=True,
+    )),
+    # norms scale by 1 + w, embeddings by sqrt(hidden), tied, one KV head, head_dim * heads != hidden
+    "gemma": lambda: GemmaForCausalLM(GemmaConfig(**{**SMALL, "num_key_value_heads": 1}, head_dim=32)),
+}
+# decoders whose post-sublayer norms no residual-stream rotation passes (architectures.UNFUSABLE_ARCHITECTURES)
+REFUSED = {
+    "gemma2": lambda: Gemma2ForCausalLM(Gemma2Config(**SMALL, head_dim=32)),
+    "gemma3": lambda: Gemma3ForCausalLM(Gemma3TextConfig(**{**SMALL, "num_key_value_heads": 1}, head_dim=32)),
 }
 
 
@@ -36,11 +64,7 @@ def _max_rel_err(a, b):
 @pytest.mark.parametrize("block", [None, 32])
 def test_fused_rotations_keep_the_fp_model_exact(arch, block):
     torch.manual_seed(0)
-    model = _randomise_norms(MODELS[arch]()).eval()
-    if arch == "qwen2":  # Qwen2 has q/k/v biases: make them non-zero
-        with torch.no_grad():
-            for layer in model.model.layers:
-                layer.self_attn.v_proj.bias.normal_()
+    model = _randomise_biases(_randomise_norms(MODELS[arch]())).eval()  # Qwen2: q/k/v biases; Granite: all
     ids = torch.randint(0, 96, (2, 24))
     with torch.no_grad():
         ref = model(ids).logits
@@ -50,7 +74,9 @@ def test_fused_rotations_keep_the_fp_model_exact(arch, block):
         out = model(ids).logits
     assert _max_rel_err(out, ref) <= 1e-4
     assert model.lm_head.weight.data_ptr() != model.model.embed_tokens.weight.data_ptr()
-    assert all(bool((layer.input_layernorm.weight == 1).all()) for layer in model.model.layers)
+    unit = 1 - norm_weight_offset(model)  # the weight of an unscaled norm: 1, or 0 where it scales by 1 + w
+    norms = [m for layer in model.model.layers for m in (layer.input_layernorm, layer.post_attention_layernorm)]
+    assert all(bool((m.weight == unit).all()) for m in norms + [model.model.norm])
     # the rotation really changed the weights
     assert not torch.allclose(model.model.embed_tokens.weight @ r1.T.float(), model.model.embed_tokens.weight)
 
@@ -79,8 +105,52 @@ def test_unsupported_architecture_is_a_clear_error():
     from transformers import GPT2Config, GPT2LMHeadModel
 
     model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50))
-    with pytest.raises(NotImplementedError, match="LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM"):
+    supported = ("LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM, Phi3ForCausalLM, "
+                 "GraniteForCausalLM, GemmaForCausalLM")
+    with pytest.raises(NotImplementedError, match=supported):
         fuse_rotations(model, torch.eye(32), torch.eye(16))
+
+
+@pytest.mark.parametrize("arch", list(REFUSED))
+def test_post_sublayer_norms_are_refused_with_the_reason(arch):
+    model = REFUSED[arch]()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    reason = f"cannot be fused exactly into {type(model).__name__}: its post-sublayer RMSNorms"
+    for fuse in (lambda: fuse_rotations(model, torch.eye(64), torch.eye(32)), lambda: fold_rms_norms(model)):
+        with pytest.raises(NotImplementedError, match=reason):
+            fuse()
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # refused before any change
+
+
+def test_post_sublayer_norm_does_not_commute_with_a_rotation():
+    # why Gemma 2/3 are refused: x / rms(x) * (1 + w) then R1 differs from the same norm of x R1 with any
+    # weight, unless 1 + w is constant (here even the best per-channel scale for the rotated input misses)
+    torch.manual_seed(0)
+    x, s = torch.randn(256, 64, dtype=torch.float64), 1 + 0.5 * torch.randn(64, dtype=torch.float64)
+    r1 = block_diagonal("random_hadamard", 64, 32, 0)
+
+    def unit(v):  # the unscaled RMSNorm: unit(v R1) = unit(v) R1
+        return v / v.pow(2).mean(-1, keepdim=True).sqrt()
+
+    want, got = (unit(x) * s) @ r1, unit(x @ r1)
+    best = (want * got).sum(0) / got.pow(2).sum(0)  # the per-channel scale s' minimising |got * s' - want|
+    assert _max_rel_err(got * best, want) > 0.2  # 0.41 here; exact fusion would give ~1e-16
+    assert _max_rel_err(unit(x @ r1) * 1.7, (unit(x) * 1.7) @ r1) < 1e-12  # a constant scale commutes
+
+
+@pytest.mark.parametrize("arch", ["phi3", "granite", "gemma", *REFUSED])
+def test_layers_and_high_precision_modules_of_new_families(arch):
+    model = (MODELS.get(arch) or REFUSED[arch])()
+    assert decoder_layers(model) is model.model.layers and len(model.model.layers) == 2
+    assert high_precision_modules(model) == {"lm_head"}
+
+
+def test_fused_qkv_value_rows():
+    model = MODELS["phi3"]()
+    attn = model.model.layers[0].self_attn
+    lin, rows = value_rows(attn, head_dim_of(model))
+    # q: 4 heads x 16, k and v: 2 heads x 16 each
+    assert lin is attn.qkv_proj and (rows.start, rows.stop) == (96, 128)
 
 
 def test_wrong_rotation_shape_is_a_clear_error():
