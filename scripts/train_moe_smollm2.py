@@ -44,7 +44,7 @@ sys.path.insert(0, str(ROOT))
 
 from torchao_mx_ext.calibration.data import calibration_ids  # noqa: E402
 from torchao_mx_ext.eval.perplexity import perplexity, tokenize_for_perplexity, wikitext2_test_text  # noqa: E402
-from torchao_mx_ext.experiments.moefy import moefy, save  # noqa: E402
+from torchao_mx_ext.experiments.moefy import moefy, save, set_router_temperature  # noqa: E402
 from torchao_mx_ext.zoo import cache_dir, data_dir, load_model  # noqa: E402
 
 
@@ -94,7 +94,13 @@ def normalise_top_k_weights(model):
     so a router that learns to concentrate its softmax would scale an expert's output up to ``E`` times.
     With ``norm_topk_prob=True`` the top-k weights are renormalised to sum to 1 (``~1/k`` each at the
     start) and the experts are stored as ``k y_e`` (down_proj times ``k / E``): the same output now, and
-    a convex combination of the chosen experts (times ``k``) whatever the router learns."""
+    a convex combination of the chosen experts (times ``k``) whatever the router learns.
+
+    The router is rescaled to temperature 1 (logits = the fitted log-norm scores, spread O(1)): at
+    MoEfication's tiny temperature (~1e-5) one Adam step, whose size does not follow the weights' scale,
+    would swamp the fitted scores and make the routing random (measured: loss 5.3 -> 11.9 in 5 steps).
+    The top-k choice is the same; the weights now follow each expert's estimated share of the output."""
+    set_router_temperature(model, 1.0)
     E, k = model.config.num_experts, model.config.num_experts_per_tok
     for module in model.modules():
         if type(module).__name__.endswith("TopKRouter"):

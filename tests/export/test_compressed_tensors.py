@@ -277,6 +277,13 @@ def _full_width_96():
     return quantize_linears(model, lambda s: tme.MXFP4BlockRotConfig(rotation_size=None) if s == "down_proj" else tme.MXFP4Config())
 
 
+def _biased_block_rot():
+    model = tiny_llama()
+    attn = model.model.layers[1].self_attn
+    attn.q_proj.bias = torch.nn.Parameter(torch.randn(attn.q_proj.out_features))  # as Qwen2's q/k/v have
+    return quantize_linears(model, tme.MXFP4BlockRotConfig())
+
+
 BAD = {
     "not-our-model": (lambda: tiny_llama(), "no MXFP4-quantized linear"),
     "fp_quant": (lambda: quantize_linears(tiny_llama(), tme.MXFP4Config(scale_rule="fp_quant")), "fp_quant scales"),
@@ -289,6 +296,7 @@ BAD = {
         "cannot apply online",
     ),
     "full-width-non-power-of-two": (_full_width_96, "down_proj: a 96 x 96 rotation block.*power-of-two"),
+    "bias-with-online-rotation": (_biased_block_rot, "model.layers.1.self_attn.q_proj have a bias and an online rotation.*assert bias is None"),
     "padded-width": (_padded_model, "input width not a multiple of 32: model.layers.0.mlp.down_proj \\(80, stored zero-padded to 96\\)"),
 }
 

@@ -200,6 +200,15 @@ def _plan(model: torch.nn.Module, state: Dict[str, torch.Tensor]) -> Tuple[List[
             "of brq / dartquant-block, a full-width Hadamard of a power-of-two width), rotation='identity' "
             "(rtn, gptq) and model-level rotations fused into the weights (R1/R2)"
         )
+    biased = [lin.name for lin in plan if lin.hadamard is not None and lin.bias]
+    if biased:
+        # vLLM's CompressedTensorsLinearTransformMethod.apply has `assert bias is None` in every release
+        # from 0.10.2 (transforms arrived) to 0.34.0: such a checkpoint would fail when served.
+        problems.append(
+            f"{_names(biased)} have a bias and an online rotation, which vLLM's transform method refuses "
+            "(assert bias is None, vLLM 0.10.2 to 0.34.0); export these linears without a per-linear rotation "
+            "(rtn, gptq, or a model-level rotation fused into the weights)"
+        )
     if ranks:
         problems.append(f"only 2-D (linear) MXFP4 weights export, not fused MoE experts: {_names(ranks)}")
     if not_linear:
@@ -348,14 +357,6 @@ def _warn_about_engines(plan: List[_Linear], tconfig) -> None:
             "emulation: our 'even'; vLLM's FlashInfer W4A4 kernel on Blackwell: its own; "
             "vLLM's Marlin kernel, Hopper and older: none, it runs W4A16). Evaluate with act_scale_rule='even' to see "
             "what the export computes.",
-            UserWarning,
-            stacklevel=3,
-        )
-    biased = [lin.name for lin in plan if lin.hadamard is not None and lin.bias]
-    if biased:
-        warnings.warn(
-            f"{_names(biased)} have a bias and an online rotation: some vLLM versions assert bias is None in "
-            "CompressedTensorsLinearTransformMethod.apply",
             UserWarning,
             stacklevel=3,
         )
