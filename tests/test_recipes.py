@@ -125,7 +125,7 @@ def r4_only(name: str):
     def rotation_of(fqn, r):
         if not fqn.endswith("down_proj"):
             assert r is None, fqn
-        elif name in ("brq", "dartquant-block"):
+        elif name in ("brq", "dartquant-block", "mxrot-block"):
             torch.testing.assert_close(r.double(), ref_hadamard(32), rtol=0, atol=1e-7)
         else:
             assert r.shape == (192, 192)
@@ -257,7 +257,7 @@ def test_model_level_methods_fuse_exactly_then_quantize_to_the_reference(name, r
     check_quantized_model(model, captured["given"], ids, rule, act_rule or rule, r4_only(name))
 
 
-@pytest.mark.parametrize("name", ["dartquant", "dartquant-block"])
+@pytest.mark.parametrize("name", ["dartquant", "dartquant-block", "mxrot-block"])
 def test_dartquant_methods_fuse_learned_rotations(name, ids):
     model = tiny_llama()
     fp = fp_state(model)
@@ -269,7 +269,7 @@ def test_dartquant_methods_fuse_learned_rotations(name, ids):
     eye = torch.eye(HIDDEN, dtype=torch.float64)
     torch.testing.assert_close(r1 @ r1.T, eye, rtol=0, atol=1e-5)
     torch.testing.assert_close(r2 @ r2.T, eye[:HEAD_DIM, :HEAD_DIM], rtol=0, atol=1e-5)
-    block = 32 if name == "dartquant-block" else HIDDEN
+    block = HIDDEN if name == "dartquant" else 32
     mask = block_diag(torch.ones(block, block), HIDDEN // block).bool()
     assert bool((r1[~mask].abs() < 1e-5).all())  # dartquant-block: no value crosses an MX block
     # learned from the calibration activations: no longer the randomised Hadamard it started from

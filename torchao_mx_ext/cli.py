@@ -37,7 +37,7 @@ from typing import Dict, List, Optional
 # (tests/test_cli.py checks they equal recipes.METHODS, mx.SCALE_RULES, zoo.MODEL_ALIASES and the MoE methods).
 METHOD_NAMES = (
     "fp", "rtn", "block-rot", "global-rot", "quarot", "brq", "gptq", "gptq-block-rot", "quarot+gptq", "brq+gptq",
-    "dartquant", "dartquant-block", "dartquant-block+gptq",
+    "dartquant", "dartquant-block", "dartquant-block+gptq", "mxrot-block", "mxrot-block+gptq",
 )
 SCALE_RULE_NAMES = ("floor", "even", "rceil", "fp_quant", "mse")
 MODEL_ALIASES = ("stories260k", "smollm2-135m", "smollm2-135m-moe")
@@ -49,7 +49,7 @@ MOE_METHOD_NAMES = (
 MOE_DEFAULT_METHODS = ("baseline", "pesf-0.3", "pesf-0.7", "ban", "pick", "ban+pick", "mxfp4", "mxfp4+qesc")
 # Methods that rotate the whole model (QuaRot, BRQ, DartQuant; recipes.py): they know only the decoder
 # layouts in rotation.fusion.SUPPORTED_ARCHITECTURES, while per-linear methods work on any model.
-MODEL_LEVEL_PREFIXES = ("quarot", "brq", "dartquant")
+MODEL_LEVEL_PREFIXES = ("quarot", "brq", "dartquant", "mxrot")
 
 # Third-party log lines printed on every start that say nothing about the run, matched exactly where
 # they are logged (logger name: message pattern):

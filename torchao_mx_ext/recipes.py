@@ -13,8 +13,10 @@ rounded (RTN, or GPTQ calibrated layer by layer):
 - ``dartquant``: QuaRot's structure with R1 and per-layer R2 learned by DartQuant (whip loss,
   QR-Orth) from calibration activations; ``dartquant-block``: learned block-diagonal (32-wide) R1/R2
   with block R4 (new: DartQuant was published for INT formats and full-width rotations).
-- ``gptq``, ``gptq-block-rot``, ``quarot+gptq``, ``brq+gptq``, ``dartquant-block+gptq``: the same
-  rotations, GPTQ weights (sequential, layer by layer).
+- ``mxrot-block``: ``dartquant-block``'s structure with R1/R2 learned on the MXFP4 quantize-dequantize
+  error of the rotated activations instead of the whip loss (MX-aware; new here).
+- ``gptq``, ``gptq-block-rot``, ``quarot+gptq``, ``brq+gptq``, ``dartquant-block+gptq``,
+  ``mxrot-block+gptq``: the same rotations, GPTQ weights (sequential, layer by layer).
 """
 
 import warnings
@@ -69,14 +71,16 @@ def _fuse_with_online_r4(model, s: QuantSettings, r1, r2, block: Optional[int]) 
     return lambda short: r4 if short == "down_proj" else plain
 
 
-def _fuse_learned_rotation(model, s: QuantSettings, block: Optional[int]) -> ConfigFor:
-    """DartQuant: learn R1/R2 on the calibration activations, fuse them, R4 online as above."""
+def _fuse_learned_rotation(model, s: QuantSettings, block: Optional[int], loss: str = "whip") -> ConfigFor:
+    """DartQuant: learn R1/R2 on the calibration activations (``loss="mxfp4"``: on their MXFP4 error under
+    the activations' scale rule), fuse them, R4 online as above."""
     from .calibration.dartquant import learn_rotations
 
     check_supported(model)
     if s.calib_ids is None:
         raise ValueError("DartQuant needs calibration data (QuantSettings.calib_ids)")
-    r1, r2, _ = learn_rotations(model, s.calib_ids, block=block, seed=s.seed)
+    r1, r2, _ = learn_rotations(model, s.calib_ids, block=block, seed=s.seed, loss=loss,
+                                scale_rule=s.act_scale_rule or s.scale_rule)
     return _fuse_with_online_r4(model, s, r1, r2, block)
 
 
@@ -98,8 +102,9 @@ def _make(kind: str, gptq: bool) -> Callable:
     def apply(model, s: QuantSettings):
         if kind in ("quarot", "brq"):
             config = _fuse_model_rotation(model, s, None if kind == "quarot" else 32, "random_hadamard" if kind == "quarot" else "hadamard")
-        elif kind in ("dartquant", "dartquant-block"):
-            config = _fuse_learned_rotation(model, s, None if kind == "dartquant" else 32)
+        elif kind in ("dartquant", "dartquant-block", "mxrot-block"):
+            config = _fuse_learned_rotation(model, s, None if kind == "dartquant" else 32,
+                                            "mxfp4" if kind == "mxrot-block" else "whip")
         else:
             config = _per_linear(s, kind)
         return _gptq(model, s, config) if gptq else quantize_linears(model, config)
@@ -129,4 +134,6 @@ METHODS = {
     "dartquant": Method(_make("dartquant", False), seeded=True, calibrated=True),
     "dartquant-block": Method(_make("dartquant-block", False), seeded=True, calibrated=True),
     "dartquant-block+gptq": Method(_make("dartquant-block", True), seeded=True, calibrated=True),
+    "mxrot-block": Method(_make("mxrot-block", False), seeded=True, calibrated=True),
+    "mxrot-block+gptq": Method(_make("mxrot-block", True), seeded=True, calibrated=True),
 }

@@ -22,6 +22,12 @@ of 64 rows; lr 1e-3 (R1 and R2). ``block=32`` (``dartquant-block``) learns ``R =
 one independent QR-parametrised block per MX block (R2: ``min(32, head_dim)`` wide blocks), so a
 learned rotation never mixes values of two MX blocks.
 
+``loss="mxfp4"`` (the ``mxrot`` methods of ``recipes.py``; new here) swaps the whip loss for the actual
+MXFP4 quantize-dequantize error of the rotated activations in their 32-wide blocks
+(:func:`.orthogonal.mxfp4_error_loss`, with the scale rule the activations will be quantized with):
+the same activations, parametrisation and schedule, a loss that measures the format's own error
+instead of a proxy built for INT grids.
+
 Memory: activations are subsampled to at most ``r1_max_rows`` rows for R1 (default 65,536, spread
 evenly over the ``2 x layers`` sources: ``65536 * d * 4`` bytes, 151 MB for d = 576) and
 ``r2_max_tokens`` tokens per layer for R2 (default 8,192: ``layers * 8192 * heads * head_dim * 4``
@@ -41,15 +47,17 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
+from ..mx import check_scale_rule
 from ..rotation.fusion import check_supported, head_dim_of
 from ..rotation.rotations import orthogonal_block
 from .data import check_calibration_ids, check_int, check_real
-from .orthogonal import FitStats, METHODS, block_diag, train_rotation
+from .orthogonal import FitStats, METHODS, block_diag, mxfp4_error_loss, train_rotation, whip_loss
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_R1_MAX_ROWS = 65536
 DEFAULT_R2_MAX_TOKENS = 8192
+LOSSES = ("whip", "mxfp4")
 
 
 @dataclass
@@ -214,6 +222,8 @@ def learn_rotations(
     forward_batch: int = 8,
     device: Optional[torch.device] = None,
     dtype: torch.dtype = torch.float32,
+    loss: str = "whip",
+    scale_rule: str = "floor",
 ) -> Tuple[torch.Tensor, List[torch.Tensor], DartQuantStats]:
     """Learn DartQuant's R1 and per-layer R2 for a Llama-family HF model; the model is not modified.
 
@@ -221,6 +231,8 @@ def learn_rotations(
     ``block``: ``None`` (full-width rotations) or 32 (``dartquant-block``: block-diagonal R1 and R2,
     one learned block per MX block). ``method``: ``"qr"`` (QR-Orth) or ``"cayley"`` (Cayley SGD, the
     SpinQuant-style reference; same loss, init and schedule). ``dtype``: optimisation dtype.
+    ``loss``: ``"whip"`` (DartQuant) or ``"mxfp4"`` (the MXFP4 quantize-dequantize error of the rotated
+    activations with ``scale_rule``, blocks of ``block`` or 32 values).
 
     Returns ``(r1 float64 [d, d], r2 list of float64 [head_dim, head_dim] per layer, stats)``, ready
     for :func:`~torchao_mx_ext.rotation.fusion.fuse_rotations`. ``stats.r1.loss_per_epoch`` and
@@ -229,6 +241,10 @@ def learn_rotations(
     """
     if method not in METHODS:
         raise ValueError(f"unknown rotation optimiser {method!r}; choose one of {', '.join(METHODS)}")
+    if loss not in LOSSES:
+        raise ValueError(f"unknown rotation loss {loss!r}; choose one of {', '.join(LOSSES)}")
+    if loss == "mxfp4":
+        check_scale_rule(scale_rule)
     # Every setting is checked before the (possibly long) forward passes.
     if block is not None:
         check_int(block, "block (None or a rotation block width)", low=1)
@@ -250,13 +266,14 @@ def learn_rotations(
     t0 = time.perf_counter()
     acts = collect_activations(model, calib_ids, r1_max_rows, r2_max_tokens, forward_batch, seed, device)
     collect_s = time.perf_counter() - t0
+    loss_fn = whip_loss if loss == "whip" else (lambda o: mxfp4_error_loss(o, 32, scale_rule))
     schedule = dict(method=method, momentum=momentum, epochs=epochs, batch_size=batch_size,
-                    sample_fraction=sample_fraction, dtype=dtype)
+                    sample_fraction=sample_fraction, dtype=dtype, loss_fn=loss_fn)
 
     r1_blocks, r1_stats = train_rotation(
         acts.r1, random_hadamard_blocks(d, block, _seed(seed, 1)), lr=r1_lr, seed=_seed(seed, 2), **schedule
     )
-    logger.info("DartQuant R1 (%dx%d, block %s): whip loss %.4f -> %.4f in %.1f s", d, d, block,
+    logger.info("DartQuant R1 (%dx%d, block %s): %s loss %.4f -> %.4f in %.1f s", d, d, block, loss,
                 r1_stats.loss_init, r1_stats.loss_final, r1_stats.time_s)
     r2, r2_stats = [], []
     for i, data in enumerate(acts.r2):
@@ -267,6 +284,9 @@ def learn_rotations(
         r2.append(block_diag(blocks).cpu())
         r2_stats.append(stats)
     settings = dict(schedule, block=block, seed=seed, r1_lr=r1_lr, r2_lr=r2_lr, r1_rows=acts.r1.shape[0],
-                    r2_tokens=acts.r2[0].shape[0], dtype=str(dtype))
+                    r2_tokens=acts.r2[0].shape[0], dtype=str(dtype), loss=loss)
+    del settings["loss_fn"]
+    if loss == "mxfp4":
+        settings["scale_rule"] = scale_rule
     stats = DartQuantStats(r1_stats, r2_stats, acts.tokens, collect_s, time.perf_counter() - t0, settings)
     return block_diag(r1_blocks).cpu(), r2, stats

@@ -12,6 +12,10 @@ of the row, averaged over rows (:func:`whip_loss`). It is the form of the author
 energy ``sum_i o_i^2`` (orthogonal R preserves it) it is smallest when no ``|o_i|`` is near zero,
 which pushes a peaked, heavy-tailed (Laplace-like) distribution towards a flat one with a small max.
 
+MX-aware loss (:func:`mxfp4_error_loss`, new here: DartQuant's whip loss targets INT grids): the actual
+MXFP4 quantize-dequantize error of the rotated rows, in the 32-wide blocks of the last dimension that
+the quantizer will see, ``mean_rows sum_i (o_i - Q(o)_i)^2 / mean_i o_i^2``.
+
 Two optimisers of the same loss from the same start:
 
 - :class:`QROrth` (DartQuant): ``R = Q`` of ``Z = Q U`` (QR), over an unconstrained ``Z``
@@ -34,6 +38,8 @@ from typing import Callable, List
 
 import torch
 
+from ..mx.quantize import mxfp4_fake_quantize
+
 METHODS = ("qr", "cayley")
 
 
@@ -42,6 +48,25 @@ def whip_loss(o: torch.Tensor) -> torch.Tensor:
 
     Every dimension after the first is summed (an R2 row is one token with all its heads)."""
     return torch.exp(-o.abs()).reshape(o.shape[0], -1).sum(1).mean()
+
+
+def mxfp4_error_loss(o: torch.Tensor, block_size: int = 32, scale_rule: str = "floor") -> torch.Tensor:
+    """The MXFP4 quantize-dequantize error of ``o``: ``mean_rows sum_i (o_i - Q(o)_i)^2 / mean_i o_i^2``.
+
+    ``Q``: MXFP4 fake quantization (E2M1 elements, one E8M0 scale per ``block_size`` values of the row
+    flattened over every dimension after the first: an R2 row, ``[heads, head_dim]``, is laid out as the
+    o_proj input the quantizer blocks). Each row's error is relative to its mean energy, which an
+    orthogonal rotation does not change, so every token counts alike. Gradient: ``Q(o)`` is piecewise
+    constant in ``o`` (the codes and the shared exponent only jump), so it enters as a constant and the
+    gradient is the exact almost-everywhere one, ``2 (o - Q(o)) / mean(o^2)``: it pulls each value
+    towards its grid point. Jumps of the shared exponent (a block's max crossing a power of two) are the
+    part no gradient sees.
+    """
+    rows = o.reshape(o.shape[0], -1)
+    with torch.no_grad():
+        target = mxfp4_fake_quantize(rows, block_size, scale_rule)
+        energy = rows.pow(2).mean(-1).clamp_min(torch.finfo(rows.dtype).tiny)
+    return ((rows - target).pow(2).sum(-1) / energy).mean()
 
 
 def rotate(x: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
