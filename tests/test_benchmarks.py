@@ -121,3 +121,34 @@ def test_model_bench_llama_cpp_rows_run_where_built(tmp_path):
     assert rows["llama.cpp_bf16"]["linear_weight_bits"] == 16
     assert "Q4_0" in rows["llama.cpp_q4_0"]["linear_types"]
     assert "not a multiple of 32" in rows["llama.cpp_mxfp4"]["error"]
+
+
+def test_error_breakdown_activation_side_against_float64_and_smoke(tmp_path):
+    """The activation-only quantizer is ``Q(x H) H^T`` (float64 reference quantizer and Hadamard, a
+    width padded from 40 to 64); the benchmark runs on stories260k and orders its rows as asked."""
+    import torch
+
+    import error_breakdown
+    from reference import ref_fake_quantize, ref_hadamard
+    from torchao_mx_ext.rotation.rotations import rotation_block
+
+    x = torch.randn(5, 40, generator=torch.Generator().manual_seed(0)) * 3
+    h = rotation_block("hadamard", 32)
+    got = error_breakdown.fake_quantize_input(x, h, "floor")
+    xp = torch.nn.functional.pad(x.double(), (0, 24))
+    hd = torch.block_diag(ref_hadamard(32), ref_hadamard(32))
+    ref = (ref_fake_quantize((xp @ hd).float(), "floor").double() @ hd.T)[:, :40]
+    torch.testing.assert_close(got.double(), ref, rtol=0, atol=1e-5)
+    torch.testing.assert_close(error_breakdown.fake_quantize_input(x, None, "floor").double(),
+                               ref_fake_quantize(torch.nn.functional.pad(x, (0, 24)), "floor").double()[:, :40])
+
+    out = tmp_path / "breakdown.json"
+    report = error_breakdown.main(["--model", "stories260k", "--eval-windows", "1", "--seq-len", "128",
+                                   "--groups", "mlp_out,all", "--threads", "1", "--json", str(out)])
+    assert [r["group"] for r in report["rows"]] == ["mlp_out", "all"]
+    for r in report["rows"]:
+        for mode in error_breakdown.MODES:
+            assert math.isfinite(r[mode]) and r[mode] > 1
+    # quantizing more layers costs more on both sides together
+    assert report["rows"][1]["both"] > report["rows"][0]["both"]
+    assert json.loads(out.read_text())["fp_ppl"] == report["fp_ppl"]
