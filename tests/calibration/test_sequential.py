@@ -96,3 +96,27 @@ def test_sequential_gptq_on_a_disk_offloaded_model(stories, shared_data, tmp_pat
     with torch.no_grad():
         ids = calib[:1, :16]
         torch.testing.assert_close(offloaded(ids).logits, in_memory(ids).logits)
+
+
+def test_sequential_gptq_skips_zero_width_linears():
+    """A MoEfied model's empty shared expert (intermediate size 0) has nothing to calibrate: GPTQ
+    quantizes the experts and every other linear and leaves the 0-width linears as they are."""
+    from transformers import Qwen2MoeConfig, Qwen2MoeForCausalLM
+
+    import torchao_mx_ext as tme
+
+    torch.manual_seed(0)
+    config = Qwen2MoeConfig(
+        vocab_size=64, hidden_size=64, intermediate_size=64, moe_intermediate_size=32, shared_expert_intermediate_size=0,
+        num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, num_experts=4, num_experts_per_tok=2,
+        max_position_embeddings=64,
+    )
+    model = Qwen2MoeForCausalLM(config).eval()
+    ids = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(1))
+    sequential_gptq(model, ids, lambda short: tme.MXFP4BlockRotConfig(), progress=False)
+    layer = model.model.layers[0]
+    assert isinstance(layer.self_attn.q_proj.weight, RotatedMXFP4Tensor)
+    assert isinstance(layer.mlp.experts.down_proj, RotatedMXFP4Tensor)
+    assert layer.mlp.shared_expert.down_proj.weight.numel() == 0
+    assert not isinstance(layer.mlp.shared_expert.down_proj.weight, RotatedMXFP4Tensor)
+    assert torch.isfinite(model(ids).logits).all()

@@ -23,8 +23,7 @@ from torchao.quantization import quantize_
 from tqdm.auto import tqdm
 
 from ..architectures import decoder_layers
-from ..configs import MXFP4Config
-from ..moe.experts import is_fused_experts
+from ..configs import MXFP4Config, is_quantizable
 from .data import check_calibration_ids
 from .gptq import OBSERVER_ATTR, MXFP4GPTQConfig
 
@@ -117,7 +116,9 @@ def sequential_gptq(
     for i, layer in enumerate(layers):
         targets = {}
         for fqn, module in layer.named_modules():
-            if isinstance(module, torch.nn.Linear) or is_fused_experts(module):
+            # is_quantizable: non-empty linears and fused experts (a MoEfied model's zero-width shared
+            # expert has nothing to calibrate or store)
+            if is_quantizable(module):
                 base = config_for(fqn.split(".")[-1])
                 if base is not None:
                     targets[fqn] = (
