@@ -18,11 +18,6 @@ The numbers say which side and which layers cost the most, the first step of any
 """
 
 import argparse
-import json
-import math
-import os
-import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Dict, List, Optional
@@ -134,13 +129,10 @@ def main(argv=None) -> Dict:
     for row in rows:
         print(f"{row['group']:<10}" + "".join(f"{row[m]:>14.3f} ({row[m] / fp_ppl:4.2f}x)" for m in modes))
     if args.json:
-        out = Path(args.json)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent)
-        with os.fdopen(fd, "w") as f:
-            json.dump(report, f, indent=2)
-        os.replace(tmp, out)
-        print(f"wrote {out}")
+        from torchao_mx_ext.cli import write_json_atomic
+
+        write_json_atomic(Path(args.json), report)
+        print(f"wrote {args.json}")
     return report
 
 

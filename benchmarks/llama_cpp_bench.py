@@ -314,13 +314,10 @@ def main(argv: Optional[List[str]] = None) -> Optional[Dict]:
     }
     print(table(results))
     if args.json:
-        out = Path(args.json)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent)
-        with os.fdopen(fd, "w") as f:
-            json.dump(report, f, indent=2)
-        os.replace(tmp, out)
-        print(f"wrote {out}")
+        from torchao_mx_ext.cli import write_json_atomic
+
+        write_json_atomic(Path(args.json), report)
+        print(f"wrote {args.json}")
     return report
 
 
