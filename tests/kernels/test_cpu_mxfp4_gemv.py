@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torchao.quantization import quantize_
 
 from torchao_mx_ext import MXFP4BlockRotConfig, MXFP4Config, RotatedMXFP4Tensor
-from torchao_mx_ext.kernels import cpu_mxfp4_gemv
+from torchao_mx_ext.kernels import cpu_extension, cpu_mxfp4_gemv
 from torchao_mx_ext.mx import SCALE_RULES
 
 # E2M1 code -> value, OCP MX v1.0 section 5.3.3: sign bit 3, magnitudes 0, .5, 1, 1.5, 2, 3, 4, 6.
@@ -127,13 +127,14 @@ def test_kernel_shapes_and_errors():
 # -- RotatedMXFP4Tensor.linear: the kernel path against the dequantize + F.linear path ------------
 
 LINEAR_CASES = [
-    # (in, out, config): weight-only with every scale rule, a rotation, padding, and one W4A4
+    # (in, out, config): weight-only with every scale rule, a rotation, padding, and one W4A4 (fp_quant:
+    # the other W4A4 weights take the integer GEMM, tests/kernels/test_cpu_mxfp4_mm.py)
     (96, 40, MXFP4Config(scale_rule="floor", act_quant=False)),
     (64, 24, MXFP4Config(scale_rule="even", act_quant=False)),
     (160, 24, MXFP4Config(scale_rule="rceil", act_quant=False)),
     (96, 16, MXFP4Config(scale_rule="fp_quant", act_quant=False)),
     (100, 24, MXFP4BlockRotConfig(scale_rule="mse", act_quant=False)),
-    (64, 48, MXFP4BlockRotConfig(scale_rule="floor")),
+    (64, 48, MXFP4BlockRotConfig(scale_rule="fp_quant")),
 ]
 
 
@@ -230,9 +231,9 @@ def test_build_failure_falls_back_with_one_warning(monkeypatch, caplog):
     def fail():
         raise RuntimeError("Ninja is required to load C++ extensions")
 
-    monkeypatch.setattr(cpu_mxfp4_gemv, "_load_extension", fail)
-    monkeypatch.setattr(cpu_mxfp4_gemv, "_state", None)
-    with caplog.at_level(logging.WARNING, logger=cpu_mxfp4_gemv.__name__):
+    monkeypatch.setattr(cpu_extension, "_load_extension", fail)
+    monkeypatch.setattr(cpu_extension, "_state", None)
+    with caplog.at_level(logging.WARNING, logger=cpu_extension.__name__):
         assert not cpu_mxfp4_gemv.is_available() and not cpu_mxfp4_gemv.is_available()
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1 and "Ninja is required" in warnings[0].getMessage()
@@ -268,8 +269,8 @@ def test_pure_torch_fallback_matches_kernel(rule):
 def test_ninja_from_the_pypi_package_is_put_on_path(monkeypatch):
     """torch's builder runs ``ninja`` from PATH; an unactivated venv has the wheel's binary off it."""
     ninja = pytest.importorskip("ninja")
-    monkeypatch.setattr(cpu_mxfp4_gemv.shutil, "which", lambda name: None)
+    monkeypatch.setattr(cpu_extension.shutil, "which", lambda name: None)
     monkeypatch.setenv("PATH", "/nonexistent")
-    with cpu_mxfp4_gemv._ninja_on_path():
-        assert cpu_mxfp4_gemv.os.environ["PATH"].split(cpu_mxfp4_gemv.os.pathsep)[0] == ninja.BIN_DIR
-    assert cpu_mxfp4_gemv.os.environ["PATH"] == "/nonexistent"
+    with cpu_extension._ninja_on_path():
+        assert cpu_extension.os.environ["PATH"].split(cpu_extension.os.pathsep)[0] == ninja.BIN_DIR
+    assert cpu_extension.os.environ["PATH"] == "/nonexistent"

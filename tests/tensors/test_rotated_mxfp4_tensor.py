@@ -213,11 +213,12 @@ def test_state_dict_between_plain_and_quantized_models_is_refused_clearly():
 
 
 def test_kernel_preference_chooses_the_kernel(monkeypatch):
-    from torchao_mx_ext.kernels import cpu_mxfp4_gemv
+    from torchao_mx_ext.kernels import cpu_mxfp4_gemv, cpu_mxfp4_mm
 
     calls = []
-    real = cpu_mxfp4_gemv.mxfp4_gemv
-    monkeypatch.setattr(cpu_mxfp4_gemv, "mxfp4_gemv", lambda *a, **k: calls.append(1) or real(*a, **k))
+    for module, name in ((cpu_mxfp4_gemv, "mxfp4_gemv"), (cpu_mxfp4_mm, "mxfp4_mm")):
+        real = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *a, _real=real, _name=name, **k: calls.append(_name) or _real(*a, **k))
     x = torch.randn(1, 64)
     outputs = {}
     for preference in ("auto", "emulated"):
@@ -230,7 +231,10 @@ def test_kernel_preference_chooses_the_kernel(monkeypatch):
         calls.clear()
         with torch.no_grad():
             outputs[preference] = model(x)
-        assert calls == ([1] if preference == "auto" and cpu_mxfp4_gemv.applies(model[0].weight, x) else [])
+        # W4A4 on CPU: the integer GEMM where the CPU has it, else the GEMV on the fake-quantized input
+        w = model[0].weight
+        expected = "mxfp4_mm" if cpu_mxfp4_mm.applies(w, x) else "mxfp4_gemv" if cpu_mxfp4_gemv.applies(w, x) else None
+        assert calls == ([expected] if preference == "auto" and expected else [])
     torch.testing.assert_close(outputs["auto"], outputs["emulated"], rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="kernel_preference"):
         MXFP4Config(kernel_preference="fast")

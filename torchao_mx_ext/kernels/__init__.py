@@ -2,13 +2,16 @@
 (a config field, stored on the tensor and in checkpoints); each kernel module says when it can run
 (``applies``) and the float emulation runs otherwise. Nothing here is needed for correctness.
 
-- ``cpu_mxfp4_gemv``: CPU dequant-GEMV for small batches (decode), a C++ custom op with a fake kernel.
+- ``cpu_mxfp4_gemv``: CPU dequant-GEMV for small batches of weight-only linears, a C++ custom op with
+  a fake kernel.
+- ``cpu_mxfp4_mm``: exact MXFP4 x MXFP4 GEMM for W4A4 linears on CPU, on int8 dot products (AVX2).
+- ``cpu_extension``: builds the C++ CPU kernels (one library) on first use.
 - ``cuda_mxfp4_mm``: MXFP4 tensor-core GEMM on Blackwell GPUs (``F.scaled_mm``).
 
 Preferences (:data:`KERNEL_PREFERENCES`):
 
-- ``auto``: the CPU dequant-GEMV where it applies (same numbers as the emulation up to float32
-  summation order), the emulation elsewhere. The environment variable ``TORCHAO_MX_EXT_HW_MXFP4=1``
+- ``auto``: on CPU, the integer W4A4 GEMM or the dequant-GEMV where they apply (same numbers as the
+  emulation up to float32 summation order), the emulation elsewhere. The environment variable ``TORCHAO_MX_EXT_HW_MXFP4=1``
   overrides it with ``hw_mxfp4``.
 - ``emulated``: the float emulation only (the reference numbers).
 - ``hw_mxfp4``: Blackwell MXFP4 tensor cores where the GPU has them (their accumulation order and
@@ -17,9 +20,9 @@ Preferences (:data:`KERNEL_PREFERENCES`):
 
 import os
 
-from . import cpu_mxfp4_gemv, cuda_mxfp4_mm
+from . import cpu_extension, cpu_mxfp4_gemv, cpu_mxfp4_mm, cuda_mxfp4_mm
 
-__all__ = ["KERNEL_PREFERENCES", "check_kernel_preference", "cpu_mxfp4_gemv", "cuda_mxfp4_mm", "effective_preference"]
+__all__ = ["KERNEL_PREFERENCES", "check_kernel_preference", "cpu_extension", "cpu_mxfp4_gemv", "cpu_mxfp4_mm", "cuda_mxfp4_mm", "effective_preference"]
 
 KERNEL_PREFERENCES = ("auto", "emulated", "hw_mxfp4")
 

@@ -5,8 +5,8 @@ per call, and an MXFP4 weight is 4.25 bits per parameter against bf16's 16. The 
 (:func:`torchao_mx_ext.mx.mxfp4_dequantize` then ``F.linear``) writes and re-reads a dense weight on
 every call, and Inductor's fusion of decode + multiply + sum into one reduction is far slower than a
 bf16 ``F.linear`` (``benchmarks/gemv_bench.py``), so this is a C++ kernel: ``mxfp4_gemv.cpp`` beside this file,
-built on first use with ``torch.utils.cpp_extension`` (needs a C++ compiler and ninja; the ``ninja``
-PyPI package is a dependency) and registered as the CPU kernel of ``torch.ops.torchao_mx_ext.mxfp4_gemv``.
+built on first use (:mod:`.cpu_extension`) and registered as the CPU kernel of
+``torch.ops.torchao_mx_ext.mxfp4_gemv``.
 
 The operator itself is defined here, at import, with a fake kernel (so ``torch.compile(fullgraph=True)``
 keeps it as one extern call) and a pure-torch ``CompositeExplicitAutograd`` kernel that builds the
@@ -22,28 +22,19 @@ result is rounded once to ``out_dtype``. A bf16 oneDNN GEMM also accumulates in 
 its output once, so against the existing path only the summation order (float32 rounding) differs.
 
 If the build fails (no compiler, no ninja) one warning is logged and :func:`applies` turns false, so
-linears keep the dequantize path. ``TORCHAO_MX_EXT_CPU_KERNELS=0`` turns the kernel off.
+linears keep the dequantize path. ``TORCHAO_MX_EXT_CPU_KERNELS=0`` turns the CPU kernels off.
 """
 
 from __future__ import annotations
-
-import contextlib
-import logging
-import os
-import shutil
-import threading
-import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from ..mx.e8m0 import element_multiplier
 from ..mx.quantize import mxfp4_dequantize
+from . import cpu_extension
 
 __all__ = ["MAX_ROWS", "applies", "is_available", "mxfp4_gemv", "reference_mxfp4_gemv", "set_isa"]
-
-logger = logging.getLogger(__name__)
 
 OP = "torchao_mx_ext::mxfp4_gemv"
 # Largest number of rows (M = x.numel() / K) sent to the kernel. The kernel re-decodes the weight for
@@ -53,33 +44,6 @@ MAX_ROWS = 64
 # With a dense cache (``cache_dequantized_weights``) the alternative is a plain GEMM: the kernel is kept
 # for batches it decodes the codes for once (its row block), where it reads a quarter of the bytes.
 MAX_ROWS_CACHED = 4
-_SOURCE = Path(__file__).with_name("mxfp4_gemv.cpp")
-_EXTENSION_NAME = "torchao_mx_ext_cpu_mxfp4_gemv"
-_DISABLE_ENV = "TORCHAO_MX_EXT_CPU_KERNELS"
-
-_lock = threading.Lock()
-_state: bool | None = None  # None: not tried yet
-
-
-@contextlib.contextmanager
-def _ninja_on_path():
-    """torch's JIT builder runs ``ninja`` from PATH; the ``ninja`` wheel's binary may not be on it
-    (a virtual environment used without activating it)."""
-    if shutil.which("ninja") is not None:
-        yield
-        return
-    try:
-        import ninja  # the PyPI package ships the binary
-    except ImportError:
-        yield
-        return
-    before = os.environ.get("PATH", "")
-    os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + before
-    try:
-        yield
-    finally:
-        os.environ["PATH"] = before
-
 
 _SCHEMA = (
     "mxfp4_gemv(Tensor x, Tensor qdata, Tensor scale, int block_size, float multiplier, Tensor? bias=None, "
@@ -113,51 +77,9 @@ def _fallback_mxfp4_gemv(x, qdata, scale, block_size, multiplier, bias=None, out
     return reference_mxfp4_gemv(x, qdata, scale, block_size, multiplier, bias, out_dtype)
 
 
-def _load_extension() -> None:
-    """Compile (or reuse from torch's extension cache) and load ``mxfp4_gemv.cpp``."""
-    if torch._C._dispatch_has_kernel_for_dispatch_key(OP, "CPU"):
-        return
-    from torch.utils import cpp_extension
-
-    start = time.perf_counter()
-    with _ninja_on_path():
-        cpp_extension.load(
-            name=_EXTENSION_NAME,
-            sources=[str(_SOURCE)],
-            extra_cflags=["-O3", "-fopenmp"],
-            extra_ldflags=["-fopenmp"],
-            is_python_module=False,
-            verbose=False,
-        )
-    logger.info("built/loaded the fused CPU MXFP4 GEMV kernel in %.1f s", time.perf_counter() - start)
-
-
-def _build() -> bool:
-    if os.environ.get(_DISABLE_ENV, "1") == "0":
-        logger.info("%s=0: the fused CPU MXFP4 GEMV kernel is off; using the dequantize path", _DISABLE_ENV)
-        return False
-    try:
-        _load_extension()
-        return True
-    except Exception as e:  # no compiler, no ninja, a build error: keep working, slower, and say so once
-        lines = str(e).strip().splitlines()
-        logger.warning(
-            "torchao_mx_ext: the fused CPU MXFP4 GEMV kernel is unavailable (%s: %s); weight-only MXFP4 "
-            "linears on CPU decode the whole weight on every call instead (same numbers, slower).",
-            type(e).__name__,
-            lines[-1] if lines else "",
-        )
-        return False
-
-
 def is_available() -> bool:
-    """Whether the C++ kernel is loaded; builds it on the first call."""
-    global _state
-    if _state is None:
-        with _lock:
-            if _state is None:
-                _state = _build()
-    return _state
+    """Whether the C++ kernel is loaded; builds it on the first call (:mod:`.cpu_extension`)."""
+    return cpu_extension.is_available()
 
 
 def applies(weight, x: torch.Tensor) -> bool:
@@ -166,7 +88,7 @@ def applies(weight, x: torch.Tensor) -> bool:
     :data:`MAX_ROWS` rows (:data:`MAX_ROWS_CACHED` with a dense cache), no gradient needed (the kernel
     has no backward), and the kernel not known to be unavailable (the build is tried on the operator's
     first call)."""
-    if _state is False:
+    if cpu_extension.known_unavailable():
         return False
     if x.device.type != "cpu" or weight.qdata.device.type != "cpu" or weight.qdata.dim() != 2:
         return False

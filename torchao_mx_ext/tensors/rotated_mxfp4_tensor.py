@@ -12,7 +12,8 @@ in float32, or in bfloat16 for bfloat16 inputs: MXFP4 values (``q * 2^e``, ``q``
 significant bits) are exact in bfloat16, so only the accumulation's output rounding differs
 (``fp_quant``'s 4/3 factor is not exact there, so it stays in float32). An optional ``dequantized``
 cache (:func:`torchao_mx_ext.inference.cache_dequantized_weights`) trades memory for speed by skipping
-the per-call decode. Kernels (``kernels/``): small CPU batches decode inside the reduction
+the per-call decode. Kernels (``kernels/``): on CPU, W4A4 runs on exact integer dot products of the
+codes (``cpu_mxfp4_mm``) and small weight-only batches decode inside the reduction
 (``cpu_mxfp4_gemv``); on Blackwell GPUs, opted in, W4A4 runs on MXFP4 tensor cores (``cuda_mxfp4_mm``).
 Rotation-domain paper: FP-Quant / MR-GPTQ (arXiv 2509.23202) and BRQ (arXiv 2511.04214).
 """
@@ -24,7 +25,7 @@ import torch.nn.functional as F
 from torchao.utils import TorchAOBaseTensor
 
 from .caching import stable_metadata_hash
-from ..kernels import check_kernel_preference, cpu_mxfp4_gemv, cuda_mxfp4_mm, effective_preference
+from ..kernels import check_kernel_preference, cpu_mxfp4_gemv, cpu_mxfp4_mm, cuda_mxfp4_mm, effective_preference
 from ..mx import check_scale_rule, mxfp4_dequantize, mxfp4_fake_quantize, mxfp4_quantize
 from ..rotation import pad_and_rotate
 from .mxfp4_activation_tensor import MXFP4ActivationTensor
@@ -129,6 +130,13 @@ class RotatedMXFP4Tensor(TorchAOBaseTensor):
             # MXFP4 tensor cores (opt-in): the activation as codes + scales, no dequantization.
             a = MXFP4ActivationTensor.from_hp(xr.reshape(-1, xr.shape[-1]), self.block_size, self.act_scale_rule)
             y = cuda_mxfp4_mm.mxfp4_scaled_mm(a.qdata, a.scale, a.scale_rule, self.qdata, self.scale, self.scale_rule, bias, x.dtype)
+            return y.reshape(*x.shape[:-1], y.shape[-1])
+        if self.kernel_preference != "emulated" and cpu_mxfp4_mm.applies(self, xr):
+            # W4A4 on CPU: exact integer chunk dot products on the codes (same numbers up to float32
+            # summation order). The activation's quantization before it fuses into one Inductor kernel.
+            a = MXFP4ActivationTensor.from_hp(xr.reshape(-1, xr.shape[-1]), self.block_size, self.act_scale_rule)
+            b = None if bias is None else bias.to(gemm_dtype)
+            y = cpu_mxfp4_mm.mxfp4_mm(a.qdata, a.scale, self.qdata, self.scale, self.block_size, b, x.dtype)
             return y.reshape(*x.shape[:-1], y.shape[-1])
         if self.act_scale_rule is not None:
             # Same numbers as quantize_input(x).dequantize(), without materialising codes.

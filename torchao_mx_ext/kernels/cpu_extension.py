@@ -1,0 +1,107 @@
+"""The C++ CPU kernels, built once per process from the sources beside this file.
+
+``mxfp4_gemv.cpp`` (weight-only dequant-GEMV, :mod:`.cpu_mxfp4_gemv`) and ``mxfp4_mm.cpp`` (exact
+integer W4A4 GEMM, :mod:`.cpu_mxfp4_mm`) are compiled into one library with
+``torch.utils.cpp_extension`` (needs a C++ compiler and ninja; the ``ninja`` PyPI package is a
+dependency) on the first call of either operator, and reused from torch's extension cache afterwards.
+The operators themselves (schemas, fake kernels, pure-torch fallbacks) are defined in Python by the
+kernel modules, so nothing depends on this build succeeding: if it fails (no compiler, no ninja) one
+warning is logged and both kernels stay off. ``TORCHAO_MX_EXT_CPU_KERNELS=0`` turns them off.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+__all__ = ["DISABLE_ENV", "is_available"]
+
+logger = logging.getLogger(__name__)
+
+_SOURCES = [Path(__file__).with_name("mxfp4_gemv.cpp"), Path(__file__).with_name("mxfp4_mm.cpp")]
+_EXTENSION_NAME = "torchao_mx_ext_cpu_kernels"
+# One op per source: the library is loaded once all of them have a CPU kernel.
+_OPS = ("torchao_mx_ext::mxfp4_gemv", "torchao_mx_ext::mxfp4_mm")
+DISABLE_ENV = "TORCHAO_MX_EXT_CPU_KERNELS"
+
+_lock = threading.Lock()
+_state: bool | None = None  # None: not tried yet
+
+
+@contextlib.contextmanager
+def _ninja_on_path():
+    """torch's JIT builder runs ``ninja`` from PATH; the ``ninja`` wheel's binary may not be on it
+    (a virtual environment used without activating it)."""
+    if shutil.which("ninja") is not None:
+        yield
+        return
+    try:
+        import ninja  # the PyPI package ships the binary
+    except ImportError:
+        yield
+        return
+    before = os.environ.get("PATH", "")
+    os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + before
+    try:
+        yield
+    finally:
+        os.environ["PATH"] = before
+
+
+def _load_extension() -> None:
+    """Compile (or reuse from torch's extension cache) and load the kernels."""
+    if all(torch._C._dispatch_has_kernel_for_dispatch_key(op, "CPU") for op in _OPS):
+        return
+    from torch.utils import cpp_extension
+
+    start = time.perf_counter()
+    with _ninja_on_path():
+        cpp_extension.load(
+            name=_EXTENSION_NAME,
+            sources=[str(s) for s in _SOURCES],
+            extra_cflags=["-O3", "-fopenmp"],
+            extra_ldflags=["-fopenmp"],
+            is_python_module=False,
+            verbose=False,
+        )
+    logger.info("built/loaded the CPU MXFP4 kernels in %.1f s", time.perf_counter() - start)
+
+
+def _build() -> bool:
+    if os.environ.get(DISABLE_ENV, "1") == "0":
+        logger.info("%s=0: the CPU MXFP4 kernels are off; linears use the pure-torch paths", DISABLE_ENV)
+        return False
+    try:
+        _load_extension()
+        return True
+    except Exception as e:  # no compiler, no ninja, a build error: keep working, slower, and say so once
+        lines = str(e).strip().splitlines()
+        logger.warning(
+            "torchao_mx_ext: the CPU MXFP4 kernels are unavailable (%s: %s); MXFP4 linears on CPU use the "
+            "pure-torch paths instead (same numbers, slower).",
+            type(e).__name__,
+            lines[-1] if lines else "",
+        )
+        return False
+
+
+def is_available() -> bool:
+    """Whether the C++ kernels are loaded; builds them on the first call."""
+    global _state
+    if _state is None:
+        with _lock:
+            if _state is None:
+                _state = _build()
+    return _state
+
+
+def known_unavailable() -> bool:
+    """True once a build was tried and failed (or the kernels are turned off); never builds."""
+    return _state is False

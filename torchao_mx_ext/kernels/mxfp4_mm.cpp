@@ -1,0 +1,304 @@
+// Exact MXFP4 x MXFP4 GEMM for CPUs (W4A4), on integer dot products:
+//   y[m, n] = sum_c 2^(ea[m, c] + ew[n, c] - 2) * sum_{k in chunk c} (2 qa[m, k]) * (2 qw[n, k])   (+ bias[n])
+// where chunk c is the c-th run of 32 elements, ea / ew the E8M0 exponents of the blocks holding it
+// and qa / qw the E2M1 values. 2 * E2M1 is an integer in [-12, 12], so each chunk's dot product is
+// exact in int8 x int8 -> int32 (at most 32 * 144 in magnitude); the power-of-two block scale is
+// applied once per chunk in float32 (exact while the product of the two scales stays a normal
+// float32), and the chunks are summed in float32. Against the float emulation (dequantize both
+// operands, float32 GEMM) every product is the same exact number: only the float32 summation order
+// differs, and a result whose partial sums are all representable (one chunk, say) is bit-equal.
+//
+// The CPU kernel of torchao_mx_ext::mxfp4_mm. The operator (schema, fake kernel, pure-torch fallback)
+// is defined in Python: torchao_mx_ext/kernels/cpu_mxfp4_mm.py. Layout, as written by torchao_mx_ext.mx:
+//   a_qdata [M, K/2], w_qdata [N, K/2] uint8, element 2i in the low nibble of byte i;
+//   a_scale [M, K/B], w_scale [N, K/B] uint8 E8M0 (byte b = 2^(b-127), 255 = NaN); B a multiple of 32.
+// Plain E8M0 scales only: fp_quant's 4/3 element multiplier is not applied here (the caller keeps
+// those weights on the emulation).
+//
+// Both operands are decoded chunk by chunk into the same order (the 16 low nibbles, then the 16 high
+// ones: elements 0, 2, .., 30, 1, 3, .., 31), which a dot product does not see. Code paths: AVX2
+// (llama.cpp's trick for signed x signed int8: vpsignb moves a's sign onto w, vpmaddubsw multiplies
+// |a| by it, vpmaddwd sums pairs into int32; no value exceeds int16) and scalar. AVX-512 VNNI
+// (vpdpbusd) would do the last two steps in one instruction; it is not written, for want of a CPU with
+// it to test on. The path follows ATen's CPU capability (ATEN_CPU_CAPABILITY=default selects scalar).
+
+#include <ATen/ATen.h>
+#include <ATen/Context.h>
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <string>
+#include <vector>
+
+#if (defined(__x86_64__) || defined(_M_X64)) && (defined(__GNUC__) || defined(__clang__))
+#define TME_X86_SIMD 1
+#include <immintrin.h>
+#endif
+
+namespace {
+
+// E2M1 code -> 2 * value (sign << 3 | index; magnitudes 2 * {0, .5, 1, 1.5, 2, 3, 4, 6}).
+constexpr int8_t kE2M1x2[16] = {0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12};
+
+constexpr int kIsaScalar = 0, kIsaAvx2 = 1;
+std::atomic<int> g_isa_override{-1};
+
+int detected_isa() {
+#ifdef TME_X86_SIMD
+  static const int isa = [] {
+    const std::string cap = at::get_cpu_capability();  // honours ATEN_CPU_CAPABILITY
+    __builtin_cpu_init();
+    if ((cap == "AVX512" || cap == "AVX2") && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
+      return kIsaAvx2;
+    return kIsaScalar;
+  }();
+  return isa;
+#else
+  return kIsaScalar;
+#endif
+}
+
+int current_isa() {
+  const int forced = g_isa_override.load(std::memory_order_relaxed);
+  const int best = detected_isa();
+  return forced >= 0 && forced < best ? forced : best;
+}
+
+// 2^(b - 128) for an E8M0 byte b (half the block scale: the two halves make up the 4 of 2 x 2 * E2M1);
+// 255 is NaN. All are float32 values (2^-128 a subnormal).
+float half_scale(uint8_t b) {
+  if (b == 255) return std::numeric_limits<float>::quiet_NaN();
+  return std::ldexp(1.0f, static_cast<int>(b) - 128);
+}
+
+#ifdef TME_X86_SIMD
+// 16 bytes -> 32 int8: the low nibbles, then the high ones, through a 16-entry vpshufb table.
+__attribute__((target("avx2"))) void decode_chunks_avx2(const uint8_t* q, int8_t* v, int64_t chunks) {
+  const __m256i lut = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(kE2M1x2)));
+  const __m256i low4 = _mm256_set1_epi8(15);
+  for (int64_t c = 0; c < chunks; ++c) {
+    const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q + c * 16));
+    const __m256i nib = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(bytes, 4), bytes), low4);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(v + c * 32), _mm256_shuffle_epi8(lut, nib));
+  }
+}
+#endif
+
+// Decode rows [r0, r1) of packed codes [R, K/2] into int8 [R, K] (chunk order above) and their
+// per-chunk half scales [R, K/32].
+void decode_rows(int isa, const uint8_t* q, const uint8_t* sc, int64_t r0, int64_t r1, int64_t K, int64_t B,
+                 int8_t* vals, float* scales) {
+  const int64_t nc = K / 32, cpb = B / 32, nb = K / B;
+  for (int64_t r = r0; r < r1; ++r) {
+    const uint8_t* qr = q + r * (K / 2);
+    int8_t* vr = vals + r * K;
+    for (int64_t c = 0; c < nc; ++c) scales[r * nc + c] = half_scale(sc[r * nb + c / cpb]);
+#ifdef TME_X86_SIMD
+    if (isa == kIsaAvx2) {
+      decode_chunks_avx2(qr, vr, nc);
+      continue;
+    }
+#endif
+    for (int64_t c = 0; c < nc; ++c) {
+      for (int j = 0; j < 16; ++j) {
+        vr[c * 32 + j] = kE2M1x2[qr[c * 16 + j] & 15];
+        vr[c * 32 + 16 + j] = kE2M1x2[qr[c * 16 + j] >> 4];
+      }
+    }
+  }
+}
+
+struct Problem {
+  const int8_t* a;     // [M, K] decoded activations
+  const float* sa;     // [M, K/32] half scales
+  const int8_t* w;     // [N, K] decoded weights
+  const float* sw;     // [N, K/32]
+  const float* bias;   // [N] or nullptr
+  void* out;           // [M, N] of out_t
+  at::ScalarType out_t;
+  int64_t M, N, K;
+};
+
+inline void store(const Problem& p, int64_t m, int64_t n, float v) {
+  if (p.bias) v += p.bias[n];
+  const int64_t i = m * p.N + n;
+  switch (p.out_t) {
+    case at::kBFloat16: static_cast<c10::BFloat16*>(p.out)[i] = c10::BFloat16(v); break;  // round to nearest even
+    case at::kHalf: static_cast<c10::Half*>(p.out)[i] = c10::Half(v); break;
+    default: static_cast<float*>(p.out)[i] = v; break;
+  }
+}
+
+// Output tile rows m0..m0+MR-1, columns n0..n0+NR-1.
+template <int MR, int NR>
+void tile_scalar(const Problem& p, int64_t m0, int64_t n0) {
+  const int64_t nc = p.K / 32;
+  float acc[MR][NR] = {};
+  for (int64_t c = 0; c < nc; ++c) {
+    for (int i = 0; i < MR; ++i) {
+      const int8_t* a = p.a + (m0 + i) * p.K + c * 32;
+      for (int j = 0; j < NR; ++j) {
+        const int8_t* w = p.w + (n0 + j) * p.K + c * 32;
+        int32_t dot = 0;
+        for (int k = 0; k < 32; ++k) dot += static_cast<int32_t>(a[k]) * static_cast<int32_t>(w[k]);
+        acc[i][j] += static_cast<float>(dot) * (p.sa[(m0 + i) * nc + c] * p.sw[(n0 + j) * nc + c]);
+      }
+    }
+  }
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < NR; ++j) store(p, m0 + i, n0 + j, acc[i][j]);
+}
+
+#ifdef TME_X86_SIMD
+template <int MR, int NR>
+__attribute__((target("avx2,fma"))) void tile_avx2(const Problem& p, int64_t m0, int64_t n0) {
+  const int64_t nc = p.K / 32;
+  const __m256i ones = _mm256_set1_epi16(1);
+  __m256 acc[MR][NR];
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < NR; ++j) acc[i][j] = _mm256_setzero_ps();
+  for (int64_t c = 0; c < nc; ++c) {
+    __m256i w[NR];
+    __m256 sw[NR];
+    for (int j = 0; j < NR; ++j) {
+      w[j] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p.w + (n0 + j) * p.K + c * 32));
+      sw[j] = _mm256_set1_ps(p.sw[(n0 + j) * nc + c]);
+    }
+    for (int i = 0; i < MR; ++i) {
+      const __m256i a = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p.a + (m0 + i) * p.K + c * 32));
+      const __m256i a_abs = _mm256_sign_epi8(a, a);
+      const __m256 sa = _mm256_set1_ps(p.sa[(m0 + i) * nc + c]);
+      for (int j = 0; j < NR; ++j) {
+        // |a| * (w * sign(a)) = a * w; pairs of products (|.| <= 288) fit int16, then int32 sums of 4.
+        const __m256i prod16 = _mm256_maddubs_epi16(a_abs, _mm256_sign_epi8(w[j], a));
+        const __m256 dot = _mm256_cvtepi32_ps(_mm256_madd_epi16(prod16, ones));
+        acc[i][j] = _mm256_fmadd_ps(_mm256_mul_ps(dot, sw[j]), sa, acc[i][j]);  // both products exact
+      }
+    }
+  }
+  for (int i = 0; i < MR; ++i) {
+    for (int j = 0; j < NR; ++j) {
+      const __m256 v = acc[i][j];
+      __m128 h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+      h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+      h = _mm_add_ss(h, _mm_movehdup_ps(h));
+      store(p, m0 + i, n0 + j, _mm_cvtss_f32(h));
+    }
+  }
+}
+#endif  // TME_X86_SIMD
+
+constexpr int kMR = 4, kNR = 2;
+
+template <int MR, int NR>
+void tile(int isa, const Problem& p, int64_t m0, int64_t n0) {
+#ifdef TME_X86_SIMD
+  if (isa == kIsaAvx2) return tile_avx2<MR, NR>(p, m0, n0);
+#endif
+  tile_scalar<MR, NR>(p, m0, n0);
+}
+
+template <int NR>
+void tile_rows(int isa, const Problem& p, int64_t m0, int64_t n0) {
+  switch (std::min<int64_t>(kMR, p.M - m0)) {
+    case 1: return tile<1, NR>(isa, p, m0, n0);
+    case 2: return tile<2, NR>(isa, p, m0, n0);
+    case 3: return tile<3, NR>(isa, p, m0, n0);
+    default: return tile<kMR, NR>(isa, p, m0, n0);
+  }
+}
+
+// Weight rows a parallel task owns: decoded once into a buffer that stays in L1/L2 while every row
+// tile of the activation passes over it.
+constexpr int64_t kColBlock = 16;
+// Multiply-adds per parallel task, so that decode-sized (M = 1) products stay on few threads.
+constexpr int64_t kGrainMacs = int64_t(1) << 20;
+
+at::Tensor mxfp4_mm(const at::Tensor& a_qdata, const at::Tensor& a_scale, const at::Tensor& w_qdata,
+                    const at::Tensor& w_scale, int64_t block_size, const c10::optional<at::Tensor>& bias,
+                    c10::optional<at::ScalarType> out_dtype) {
+  TORCH_CHECK(a_qdata.device().is_cpu() && a_scale.device().is_cpu() && w_qdata.device().is_cpu() &&
+                  w_scale.device().is_cpu(),
+              "mxfp4_mm: CPU tensors expected");
+  TORCH_CHECK(a_qdata.scalar_type() == at::kByte && a_scale.scalar_type() == at::kByte &&
+                  w_qdata.scalar_type() == at::kByte && w_scale.scalar_type() == at::kByte,
+              "mxfp4_mm: codes and scales must be uint8");
+  TORCH_CHECK(w_qdata.dim() == 2 && w_scale.dim() == 2, "mxfp4_mm: the weight's codes and scales must be 2-D");
+  TORCH_CHECK(a_qdata.dim() >= 1 && a_scale.dim() == a_qdata.dim(), "mxfp4_mm: the activation's codes and scales differ in rank");
+  TORCH_CHECK(block_size > 0 && block_size % 32 == 0, "mxfp4_mm: block_size must be a multiple of 32, got ", block_size);
+  const int64_t N = w_qdata.size(0), K = w_qdata.size(1) * 2;
+  TORCH_CHECK(K > 0 && K % block_size == 0, "mxfp4_mm: the weight's width ", K, " is no positive multiple of ", block_size);
+  TORCH_CHECK(a_qdata.size(-1) * 2 == K, "mxfp4_mm: the activation has ", a_qdata.size(-1) * 2, " features, the weight ", K);
+  TORCH_CHECK(w_scale.size(0) == N && w_scale.size(1) == K / block_size, "mxfp4_mm: weight scale shape ",
+              w_scale.sizes(), " does not match codes ", w_qdata.sizes(), " in blocks of ", block_size);
+  for (int64_t d = 0; d + 1 < a_qdata.dim(); ++d) {
+    TORCH_CHECK(a_scale.size(d) == a_qdata.size(d), "mxfp4_mm: activation scale shape ", a_scale.sizes(),
+                " does not match codes ", a_qdata.sizes());
+  }
+  TORCH_CHECK(a_scale.size(-1) == K / block_size, "mxfp4_mm: activation scale shape ", a_scale.sizes(),
+              " does not match codes ", a_qdata.sizes(), " in blocks of ", block_size);
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == N && bias->device().is_cpu(), "mxfp4_mm: bias must be a CPU [N] tensor");
+  }
+  const at::ScalarType out_t = out_dtype.value_or(at::kFloat);
+  TORCH_CHECK(out_t == at::kFloat || out_t == at::kBFloat16 || out_t == at::kHalf,
+              "mxfp4_mm: out_dtype must be float32, bfloat16 or float16");
+
+  std::vector<int64_t> out_shape(a_qdata.sizes().begin(), a_qdata.sizes().end());
+  out_shape.back() = N;
+  auto out = at::empty(out_shape, a_qdata.options().dtype(out_t));
+  const int64_t M = a_qdata.numel() / (K / 2);
+  if (M == 0 || N == 0) return out;
+
+  const int isa = current_isa();
+  const int64_t nc = K / 32;
+  const auto aq = a_qdata.contiguous(), as = a_scale.contiguous(), wq = w_qdata.contiguous(), ws = w_scale.contiguous();
+  auto a_vals = at::empty({M, K}, a_qdata.options().dtype(at::kChar));
+  auto a_sc = at::empty({M, nc}, a_qdata.options().dtype(at::kFloat));
+  auto w_vals = at::empty({N, K}, a_qdata.options().dtype(at::kChar));
+  auto w_sc = at::empty({N, nc}, a_qdata.options().dtype(at::kFloat));
+  at::Tensor bias_f;
+  if (bias.has_value()) bias_f = bias->to(at::kFloat).contiguous();
+  Problem p{a_vals.data_ptr<int8_t>(), a_sc.data_ptr<float>(), w_vals.data_ptr<int8_t>(), w_sc.data_ptr<float>(),
+            bias.has_value() ? bias_f.data_ptr<float>() : nullptr, out.data_ptr(), out_t, M, N, K};
+
+  at::parallel_for(0, M, std::max<int64_t>(1, 4096 / K), [&](int64_t r0, int64_t r1) {
+    decode_rows(isa, aq.data_ptr<uint8_t>(), as.data_ptr<uint8_t>(), r0, r1, K, block_size, a_vals.data_ptr<int8_t>(),
+                a_sc.data_ptr<float>());
+  });
+  const int64_t n_blocks = (N + kColBlock - 1) / kColBlock;
+  const int64_t grain = std::max<int64_t>(1, kGrainMacs / std::max<int64_t>(1, M * K * kColBlock));
+  at::parallel_for(0, n_blocks, grain, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t n0 = b * kColBlock, n1 = std::min(N, n0 + kColBlock);
+      decode_rows(isa, wq.data_ptr<uint8_t>(), ws.data_ptr<uint8_t>(), n0, n1, K, block_size, w_vals.data_ptr<int8_t>(),
+                  w_sc.data_ptr<float>());
+      for (int64_t m0 = 0; m0 < M; m0 += kMR) {
+        int64_t n = n0;
+        for (; n + kNR <= n1; n += kNR) tile_rows<kNR>(isa, p, m0, n);
+        for (; n < n1; ++n) tile_rows<1>(isa, p, m0, n);
+      }
+    }
+  });
+  return out;
+}
+
+// Test hook: cap the code path (0 scalar, 1 AVX2; -1 = best available). Returns the path now in use.
+int64_t mxfp4_mm_set_isa(int64_t isa) {
+  g_isa_override.store(static_cast<int>(isa));
+  return current_isa();
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(torchao_mx_ext, m) { m.def("_mxfp4_mm_set_isa(int isa) -> int", &mxfp4_mm_set_isa); }
+
+TORCH_LIBRARY_IMPL(torchao_mx_ext, CPU, m) { m.impl("mxfp4_mm", &mxfp4_mm); }
