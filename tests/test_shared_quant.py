@@ -98,3 +98,40 @@ def test_checkpoint_saved_in_shared_mode_is_the_per_linear_one(base, prompt, tmp
     reloaded = AutoModelForCausalLM.from_pretrained(b)
     assert not shared_groups(reloaded)
     assert torch.equal(logits(reloaded, prompt), logits(plain, prompt))
+
+
+@pytest.mark.parametrize("rule", ["floor", "even", "rceil", "mse", "fp_quant"])
+def test_requantizing_mxfp4_values(rule):
+    """The claim REQUANTIZE_EXACT rests on, checked with the independent reference quantizer: quantizing
+    MXFP4 values again returns them for those rules (not for fp_quant, whose 4/3 grid moves)."""
+    from reference import ref_fake_quantize
+
+    from torchao_mx_ext.shared_quant import REQUANTIZE_EXACT
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(96, 64, generator=gen) * torch.exp2(torch.randint(-135, 120, (96, 1), generator=gen).float())
+    x[0] = 0.0
+    x[1] = torch.linspace(-7, 7, 64)  # maxima that clip, and values on rounding ties
+    once = ref_fake_quantize(x, rule)
+    twice = ref_fake_quantize(once, rule)
+    assert torch.equal(twice, once) == (rule in REQUANTIZE_EXACT)
+
+
+def test_shared_members_feed_the_integer_gemm(base, prompt, monkeypatch):
+    """On a CPU where W4A4 runs the integer GEMM, the members keep their activation rule (the GEMM
+    takes codes); with the emulation preference they become weight-only, as on other devices."""
+    from torchao_mx_ext.kernels import cpu_mxfp4_mm
+
+    calls = []
+    real = cpu_mxfp4_mm.mxfp4_mm
+    monkeypatch.setattr(cpu_mxfp4_mm, "mxfp4_mm", lambda *a, **k: calls.append(1) or real(*a, **k))
+    for preference in ("auto", "emulated"):
+        model = quantize_linears(copy.deepcopy(base), tme.MXFP4BlockRotConfig(kernel_preference=preference))
+        tme.share_input_quantization(model)
+        q = model.model.layers[0].self_attn.q_proj.weight
+        o = model.model.layers[0].self_attn.o_proj.weight  # not shared: as quantized
+        takes = cpu_mxfp4_mm.takes_weight(o)
+        assert q.rotation is None and q.act_scale_rule == (o.act_scale_rule if takes else None)
+        calls.clear()
+        logits(model, prompt)
+        assert len(calls) == (7 * len(model.model.layers) if takes else 0)

@@ -15,6 +15,13 @@ quantization (``Q(W R)`` over the padded width). The result is bit for bit the s
 exact in bfloat16 and the members' GEMMs see the same operands in the same dtype (groups where that
 does not hold, ``fp_quant`` scales on bfloat16/float16 models, are left alone with a warning).
 
+Where W4A4 runs the CPU integer GEMM (``kernels/cpu_mxfp4_mm.py``), which needs the activation as codes,
+the members keep their activation rule and re-derive the codes from the shared input, an elementwise
+pass (the rotation, a GEMM, is still done once). Quantizing MXFP4 values again gives the same values
+for the ``floor``, ``even``, ``rceil`` and ``mse`` rules (:data:`REQUANTIZE_EXACT`; the block maximum
+lands on 4 or 6 times the scale, or on a value the next lower scale represents exactly), so the
+result is again bit for bit the same (``tests/test_shared_quant.py`` checks both).
+
 It assumes what holds for Llama-family decoders (``SUPPORTED_ARCHITECTURES``): the parent passes its
 first input unchanged to every member and to nothing else. For other models pass ``groups`` (and
 ``check_architecture=False``) only where that is true. Like :func:`cache_dequantized_weights`, it is
@@ -31,6 +38,7 @@ from typing import Dict, FrozenSet, Optional, Sequence, Tuple
 
 import torch
 
+from .kernels import cpu_mxfp4_mm
 from .mx import mxfp4_fake_quantize
 from .rotation import pad_and_rotate
 from .rotation.fusion import SUPPORTED_ARCHITECTURES
@@ -38,7 +46,10 @@ from .tensors import RotatedMXFP4Tensor
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["DEFAULT_GROUPS", "per_linear_state_dict", "share_input_quantization", "shared_groups", "unshare_input_quantization"]
+__all__ = ["DEFAULT_GROUPS", "REQUANTIZE_EXACT", "per_linear_state_dict", "share_input_quantization", "shared_groups", "unshare_input_quantization"]
+
+# Activation scale rules for which quantizing an MXFP4 tensor again returns the same values.
+REQUANTIZE_EXACT = ("floor", "even", "rceil", "mse")
 
 # Children of one parent module that read the parent's input (Llama, Mistral, Qwen2, Qwen3).
 DEFAULT_GROUPS: Tuple[Tuple[str, ...], ...] = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
@@ -151,9 +162,11 @@ def share_input_quantization(
             rotation = None if w0.rotation is None else w0.rotation.detach().to(torch.float32).contiguous().view(torch.int32)
             parent.register_buffer(_ROTATION, rotation, persistent=False)
             for m, w in zip(members, weights):
+                # The integer GEMM takes codes: such members re-quantize the shared input (exact).
+                keep = w.act_scale_rule in REQUANTIZE_EXACT and cpu_mxfp4_mm.takes_weight(w)
                 _set_weight(m, RotatedMXFP4Tensor(
-                    w.qdata, w.scale, w.block_size, w.scale_rule, None, w.padded_in_features, w.dtype, None, w.dequantized,
-                    w.kernel_preference,
+                    w.qdata, w.scale, w.block_size, w.scale_rule, w.act_scale_rule if keep else None, w.padded_in_features,
+                    w.dtype, None, w.dequantized, w.kernel_preference,
                 ))
             parent.register_forward_pre_hook(_pre_hook, with_kwargs=True)
             setattr(parent, _META, _SharedInput(

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from ..mx.quantize import mxfp4_dequantize
 from . import cpu_extension
 
-__all__ = ["applies", "mxfp4_mm", "reference_mxfp4_mm", "set_isa"]
+__all__ = ["applies", "mxfp4_mm", "reference_mxfp4_mm", "set_isa", "takes_weight"]
 
 logger = logging.getLogger(__name__)
 
@@ -90,20 +90,26 @@ def _cpu_has_simd() -> bool:
     return False
 
 
-def applies(weight, x: torch.Tensor) -> bool:
-    """Whether ``RotatedMXFP4Tensor.linear`` should run ``x`` (already rotated, ``[..., K_p]``) through
-    the integer GEMM: a W4A4 weight with plain E8M0 scales on both operands, blocks of a multiple of
-    32, a 2-D weight, CPU tensors, no gradient needed (the kernel has no backward), AVX2, and the C++
-    library not known to be unavailable (the build is tried on the operator's first call)."""
+def takes_weight(weight) -> bool:
+    """Whether W4A4 linears with this weight run the integer GEMM (on suitable inputs, see
+    :func:`applies`): plain E8M0 scales on both operands, blocks of a multiple of 32, a 2-D CPU
+    weight, not the ``emulated`` preference, AVX2, and the C++ library not known to be unavailable."""
     if weight.act_scale_rule is None or "fp_quant" in (weight.scale_rule, weight.act_scale_rule):
         return False
-    if cpu_extension.known_unavailable():
+    if weight.kernel_preference == "emulated" or weight.block_size % 32:
         return False
-    if x.device.type != "cpu" or weight.qdata.device.type != "cpu" or weight.qdata.dim() != 2:
-        return False
-    if weight.block_size % 32 or (torch.is_grad_enabled() and x.requires_grad):
+    if weight.qdata.device.type != "cpu" or weight.qdata.dim() != 2 or cpu_extension.known_unavailable():
         return False
     return _cpu_has_simd()
+
+
+def applies(weight, x: torch.Tensor) -> bool:
+    """Whether ``RotatedMXFP4Tensor.linear`` should run ``x`` (already rotated, ``[..., K_p]``) through
+    the integer GEMM: :func:`takes_weight`, a CPU input, and no gradient needed (the kernel has no
+    backward). The build is tried on the operator's first call."""
+    if x.device.type != "cpu" or (torch.is_grad_enabled() and x.requires_grad):
+        return False
+    return takes_weight(weight)
 
 
 def mxfp4_mm(

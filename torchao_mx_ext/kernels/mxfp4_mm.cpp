@@ -72,35 +72,43 @@ int current_isa() {
   return forced >= 0 && forced < best ? forced : best;
 }
 
-// 2^(b - 128) for an E8M0 byte b (half the block scale: the two halves make up the 4 of 2 x 2 * E2M1);
-// 255 is NaN. All are float32 values (2^-128 a subnormal).
-float half_scale(uint8_t b) {
-  if (b == 255) return std::numeric_limits<float>::quiet_NaN();
-  return std::ldexp(1.0f, static_cast<int>(b) - 128);
-}
+// 2^(b - 128) for every E8M0 byte b (half the block scale: the two halves make up the 4 of
+// 2 x 2 * E2M1); 255 is NaN. All are float32 values (2^-128 a subnormal).
+struct HalfScaleTable {
+  float v[256];
+  HalfScaleTable() {
+    for (int b = 0; b < 255; ++b) v[b] = std::ldexp(1.0f, b - 128);
+    v[255] = std::numeric_limits<float>::quiet_NaN();
+  }
+};
+const HalfScaleTable kHalfScale;
 
 #ifdef TME_X86_SIMD
-// 16 bytes -> 32 int8: the low nibbles, then the high ones, through a 16-entry vpshufb table.
+// One chunk of packed codes (16 bytes) -> 32 int8 in chunk order: the low nibbles, then the high ones,
+// through a 16-entry vpshufb table.
+__attribute__((target("avx2"))) inline __m256i decode_chunk_avx2(const uint8_t* q, __m256i lut, __m256i low4) {
+  const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q));
+  return _mm256_shuffle_epi8(lut, _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(bytes, 4), bytes), low4));
+}
+
 __attribute__((target("avx2"))) void decode_chunks_avx2(const uint8_t* q, int8_t* v, int64_t chunks) {
   const __m256i lut = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(kE2M1x2)));
   const __m256i low4 = _mm256_set1_epi8(15);
-  for (int64_t c = 0; c < chunks; ++c) {
-    const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q + c * 16));
-    const __m256i nib = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(bytes, 4), bytes), low4);
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(v + c * 32), _mm256_shuffle_epi8(lut, nib));
-  }
+  for (int64_t c = 0; c < chunks; ++c)
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(v + c * 32), decode_chunk_avx2(q + c * 16, lut, low4));
 }
 #endif
 
-// Decode rows [r0, r1) of packed codes [R, K/2] into int8 [R, K] (chunk order above) and their
-// per-chunk half scales [R, K/32].
+// Decode rows [r0, r1) of packed codes [R, K/2] into int8 [R, K] (chunk order above; skipped when
+// vals is null) and their per-chunk half scales [R, K/32].
 void decode_rows(int isa, const uint8_t* q, const uint8_t* sc, int64_t r0, int64_t r1, int64_t K, int64_t B,
                  int8_t* vals, float* scales) {
   const int64_t nc = K / 32, cpb = B / 32, nb = K / B;
   for (int64_t r = r0; r < r1; ++r) {
     const uint8_t* qr = q + r * (K / 2);
     int8_t* vr = vals + r * K;
-    for (int64_t c = 0; c < nc; ++c) scales[r * nc + c] = half_scale(sc[r * nb + c / cpb]);
+    for (int64_t c = 0; c < nc; ++c) scales[r * nc + c] = kHalfScale.v[sc[r * nb + c / cpb]];
+    if (vals == nullptr) continue;
 #ifdef TME_X86_SIMD
     if (isa == kIsaAvx2) {
       decode_chunks_avx2(qr, vr, nc);
@@ -119,7 +127,8 @@ void decode_rows(int isa, const uint8_t* q, const uint8_t* sc, int64_t r0, int64
 struct Problem {
   const int8_t* a;     // [M, K] decoded activations
   const float* sa;     // [M, K/32] half scales
-  const int8_t* w;     // [N, K] decoded weights
+  const int8_t* w;     // [N, K] decoded weights (the decoded path)
+  const uint8_t* wq;   // [N, K/2] packed weight codes (the packed path: few activation rows)
   const float* sw;     // [N, K/32]
   const float* bias;   // [N] or nullptr
   void* out;           // [M, N] of out_t
@@ -138,7 +147,7 @@ inline void store(const Problem& p, int64_t m, int64_t n, float v) {
 }
 
 // Output tile rows m0..m0+MR-1, columns n0..n0+NR-1.
-template <int MR, int NR>
+template <int MR, int NR, bool PACKED>
 void tile_scalar(const Problem& p, int64_t m0, int64_t n0) {
   const int64_t nc = p.K / 32;
   float acc[MR][NR] = {};
@@ -146,7 +155,16 @@ void tile_scalar(const Problem& p, int64_t m0, int64_t n0) {
     for (int i = 0; i < MR; ++i) {
       const int8_t* a = p.a + (m0 + i) * p.K + c * 32;
       for (int j = 0; j < NR; ++j) {
+        int8_t wbuf[32];
         const int8_t* w = p.w + (n0 + j) * p.K + c * 32;
+        if (PACKED) {
+          const uint8_t* q = p.wq + (n0 + j) * (p.K / 2) + c * 16;
+          for (int k = 0; k < 16; ++k) {
+            wbuf[k] = kE2M1x2[q[k] & 15];
+            wbuf[16 + k] = kE2M1x2[q[k] >> 4];
+          }
+          w = wbuf;
+        }
         int32_t dot = 0;
         for (int k = 0; k < 32; ++k) dot += static_cast<int32_t>(a[k]) * static_cast<int32_t>(w[k]);
         acc[i][j] += static_cast<float>(dot) * (p.sa[(m0 + i) * nc + c] * p.sw[(n0 + j) * nc + c]);
@@ -158,10 +176,14 @@ void tile_scalar(const Problem& p, int64_t m0, int64_t n0) {
 }
 
 #ifdef TME_X86_SIMD
-template <int MR, int NR>
+// PACKED: decode the weight chunks in registers (a tile of few rows reads each weight chunk once);
+// otherwise read the weight rows decoded beforehand (each is reused by every row tile).
+template <int MR, int NR, bool PACKED>
 __attribute__((target("avx2,fma"))) void tile_avx2(const Problem& p, int64_t m0, int64_t n0) {
   const int64_t nc = p.K / 32;
   const __m256i ones = _mm256_set1_epi16(1);
+  const __m256i lut = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(kE2M1x2)));
+  const __m256i low4 = _mm256_set1_epi8(15);
   __m256 acc[MR][NR];
   for (int i = 0; i < MR; ++i)
     for (int j = 0; j < NR; ++j) acc[i][j] = _mm256_setzero_ps();
@@ -169,7 +191,8 @@ __attribute__((target("avx2,fma"))) void tile_avx2(const Problem& p, int64_t m0,
     __m256i w[NR];
     __m256 sw[NR];
     for (int j = 0; j < NR; ++j) {
-      w[j] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p.w + (n0 + j) * p.K + c * 32));
+      w[j] = PACKED ? decode_chunk_avx2(p.wq + (n0 + j) * (p.K / 2) + c * 16, lut, low4)
+                    : _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p.w + (n0 + j) * p.K + c * 32));
       sw[j] = _mm256_set1_ps(p.sw[(n0 + j) * nc + c]);
     }
     for (int i = 0; i < MR; ++i) {
@@ -198,29 +221,39 @@ __attribute__((target("avx2,fma"))) void tile_avx2(const Problem& p, int64_t m0,
 
 constexpr int kMR = 4, kNR = 2;
 
-template <int MR, int NR>
+template <int MR, int NR, bool PACKED>
 void tile(int isa, const Problem& p, int64_t m0, int64_t n0) {
 #ifdef TME_X86_SIMD
-  if (isa == kIsaAvx2) return tile_avx2<MR, NR>(p, m0, n0);
+  if (isa == kIsaAvx2) return tile_avx2<MR, NR, PACKED>(p, m0, n0);
 #endif
-  tile_scalar<MR, NR>(p, m0, n0);
+  tile_scalar<MR, NR, PACKED>(p, m0, n0);
 }
 
-template <int NR>
+template <int NR, bool PACKED>
 void tile_rows(int isa, const Problem& p, int64_t m0, int64_t n0) {
   switch (std::min<int64_t>(kMR, p.M - m0)) {
-    case 1: return tile<1, NR>(isa, p, m0, n0);
-    case 2: return tile<2, NR>(isa, p, m0, n0);
-    case 3: return tile<3, NR>(isa, p, m0, n0);
-    default: return tile<kMR, NR>(isa, p, m0, n0);
+    case 1: return tile<1, NR, PACKED>(isa, p, m0, n0);
+    case 2: return tile<2, NR, PACKED>(isa, p, m0, n0);
+    case 3: return tile<3, NR, PACKED>(isa, p, m0, n0);
+    default: return tile<kMR, NR, PACKED>(isa, p, m0, n0);
+  }
+}
+
+// Columns [n0, n1) for every row tile.
+template <bool PACKED>
+void columns(int isa, const Problem& p, int64_t n0, int64_t n1) {
+  for (int64_t m0 = 0; m0 < p.M; m0 += kMR) {
+    int64_t n = n0;
+    for (; n + kNR <= n1; n += kNR) tile_rows<kNR, PACKED>(isa, p, m0, n);
+    for (; n < n1; ++n) tile_rows<1, PACKED>(isa, p, m0, n);
   }
 }
 
 // Weight rows a parallel task owns: decoded once into a buffer that stays in L1/L2 while every row
 // tile of the activation passes over it.
 constexpr int64_t kColBlock = 16;
-// Multiply-adds per parallel task, so that decode-sized (M = 1) products stay on few threads.
-constexpr int64_t kGrainMacs = int64_t(1) << 20;
+// Multiply-adds per parallel task, so that tiny products stay on one thread.
+constexpr int64_t kGrainMacs = int64_t(1) << 16;
 
 at::Tensor mxfp4_mm(const at::Tensor& a_qdata, const at::Tensor& a_scale, const at::Tensor& w_qdata,
                     const at::Tensor& w_scale, int64_t block_size, const c10::optional<at::Tensor>& bias,
@@ -263,11 +296,13 @@ at::Tensor mxfp4_mm(const at::Tensor& a_qdata, const at::Tensor& a_scale, const 
   const auto aq = a_qdata.contiguous(), as = a_scale.contiguous(), wq = w_qdata.contiguous(), ws = w_scale.contiguous();
   auto a_vals = at::empty({M, K}, a_qdata.options().dtype(at::kChar));
   auto a_sc = at::empty({M, nc}, a_qdata.options().dtype(at::kFloat));
-  auto w_vals = at::empty({N, K}, a_qdata.options().dtype(at::kChar));
+  // One row tile: each weight chunk is read once, so it is decoded in registers (no buffer).
+  const bool packed = M <= kMR;
+  auto w_vals = at::empty({packed ? 0 : N, K}, a_qdata.options().dtype(at::kChar));
   auto w_sc = at::empty({N, nc}, a_qdata.options().dtype(at::kFloat));
   at::Tensor bias_f;
   if (bias.has_value()) bias_f = bias->to(at::kFloat).contiguous();
-  Problem p{a_vals.data_ptr<int8_t>(), a_sc.data_ptr<float>(), w_vals.data_ptr<int8_t>(), w_sc.data_ptr<float>(),
+  Problem p{a_vals.data_ptr<int8_t>(), a_sc.data_ptr<float>(), w_vals.data_ptr<int8_t>(), wq.data_ptr<uint8_t>(), w_sc.data_ptr<float>(),
             bias.has_value() ? bias_f.data_ptr<float>() : nullptr, out.data_ptr(), out_t, M, N, K};
 
   at::parallel_for(0, M, std::max<int64_t>(1, 4096 / K), [&](int64_t r0, int64_t r1) {
@@ -279,12 +314,12 @@ at::Tensor mxfp4_mm(const at::Tensor& a_qdata, const at::Tensor& a_scale, const 
   at::parallel_for(0, n_blocks, grain, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t n0 = b * kColBlock, n1 = std::min(N, n0 + kColBlock);
-      decode_rows(isa, wq.data_ptr<uint8_t>(), ws.data_ptr<uint8_t>(), n0, n1, K, block_size, w_vals.data_ptr<int8_t>(),
-                  w_sc.data_ptr<float>());
-      for (int64_t m0 = 0; m0 < M; m0 += kMR) {
-        int64_t n = n0;
-        for (; n + kNR <= n1; n += kNR) tile_rows<kNR>(isa, p, m0, n);
-        for (; n < n1; ++n) tile_rows<1>(isa, p, m0, n);
+      decode_rows(isa, wq.data_ptr<uint8_t>(), ws.data_ptr<uint8_t>(), n0, n1, K, block_size,
+                  packed ? nullptr : w_vals.data_ptr<int8_t>(), w_sc.data_ptr<float>());
+      if (packed) {
+        columns<true>(isa, p, n0, n1);
+      } else {
+        columns<false>(isa, p, n0, n1);
       }
     }
   });

@@ -131,7 +131,7 @@ class RotatedMXFP4Tensor(TorchAOBaseTensor):
             a = MXFP4ActivationTensor.from_hp(xr.reshape(-1, xr.shape[-1]), self.block_size, self.act_scale_rule)
             y = cuda_mxfp4_mm.mxfp4_scaled_mm(a.qdata, a.scale, a.scale_rule, self.qdata, self.scale, self.scale_rule, bias, x.dtype)
             return y.reshape(*x.shape[:-1], y.shape[-1])
-        if self.kernel_preference != "emulated" and cpu_mxfp4_mm.applies(self, xr):
+        if cpu_mxfp4_mm.applies(self, xr):
             # W4A4 on CPU: exact integer chunk dot products on the codes (same numbers up to float32
             # summation order). The activation's quantization before it fuses into one Inductor kernel.
             a = MXFP4ActivationTensor.from_hp(xr.reshape(-1, xr.shape[-1]), self.block_size, self.act_scale_rule)
