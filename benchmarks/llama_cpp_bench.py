@@ -224,6 +224,29 @@ def generation_times(path: Path, prompt_len: int, new_tokens: int, threads: int)
     return times
 
 
+def batched_decode_times(path: Path, prompt_len: int, new_tokens: int, batches: List[int], threads: int) -> Dict[int, float]:
+    """``{B: seconds}`` for B sequences, each after its own ``prompt_len``-token prompt, decoding
+    ``new_tokens`` steps together (``llama-batched-bench -npp P -ntg N -npl B``: its ``t_tg``), the
+    batch-serving columns of ``model_bench``. Empty where ``llama-batched-bench`` is not built (builds
+    from before it was added to ``scripts/build_llama_cpp.sh``)."""
+    tool = BIN / "llama-batched-bench"
+    if not batches or not tool.exists():
+        return {}
+    ctx = max(batches) * (prompt_len + new_tokens)
+    out = run([str(tool), "-m", str(path), "-c", str(ctx), "-npp", str(prompt_len), "-ntg", str(new_tokens),
+               "-npl", ",".join(str(b) for b in batches), "-t", str(threads), "--output-format", "jsonl"])
+    times = {}
+    for line in out.splitlines():
+        line = line.strip()
+        if line.startswith("{") and '"t_tg"' in line:
+            entry = json.loads(line)
+            times[int(entry["pl"])] = float(entry["t_tg"])
+    missing = [b for b in batches if b not in times]
+    if missing:
+        raise RuntimeError(f"llama-batched-bench printed no result for batch sizes {missing}")
+    return times
+
+
 def table(rows: List[Dict]) -> str:
     lines = [
         "| row | bits/weight | linears: bits/weight (types) | token_embd | ppl | pp512 t/s | tg32 t/s | file MB |",

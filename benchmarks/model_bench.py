@@ -1,7 +1,8 @@
 """Whole-model speed and memory: prefill and decode tokens/s, peak memory and model size, side by side.
 
     python benchmarks/model_bench.py [--model smollm2-135m] [--prompt-len 512] [--new-tokens 32]
-        [--variants LIST] [--compile layers|model] [--rounds 3] [--json benchmarks/results/model_bench.json]
+        [--variants LIST] [--compile layers|model] [--rounds 3] [--decode-batches 8,32]
+        [--json benchmarks/results/model_bench.json]
     python benchmarks/model_bench.py --fast      # stories260k, 32-token prompt, 4 new tokens: a smoke run
 
 Rows (``--variants``, default all): dense ``fp32``, ``bf16`` and ``bf16_compiled``; torchao's emulated
@@ -19,6 +20,12 @@ MXFP4, ggml's MXFP4 type), each GGUF built once by ``benchmarks/llama_cpp_bench.
 Prefill: ``-p <prompt-len> -n 0``; decode: ``-n <new-tokens> -d <prompt-len>`` (generation at the depth a
 prompt leaves). Skipped with a message where llama.cpp is not built (``bash scripts/build_llama_cpp.sh``).
 
+Batch serving (``--decode-batches``, default ``8,32``): per row and batch size B, B streams with prompts of
+``--batch-prompt-len`` tokens (default 64) decode ``--new-tokens`` steps together (one ``[B, 1]`` call a
+step, static cache for B); the ``b<B> tok/s`` columns are B * steps over the decode time, timed in the
+same rounds right after the row's single-stream generation. For llama.cpp rows they come from
+``llama-batched-bench -npp <batch-prompt-len> -ntg <new-tokens> -npl <B>`` (its ``t_tg``), where it is built.
+
 Each row runs in a subprocess of its own. They are started one after the other (builds and compiles
 never overlap): load, quantize, warm up (this compiles), then wait. Then the timing runs in
 ``--rounds`` interleaved rounds: in each, every row in turn runs one greedy generation with a static KV
@@ -29,7 +36,8 @@ alike. A row slower than ``--slow-s`` per generation (torchao's emulation) runs 
 only. The fastest prefill and the fastest decode of each row are kept (all are in the JSON).
 Memory is read from ``/proc/self/status``:
 the resident peak is reset (``clear_refs``) after the warm-up, so ``peak_rss_mb`` is the peak while
-generating (weights resident + activations + KV cache + the runtime) and ``gen_delta_mb`` its rise over
+generating one stream (weights resident + activations + KV cache + the runtime; read before the batch
+generations of the first round) and ``gen_delta_mb`` its rise over
 the RSS before it; ``rss_runtime_mb`` is the RSS once torch, transformers, torchao and ours are imported
 (no model yet); ``process_peak_mb`` is the whole subprocess's peak (loading, quantizing, compiling).
 Model size is the bytes of parameters and buffers (each storage once; quantized weights as codes +
@@ -78,6 +86,10 @@ LLAMA_CPP_ROWS = {"llama.cpp_bf16": "bf16", "llama.cpp_q4_0": "q4_0", "llama.cpp
 
 
 # -- measurement helpers (worker side) -----------------------------------------------------------------
+
+def batch_sizes(args) -> list:
+    return [int(b) for b in str(args.decode_batches).split(",") if b.strip()]
+
 
 def _status_mb(field: str) -> float:
     with open("/proc/self/status") as f:
@@ -220,31 +232,46 @@ class Row:
         vocab = self.model.config.vocab_size
         self.prompt = torch.randint(0, vocab, (1, args.prompt_len), generator=torch.Generator().manual_seed(0))
         self.cache = static_cache(self.model, args.prompt_len + args.new_tokens)
+        # Batch serving: B streams decoding together (prompt [B, --batch-prompt-len]), each its own cache.
+        self.batches = {}
+        for b in batch_sizes(args):
+            prompt = torch.randint(0, vocab, (b, args.batch_prompt_len), generator=torch.Generator().manual_seed(b))
+            self.batches[b] = (prompt, static_cache(self.model, args.batch_prompt_len + args.new_tokens, b))
+        self.batch_decode = {b: [] for b in self.batches}
         with torch.inference_mode():
-            # Warm-up: compiles the prompt graph and the decode-step graph of compiled rows.
+            # Warm-up: compiles the prompt graph and the decode-step graph of compiled rows (per batch size).
             self.warm = greedy_generate(self.model, self.prompt, min(2, args.new_tokens), cache=self.cache)
+            for prompt, cache in self.batches.values():
+                greedy_generate(self.model, prompt, min(2, args.new_tokens), cache=cache)
         _release_memory()
         self.rss_before = _status_mb("VmRSS")
         self.reset = _reset_peak()
         self.prefill, self.decode, self.tokens, self.runs = [], [], None, 0
+        self.peak_single = None
 
     def run(self) -> dict:
-        """One timed generation: ``{"prefill_s", "decode_s"}``."""
+        """One timed generation, then one per batch size: ``{"prefill_s", "decode_s", "batch_decode_s"}``."""
         import torch
 
         with torch.inference_mode():
             r = self._generate(self.model, self.prompt, self.args.new_tokens, cache=self.cache)
+            if self.peak_single is None:  # the single-stream peak, before the batches raise it
+                self.peak_single = _status_mb("VmHWM")
+            batch_s = {b: self._generate(self.model, prompt, self.args.new_tokens, cache=cache)["decode_s"]
+                       for b, (prompt, cache) in self.batches.items()}
         self.prefill.append(r["prefill_s"])
         self.decode.append(r["decode_s"])
+        for b, t in batch_s.items():
+            self.batch_decode[b].append(t)
         self.tokens, self.runs = r["tokens"], self.runs + 1
-        return {"prefill_s": r["prefill_s"], "decode_s": r["decode_s"]}
+        return {"prefill_s": r["prefill_s"], "decode_s": r["decode_s"], "batch_decode_s": batch_s}
 
     def result(self) -> dict:
         from torch._dynamo.utils import counters
 
         args, variant = self.args, self.variant
         prefill, decode = min(self.prefill), min(self.decode)
-        peak = _status_mb("VmHWM")
+        peak = self.peak_single if self.peak_single is not None else _status_mb("VmHWM")
         compiled = "_compiled" in variant
         warm = self.warm
         return {
@@ -254,6 +281,9 @@ class Row:
             "decode_tokens_per_s": args.new_tokens / decode,
             "prefill_s": prefill,
             "decode_ms_per_token": 1e3 * decode / args.new_tokens,
+            # tokens/s over all B streams (B * --new-tokens per generation), best of the rounds
+            "batch_decode_tokens_per_s": {str(b): b * args.new_tokens / min(t) for b, t in self.batch_decode.items()},
+            "batch_decode_s_all": {str(b): t for b, t in self.batch_decode.items()},
             "timed_runs": self.runs,
             "prefill_s_all": self.prefill,
             "decode_s_all": self.decode,
@@ -299,7 +329,8 @@ class Worker:
         cmd = [sys.executable, os.path.abspath(__file__), "--worker", variant, "--model", args.model,
                "--prompt-len", str(args.prompt_len), "--new-tokens", str(args.new_tokens),
                "--compile", args.compile, "--backend", args.backend, "--threads", str(args.threads),
-               "--layers", str(args.layers)]
+               "--layers", str(args.layers), "--decode-batches", args.decode_batches,
+               "--batch-prompt-len", str(args.batch_prompt_len)]
         if args.no_share:
             cmd.append("--no-share")
         self.variant, self.t0 = variant, time.perf_counter()
@@ -346,7 +377,7 @@ class LlamaCppWorker:
         self.variant, self.args, self.lcb, self.t0 = variant, args, lcb, time.perf_counter()
         self.threads = args.threads or os.cpu_count()
         self.error = self.skipped = None
-        self.prefill, self.decode = [], []
+        self.prefill, self.decode, self.batch_decode = [], [], {}
         missing = lcb.missing_tools()
         if missing:
             self.skipped = lcb.skip_message(missing)
@@ -367,7 +398,15 @@ class LlamaCppWorker:
             return None
         self.prefill.append(t["prefill_s"])
         self.decode.append(t["decode_s"])
-        return t
+        try:
+            batch = self.lcb.batched_decode_times(self.path, self.args.batch_prompt_len, self.args.new_tokens,
+                                                  batch_sizes(self.args), self.threads)
+        except (RuntimeError, ValueError) as e:
+            self.error = f"{type(e).__name__}: {e}"
+            return None
+        for b, s in batch.items():
+            self.batch_decode.setdefault(b, []).append(s)
+        return {**t, "batch_decode_s": batch}
 
     def finish(self) -> dict:
         if self.skipped:
@@ -386,6 +425,8 @@ class LlamaCppWorker:
             "decode_tokens_per_s": args.new_tokens / min(self.decode),
             "prefill_s": min(self.prefill),
             "decode_ms_per_token": 1e3 * min(self.decode) / args.new_tokens,
+            "batch_decode_tokens_per_s": {str(b): b * args.new_tokens / min(t) for b, t in self.batch_decode.items()},
+            "batch_decode_s_all": {str(b): t for b, t in self.batch_decode.items()},
             "timed_runs": len(self.prefill),
             "prefill_s_all": self.prefill,
             "decode_s_all": self.decode,
@@ -465,8 +506,10 @@ def add_ratios(rows):
 def print_table(rows, args):
     print(f"{args.model}: prompt [1, {args.prompt_len}], {args.new_tokens} greedy decode steps (static KV cache), "
           f"{args.threads or 'default'} threads, best of {args.rounds} interleaved rounds; compiled = {args.compile}; x = ratio to bf16 eager")
+    batches = batch_sizes(args)
     head = (f"{'variant':<26} {'prefill tok/s':>13} {'x':>6} {'decode tok/s':>12} {'x':>6} {'model MB':>9} {'x':>5}"
-            f" {'lin bits':>8} {'cache MB':>8} {'peak MB':>8} {'gen +MB':>7} {'compile s':>9}")
+            f" {'lin bits':>8} {'cache MB':>8} {'peak MB':>8} {'gen +MB':>7} {'compile s':>9}"
+            + "".join(f" {f'b{b} tok/s':>9}" for b in batches))
     print(head)
     print("-" * len(head))
     for r in rows:
@@ -480,10 +523,12 @@ def print_table(rows, args):
         print(f"{r['variant']:<26} {r['prefill_tokens_per_s']:>13.1f} {v.get('prefill_speed', float('nan')):>6.2f}"
               f" {r['decode_tokens_per_s']:>12.2f} {v.get('decode_speed', float('nan')):>6.2f}"
               f" {r['model_mb']:>9.1f} {v.get('model_size', float('nan')):>5.2f} {r['linear_weight_bits']:>8.2f} {r['cache_mb']:>8.1f}"
-              f" {r['peak_rss_mb']:>8.0f} {r['gen_delta_mb']:>7.0f} {'' if r['compile_s'] is None else format(r['compile_s'], '.1f'):>9}")
+              f" {r['peak_rss_mb']:>8.0f} {r['gen_delta_mb']:>7.0f} {'' if r['compile_s'] is None else format(r['compile_s'], '.1f'):>9}"
+              + "".join(f" {r.get('batch_decode_tokens_per_s', {}).get(str(b), float('nan')):>9.1f}" for b in batches))
     if any(r["variant"] in LLAMA_CPP_ROWS and "error" not in r and "skipped" not in r for r in rows):
         print("llama.cpp rows: llama-bench on the GGUF (llama.cpp_mxfp4: ours, torchao-mx export --format gguf, rtn);"
-              " decode = generation at context depth --prompt-len; model MB = the GGUF file; no memory reading")
+              " decode = generation at context depth --prompt-len; model MB = the GGUF file; no memory reading;"
+              " batch columns from llama-batched-bench (t_tg)")
 
 
 def main(argv=None):
@@ -500,6 +545,8 @@ def main(argv=None):
     p.add_argument("--backend", default="inductor", help="torch.compile backend (smoke tests: aot_eager)")
     p.add_argument("--in-process", action="store_true", help="run the rows in this process (smoke tests; memory then not per row)")
     p.add_argument("--no-share", action="store_true", help="ours without share_input_quantization")
+    p.add_argument("--decode-batches", default="8,32", help="batch sizes of the batch-serving decode columns ('' for none)")
+    p.add_argument("--batch-prompt-len", type=int, default=64, help="prompt length of each stream in the batch rows")
     p.add_argument("--threads", type=int, default=0, help="torch threads per row (0: torch's default)")
     p.add_argument("--json", default="benchmarks/results/model_bench.json")
     p.add_argument("--worker", help=argparse.SUPPRESS)
@@ -530,7 +577,7 @@ def main(argv=None):
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({
         "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "torch": torch.__version__},
-        "settings": {k: getattr(args, k) for k in ("model", "prompt_len", "new_tokens", "rounds", "slow_s", "compile", "backend", "no_share", "threads", "in_process", "layers")},
+        "settings": {k: getattr(args, k) for k in ("model", "prompt_len", "new_tokens", "rounds", "slow_s", "compile", "backend", "no_share", "threads", "in_process", "layers", "decode_batches", "batch_prompt_len")},
         "baseline": BASELINE,
         "total_s": time.perf_counter() - t0,
         "rows": rows,

