@@ -30,6 +30,9 @@ def test_model_bench_smoke(tmp_path):
         assert r["peak_rss_mb"] >= r["rss_before_gen_mb"] or math.isnan(r["peak_rss_mb"]), name
         assert set(r["vs_bf16"]) == {"prefill_speed", "decode_speed", "model_size", "peak_rss"}
         assert (r["compile_s"] is not None) == ("_compiled" in name)
+        # batch serving: 8 and 32 streams by default
+        assert set(r["batch_decode_tokens_per_s"]) == {"8", "32"}, name
+        assert all(v > 0 for v in r["batch_decode_tokens_per_s"].values()), name
     # Four-bit weights: the quantized rows are smaller than bf16 (stories260k's embedding stays dense).
     for name in ("torchao_mxfp4_emulated", "ours_w4a4", "ours_wo_compiled_cached"):
         assert rows[name]["model_mb"] < rows["bf16"]["model_mb"]
@@ -119,6 +122,9 @@ def test_model_bench_llama_cpp_rows_run_where_built(tmp_path):
         assert rows[name]["prefill_tokens_per_s"] > 0 and rows[name]["decode_tokens_per_s"] > 0, name
         assert rows[name]["timed_runs"] == 1
     assert rows["llama.cpp_bf16"]["linear_weight_bits"] == 16
+    if (llama_cpp_bench.BIN / "llama-batched-bench").exists():  # built by the script since it was added there
+        assert set(rows["llama.cpp_q4_0"]["batch_decode_tokens_per_s"]) == {"8", "32"}
+        assert all(v > 0 for v in rows["llama.cpp_q4_0"]["batch_decode_tokens_per_s"].values())
     assert "Q4_0" in rows["llama.cpp_q4_0"]["linear_types"]
     assert "not a multiple of 32" in rows["llama.cpp_mxfp4"]["error"]
 
@@ -152,3 +158,18 @@ def test_error_breakdown_activation_side_against_float64_and_smoke(tmp_path):
     # quantizing more layers costs more on both sides together
     assert report["rows"][1]["both"] > report["rows"][0]["both"]
     assert json.loads(out.read_text())["fp_ppl"] == report["fp_ppl"]
+
+
+def test_w4a4_gemm_bench_smoke(tmp_path):
+    """The integer-GEMM benchmark's plumbing: every variant timed, and the integer GEMM equal to the
+    emulation within float32 summation rounding."""
+    import w4a4_gemm_bench
+
+    out = tmp_path / "w4a4_gemm_bench.json"
+    w4a4_gemm_bench.main(["--threads", "1", "--rows", "1,80", "--reps", "2", "--json", str(out)])
+    rows = json.loads(out.read_text())["rows"]
+    assert len(rows) == 2 * len(w4a4_gemm_bench.SHAPES)
+    for r in rows:
+        assert set(r["ms"]) == set(w4a4_gemm_bench.VARIANTS) - ({"gemv"} if r["rows"] > 64 else set())
+        assert all(v > 0 for v in r["ms"].values())
+        assert r["int_mm_max_rel_diff"] < 1e-5

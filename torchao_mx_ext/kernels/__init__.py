@@ -20,11 +20,27 @@ Preferences (:data:`KERNEL_PREFERENCES`):
 
 import os
 
+import torch
+
 from . import cpu_extension, cpu_mxfp4_gemv, cpu_mxfp4_mm, cuda_mxfp4_mm
 
-__all__ = ["KERNEL_PREFERENCES", "check_kernel_preference", "cpu_extension", "cpu_mxfp4_gemv", "cpu_mxfp4_mm", "cuda_mxfp4_mm", "effective_preference"]
+__all__ = ["CPU_NATIVE_BF16_GEMM", "KERNEL_PREFERENCES", "check_kernel_preference", "cpu_extension", "cpu_mxfp4_gemv", "cpu_mxfp4_mm", "cuda_mxfp4_mm", "effective_preference"]
 
 KERNEL_PREFERENCES = ("auto", "emulated", "hw_mxfp4")
+
+
+def _cpu_native_bf16_gemm() -> bool:
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # a build without oneDNN: assume bf16 is fine, as before
+        return True
+
+
+# Whether oneDNN has bfloat16 GEMM instructions on this CPU (AVX-512 BF16, AMX). Without them (AVX2
+# CPUs) a bfloat16 GEMM is emulated and runs several times slower than a float32 one, so the dense
+# GEMMs of the emulation run in float32 there (same operands, exact in float32; both accumulate in
+# float32). Read once at import: compiled graphs see a constant.
+CPU_NATIVE_BF16_GEMM = _cpu_native_bf16_gemm()
 
 
 def check_kernel_preference(preference) -> None:

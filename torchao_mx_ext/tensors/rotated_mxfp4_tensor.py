@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torchao.utils import TorchAOBaseTensor
 
 from .caching import stable_metadata_hash
-from ..kernels import check_kernel_preference, cpu_mxfp4_gemv, cpu_mxfp4_mm, cuda_mxfp4_mm, effective_preference
+from ..kernels import CPU_NATIVE_BF16_GEMM, check_kernel_preference, cpu_mxfp4_gemv, cpu_mxfp4_mm, cuda_mxfp4_mm, effective_preference
 from ..mx import check_scale_rule, mxfp4_dequantize, mxfp4_fake_quantize, mxfp4_quantize
 from ..rotation import pad_and_rotate
 from .mxfp4_activation_tensor import MXFP4ActivationTensor
@@ -146,8 +146,18 @@ class RotatedMXFP4Tensor(TorchAOBaseTensor):
             # Also with a dense cache: the packed codes are a quarter of its bytes, and GEMV is memory-bound.
             b = None if bias is None else bias.to(gemm_dtype)
             return cpu_mxfp4_gemv.mxfp4_gemv(xr.to(gemm_dtype), self.qdata, self.scale, self.block_size, self.scale_rule, b, x.dtype)
-        w = self.dequantized if self.dequantized is not None else self.dequantize(gemm_dtype)
-        y = F.linear(xr.to(gemm_dtype), w.to(gemm_dtype), None if bias is None else bias.to(gemm_dtype))
+        xr = xr.to(gemm_dtype)
+        if self.dequantized is not None:
+            w = self.dequantized
+        else:
+            if gemm_dtype == torch.bfloat16 and xr.device.type == "cpu" and not CPU_NATIVE_BF16_GEMM:
+                # No bf16 GEMM instructions (AVX2): float32 is several times faster. The same operands
+                # (the input already rounded to bf16), exact in float32; a bf16 GEMM accumulates in
+                # float32 too, so only the summation order differs.
+                gemm_dtype = torch.float32
+                xr = xr.to(gemm_dtype)
+            w = self.dequantize(gemm_dtype)
+        y = F.linear(xr, w.to(gemm_dtype), None if bias is None else bias.to(gemm_dtype))
         return y.to(x.dtype)
 
 
