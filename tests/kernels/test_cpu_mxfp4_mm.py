@@ -224,18 +224,18 @@ def test_linear_uses_integer_gemm_and_matches_emulation(monkeypatch, k, n, confi
     assert isinstance(lin.weight, RotatedMXFP4Tensor)
     calls = _count_calls(monkeypatch)
     with torch.no_grad():
-        for shape in [(1, k), (5, k), (2, 3, k), (70, k)]:
+        for shape in [(9, k), (2, 5, k), (70, k), (1, k)]:  # the last: few rows go to the GEMV
             x = torch.randn(*shape).to(dtype)
             y = lin(x)
             ref = _emulated(monkeypatch, lin, x)
             assert y.dtype == ref.dtype == dtype and y.shape == ref.shape
             _assert_summation_close(y, ref, dtype)
-    assert len(calls) == 4
+    assert len(calls) == 3
 
 
 def test_dispatch_conditions(monkeypatch, caplog):
     calls = _count_calls(monkeypatch)
-    x = torch.randn(3, 64)
+    x = torch.randn(cpu_mxfp4_mm.GEMV_ROWS + 1, 64)
     for config in (MXFP4Config(act_quant=False), MXFP4Config(scale_rule="fp_quant"), MXFP4Config(kernel_preference="emulated")):
         lin = torch.nn.Linear(64, 16)
         quantize_(lin, config)
@@ -244,7 +244,10 @@ def test_dispatch_conditions(monkeypatch, caplog):
     assert not calls  # weight-only, fp_quant's 4/3 factor, and the emulation preference keep other paths
     lin = torch.nn.Linear(64, 16)
     quantize_(lin, MXFP4Config())
-    xg = torch.randn(3, 64, requires_grad=True)  # no backward in the kernel: autograd keeps the emulation
+    with torch.no_grad():  # few rows: the GEMV on the fake-quantized input
+        lin(torch.randn(cpu_mxfp4_mm.GEMV_ROWS, 64))
+    assert not calls
+    xg = torch.randn(cpu_mxfp4_mm.GEMV_ROWS + 1, 64, requires_grad=True)  # no backward in the kernel: autograd keeps the emulation
     lin(xg).sum().backward()
     assert not calls and xg.grad is not None
     # A CPU without AVX2: the emulation, and one log line however many calls.
@@ -271,7 +274,7 @@ def test_build_failure_keeps_the_emulation(monkeypatch):
     quantize_(lin, MXFP4Config())
     calls = _count_calls(monkeypatch)
     with torch.no_grad():
-        lin(torch.randn(2, 64))
+        lin(torch.randn(cpu_mxfp4_mm.GEMV_ROWS + 1, 64))
     assert not calls
     # the operator's own fallback (what a graph traced elsewhere runs here) computes the same numbers
     gen = torch.Generator().manual_seed(7)
@@ -310,7 +313,7 @@ def test_compile_and_export_keep_one_call_per_linear():
 
     model = torch.nn.Sequential(torch.nn.Linear(100, 64), torch.nn.ReLU(), torch.nn.Linear(64, 32)).to(torch.bfloat16)
     quantize_(model, MXFP4BlockRotConfig())
-    x = torch.randn(5, 100).bfloat16()
+    x = torch.randn(12, 100).bfloat16()
     torch._dynamo.reset()
     with torch.no_grad():
         eager = model(x)

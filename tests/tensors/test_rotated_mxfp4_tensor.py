@@ -231,7 +231,7 @@ def test_kernel_preference_chooses_the_kernel(monkeypatch):
         calls.clear()
         with torch.no_grad():
             outputs[preference] = model(x)
-        # W4A4 on CPU: the integer GEMM where the CPU has it, else the GEMV on the fake-quantized input
+        # W4A4 on CPU, one row: the GEMV on the fake-quantized input (the integer GEMM takes larger batches)
         w = model[0].weight
         expected = "mxfp4_mm" if cpu_mxfp4_mm.applies(w, x) else "mxfp4_gemv" if cpu_mxfp4_gemv.applies(w, x) else None
         assert calls == ([expected] if preference == "auto" and expected else [])

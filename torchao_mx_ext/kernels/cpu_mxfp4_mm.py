@@ -21,7 +21,8 @@ operands as the Blackwell tensor-core path (``cuda_mxfp4_mm``). It is defined he
 ``F.linear``) that builds the C++ library (``mxfp4_mm.cpp``, :mod:`.cpu_extension`) on its first call.
 
 Where it runs (:func:`applies`): CPU, W4A4 with plain E8M0 scales on both sides (not ``fp_quant``,
-whose 4/3 element factor the integer path does not apply), no gradient, and a CPU with AVX2. On a
+whose 4/3 element factor the integer path does not apply), no gradient, a CPU with AVX2, and more than
+:data:`GEMV_ROWS` rows (decode steps run the dequant-GEMV on the fake-quantized input, faster there). On a
 CPU without AVX2 the scalar integer loop would be slower than the float emulation, so W4A4 linears keep
 the emulation there and one log line says so.
 """
@@ -34,13 +35,16 @@ import torch
 import torch.nn.functional as F
 
 from ..mx.quantize import mxfp4_dequantize
-from . import cpu_extension
+from . import cpu_extension, cpu_mxfp4_gemv
 
-__all__ = ["applies", "mxfp4_mm", "reference_mxfp4_mm", "set_isa", "takes_weight"]
+__all__ = ["GEMV_ROWS", "applies", "mxfp4_mm", "reference_mxfp4_mm", "set_isa", "takes_weight"]
 
 logger = logging.getLogger(__name__)
 
 OP = "torchao_mx_ext::mxfp4_mm"
+# Up to this many rows the dequant-GEMV on the fake-quantized input is faster where it applies
+# (benchmarks/w4a4_gemm_bench.py, AVX2: 1.4-1.7x at one row, about even at 32): decode steps take it.
+GEMV_ROWS = 8
 _SIMD_CAPABILITIES = ("AVX2", "AVX512")  # torch.backends.cpu.get_cpu_capability() values with AVX2
 
 _lib = torch.library.Library("torchao_mx_ext", "FRAGMENT")
@@ -105,9 +109,12 @@ def takes_weight(weight) -> bool:
 
 def applies(weight, x: torch.Tensor) -> bool:
     """Whether ``RotatedMXFP4Tensor.linear`` should run ``x`` (already rotated, ``[..., K_p]``) through
-    the integer GEMM: :func:`takes_weight`, a CPU input, and no gradient needed (the kernel has no
-    backward). The build is tried on the operator's first call."""
+    the integer GEMM: :func:`takes_weight`, a CPU input, no gradient needed (the kernel has no
+    backward), and more than :data:`GEMV_ROWS` rows unless the GEMV cannot take them. The build is
+    tried on the operator's first call."""
     if x.device.type != "cpu" or (torch.is_grad_enabled() and x.requires_grad):
+        return False
+    if x.numel() <= GEMV_ROWS * x.shape[-1] and cpu_mxfp4_gemv.applies(weight, x):
         return False
     return takes_weight(weight)
 
