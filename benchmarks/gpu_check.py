@@ -87,7 +87,9 @@ def linear_checks(shapes=SHAPES) -> list:
             xg = x.to(DEVICE).to(torch.bfloat16)
             with torch.inference_mode():
                 eager = gpu(xg)
-                compiled_fn = torch.compile(gpu, fullgraph=True)
+                # emulate_precision_casts: keeps eager's bf16 roundings (README), e.g. of the input a
+                # float32 GEMM reads on CPUs without bf16 GEMM instructions.
+                compiled_fn = torch.compile(gpu, fullgraph=True, options={"emulate_precision_casts": True})
                 compiled, code = run_and_get_code(compiled_fn, xg)
                 reference = cpu(xg.float().cpu())
             kernels = generated_kernels("\n".join(code))
