@@ -327,13 +327,11 @@ at::Tensor mxfp4_mm(const at::Tensor& a_qdata, const at::Tensor& a_scale, const 
   at::parallel_for(0, n_blocks, grain, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t n0 = b * kColBlock, n1 = std::min(N, n0 + kColBlock);
-      if (!packed) {
-        decode_rows(isa, wq.data_ptr<uint8_t>(), ws.data_ptr<uint8_t>(), n0, n1, K, block_size, w_vals.data_ptr<int8_t>(),
-                    w_sc.data_ptr<float>());
-      }
       if (packed) {
         columns<true>(isa, p, n0, n1);
       } else {
+        decode_rows(isa, wq.data_ptr<uint8_t>(), ws.data_ptr<uint8_t>(), n0, n1, K, block_size, w_vals.data_ptr<int8_t>(),
+                    w_sc.data_ptr<float>());
         columns<false>(isa, p, n0, n1);
       }
     }
