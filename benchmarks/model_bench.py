@@ -91,6 +91,15 @@ def batch_sizes(args) -> list:
     return [int(b) for b in str(args.decode_batches).split(",") if b.strip()]
 
 
+def batch_columns(batch_decode: dict, new_tokens: int) -> dict:
+    """A row's batch-serving entries from ``{B: [decode seconds per round]}``: tokens/s over all B streams
+    (B * ``new_tokens`` per generation, best of the rounds) and every time."""
+    return {
+        "batch_decode_tokens_per_s": {str(b): b * new_tokens / min(t) for b, t in batch_decode.items()},
+        "batch_decode_s_all": {str(b): t for b, t in batch_decode.items()},
+    }
+
+
 def _status_mb(field: str) -> float:
     with open("/proc/self/status") as f:
         for line in f:
@@ -281,9 +290,7 @@ class Row:
             "decode_tokens_per_s": args.new_tokens / decode,
             "prefill_s": prefill,
             "decode_ms_per_token": 1e3 * decode / args.new_tokens,
-            # tokens/s over all B streams (B * --new-tokens per generation), best of the rounds
-            "batch_decode_tokens_per_s": {str(b): b * args.new_tokens / min(t) for b, t in self.batch_decode.items()},
-            "batch_decode_s_all": {str(b): t for b, t in self.batch_decode.items()},
+            **batch_columns(self.batch_decode, args.new_tokens),
             "timed_runs": self.runs,
             "prefill_s_all": self.prefill,
             "decode_s_all": self.decode,
@@ -425,8 +432,7 @@ class LlamaCppWorker:
             "decode_tokens_per_s": args.new_tokens / min(self.decode),
             "prefill_s": min(self.prefill),
             "decode_ms_per_token": 1e3 * min(self.decode) / args.new_tokens,
-            "batch_decode_tokens_per_s": {str(b): b * args.new_tokens / min(t) for b, t in self.batch_decode.items()},
-            "batch_decode_s_all": {str(b): t for b, t in self.batch_decode.items()},
+            **batch_columns(self.batch_decode, args.new_tokens),
             "timed_runs": len(self.prefill),
             "prefill_s_all": self.prefill,
             "decode_s_all": self.decode,
