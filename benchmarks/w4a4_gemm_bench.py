@@ -22,7 +22,6 @@ against float64).
 """
 
 import argparse
-import json
 import platform
 import statistics
 import time
@@ -87,11 +86,17 @@ def main(argv=None):
     p.add_argument("--reps", type=int, default=30)
     p.add_argument("--json", default="benchmarks/results/w4a4_gemm_bench.json")
     args = p.parse_args(argv)
+    try:
+        row_counts = [int(r) for r in args.rows.split(",")]
+    except ValueError:
+        p.error(f"--rows takes comma-separated positive integers, got {args.rows!r}")
+    if not row_counts or min(row_counts) < 1 or args.threads < 1 or args.reps < 1:
+        p.error("--rows, --threads and --reps must be positive")
     torch.set_num_threads(args.threads)
     if not cpu_extension.is_available():
         raise SystemExit("the CPU MXFP4 kernels did not build (see the warning above): nothing to time")
     isa = {0: "scalar", 1: "avx2"}[cpu_mxfp4_mm.set_isa(None)]
-    rows = [bench_shape(k, n, m, args.reps) for m in (int(r) for r in args.rows.split(",")) for k, n in SHAPES]
+    rows = [bench_shape(k, n, m, args.reps) for m in row_counts for k, n in SHAPES]
     print(f"W4A4 linears, {args.threads} threads, median of {args.reps} (ms); integer path: {isa}; "
           f"CPU capability {torch.backends.cpu.get_cpu_capability()}")
     print(f"{'in x out':>10} {'M':>4} " + " ".join(f"{v[:9]:>9}" for v in VARIANTS) + f" {'x bf16':>7} {'x fp32':>7} {'x emul':>7} {'x em32':>7}")
@@ -100,14 +105,14 @@ def main(argv=None):
         print(f"{r['in']:>4}x{r['out']:<5} {r['rows']:>4} {cells} {r['int_mm_speedup_vs_bf16']:>7.2f}"
               f" {r['int_mm_speedup_vs_fp32']:>7.2f} {r['int_mm_speedup_vs_emulated']:>7.2f}"
               f" {r['int_mm_speedup_vs_emulated_fp32']:>7.2f}")
-    out = Path(args.json)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({
+    from torchao_mx_ext.cli import write_json_atomic
+
+    write_json_atomic(Path(args.json), {
         "machine": {"cpu": platform.processor() or platform.machine(), "capability": torch.backends.cpu.get_cpu_capability(),
                     "torch": torch.__version__, "threads": args.threads, "integer_path": isa},
         "rows": rows,
-    }, indent=2))
-    print(f"wrote {out}")
+    })
+    print(f"wrote {args.json}")
 
 
 if __name__ == "__main__":
