@@ -562,6 +562,12 @@ def main(argv=None):
     if args.worker:
         serve(args.worker, args)
         return
+    try:
+        if any(b < 1 for b in batch_sizes(args)) or args.batch_prompt_len < 1:
+            raise ValueError
+    except ValueError:
+        p.error(f"--decode-batches takes comma-separated positive integers (or ''), got {args.decode_batches!r}, "
+                "and --batch-prompt-len a positive one")
     variants = [v for v in args.variants.split(",") if v]
     unknown = sorted(set(variants) - set(VARIANTS))
     if unknown:
