@@ -25,6 +25,14 @@ to ``results/train_moe_smollm2.json``.
 
     .venv/bin/python scripts/train_moe_smollm2.py                      # ~1 h on 2 cores
     .venv/bin/python scripts/train_moe_smollm2.py --budget-min 2 --eval-every 5 --output /tmp/moe  # smoke
+
+``--dense-reference`` trains the yardstick the MoE is judged against instead: the dense model of the same
+*active* size. Each MLP of the same layers keeps ``k/E`` of its neurons (384 of 1536 at top-4 of 16), the
+ones with the largest ``mean_t |act_fn(gate x) * up x| * ||down[:, j]||`` on the same calibration windows
+(structured magnitude pruning), and those MLPs are fine-tuned with the same data, optimiser, learning
+rate and step budget (``--max-steps`` = the MoE run's steps), no router and no balance loss. Only its
+perplexity is kept (``results/train_dense_reference_smollm2.json``); the pruned MLPs have per-layer
+widths that one ``LlamaConfig`` cannot express, so it is not saved.
 """
 
 import argparse
@@ -61,12 +69,21 @@ def parse_args():
     p.add_argument("--eval-windows", type=int, default=8, help="held-out windows per source")
     p.add_argument("--patience", type=int, default=3, help="evaluations without improvement before stopping")
     p.add_argument("--budget-min", type=float, default=55.0, help="training time budget (minutes)")
+    p.add_argument("--max-steps", type=int, default=None, help="stop after this many steps (default: no limit)")
+    p.add_argument("--dense-reference", action="store_true",
+                   help="train the dense model of the same active MLP size instead of the MoE (see above)")
     p.add_argument("--test-windows", type=int, default=4, help="WikiText-2 test windows of 2048 for the checks")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--output", default=None)
-    p.add_argument("--results", default=str(ROOT / "results" / "train_moe_smollm2.json"))
-    return p.parse_args()
+    p.add_argument("--results", default=None,
+                   help="JSON record (default: results/train_moe_smollm2.json, or "
+                        "results/train_dense_reference_smollm2.json with --dense-reference)")
+    args = p.parse_args()
+    if args.results is None:
+        name = "train_dense_reference_smollm2.json" if args.dense_reference else "train_moe_smollm2.json"
+        args.results = str(ROOT / "results" / name)
+    return args
 
 
 def token_splits(tokenizer, held_out_fraction=0.1):
@@ -107,6 +124,63 @@ def normalise_top_k_weights(model):
         if type(module).__name__.endswith("Experts"):
             module.down_proj.mul_(k / E)
     model.config.norm_topk_prob = True
+
+
+@torch.no_grad()
+def prune_mlps_to_active_size(model, calib_ids, keep_fraction, dense_layers=(0,)):
+    """Keep ``keep_fraction`` of the neurons of every MLP outside ``dense_layers``, in place: the ones
+    with the largest ``mean_t |act_fn(gate x) * up x| * ||down[:, j]||`` over ``calib_ids`` (the neuron's
+    mean contribution to the MLP output's norm). Returns the number of neurons kept per pruned layer."""
+    layers = model.model.layers
+    scores = {}
+
+    def hook(i):
+        def record(mlp, args):
+            x = args[0].reshape(-1, args[0].shape[-1]).float()
+            act = (mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x)).abs().sum(0)
+            scores[i] = scores.get(i, 0) + act
+        return record
+
+    pruned = [i for i in range(len(layers)) if i not in set(dense_layers)]
+    handles = [layers[i].mlp.register_forward_pre_hook(hook(i)) for i in pruned]
+    model.eval()
+    for window in calib_ids:
+        model(window[None], use_cache=False)
+    for h in handles:
+        h.remove()
+    keep = None
+    for i in pruned:
+        mlp = layers[i].mlp
+        score = scores[i] * mlp.down_proj.weight.float().norm(dim=0)
+        keep = max(1, round(keep_fraction * score.numel()))
+        idx = score.topk(keep).indices.sort().values
+        for name in ("gate_proj", "up_proj"):
+            old = getattr(mlp, name)
+            new = torch.nn.Linear(old.in_features, keep, bias=old.bias is not None, dtype=old.weight.dtype)
+            new.weight.copy_(old.weight[idx])
+            if old.bias is not None:
+                new.bias.copy_(old.bias[idx])
+            setattr(mlp, name, new)
+        old = mlp.down_proj
+        new = torch.nn.Linear(keep, old.out_features, bias=old.bias is not None, dtype=old.weight.dtype)
+        new.weight.copy_(old.weight[:, idx])
+        if old.bias is not None:
+            new.bias.copy_(old.bias)
+        mlp.down_proj = new
+    return keep
+
+
+def pruned_mlp_parameters(model, dense_layers=(0,)):
+    """The MLP parameters of the pruned layers; everything else is frozen."""
+    params = []
+    for name, p in model.named_parameters():
+        p.requires_grad_(False)
+        parts = name.split(".")
+        if ".mlp." in name and int(parts[parts.index("layers") + 1]) not in set(dense_layers):
+            params.append(p)
+    for p in params:
+        p.requires_grad_(True)
+    return params
 
 
 def moe_parameters(model):
@@ -180,26 +254,38 @@ def main():
 
     dense, tokenizer = load_model("smollm2-135m")
     calib = calibration_ids(tokenizer, "wikitext2", 16, 512, seed=args.seed)
-    print(f"[{time.time() - t_start:5.0f} s] MoEfying SmolLM2-135M into {E} experts, top-{k}", flush=True)
-    model = moefy(dense, calib, num_experts=E, top_k=k, dense_layers=[0], seed=args.seed)
-    normalise_top_k_weights(model)
-    model.config.router_aux_loss_coef = args.aux_coef
-    model.config.output_router_logits = True
     test_ids = tokenize_for_perplexity(tokenizer, wikitext2_test_text(data_dir()))
     ppl_dense = perplexity(dense, test_ids, 2048, args.test_windows, progress=False)["ppl"]
-    del dense
-    ppl_moefied = perplexity(model, test_ids, 2048, args.test_windows, progress=False)["ppl"]
-    print(f"[{time.time() - t_start:5.0f} s] WikiText-2 test ppl: dense {ppl_dense:.2f}, MoEfied top-{k} {ppl_moefied:.2f}", flush=True)
-    record["ppl_dense"], record["ppl_moefied"] = ppl_dense, ppl_moefied
-    record["routing_moefied"] = routing_stats(model, test_ids, 2048, 1)["mean_over_layers"]
+    record["ppl_dense"] = ppl_dense
+    if args.dense_reference:
+        print(f"[{time.time() - t_start:5.0f} s] pruning the MLPs to the MoE's active size ({k}/{E})", flush=True)
+        model = dense
+        record["neurons_kept"] = prune_mlps_to_active_size(model, calib, k / E, dense_layers=[0])
+        ppl_start = perplexity(model, test_ids, 2048, args.test_windows, progress=False)["ppl"]
+        print(f"[{time.time() - t_start:5.0f} s] WikiText-2 test ppl: dense {ppl_dense:.2f}, pruned to "
+              f"{record['neurons_kept']} neurons {ppl_start:.2f}", flush=True)
+        record["ppl_pruned"] = ppl_start
+        trained, router_groups = pruned_mlp_parameters(model, dense_layers=[0]), []
+    else:
+        print(f"[{time.time() - t_start:5.0f} s] MoEfying SmolLM2-135M into {E} experts, top-{k}", flush=True)
+        model = moefy(dense, calib, num_experts=E, top_k=k, dense_layers=[0], seed=args.seed)
+        del dense
+        normalise_top_k_weights(model)
+        model.config.router_aux_loss_coef = args.aux_coef
+        model.config.output_router_logits = True
+        ppl_moefied = perplexity(model, test_ids, 2048, args.test_windows, progress=False)["ppl"]
+        print(f"[{time.time() - t_start:5.0f} s] WikiText-2 test ppl: dense {ppl_dense:.2f}, MoEfied top-{k} {ppl_moefied:.2f}", flush=True)
+        record["ppl_moefied"] = ppl_moefied
+        record["routing_moefied"] = routing_stats(model, test_ids, 2048, 1)["mean_over_layers"]
+        trained, routers = moe_parameters(model)
+        router_groups = [{"params": routers, "lr": args.router_lr}]
 
     splits = token_splits(tokenizer)
     train = {s: windows(tr, args.seq_len) for s, (tr, _) in splits.items()}
     held = [windows(ho, args.seq_len)[: args.eval_windows] for _, ho in splits.values()]
     held_batches = [w[i:i + args.batch] for w in held for i in range(0, len(w), args.batch)]
     record["data"] = {s: {"train_windows": len(train[s]), "held_out_windows": len(h)} for s, h in zip(train, held)}
-    experts, routers = moe_parameters(model)
-    opt = torch.optim.AdamW([{"params": experts, "lr": args.lr}, {"params": routers, "lr": args.router_lr}],
+    opt = torch.optim.AdamW([{"params": trained, "lr": args.lr}, *router_groups],
                             weight_decay=0.0, betas=(0.9, 0.95))
     base_lrs = [g["lr"] for g in opt.param_groups]
     gen = torch.Generator().manual_seed(args.seed)
@@ -217,17 +303,18 @@ def main():
             g["lr"] = lr * min(1.0, step / args.warmup)
         out = model(batch, labels=batch)
         out.loss.backward()
-        torch.nn.utils.clip_grad_norm_(experts + routers, 1.0)
+        torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
+        aux = out.aux_loss.item() if getattr(out, "aux_loss", None) is not None else None
         if step % 5 == 0:
-            print(f"[{time.time() - t_start:5.0f} s] step {step}: loss {out.loss.item():.4f} "
-                  f"(aux {out.aux_loss.item():.3f})", flush=True)
-        out_of_time = time.time() - t_train > args.budget_min * 60
+            print(f"[{time.time() - t_start:5.0f} s] step {step}: loss {out.loss.item():.4f}"
+                  + (f" (aux {aux:.3f})" if aux is not None else ""), flush=True)
+        out_of_time = time.time() - t_train > args.budget_min * 60 or step == args.max_steps
         if step % args.eval_every == 0 or out_of_time:
             loss = held_out_loss(model, held_batches)
             curve.append({"step": step, "tokens": step * args.batch * args.seq_len, "held_out_loss": loss,
-                          "train_loss": out.loss.item(), "aux_loss": out.aux_loss.item(), "s": time.time() - t_start})
+                          "train_loss": out.loss.item(), "aux_loss": aux, "s": time.time() - t_start})
             improved = loss < best - 1e-4
             if improved:
                 best, bad = loss, 0
@@ -238,7 +325,8 @@ def main():
                   f"{' best' if improved else f', no gain {bad}/{args.patience}'}", flush=True)
             if bad >= args.patience or out_of_time:
                 break
-    record["stopped"] = "patience" if bad >= args.patience else "time budget"
+    record["stopped"] = ("patience" if bad >= args.patience else "max steps" if step == args.max_steps
+                         else "time budget")
     record["train_s"] = time.time() - t_train
     record["curve"] = curve
     if best_state is not None:
@@ -246,27 +334,31 @@ def main():
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
-    model.config.output_router_logits = False
-    model.config.moe_training = {
-        "recipe": "MoEfication (co-activation split, fitted routers) + fine-tuning of experts and routers "
-                  "(scripts/train_moe_smollm2.py)",
-        "steps": step, "tokens": step * args.batch * args.seq_len, "best_held_out_loss": best,
-        **{key: record["settings"][key] for key in ("num_experts", "top_k", "seq_len", "batch", "lr", "router_lr",
-                                                    "aux_coef", "warmup", "seed")},
-        "data": "TinyStories subset + WikiText-2 validation (first 90% each), alternating windows",
-    }
     record["ppl_trained"] = perplexity(model, test_ids, 2048, args.test_windows, progress=False)["ppl"]
-    record["routing_trained"] = routing_stats(model, test_ids, 2048, args.test_windows)
-    print(f"[{time.time() - t_start:5.0f} s] trained: WikiText-2 test ppl {record['ppl_trained']:.2f} "
-          f"(dense {ppl_dense:.2f}, MoEfied {ppl_moefied:.2f}); routing {record['routing_trained']['mean_over_layers']}",
-          flush=True)
-    save(model, out_dir, tokenizer)
-    record["checkpoint"] = str(out_dir)
+    if args.dense_reference:
+        print(f"[{time.time() - t_start:5.0f} s] trained: WikiText-2 test ppl {record['ppl_trained']:.2f} "
+              f"(dense {ppl_dense:.2f}, pruned {record['ppl_pruned']:.2f})", flush=True)
+    else:
+        model.config.output_router_logits = False
+        model.config.moe_training = {
+            "recipe": "MoEfication (co-activation split, fitted routers) + fine-tuning of experts and routers "
+                      "(scripts/train_moe_smollm2.py)",
+            "steps": step, "tokens": step * args.batch * args.seq_len, "best_held_out_loss": best,
+            **{key: record["settings"][key] for key in ("num_experts", "top_k", "seq_len", "batch", "lr",
+                                                        "router_lr", "aux_coef", "warmup", "seed")},
+            "data": "TinyStories subset + WikiText-2 validation (first 90% each), alternating windows",
+        }
+        record["routing_trained"] = routing_stats(model, test_ids, 2048, args.test_windows)
+        print(f"[{time.time() - t_start:5.0f} s] trained: WikiText-2 test ppl {record['ppl_trained']:.2f} "
+              f"(dense {ppl_dense:.2f}, MoEfied {record['ppl_moefied']:.2f}); "
+              f"routing {record['routing_trained']['mean_over_layers']}", flush=True)
+        save(model, out_dir, tokenizer)
+        record["checkpoint"] = str(out_dir)
     record["total_s"] = time.time() - t_start
     path = Path(args.results)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(record, indent=2) + "\n")
-    print(f"saved {out_dir}; wrote {path}", flush=True)
+    print(f"wrote {path}" + ("" if args.dense_reference else f"; saved {out_dir}"), flush=True)
 
 
 if __name__ == "__main__":

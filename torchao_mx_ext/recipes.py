@@ -17,6 +17,9 @@ rounded (RTN, or GPTQ calibrated layer by layer):
   error of the rotated activations instead of the whip loss (MX-aware; new here).
 - ``gptq``, ``gptq-block-rot``, ``quarot+gptq``, ``brq+gptq``, ``dartquant-block+gptq``,
   ``mxrot-block+gptq``: the same rotations, GPTQ weights (sequential, layer by layer).
+- ``gptaq``, ``gptaq-block-rot``, ``brq+gptaq``: GPTQ with asymmetric calibration (GPTAQ): each linear
+  fitted to the full-precision model's output from what it really consumes (drifted, MXFP4-quantized
+  inputs), :mod:`torchao_mx_ext.calibration.gptq`.
 """
 
 import warnings
@@ -92,13 +95,13 @@ def _per_linear(s: QuantSettings, kind: str) -> MXFP4Config:
     return s.config(MXFP4BlockRotConfig, rotation="random_hadamard", rotation_size=None, seed=s.seed)
 
 
-def _gptq(model, s: QuantSettings, config: Union[MXFP4Config, ConfigFor]):
+def _gptq(model, s: QuantSettings, config: Union[MXFP4Config, ConfigFor], asymmetric: bool = False):
     if s.calib_ids is None:
         raise ValueError("GPTQ methods need calibration data (QuantSettings.calib_ids)")
-    return sequential_gptq(model, s.calib_ids, as_config_for(config))
+    return sequential_gptq(model, s.calib_ids, as_config_for(config), asymmetric=asymmetric)
 
 
-def _make(kind: str, gptq: bool) -> Callable:
+def _make(kind: str, gptq: bool, asymmetric: bool = False) -> Callable:
     def apply(model, s: QuantSettings):
         if kind in ("quarot", "brq"):
             config = _fuse_model_rotation(model, s, None if kind == "quarot" else 32, "random_hadamard" if kind == "quarot" else "hadamard")
@@ -107,9 +110,9 @@ def _make(kind: str, gptq: bool) -> Callable:
                                             "mxfp4" if kind == "mxrot-block" else "whip")
         else:
             config = _per_linear(s, kind)
-        return _gptq(model, s, config) if gptq else quantize_linears(model, config)
+        return _gptq(model, s, config, asymmetric) if gptq else quantize_linears(model, config)
 
-    apply.__name__ = f"{kind}{'+gptq' if gptq else ''}"
+    apply.__name__ = f"{kind}{('+gptaq' if asymmetric else '+gptq') if gptq else ''}"
     return apply
 
 
@@ -136,4 +139,7 @@ METHODS = {
     "dartquant-block+gptq": Method(_make("dartquant-block", True), seeded=True, calibrated=True),
     "mxrot-block": Method(_make("mxrot-block", False), seeded=True, calibrated=True),
     "mxrot-block+gptq": Method(_make("mxrot-block", True), seeded=True, calibrated=True),
+    "gptaq": Method(_make("rtn", True, asymmetric=True), calibrated=True),
+    "gptaq-block-rot": Method(_make("block-rot", True, asymmetric=True), calibrated=True),
+    "brq+gptaq": Method(_make("brq", True, asymmetric=True), calibrated=True),
 }

@@ -44,6 +44,18 @@ All layers observe the full-precision model's inputs (one pass). The paper's seq
 layer calibrated on the outputs of the already quantized layers before it) is the per-layer driver
 :func:`torchao_mx_ext.calibration.sequential.sequential_gptq` on top of this.
 
+Asymmetric calibration (``asymmetric=True``; GPTAQ, Li et al., arXiv 2504.02692): plain GPTQ fits the
+quantized layer to its *own* full-precision output on the inputs it sees, ``X~ W^T``. The asymmetric
+objective fits it to the *reference* output instead, ``min_Q || X~_q Q^T - X W^T ||^2``, where ``X~_q``
+is what the quantized linear really consumes (its input rotated and, for W4A4, MXFP4-quantized) and
+``X`` the reference input (the full-precision model's, when :func:`~.sequential.sequential_gptq`
+runs a full-precision stream beside the quantized one; else the same rows unquantized). With
+``H = 2/n X~_q^T X~_q`` and ``C = 2/n X~_q^T X`` the objective equals, up to a constant,
+``|| X~_q (Q - W*)^T ||^2`` with the least-squares target ``W* = W C^T H^-1``, so it is GPTQ of ``W*``
+on ``H`` (the same greedy OBS steps, since the two quadratics differ by a constant). The target is
+computed as a correction, ``W* = W + W (C - H)^T (H + lambda I)^-1`` (``lambda`` GPTQ's damping), so
+the correction vanishes exactly when ``X~_q = X`` and damping only shrinks the correction.
+
 Fused MoE experts (3-D weights) are GPTQ'd expert by expert through the same config
 (``filter_fn=is_fused_experts``): :mod:`.gptq_experts`.
 
@@ -62,7 +74,7 @@ from torchao.core.config import AOBaseConfig
 from torchao.utils import TorchAOBaseTensor
 
 from ..configs import MXFP4Config, report_padding, set_linear_repr, weight_layout
-from ..mx import check_scale_rule, e2m1_to_code, element_multiplier, pack_uint4, round_onto_scales
+from ..mx import check_scale_rule, e2m1_to_code, element_multiplier, mxfp4_fake_quantize, pack_uint4, round_onto_scales
 from ..mx.e8m0 import E8M0_MAX_EXP, E8M0_MIN_EXP, exp2_int, exponent_to_e8m0
 from ..mx.quantize import quantize_blocks
 from ..rotation import pad_and_rotate
@@ -75,6 +87,7 @@ __all__ = [
     "GPTQConfig",
     "HESSIAN_DTYPES",
     "HessianObserver",
+    "asymmetric_target",
     "MXFP4GPTQConfig",
     "OBSERVER_ATTR",
     "convert_linear",
@@ -315,6 +328,28 @@ def _upper_cholesky_of_inverse(h: torch.Tensor) -> torch.Tensor:
     return upper
 
 
+def asymmetric_target(weight: torch.Tensor, hessian: torch.Tensor, cross: torch.Tensor, damp: float = 0.01) -> torch.Tensor:
+    """The weight ``W* [N, K]`` (float64) that GPTQ quantizes under asymmetric calibration (module docstring).
+
+    ``hessian = 2/n X~_q^T X~_q`` and ``cross = 2/n X~_q^T X`` (``[K, K]``, rows ``X~_q`` the quantized
+    layer's real inputs, ``X`` the reference inputs). ``W* = W + W (C - H)^T (H + lambda I)^-1`` with
+    ``lambda = damp * mean(diag H)``: the ridge least-squares solution of ``X~_q V^T ~ X W^T`` written
+    as a correction of ``W``. Dead inputs (``H_ii = 0``, so ``C_i. = 0``) get ``H_ii = 1`` first, as in
+    :func:`gptq_mxfp4`, and their correction is zero; GPTQ zeroes those columns anyway.
+    """
+    w = weight.detach().to(torch.float64)
+    h = hessian.detach().to(device=w.device, dtype=torch.float64).clone()
+    c = cross.detach().to(device=w.device, dtype=torch.float64)
+    if h.shape != (w.shape[1], w.shape[1]) or c.shape != h.shape:
+        raise ValueError(f"hessian {tuple(hessian.shape)} and cross {tuple(cross.shape)} must be [K, K] for a weight {tuple(weight.shape)}")
+    dead = torch.diagonal(h) == 0
+    h.diagonal()[dead] = 1.0
+    h.diagonal().add_(damp * torch.diagonal(h).mean())
+    # (H + lambda I) is symmetric: W* - W = ((H + lambda I)^-1 (C - H) W^T)^T
+    correction = torch.linalg.solve(h, (c - hessian.to(h)) @ w.T).T
+    return w + correction
+
+
 # ---------------------------------------------------------------------------------------------
 # prepare -> calibrate -> convert through quantize_
 # ---------------------------------------------------------------------------------------------
@@ -323,22 +358,53 @@ class HessianObserver:
     input row ``x`` a linear sees; ``hessian() = 2/n S``. ``x R`` is computed exactly as
     ``RotatedMXFP4Tensor.rotate_input`` does (float32, zero-padded, shared rotation block).
 
+    Asymmetric calibration (``asymmetric=True``, module docstring): the rows accumulated into ``S`` are
+    what the quantized linear consumes, ``Q_a(x R)`` with ``act_quant = (block_size, act_scale_rule)``
+    (``None``: weight-only, no activation quantization), and ``cross() = 2/n sum Q_a(x R)^T (x_ref R)``.
+    The reference rows are the same call's ``x R``, unless :meth:`record_reference` was switched on for
+    an earlier call: that call's rows (the full-precision stream's input) are kept and paired with the
+    next call's (the quantized stream's), which must have as many rows.
+
     A plain object, not an ``nn.Module``: it must not show up in ``named_modules`` or the state dict.
     ``name``: how convert's messages name the layer (the sequential driver sets the module's fqn; a
     ``quantize_`` handler never sees it, so by default they describe the module).
     """
 
-    def __init__(self, in_features: int, padded: int, rotation: Optional[torch.Tensor], dtype: torch.dtype, device):
+    def __init__(
+        self,
+        in_features: int,
+        padded: int,
+        rotation: Optional[torch.Tensor],
+        dtype: torch.dtype,
+        device,
+        asymmetric: bool = False,
+        act_quant: Optional[Tuple[int, str]] = None,
+    ):
         self.name: Optional[str] = None
         self.in_features = in_features
         self.padded = padded
         self.rotation = rotation
         self.sum = torch.zeros(padded, padded, dtype=dtype, device=device)
+        self.cross_sum = torch.zeros(padded, padded, dtype=dtype, device=device) if asymmetric else None
+        self.act_quant = act_quant if asymmetric else None
+        self.recording_reference = False
+        self.reference: Optional[torch.Tensor] = None
         self.count = 0
         self.handle = None
 
+    @property
+    def asymmetric(self) -> bool:
+        return self.cross_sum is not None
+
     def rotate(self, x: torch.Tensor) -> torch.Tensor:
         return pad_and_rotate(x.to(torch.float32), self.padded, self.rotation)
+
+    def record_reference(self, enabled: bool = True) -> None:
+        """While enabled, calls store their rotated rows as the reference of the next (quantized-stream)
+        call instead of accumulating (asymmetric observers only)."""
+        if not self.asymmetric:
+            raise ValueError("reference rows are only used by asymmetric observers")
+        self.recording_reference = enabled
 
     @torch.no_grad()
     def update(self, x: torch.Tensor) -> None:
@@ -346,15 +412,42 @@ class HessianObserver:
             raise ValueError(f"observed input width {x.shape[-1]} != in_features {self.in_features}")
         if self.sum.device != x.device:  # the model moved after prepare: follow it
             self.sum = self.sum.to(x.device)
+            if self.cross_sum is not None:
+                self.cross_sum = self.cross_sum.to(x.device)
             if self.rotation is not None:
                 self.rotation = self.rotation.to(x.device)
-        xr = self.rotate(x.detach().reshape(-1, self.in_features)).to(self.sum.dtype)
-        self.sum.addmm_(xr.t(), xr)
-        self.count += xr.shape[0]
+        xr = self.rotate(x.detach().reshape(-1, self.in_features))
+        if self.recording_reference:
+            if self.reference is not None:
+                raise RuntimeError(f"{self.name or 'observer'}: two reference passes without a quantized-stream pass between them")
+            self.reference = xr
+            return
+        if self.asymmetric:
+            reference = xr if self.reference is None else self.reference
+            self.reference = None
+            if reference.shape != xr.shape:
+                raise RuntimeError(f"{self.name or 'observer'}: reference rows {tuple(reference.shape)} do not pair with "
+                                   f"the quantized stream's {tuple(xr.shape)}")
+            if self.act_quant is not None:
+                xr = mxfp4_fake_quantize(xr, *self.act_quant)
+            xq = xr.to(self.sum.dtype)
+            self.cross_sum.addmm_(xq.t(), reference.to(self.sum.dtype))
+        else:
+            xq = xr.to(self.sum.dtype)
+        self.sum.addmm_(xq.t(), xq)
+        self.count += xq.shape[0]
 
     def __call__(self, module, args, kwargs):
         x = args[0] if args else kwargs["input"]
         self.update(x)
+
+    def cross(self) -> torch.Tensor:
+        """``C = 2/n sum Q_a(x R)^T (x_ref R)`` (asymmetric observers)."""
+        if self.cross_sum is None:
+            raise ValueError("not an asymmetric observer")
+        if self.count == 0:
+            raise ValueError("no calibration data observed")
+        return self.cross_sum.to(torch.float64) * (2.0 / self.count)
 
     def hessian(self) -> torch.Tensor:
         if self.count == 0:
@@ -386,6 +479,9 @@ class MXFP4GPTQConfig(AOBaseConfig):
         column_block: columns per lazy batch update (GPTQ's 128).
         act_order: process columns by decreasing ``diag(H)`` (static: no index at inference).
         mse_shrink: per group, search exponents ``{e - 1, e, e + 1}`` by Hessian-weighted error.
+        asymmetric: asymmetric calibration (GPTAQ, module docstring): fit ``Q_a(x R) Q^T`` to the
+            reference output instead of the layer's own; the Hessian is taken on the activations as the
+            W4A4 linear quantizes them. Linears only (routed expert inputs of two streams do not pair).
         hessian_dtype: ``"float32"`` or ``"float64"`` accumulation of ``sum x x^T``.
         compute_dtype: ``"float32"`` or ``"float64"`` for the column loop (``H^-1`` is always float64).
     """
@@ -396,6 +492,7 @@ class MXFP4GPTQConfig(AOBaseConfig):
     column_block: int = 128
     act_order: bool = True
     mse_shrink: bool = False
+    asymmetric: bool = False
     hessian_dtype: str = "float32"
     compute_dtype: str = "float32"
 
@@ -411,6 +508,7 @@ class MXFP4GPTQConfig(AOBaseConfig):
         _check_column_block(self.column_block, f"{cls}.")
         check_bool(self.act_order, f"{cls}.act_order")
         check_bool(self.mse_shrink, f"{cls}.mse_shrink")
+        check_bool(self.asymmetric, f"{cls}.asymmetric")
         for name in ("hessian_dtype", "compute_dtype"):
             if getattr(self, name) not in HESSIAN_DTYPES:
                 raise ValueError(f"{name} must be one of {sorted(HESSIAN_DTYPES)}, got {getattr(self, name)!r}")
@@ -452,7 +550,11 @@ def prepare_linear(module: torch.nn.Module, config: MXFP4GPTQConfig) -> torch.nn
     width = weight.shape[-1]
     padded, block = weight_layout(config.base, width, weight.device)
     report_padding(width, padded)
-    observer = HessianObserver(width, padded, block, HESSIAN_DTYPES[config.hessian_dtype], weight.device)
+    act_rule = config.base.activation_scale_rule
+    observer = HessianObserver(
+        width, padded, block, HESSIAN_DTYPES[config.hessian_dtype], weight.device,
+        asymmetric=config.asymmetric, act_quant=None if act_rule is None else (config.base.block_size, act_rule),
+    )
     observer.handle = module.register_forward_pre_hook(observer, with_kwargs=True)
     setattr(module, OBSERVER_ATTR, observer)
     return module
@@ -466,8 +568,11 @@ def gptq_rotated(weight: torch.Tensor, observer: HessianObserver, padded: int, b
     naming the layer (one linear) or summing over experts (fused experts)."""
     base = config.base
     w = pad_and_rotate(weight.to(torch.float64), padded, block)
+    hessian = observer.hessian().to(weight.device)
+    if observer.asymmetric:
+        w = asymmetric_target(w, hessian, observer.cross().to(weight.device), config.damp)
     return _gptq_mxfp4(
-        w, observer.hessian().to(weight.device), base.block_size, base.scale_rule, config.damp,
+        w, hessian, base.block_size, base.scale_rule, config.damp,
         config.column_block, config.act_order, config.mse_shrink, HESSIAN_DTYPES[config.compute_dtype],
     )
 

@@ -59,6 +59,8 @@ class ExpertsHessianObserver:
     A plain object, not an ``nn.Module`` (kept out of ``named_modules`` and the state dict), stored on
     the module as ``mxfp4_gptq_observer`` together with the module's class before prepare. ``name``: how
     convert's messages name the module (set by the sequential driver; default: a description).
+    ``paused``: while True, forwards are not observed (the asymmetric sequential driver's reference
+    stream, which only the linears' observers record).
     """
 
     def __init__(self, names: Tuple[str, str], original_class: type, observers: List[List[HessianObserver]]):
@@ -66,9 +68,12 @@ class ExpertsHessianObserver:
         self.names = names
         self.original_class = original_class
         self.observers = observers
+        self.paused = False
 
     @torch.no_grad()
     def __call__(self, projection: int, rows: torch.Tensor, offsets: torch.Tensor) -> None:
+        if self.paused:
+            return
         start = 0
         for observer, end in zip(self.observers[projection], offsets.tolist()):
             if end > start:  # rows past the last offset are sentinel slots: never observed
@@ -108,6 +113,11 @@ def prepare_experts(module: torch.nn.Module, config: MXFP4GPTQConfig, names: Tup
     """``step="prepare"`` for a fused experts module with projections ``names``: attach an
     :class:`ExpertsHessianObserver` and swap in the observing class (module docstring)."""
     desc = _describe_experts(module, names)
+    if config.asymmetric:
+        raise ValueError(
+            f"{desc}: asymmetric GPTQ pairs the rows of a reference and a quantized stream, and routed expert "
+            "inputs do not pair (the two streams route tokens differently); use asymmetric=False for fused experts"
+        )
     for name in names:
         weight = getattr(module, name)
         if isinstance(weight, TorchAOBaseTensor):

@@ -13,6 +13,15 @@ Per layer: attach Hessian observers (``MXFP4GPTQConfig(step="prepare")``) to its
 experts modules (per-expert Hessians of both 3-D projections, from the tokens the layer's router sends
 each expert), run the calibration inputs through it, run GPTQ (``step="convert"``), then run the
 inputs through the quantized layer to produce the next layer's inputs. A tqdm bar shows the layers.
+
+Asymmetric calibration (``asymmetric=True``, GPTAQ; :mod:`.gptq`): a second, full-precision stream
+runs beside the quantized one (each layer applied, before its conversion, to the full-precision
+model's own hidden states), and every linear is fitted to the full-precision model's output of that
+linear rather than to its own output on the drifted inputs. Per calibration sample the layer runs on
+the reference stream first (its linears' observers keep those inputs) and then on the quantized
+stream (paired with them row by row). Fused experts keep plain GPTQ: tokens of the two streams are
+routed differently, so their rows do not pair. Costs one more layer forward per sample and one more
+hidden-state buffer.
 """
 
 import logging
@@ -22,14 +31,17 @@ import torch
 from torchao.quantization import quantize_
 from tqdm.auto import tqdm
 
-from ..architectures import decoder_layers
+from ..architectures import decoder_layers, expert_projection_names
 from ..configs import MXFP4Config, is_quantizable
 from .data import check_calibration_ids
-from .gptq import OBSERVER_ATTR, MXFP4GPTQConfig
+from .gptq import OBSERVER_ATTR, HessianObserver, MXFP4GPTQConfig
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["capture_first_layer_inputs", "decoder_layers_fqn", "materialize_offloaded", "run_layer", "sequential_gptq"]
+__all__ = [
+    "capture_first_layer_inputs", "decoder_layers_fqn", "materialize_offloaded", "run_layer", "run_layer_paired",
+    "sequential_gptq",
+]
 
 
 class _StopForward(Exception):
@@ -88,6 +100,23 @@ def run_layer(layer, hidden: torch.Tensor, kwargs: Dict) -> torch.Tensor:
     return out
 
 
+def run_layer_paired(layer, reference: torch.Tensor, hidden: torch.Tensor, kwargs: Dict, observers) -> torch.Tensor:
+    """Asymmetric calibration's pass over one layer: per sample, ``layer`` on the ``reference`` stream
+    with the linears' observers recording their reference rows (experts' observers paused), then on
+    ``hidden`` (the quantized stream), which they accumulate paired with those rows. Returns the layer's
+    outputs on the reference stream (the next layer's reference inputs)."""
+    out = torch.empty_like(reference)
+    for i in range(reference.shape[0]):
+        for observer in observers:
+            observer.record_reference(True) if isinstance(observer, HessianObserver) else setattr(observer, "paused", True)
+        y = layer(reference[i : i + 1], **kwargs)
+        out[i] = (y[0] if isinstance(y, tuple) else y)[0]
+        for observer in observers:
+            observer.record_reference(False) if isinstance(observer, HessianObserver) else setattr(observer, "paused", False)
+        layer(hidden[i : i + 1], **kwargs)
+    return out
+
+
 @torch.no_grad()
 def sequential_gptq(
     model: torch.nn.Module,
@@ -103,7 +132,8 @@ def sequential_gptq(
     looked up by its own short name (``"experts"``: one config for both its 3-D projections, as
     :func:`torchao_mx_ext.configs.quantize_linears` does for RTN) and gets per-expert GPTQ (module
     docstring of :mod:`torchao_mx_ext.calibration.gptq`). ``gptq_kwargs`` go to
-    :class:`~.gptq.MXFP4GPTQConfig` (``damp``, ``column_block``, ``act_order``, ``mse_shrink``).
+    :class:`~.gptq.MXFP4GPTQConfig` (``damp``, ``column_block``, ``act_order``, ``mse_shrink``,
+    ``asymmetric``: the linears are fitted to the full-precision model's outputs, module docstring).
 
     Checked before the model is touched: ``calib_ids`` (an integer ``[n, seq_len]`` tensor of ids in
     the model's vocabulary, :func:`.data.check_calibration_ids`), ``gptq_kwargs`` and every config
@@ -112,6 +142,7 @@ def sequential_gptq(
     layers = decoder_layers(model, "sequential calibration")
     calib_ids = check_calibration_ids(model, calib_ids, "sequential_gptq")
     # Every layer's targets and configs up front: a bad config fails here, not after earlier layers changed.
+    asymmetric = gptq_kwargs.get("asymmetric", False)
     plan = []
     for i, layer in enumerate(layers):
         targets = {}
@@ -121,21 +152,30 @@ def sequential_gptq(
             if is_quantizable(module):
                 base = config_for(fqn.split(".")[-1])
                 if base is not None:
+                    kwargs = dict(gptq_kwargs)
+                    if expert_projection_names(module) is not None:
+                        kwargs["asymmetric"] = False  # routed rows of two streams do not pair (module docstring)
                     targets[fqn] = (
-                        MXFP4GPTQConfig(base=base, step="prepare", **gptq_kwargs),
-                        MXFP4GPTQConfig(base=base, step="convert", **gptq_kwargs),
+                        MXFP4GPTQConfig(base=base, step="prepare", **kwargs),
+                        MXFP4GPTQConfig(base=base, step="convert", **kwargs),
                     )
         plan.append(targets)
     layers_fqn = decoder_layers_fqn(model)
     hidden, kwargs = capture_first_layer_inputs(model, calib_ids)
+    reference = hidden.clone() if asymmetric else None
     for i, (layer, targets) in enumerate(tqdm(list(zip(layers, plan)), desc="GPTQ layers", disable=not progress)):
         materialize_offloaded(layer)
+        observers = []
         for fqn, (prepare, _) in targets.items():
             quantize_(layer, prepare, filter_fn=lambda m, n, f=fqn: n == f)
             observer = getattr(layer.get_submodule(fqn), OBSERVER_ATTR, None)
             if observer is not None:
                 observer.name = f"{layers_fqn}.{i}.{fqn}"
-        run_layer(layer, hidden, kwargs)
+                observers.append(observer)
+        if asymmetric:
+            reference = run_layer_paired(layer, reference, hidden, kwargs, observers)
+        else:
+            run_layer(layer, hidden, kwargs)
         for fqn, (_, convert) in targets.items():
             quantize_(layer, convert, filter_fn=lambda m, n, f=fqn: n == f)
         hidden = run_layer(layer, hidden, kwargs)
