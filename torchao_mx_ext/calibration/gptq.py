@@ -44,7 +44,7 @@ All layers observe the full-precision model's inputs (one pass). The paper's seq
 layer calibrated on the outputs of the already quantized layers before it) is the per-layer driver
 :func:`torchao_mx_ext.calibration.sequential.sequential_gptq` on top of this.
 
-Asymmetric calibration (``asymmetric=True``; GPTAQ, Li et al., arXiv 2504.02692): plain GPTQ fits the
+Asymmetric calibration (``asymmetric=True``; GPTAQ, Li et al., ICML 2025, arXiv 2504.02692): plain GPTQ fits the
 quantized layer to its *own* full-precision output on the inputs it sees, ``X~ W^T``. The asymmetric
 objective fits it to the *reference* output instead, ``min_Q || X~_q Q^T - X W^T ||^2``, where ``X~_q``
 is what the quantized linear really consumes (its input rotated and, for W4A4, MXFP4-quantized) and
@@ -53,8 +53,11 @@ runs a full-precision stream beside the quantized one; else the same rows unquan
 ``H = 2/n X~_q^T X~_q`` and ``C = 2/n X~_q^T X`` the objective equals, up to a constant,
 ``|| X~_q (Q - W*)^T ||^2`` with the least-squares target ``W* = W C^T H^-1``, so it is GPTQ of ``W*``
 on ``H`` (the same greedy OBS steps, since the two quadratics differ by a constant). The target is
-computed as a correction, ``W* = W + W (C - H)^T (H + lambda I)^-1`` (``lambda`` GPTQ's damping), so
-the correction vanishes exactly when ``X~_q = X`` and damping only shrinks the correction.
+computed as a correction, ``W* = W + W (C - H)^T (H + lambda I)^-1`` (``lambda`` GPTQ's damping): the
+ridge solution pulled towards ``W`` (``+ lambda ||V - W||^2``), so the correction vanishes exactly
+when ``X~_q = X``. Taking the Hessian on the *quantized* activations (W4A4) is our choice: fitting
+through the activation quantizer lets the weights absorb part of its error too, but that fit needs
+many calibration rows per input channel to generalise (tests: 8x the width did not, 48x did).
 
 Fused MoE experts (3-D weights) are GPTQ'd expert by expert through the same config
 (``filter_fn=is_fused_experts``): :mod:`.gptq_experts`.
@@ -333,8 +336,8 @@ def asymmetric_target(weight: torch.Tensor, hessian: torch.Tensor, cross: torch.
 
     ``hessian = 2/n X~_q^T X~_q`` and ``cross = 2/n X~_q^T X`` (``[K, K]``, rows ``X~_q`` the quantized
     layer's real inputs, ``X`` the reference inputs). ``W* = W + W (C - H)^T (H + lambda I)^-1`` with
-    ``lambda = damp * mean(diag H)``: the ridge least-squares solution of ``X~_q V^T ~ X W^T`` written
-    as a correction of ``W``. Dead inputs (``H_ii = 0``, so ``C_i. = 0``) get ``H_ii = 1`` first, as in
+    ``lambda = damp * mean(diag H)``: the minimiser of ``2/n ||X~_q V^T - X W^T||^2 + lambda ||V - W||^2``
+    (ridge least squares pulled towards ``W``), written as a correction of ``W``. Dead inputs (``H_ii = 0``, so ``C_i. = 0``) get ``H_ii = 1`` first, as in
     :func:`gptq_mxfp4`, and their correction is zero; GPTQ zeroes those columns anyway.
     """
     w = weight.detach().to(torch.float64)
