@@ -277,3 +277,33 @@ def test_dartquant_methods_fuse_learned_rotations(name, ids):
     check_quantized_model(model, captured["given"], ids, "floor", "floor", r4_only(name))
     with pytest.raises(ValueError, match="calibration data"):
         METHODS[name].apply(tiny_llama(), QuantSettings("floor"))
+
+
+# -- the one-line recipe -----------------------------------------------------------------------------
+
+def test_quantize_model_runs_the_named_method_and_checks_first(ids):
+    """``tme.quantize_model`` = ``METHODS[method].apply`` with those settings (bit-identical weights);
+    bad arguments are refused before the model changes."""
+    import torchao_mx_ext as tme
+
+    calib = torch.randint(3, VOCAB, (2, 32), generator=torch.Generator().manual_seed(5))
+    model = tme.quantize_model(tiny_llama(), calib)  # the default: recipes.DEFAULT_METHOD
+    reference = tiny_llama()
+    METHODS[recipes.DEFAULT_METHOD].apply(reference, QuantSettings("mse", calib_ids=calib))
+    for (name, w), (_, w_ref) in zip(model.state_dict().items(), reference.state_dict().items()):
+        if isinstance(w, RotatedMXFP4Tensor):
+            assert torch.equal(w.qdata, w_ref.qdata) and torch.equal(w.scale, w_ref.scale), name
+        else:
+            assert torch.equal(w, w_ref), name
+    assert isinstance(model.model.layers[0].mlp.down_proj.weight, RotatedMXFP4Tensor)
+
+    fresh = tiny_llama()
+    before = fp_state(fresh)
+    for kwargs, err in [
+        (dict(method="nope"), ValueError), (dict(method="fp"), ValueError), (dict(), ValueError),  # no calib_ids
+        (dict(method="brq", scale_rule="round"), ValueError), (dict(method="brq", weight_only=1), TypeError),
+    ]:
+        with pytest.raises(err):
+            tme.quantize_model(fresh, **kwargs)
+    after = fp_state(fresh)
+    assert all(torch.equal(before[k], after[k]) for k in before)

@@ -41,6 +41,7 @@ _EXPORTS = {
     "apply_router_pass": "moe",
     "qesc_quantize": "moe",
     "MXFP4HfConfig": "hf",
+    "quantize_model": "recipes",
 }
 _SUBMODULES = {
     "calibration", "cli", "configs", "eval", "hf", "inference", "kernels", "moe", "mx", "recipes",

@@ -28,13 +28,17 @@ from typing import Callable, Optional, Union
 
 import torch
 
+from .calibration.data import check_bool
 from .calibration.sequential import sequential_gptq
 from .configs import (
     ConfigFor, MXFP4BlockRotConfig, MXFP4Config, as_config_for, is_quantizable, quantizable_filter, quantize_linears,
 )
 from .rotation.fusion import block_diagonal, check_supported, fuse_rotations, head_dim_of
 
-__all__ = ["METHODS", "Method", "QuantSettings", "is_quantizable_linear", "quantizable_filter", "quantize_linears"]
+__all__ = [
+    "DEFAULT_METHOD", "METHODS", "Method", "QuantSettings", "is_quantizable_linear", "quantizable_filter", "quantize_linears",
+    "quantize_model",
+]
 
 
 def is_quantizable_linear(module: torch.nn.Module, fqn: str) -> bool:
@@ -143,3 +147,37 @@ METHODS = {
     "gptaq-block-rot": Method(_make("block-rot", True, asymmetric=True), calibrated=True),
     "brq+gptaq": Method(_make("brq", True, asymmetric=True), calibrated=True),
 }
+
+# The method that measures best on the full protocol (docs/results.md, "Accuracy methods"), W4A4 and
+# weight-only alike: what quantize_model runs unless told otherwise.
+DEFAULT_METHOD = "gptaq-block-rot"
+
+
+def quantize_model(
+    model: torch.nn.Module,
+    calib_ids: Optional[torch.Tensor] = None,
+    method: str = DEFAULT_METHOD,
+    scale_rule: str = "mse",
+    weight_only: bool = False,
+    act_scale_rule: Optional[str] = None,
+    seed: int = 0,
+) -> torch.nn.Module:
+    """Quantize ``model`` in place with a named method of :data:`METHODS` (default: the best measured,
+    :data:`DEFAULT_METHOD`) and return it: the one-line recipe ::
+
+        calib = calibration_ids(tokenizer, "wikitext2", 32, 2048)   # torchao_mx_ext.calibration.data
+        tme.quantize_model(model, calib)                             # GPTAQ on the block Hadamard, W4A4
+
+    ``calib_ids [n, L]``: token ids for calibrated methods (checked by the method: in the model's
+    vocabulary, ``L`` within its positions); ``weight_only``: MXFP4 weights, activations unquantized.
+    Calibration cost of the default on SmolLM2-135M with 32 x 2048 tokens: docs/results.md.
+    """
+    if method not in METHODS or METHODS[method].apply is None:
+        raise ValueError(f"method must be one of {sorted(m for m, s in METHODS.items() if s.apply is not None)}, got {method!r}")
+    if METHODS[method].calibrated and calib_ids is None:
+        raise ValueError(f"{method} is calibrated: pass calib_ids (e.g. torchao_mx_ext.calibration.data.calibration_ids)")
+    check_bool(weight_only, "weight_only")
+    settings = QuantSettings(scale_rule, act_scale_rule, weight_only, seed, calib_ids)
+    settings.config()  # the rules checked before anything (a model-level rotation) changes the model
+    METHODS[method].apply(model, settings)
+    return model
