@@ -150,7 +150,7 @@ METHODS = {
 
 # The method that measures best on the full protocol (docs/results.md, "Accuracy methods"), W4A4 and
 # weight-only alike: what quantize_model runs unless told otherwise.
-DEFAULT_METHOD = "gptaq-block-rot"
+DEFAULT_METHOD = "gptq-block-rot"
 
 
 def quantize_model(
@@ -166,7 +166,7 @@ def quantize_model(
     :data:`DEFAULT_METHOD`) and return it: the one-line recipe ::
 
         calib = calibration_ids(tokenizer, "wikitext2", 32, 2048)   # torchao_mx_ext.calibration.data
-        tme.quantize_model(model, calib)                             # GPTAQ on the block Hadamard, W4A4
+        tme.quantize_model(model, calib)                             # GPTQ on the block Hadamard, W4A4
 
     ``calib_ids [n, L]``: token ids for calibrated methods (checked by the method: in the model's
     vocabulary, ``L`` within its positions); ``weight_only``: MXFP4 weights, activations unquantized.
