@@ -160,7 +160,7 @@ def test_cli_names_match_the_library():
     assert cli.MOE_METHOD_NAMES == tuple(MOE_METHODS) and cli.MOE_DEFAULT_METHODS == DEFAULT_METHODS
     assert {m for m in METHODS if cli._is_model_level(m)} == {
         "quarot", "brq", "quarot+gptq", "brq+gptq", "dartquant", "dartquant-block", "dartquant-block+gptq",
-        "mxrot-block", "mxrot-block+gptq",
+        "mxrot-block", "mxrot-block+gptq", "brq+gptaq",
     }
     assert "check_supported" in vars(fusion)
 
