@@ -302,6 +302,7 @@ def test_quantize_model_runs_the_named_method_and_checks_first(ids):
     for kwargs, err in [
         (dict(method="nope"), ValueError), (dict(method="fp"), ValueError), (dict(), ValueError),  # no calib_ids
         (dict(method="brq", scale_rule="round"), ValueError), (dict(method="brq", weight_only=1), TypeError),
+        (dict(method="brq", seed=-1), ValueError), (dict(method="brq", seed=1.5), TypeError),
     ]:
         with pytest.raises(err):
             tme.quantize_model(fresh, **kwargs)

@@ -28,7 +28,7 @@ from typing import Callable, Optional, Union
 
 import torch
 
-from .calibration.data import check_bool
+from .calibration.data import check_bool, check_int
 from .calibration.sequential import sequential_gptq
 from .configs import (
     ConfigFor, MXFP4BlockRotConfig, MXFP4Config, as_config_for, is_quantizable, quantizable_filter, quantize_linears,
@@ -148,8 +148,8 @@ METHODS = {
     "brq+gptaq": Method(_make("brq", True, asymmetric=True), calibrated=True),
 }
 
-# The method that measures best on the full protocol (docs/results.md, "Accuracy methods"), W4A4 and
-# weight-only alike: what quantize_model runs unless told otherwise.
+# The method that measures best on the full protocol (docs/results.md, "Accuracy methods"; W4A4 rows,
+# weight-only rows not yet run): what quantize_model runs unless told otherwise.
 DEFAULT_METHOD = "gptq-block-rot"
 
 
@@ -177,6 +177,7 @@ def quantize_model(
     if METHODS[method].calibrated and calib_ids is None:
         raise ValueError(f"{method} is calibrated: pass calib_ids (e.g. torchao_mx_ext.calibration.data.calibration_ids)")
     check_bool(weight_only, "weight_only")
+    check_int(seed, "seed", 0)
     settings = QuantSettings(scale_rule, act_scale_rule, weight_only, seed, calib_ids)
     settings.config()  # the rules checked before anything (a model-level rotation) changes the model
     METHODS[method].apply(model, settings)

@@ -59,8 +59,8 @@ class ExpertsHessianObserver:
     A plain object, not an ``nn.Module`` (kept out of ``named_modules`` and the state dict), stored on
     the module as ``mxfp4_gptq_observer`` together with the module's class before prepare. ``name``: how
     convert's messages name the module (set by the sequential driver; default: a description).
-    ``paused``: while True, forwards are not observed (the asymmetric sequential driver's reference
-    stream, which only the linears' observers record).
+    :meth:`record_reference` pauses it (the asymmetric sequential driver's reference stream: routed
+    rows of two streams do not pair, so experts observe the quantized stream only).
     """
 
     def __init__(self, names: Tuple[str, str], original_class: type, observers: List[List[HessianObserver]]):
@@ -69,6 +69,11 @@ class ExpertsHessianObserver:
         self.original_class = original_class
         self.observers = observers
         self.paused = False
+
+    def record_reference(self, enabled: bool = True) -> None:
+        """The interface of :meth:`HessianObserver.record_reference`: while enabled, forwards are not
+        observed (experts keep plain GPTQ under asymmetric calibration)."""
+        self.paused = enabled
 
     @torch.no_grad()
     def __call__(self, projection: int, rows: torch.Tensor, offsets: torch.Tensor) -> None:

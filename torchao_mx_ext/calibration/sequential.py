@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 from ..architectures import decoder_layers, expert_projection_names
 from ..configs import MXFP4Config, is_quantizable
 from .data import check_calibration_ids
-from .gptq import OBSERVER_ATTR, HessianObserver, MXFP4GPTQConfig
+from .gptq import OBSERVER_ATTR, MXFP4GPTQConfig
 
 logger = logging.getLogger(__name__)
 
@@ -108,11 +108,11 @@ def run_layer_paired(layer, reference: torch.Tensor, hidden: torch.Tensor, kwarg
     out = torch.empty_like(reference)
     for i in range(reference.shape[0]):
         for observer in observers:
-            observer.record_reference(True) if isinstance(observer, HessianObserver) else setattr(observer, "paused", True)
+            observer.record_reference(True)
         y = layer(reference[i : i + 1], **kwargs)
         out[i] = (y[0] if isinstance(y, tuple) else y)[0]
         for observer in observers:
-            observer.record_reference(False) if isinstance(observer, HessianObserver) else setattr(observer, "paused", False)
+            observer.record_reference(False)
         layer(hidden[i : i + 1], **kwargs)
     return out
 
