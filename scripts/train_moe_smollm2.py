@@ -18,16 +18,23 @@ the FFN neurons into experts, then continue training with a routing gate and a b
    held-out loss has not improved for ``--patience`` evaluations or the ``--budget-min`` time is spent;
    the best state is kept.
 
-The model is written once to ``<cache>/models/smollm2-135m-moe-e{E}k{k}-trained`` (its ``config.json``
+With ``--shared-neurons S`` (Qwen2-MoE / DeepSeek-MoE layout) the ``S`` neurons with the largest mean
+contribution become an always-on shared expert and the other ``I - S`` are split into the routed experts;
+a token then uses ``S + k (I - S) / E`` neurons. ``--num-experts 32 --top-k 3 --shared-neurons 256``
+(376 of 1536 neurons active, against 384 for top-4 of 16) keeps the always-important neurons out of
+the routing, where MoEfication's plain split has to route them too.
+
+The model is written once to ``<cache>/models/smollm2-135m-moe-e{E}k{k}[s{S}]-trained`` (its ``config.json``
 records the settings under ``moe_training``); the curve and the checks (WikiText-2 test perplexity of
 the dense model, the MoEfied model and the trained one; expert load balance; routing concentration) go
-to ``results/train_moe_smollm2.json``.
+to ``results/train_moe_smollm2.json`` (``results/train_moe_smollm2_e{E}k{k}s{S}.json`` with a shared expert).
 
     .venv/bin/python scripts/train_moe_smollm2.py                      # ~1 h on 2 cores
+    .venv/bin/python scripts/train_moe_smollm2.py --num-experts 32 --top-k 3 --shared-neurons 256   # shared expert
     .venv/bin/python scripts/train_moe_smollm2.py --budget-min 2 --eval-every 5 --output /tmp/moe  # smoke
 
 ``--dense-reference`` trains the yardstick the MoE is judged against instead: the dense model of the same
-*active* size. Each MLP of the same layers keeps ``k/E`` of its neurons (384 of 1536 at top-4 of 16), the
+*active* size. Each MLP of the same layers keeps the MoE's active neurons (384 of 1536 at top-4 of 16), the
 ones with the largest ``mean_t |act_fn(gate x) * up x| * ||down[:, j]||`` on the same calibration windows
 (structured magnitude pruning), and those MLPs are fine-tuned with the same data, optimiser, learning
 rate and step budget (``--max-steps`` = the MoE run's steps), no router and no balance loss. Only its
@@ -59,6 +66,9 @@ def parse_args():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--num-experts", type=int, default=16)
     p.add_argument("--top-k", type=int, default=4)
+    p.add_argument("--shared-neurons", type=int, default=0,
+                   help="always-on shared expert of this many neurons (the most important ones); the other "
+                        "neurons are split into the routed experts (Qwen2-MoE / DeepSeek-MoE layout)")
     p.add_argument("--seq-len", type=int, default=512, help="training window")
     p.add_argument("--batch", type=int, default=4, help="windows per step")
     p.add_argument("--lr", type=float, default=5e-5, help="AdamW learning rate of the experts")
@@ -81,9 +91,24 @@ def parse_args():
                         "results/train_dense_reference_smollm2.json with --dense-reference)")
     args = p.parse_args()
     if args.results is None:
-        name = "train_dense_reference_smollm2.json" if args.dense_reference else "train_moe_smollm2.json"
+        shape = f"_e{args.num_experts}k{args.top_k}s{args.shared_neurons}" if args.shared_neurons else ""
+        name = f"train_dense_reference_smollm2{shape}.json" if args.dense_reference else f"train_moe_smollm2{shape}.json"
         args.results = str(ROOT / "results" / name)
     return args
+
+
+def active_neurons(intermediate: int, num_experts: int, top_k: int, shared: int) -> int:
+    """MLP neurons a token uses: the shared expert's plus ``top_k`` routed experts of
+    ``m = (intermediate - shared) / num_experts`` neurons each. ``m`` must be a whole multiple of 8:
+    otherwise MoEfication pads the experts with zero neurons, and its balanced split gathers the padding
+    in a few experts (measured on stories260k: 48, 48, 48 and 20 real neurons), so the active size would
+    depend on the routing."""
+    routed, rest = divmod(intermediate - shared, num_experts)
+    if shared < 0 or rest or routed % 8:
+        raise ValueError(f"(intermediate {intermediate} - shared {shared}) / {num_experts} experts must be a whole "
+                         f"multiple of 8 neurons per expert; e.g. --shared-neurons "
+                         f"{intermediate % (8 * num_experts)} or that plus a multiple of {8 * num_experts}")
+    return shared + top_k * routed
 
 
 def token_splits(tokenizer, held_out_fraction=0.1):
@@ -184,13 +209,14 @@ def pruned_mlp_parameters(model, dense_layers=(0,)):
 
 
 def moe_parameters(model):
-    """(expert parameters, router parameters) of the MoE layers; everything else is frozen."""
+    """(expert parameters, router parameters) of the MoE layers; everything else is frozen. The shared
+    expert trains with the experts, its sigmoid gate with the routers."""
     experts, routers = [], []
     for name, p in model.named_parameters():
         p.requires_grad_(False)
-        if ".mlp.experts." in name:
+        if ".mlp.experts." in name or ".mlp.shared_expert." in name:
             experts.append(p)
-        elif ".mlp.gate." in name:
+        elif ".mlp.gate." in name or ".mlp.shared_expert_gate." in name:
             routers.append(p)
     for p in experts + routers:
         p.requires_grad_(True)
@@ -247,28 +273,34 @@ def main():
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     random.seed(args.seed)
-    E, k = args.num_experts, args.top_k
-    out_dir = Path(args.output) if args.output else cache_dir() / "models" / f"smollm2-135m-moe-e{E}k{k}-trained"
+    E, k, S = args.num_experts, args.top_k, args.shared_neurons
+    shape = f"e{E}k{k}" + (f"s{S}" if S else "")
+    out_dir = Path(args.output) if args.output else cache_dir() / "models" / f"smollm2-135m-moe-{shape}-trained"
     t_start = time.time()
     record = {"settings": vars(args).copy(), "machine": f"{platform.machine()} CPU, {args.threads} threads, torch {torch.__version__}"}
 
     dense, tokenizer = load_model("smollm2-135m")
+    intermediate = dense.config.intermediate_size
+    record["active_neurons"] = active_neurons(intermediate, E, k, S)  # refuses padded shapes before any work
     calib = calibration_ids(tokenizer, "wikitext2", 16, 512, seed=args.seed)
     test_ids = tokenize_for_perplexity(tokenizer, wikitext2_test_text(data_dir()))
     ppl_dense = perplexity(dense, test_ids, 2048, args.test_windows, progress=False)["ppl"]
     record["ppl_dense"] = ppl_dense
     if args.dense_reference:
-        print(f"[{time.time() - t_start:5.0f} s] pruning the MLPs to the MoE's active size ({k}/{E})", flush=True)
+        print(f"[{time.time() - t_start:5.0f} s] pruning the MLPs to the MoE's active size "
+              f"({record['active_neurons']} of {intermediate} neurons)", flush=True)
         model = dense
-        record["neurons_kept"] = prune_mlps_to_active_size(model, calib, k / E, dense_layers=[0])
+        record["neurons_kept"] = prune_mlps_to_active_size(model, calib, record["active_neurons"] / intermediate,
+                                                           dense_layers=[0])
         ppl_start = perplexity(model, test_ids, 2048, args.test_windows, progress=False)["ppl"]
         print(f"[{time.time() - t_start:5.0f} s] WikiText-2 test ppl: dense {ppl_dense:.2f}, pruned to "
               f"{record['neurons_kept']} neurons {ppl_start:.2f}", flush=True)
         record["ppl_pruned"] = ppl_start
         trained, router_groups = pruned_mlp_parameters(model, dense_layers=[0]), []
     else:
-        print(f"[{time.time() - t_start:5.0f} s] MoEfying SmolLM2-135M into {E} experts, top-{k}", flush=True)
-        model = moefy(dense, calib, num_experts=E, top_k=k, dense_layers=[0], seed=args.seed)
+        print(f"[{time.time() - t_start:5.0f} s] MoEfying SmolLM2-135M into {E} experts, top-{k}"
+              + (f", shared expert of {S} neurons" if S else ""), flush=True)
+        model = moefy(dense, calib, num_experts=E, top_k=k, shared_neurons=S, dense_layers=[0], seed=args.seed)
         del dense
         normalise_top_k_weights(model)
         model.config.router_aux_loss_coef = args.aux_coef
@@ -341,10 +373,12 @@ def main():
     else:
         model.config.output_router_logits = False
         model.config.moe_training = {
-            "recipe": "MoEfication (co-activation split, fitted routers) + fine-tuning of experts and routers "
-                      "(scripts/train_moe_smollm2.py)",
+            "recipe": "MoEfication (co-activation split, fitted routers"
+                      + (f", shared expert of the {S} most important neurons" if S else "")
+                      + ") + fine-tuning of experts and routers (scripts/train_moe_smollm2.py)",
+            "active_neurons": record["active_neurons"],
             "steps": step, "tokens": step * args.batch * args.seq_len, "best_held_out_loss": best,
-            **{key: record["settings"][key] for key in ("num_experts", "top_k", "seq_len", "batch", "lr",
+            **{key: record["settings"][key] for key in ("num_experts", "top_k", "shared_neurons", "seq_len", "batch", "lr",
                                                         "router_lr", "aux_coef", "warmup", "seed")},
             "data": "TinyStories subset + WikiText-2 validation (first 90% each), alternating windows",
         }
