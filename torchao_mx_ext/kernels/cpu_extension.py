@@ -12,6 +12,7 @@ warning is logged and both kernels stay off. ``TORCHAO_MX_EXT_CPU_KERNELS=0`` tu
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import os
 import shutil
@@ -26,6 +27,7 @@ __all__ = ["DISABLE_ENV", "is_available"]
 logger = logging.getLogger(__name__)
 
 _SOURCES = [Path(__file__).with_name("mxfp4_gemv.cpp"), Path(__file__).with_name("mxfp4_mm.cpp")]
+_HEADERS = [Path(__file__).with_name("cpu_isa.h")]
 _EXTENSION_NAME = "torchao_mx_ext_cpu_kernels"
 # One op per source: the library is loaded once all of them have a CPU kernel.
 _OPS = ("torchao_mx_ext::mxfp4_gemv", "torchao_mx_ext::mxfp4_mm")
@@ -55,6 +57,13 @@ def _ninja_on_path():
         os.environ["PATH"] = before
 
 
+def _headers_digest_flag() -> str:
+    """A ``-D`` flag carrying a digest of the shared headers: torch's extension cache keys a build on its
+    sources and flags only, so without it an edited header would reuse a stale library."""
+    digest = hashlib.sha256(b"".join(h.read_bytes() for h in _HEADERS)).hexdigest()[:16]
+    return f"-DTME_HEADERS_DIGEST={digest}"
+
+
 def _load_extension() -> None:
     """Compile (or reuse from torch's extension cache) and load the kernels."""
     if all(torch._C._dispatch_has_kernel_for_dispatch_key(op, "CPU") for op in _OPS):
@@ -66,7 +75,7 @@ def _load_extension() -> None:
         cpp_extension.load(
             name=_EXTENSION_NAME,
             sources=[str(s) for s in _SOURCES],
-            extra_cflags=["-O3", "-fopenmp"],
+            extra_cflags=["-O3", "-fopenmp", _headers_digest_flag()],
             extra_ldflags=["-fopenmp"],
             is_python_module=False,
             verbose=False,

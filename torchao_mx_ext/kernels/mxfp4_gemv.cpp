@@ -36,13 +36,7 @@
 #include <string>
 #include <vector>
 
-#if (defined(__x86_64__) || defined(_M_X64)) && (defined(__GNUC__) || defined(__clang__))
-#define TME_X86_SIMD 1
-#include <immintrin.h>
-#if (defined(__clang__) && __clang_major__ >= 9) || (!defined(__clang__) && __GNUC__ >= 10)
-#define TME_AVX512_BF16 1
-#endif
-#endif
+#include "cpu_isa.h"
 
 namespace {
 
@@ -50,35 +44,13 @@ namespace {
 constexpr float kE2M1[16] = {0.0f, 0.5f, 1.0f, 1.5f, 2.0f, 3.0f, 4.0f, 6.0f,
                              -0.0f, -0.5f, -1.0f, -1.5f, -2.0f, -3.0f, -4.0f, -6.0f};
 
-constexpr int kIsaScalar = 0, kIsaAvx2 = 1, kIsaAvx512 = 2, kIsaAvx512Bf16 = 3;
+using tme_cpu::kIsaAvx2;
+using tme_cpu::kIsaAvx512;
+using tme_cpu::kIsaAvx512Bf16;
+using tme_cpu::kIsaScalar;
 std::atomic<int> g_isa_override{-1};
 
-int detected_isa() {
-#ifdef TME_X86_SIMD
-  static const int isa = [] {
-    const std::string cap = at::get_cpu_capability();  // honours ATEN_CPU_CAPABILITY
-    __builtin_cpu_init();
-#ifdef TME_AVX512_BF16
-    if (cap == "AVX512" && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-        __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bf16"))
-      return kIsaAvx512Bf16;
-#endif
-    if (cap == "AVX512" && __builtin_cpu_supports("avx512f")) return kIsaAvx512;
-    if ((cap == "AVX512" || cap == "AVX2") && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
-      return kIsaAvx2;
-    return kIsaScalar;
-  }();
-  return isa;
-#else
-  return kIsaScalar;
-#endif
-}
-
-int current_isa() {
-  const int forced = g_isa_override.load(std::memory_order_relaxed);
-  const int best = detected_isa();
-  return forced >= 0 && forced < best ? forced : best;
-}
+int current_isa() { return tme_cpu::current_isa(g_isa_override, kIsaAvx512Bf16); }
 
 // fl32(2^(b-127) * fl32(mult)) for every E8M0 byte; 255 is NaN.
 void fill_scale_table(float* tab, double multiplier) {

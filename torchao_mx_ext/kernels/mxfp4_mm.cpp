@@ -38,39 +38,18 @@
 #include <string>
 #include <vector>
 
-#if (defined(__x86_64__) || defined(_M_X64)) && (defined(__GNUC__) || defined(__clang__))
-#define TME_X86_SIMD 1
-#include <immintrin.h>
-#endif
+#include "cpu_isa.h"
 
 namespace {
 
 // E2M1 code -> 2 * value (sign << 3 | index; magnitudes 2 * {0, .5, 1, 1.5, 2, 3, 4, 6}).
 constexpr int8_t kE2M1x2[16] = {0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12};
 
-constexpr int kIsaScalar = 0, kIsaAvx2 = 1;
+using tme_cpu::kIsaAvx2;
+using tme_cpu::kIsaScalar;
 std::atomic<int> g_isa_override{-1};
 
-int detected_isa() {
-#ifdef TME_X86_SIMD
-  static const int isa = [] {
-    const std::string cap = at::get_cpu_capability();  // honours ATEN_CPU_CAPABILITY
-    __builtin_cpu_init();
-    if ((cap == "AVX512" || cap == "AVX2") && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
-      return kIsaAvx2;
-    return kIsaScalar;
-  }();
-  return isa;
-#else
-  return kIsaScalar;
-#endif
-}
-
-int current_isa() {
-  const int forced = g_isa_override.load(std::memory_order_relaxed);
-  const int best = detected_isa();
-  return forced >= 0 && forced < best ? forced : best;
-}
+int current_isa() { return tme_cpu::current_isa(g_isa_override, kIsaAvx2); }  // no AVX-512 path yet
 
 // 2^(b - 128) for every E8M0 byte b (half the block scale: the two halves make up the 4 of
 // 2 x 2 * E2M1); 255 is NaN. All are float32 values (2^-128 a subnormal).

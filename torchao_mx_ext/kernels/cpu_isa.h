@@ -1,0 +1,56 @@
+// x86 instruction-set levels of the CPU MXFP4 kernels (mxfp4_gemv.cpp, mxfp4_mm.cpp), one place.
+//
+// A kernel runs the widest level that both the CPU (cpuid) and ATen's CPU capability allow, so that
+// ATEN_CPU_CAPABILITY=avx2/default also narrows our kernels, as it does ATen's own; each kernel caps it
+// at the widest path it has and may be forced narrower by its test hook (an override < 0 means none).
+#pragma once
+
+#include <ATen/Context.h>
+
+#include <algorithm>
+#include <atomic>
+#include <string>
+
+#if (defined(__x86_64__) || defined(_M_X64)) && (defined(__GNUC__) || defined(__clang__))
+#define TME_X86_SIMD 1
+#include <immintrin.h>
+#if (defined(__clang__) && __clang_major__ >= 9) || (!defined(__clang__) && __GNUC__ >= 10)
+#define TME_AVX512_BF16 1
+#endif
+#endif
+
+namespace tme_cpu {
+
+constexpr int kIsaScalar = 0, kIsaAvx2 = 1, kIsaAvx512 = 2, kIsaAvx512Bf16 = 3;
+
+// The widest level this process may use; computed once.
+inline int detected_isa() {
+#ifdef TME_X86_SIMD
+  static const int isa = [] {
+    const std::string cap = at::get_cpu_capability();  // honours ATEN_CPU_CAPABILITY
+    __builtin_cpu_init();
+#ifdef TME_AVX512_BF16
+    if (cap == "AVX512" && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+        __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bf16"))
+      return kIsaAvx512Bf16;
+#endif
+    if (cap == "AVX512" && __builtin_cpu_supports("avx512f")) return kIsaAvx512;
+    if ((cap == "AVX512" || cap == "AVX2") && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
+      return kIsaAvx2;
+    return kIsaScalar;
+  }();
+  return isa;
+#else
+  return kIsaScalar;
+#endif
+}
+
+// The level a kernel with paths up to `widest` runs now: the detected one, capped, or a narrower
+// one forced through `override_isa`.
+inline int current_isa(const std::atomic<int>& override_isa, int widest) {
+  const int best = std::min(detected_isa(), widest);
+  const int forced = override_isa.load(std::memory_order_relaxed);
+  return forced >= 0 && forced < best ? forced : best;
+}
+
+}  // namespace tme_cpu
