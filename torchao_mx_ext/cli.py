@@ -45,7 +45,8 @@ MODEL_ALIASES = ("stories260k", "smollm2-135m", "smollm2-135m-moe")
 EVAL_TASK_NAMES = ("wikitext2", "arc_easy", "arc_challenge", "piqa", "winogrande", "openbookqa", "siqa")
 MOE_METHOD_NAMES = (
     "baseline", "pesf-0.1", "pesf-0.3", "pesf-0.5", "pesf-0.7", "pesf-0.9", "ban", "pick", "ban+pick",
-    "ban+pick:frequency-picks", "ban+pick:uniform-tau", "mxfp4", "mxfp4+qesc", "mxfp4-gptq", "mxfp4+qesc+ban+pick",
+    "ban+pick:frequency-picks", "ban+pick:uniform-tau", "mxfp4", "mxfp4+qesc", "mxfp4+qesc:damp-0.01",
+    "mxfp4-gptq", "mxfp4+qesc+ban+pick",
 )
 MOE_DEFAULT_METHODS = ("baseline", "pesf-0.3", "pesf-0.7", "ban", "pick", "ban+pick", "mxfp4", "mxfp4+qesc")
 # Methods that rotate the whole model (QuaRot, BRQ, DartQuant; recipes.py): they know only the decoder

@@ -371,6 +371,8 @@ def test_fit_refuses_bad_settings():
     (None, dict(k_loss=4.0), TypeError, "k_loss"),
     (None, dict(damp=math.inf), ValueError, "damp"),
     (None, dict(damp=-1.0), ValueError, "damp"),
+    (None, dict(damp="big"), ValueError, "damp must be a finite number >= 0 or 'auto', got 'big'"),
+    (_ids(1), dict(damp="auto"), ValueError, "give >= 2 sequences, got 1"),
     (None, dict(calibrate_routers="yes"), TypeError, "calibrate_routers"),
     (None, dict(config="mxfp4"), TypeError, "config"),
     *[(ids, {}, exc, text) for ids, exc, text in BAD_IDS if isinstance(ids, torch.Tensor)],

@@ -8,7 +8,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2MoeConfig, Qwen2MoeForCausalLM
 
 from torchao_mx_ext import MXFP4BlockRotConfig, RotatedMXFP4Tensor
-from torchao_mx_ext.moe.qesc import fit_router_to_topk_logits, qesc_quantize, topk_agreement
+from torchao_mx_ext.moe.qesc import DAMP_GRID, choose_damp, fit_router_to_topk_logits, qesc_quantize, topk_agreement
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -71,7 +71,7 @@ def test_qesc_raises_agreement_and_quantizes_everything():
     held_out = torch.randint(0, 128, (4, 32))
     with_qesc, without = copy.deepcopy(fp), copy.deepcopy(fp)
     config = MXFP4BlockRotConfig()
-    report = qesc_quantize(with_qesc, calib, config, k_loss=6, progress=False)
+    report = qesc_quantize(with_qesc, calib, config, k_loss=6, damp=0.01, progress=False)
     baseline = qesc_quantize(without, calib, config, calibrate_routers=False, progress=False)
     # identical pipeline up to the router fit: same "before" agreement, the fit only raises it
     assert report.agreement_before[0] == baseline.agreement_before[0]
@@ -87,6 +87,59 @@ def test_qesc_raises_agreement_and_quantizes_everything():
     # on held-out tokens too, the re-fitted routers agree more with the full-precision ones
     assert topk_agreement(fp, with_qesc, held_out)["mean"] > topk_agreement(fp, without, held_out)["mean"]
     assert topk_agreement(fp, fp, held_out)["mean"] == 1.0
+
+
+def held_out_agreement(w_fitted, w, x_fp, x_q, top_k):
+    """Mean |top-k(W x_fp) & top-k(W' x_q)| / k over tokens, written with Python sets."""
+    ref = (x_fp @ w.T).topk(top_k, dim=1).indices.tolist()
+    got = (x_q @ w_fitted.T).topk(top_k, dim=1).indices.tolist()
+    return sum(len(set(a) & set(b)) for a, b in zip(ref, got)) / (top_k * len(ref))
+
+
+def shifted_router_inputs(t=600, d=16, e=8, seed=0):
+    """Router weight and inputs where quantization applied a fixed distortion (learnable) plus noise."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(e, d, generator=g, dtype=torch.float64)
+    x_fp = torch.randn(t, d, generator=g, dtype=torch.float64)
+    distortion = torch.eye(d, dtype=torch.float64) + 0.4 * torch.randn(d, d, generator=g, dtype=torch.float64)
+    x_q = x_fp @ distortion + 0.05 * torch.randn(t, d, generator=g, dtype=torch.float64)
+    return w, x_fp, x_q
+
+
+def test_choose_damp_takes_the_best_held_out_fit():
+    w, x_fp, x_q = shifted_router_inputs()
+    held = torch.arange(x_fp.shape[0]) >= 450
+    k_loss, top_k = 4, 2
+    chosen = choose_damp(w, x_fp, x_q, k_loss, top_k, held)
+    scores = {None: held_out_agreement(w, w, x_fp[held], x_q[held], top_k)}
+    for damp in DAMP_GRID:
+        fitted = fit_router_to_topk_logits(w, x_fp[~held], x_q[~held], k_loss, damp)
+        scores[damp] = held_out_agreement(fitted, w, x_fp[held], x_q[held], top_k)
+    assert chosen is not None  # the distortion is learnable: a fit beats the unchanged router
+    assert scores[chosen] == max(scores.values()) > scores[None]
+    assert chosen == max(d for d in DAMP_GRID if scores[d] == scores[chosen])  # ties go to the larger ridge
+
+
+def test_choose_damp_keeps_the_router_when_held_out_inputs_did_not_move():
+    w, x_fp, x_q = shifted_router_inputs()
+    held = torch.arange(x_fp.shape[0]) >= 450
+    x_q = torch.where(held[:, None], x_fp, x_q)  # held-out tokens unshifted: the old router is exact there
+    assert choose_damp(w, x_fp, x_q, 4, 2, held) is None
+    with pytest.raises(ValueError, match="held_out must mark some"):
+        choose_damp(w, x_fp, x_q, 4, 2, torch.zeros(x_fp.shape[0], dtype=torch.bool))
+
+
+def test_qesc_auto_damp_reports_its_choice_per_layer():
+    fp = tiny_moe()
+    model = copy.deepcopy(fp)
+    report = qesc_quantize(model, torch.randint(0, 128, (8, 32)), MXFP4BlockRotConfig(), k_loss=6, progress=False)
+    assert len(report.damp) == len(report.agreement_after) == 3
+    for damp, layer_fp, layer_q in zip(report.damp, fp.model.layers, model.model.layers):
+        assert damp is None or damp in DAMP_GRID
+        assert torch.equal(layer_fp.mlp.gate.weight, layer_q.mlp.gate.weight) == (damp is None)
+    baseline = qesc_quantize(copy.deepcopy(fp), torch.randint(0, 128, (8, 32)), MXFP4BlockRotConfig(),
+                             calibrate_routers=False, progress=False)
+    assert baseline.damp == [None, None, None]
 
 
 def test_dense_model_is_a_clear_error():

@@ -21,7 +21,8 @@ Methods: ``baseline``; ``pesf-<alpha>`` for alpha in 0.1, 0.3, 0.5, 0.7, 0.9 (EA
 the rules it was measured against, ``ban+pick:frequency-picks`` (key experts by selection frequency
 alone) and ``ban+pick:uniform-tau`` (one tau for every layer); ``mxfp4`` (every linear but lm_head and
 every fused experts module W4A4 MXFP4 with the 32-wide block Hadamard, routers in full precision);
-``mxfp4+qesc`` (the same, with QESC re-fitting each router, layer by layer); ``mxfp4-gptq`` (GPTQ for
+``mxfp4+qesc`` (the same, with QESC re-fitting each router, layer by layer, its ridge chosen on
+held-out calibration sequences) and ``mxfp4+qesc:damp-0.01`` (the fixed weak ridge it replaced); ``mxfp4-gptq`` (GPTQ for
 every linear and, per expert, the fused experts, layer by layer); ``mxfp4+qesc+ban+pick`` (what a user
 deploys: MXFP4 + QESC, then Ban&Pick calibrated on the quantized model).
 
@@ -68,12 +69,13 @@ def _mxfp4_config(scale_rule: Optional[str]) -> MXFP4BlockRotConfig:
     return MXFP4BlockRotConfig() if scale_rule is None else MXFP4BlockRotConfig(scale_rule=scale_rule)
 
 
-def _mxfp4(model, calib_ids, qesc: bool, scale_rule: Optional[str]):
+def _mxfp4(model, calib_ids, qesc: bool, scale_rule: Optional[str], damp="auto"):
     config = _mxfp4_config(scale_rule)
     if qesc:
-        report = qesc_quantize(model, calib_ids, config, progress=False)
+        report = qesc_quantize(model, calib_ids, config, damp=damp, progress=False)
         return {"qesc_calibration_agreement_before": statistics.fmean(report.agreement_before),
-                "qesc_calibration_agreement_after": statistics.fmean(report.agreement_after)}
+                "qesc_calibration_agreement_after": statistics.fmean(report.agreement_after),
+                "qesc_damp": report.damp}
     quantize_linears(model, config)
     return {}
 
@@ -116,12 +118,13 @@ MOE_METHODS: Dict[str, Callable] = {
     "ban+pick:uniform-tau": _ban_pick_rules(tau_rule="uniform"),
     "mxfp4": lambda model, ctx: _mxfp4(model, ctx["calib_ids"], False, ctx["scale_rule"]),
     "mxfp4+qesc": lambda model, ctx: _mxfp4(model, ctx["calib_ids"], True, ctx["scale_rule"]),
+    "mxfp4+qesc:damp-0.01": lambda model, ctx: _mxfp4(model, ctx["calib_ids"], True, ctx["scale_rule"], 0.01),
     "mxfp4-gptq": _mxfp4_gptq,
     "mxfp4+qesc+ban+pick": _deployed,
 }
 DEFAULT_METHODS = ("baseline", "pesf-0.3", "pesf-0.7", "ban", "pick", "ban+pick", "mxfp4", "mxfp4+qesc")
 _BAN_PICK = {"ban", "pick", "ban+pick", "ban+pick:frequency-picks", "ban+pick:uniform-tau"}
-_CALIBRATED = _BAN_PICK | {"mxfp4+qesc", "mxfp4-gptq", "mxfp4+qesc+ban+pick"}
+_CALIBRATED = _BAN_PICK | {"mxfp4+qesc", "mxfp4+qesc:damp-0.01", "mxfp4-gptq", "mxfp4+qesc+ban+pick"}
 
 
 @torch.inference_mode()

@@ -19,11 +19,19 @@ keeps rows seen by few tokens near ``W``:
     w'_i = (X^_i^T X^_i + lam_i I)^-1 (X^_i^T z_i + lam_i w_i),   z_i = (W x_t)_i for t in T_i,
     lam_i = damp * mean(diag(X^_i^T X^_i))
 
-(float64). Calibration keeps one layer's inputs of both models in memory (``2 x n x L x d``).
+(float64). The router has ``E x d`` weights fitted from a few thousand tokens, so a weak ridge
+overfits the calibration text: on the top-4-of-16 trained SmolLM2 MoE, damp 0.01 raised calibration
+agreement 0.852 -> 0.905 while held-out agreement fell 0.834 -> 0.815. ``damp="auto"`` (the default)
+therefore chooses it per layer by held-out validation, the standard way to set a ridge: the last
+quarter of the calibration sequences is held out, each ``damp`` of :data:`DAMP_GRID` is fitted on the
+rest, and the one whose router reproduces the full-precision routing top-k best on the held-out tokens
+wins, if it beats the unchanged router there (ties go to the stronger ridge); the winner is re-fitted on
+all tokens. A layer where no fit wins keeps its router. Calibration keeps one layer's inputs of both
+models in memory (``2 x n x L x d``).
 """
 
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Union
+from typing import Callable, Dict, List, Optional, Sequence, Union
 
 import torch
 from torchao.quantization import quantize_
@@ -36,16 +44,21 @@ from ..configs import MXFP4Config, quantizable_filter
 from . import experts  # noqa: F401  registers fused MoE experts with the configs' handler (quantizable_filter)
 from .adapters import find_moe_blocks
 
-__all__ = ["QESCReport", "fit_router_to_topk_logits", "qesc_quantize", "topk_agreement"]
+__all__ = ["DAMP_GRID", "QESCReport", "choose_damp", "fit_router_to_topk_logits", "qesc_quantize", "topk_agreement"]
+
+DAMP_GRID = (0.01, 0.1, 1.0, 10.0)  # ridge fractions ``damp="auto"`` chooses from (module docstring)
 
 
 @dataclass
 class QESCReport:
     """Per layer: top-k agreement with the full-precision router on the calibration tokens (the
-    routing top-k, not QESC's K), with the original router weight and after QESC."""
+    routing top-k, not QESC's K), with the original router weight and after QESC, and the ridge
+    fraction used (``None``: the router was kept, as ``damp="auto"`` decided or with
+    ``calibrate_routers=False``)."""
 
     agreement_before: List[float] = field(default_factory=list)
     agreement_after: List[float] = field(default_factory=list)
+    damp: List[Optional[float]] = field(default_factory=list)
 
 
 def _moe_blocks_by_layer(model: torch.nn.Module) -> Dict[int, tuple]:
@@ -87,6 +100,26 @@ def fit_router_to_topk_logits(
     return fitted.to(weight.dtype)
 
 
+def choose_damp(
+    weight: torch.Tensor, x_fp: torch.Tensor, x_q: torch.Tensor, k_loss: int, top_k: int,
+    held_out: torch.Tensor, grid: Sequence[float] = DAMP_GRID,
+) -> Optional[float]:
+    """The ridge fraction of ``grid`` whose fit on the tokens outside the boolean mask ``held_out``
+    reproduces the full-precision routing top-``top_k`` best on the tokens inside it; ``None`` where
+    none beats the unchanged ``weight`` there. Ties go to the larger ``damp`` (the safer fit)."""
+    if not bool(held_out.any()) or bool(held_out.all()):
+        raise ValueError("held_out must mark some of the tokens, not all of them")
+    fit = ~held_out
+    target = _topk_indices(weight, x_fp[held_out], top_k)
+    best, best_agreement = None, _agreement(target, _topk_indices(weight, x_q[held_out], top_k))
+    for damp in sorted(grid, reverse=True):
+        fitted = fit_router_to_topk_logits(weight, x_fp[fit], x_q[fit], k_loss, damp)
+        agreement = _agreement(target, _topk_indices(fitted, x_q[held_out], top_k))
+        if agreement > best_agreement:
+            best, best_agreement = damp, agreement
+    return best
+
+
 def _agreement(index_a: torch.Tensor, index_b: torch.Tensor) -> float:
     """Mean over tokens of |S_a & S_b| / k for top-k index sets ``[T, k]``."""
     same = (index_a.unsqueeze(-1) == index_b.unsqueeze(-2)).any(-1)
@@ -119,7 +152,7 @@ def qesc_quantize(
     calib_ids: torch.Tensor,
     config: Union[MXFP4Config, Callable[[str], Optional[MXFP4Config]]],
     k_loss: Optional[int] = None,
-    damp: float = 0.01,
+    damp: Union[float, str] = "auto",
     calibrate_routers: bool = True,
     progress: bool = True,
 ) -> QESCReport:
@@ -131,11 +164,13 @@ def qesc_quantize(
     QESC (the baseline it is measured against). ``k_loss``: QESC's ``K``, which must exceed the routing
     top-k (the paper: 8..20); default ``min(E, max(8, 2 * top_k))``, so for a top-14-of-16 router every
     logit counts (with ``K`` below top-k the fit ignores the ranks that decide the selection).
-    Returns the per-layer top-k agreement.
+    ``damp``: the ridge fraction, or ``"auto"`` to choose it per layer on held-out calibration
+    sequences (module docstring; needs >= 2 of them). Returns the per-layer top-k agreement and damp.
 
     Checked before the model is touched: ``calib_ids`` (an integer ``[n, seq_len]`` tensor of ids in
     the vocabulary), ``config``, ``k_loss`` (an integer above every MoE layer's top-k, or ``>= E``
-    where ``top_k = E``), ``damp`` (a finite number >= 0), ``calibrate_routers`` (a bool).
+    where ``top_k = E``), ``damp`` (a finite number >= 0, or ``"auto"`` with >= 2 calibration
+    sequences), ``calibrate_routers`` (a bool).
     """
     layers = decoder_layers(model, "QESC")
     calib_ids = check_calibration_ids(model, calib_ids, "QESC")
@@ -143,7 +178,16 @@ def qesc_quantize(
         raise TypeError(
             f"config must be an MXFP4Config or a callable fqn -> MXFP4Config/None, got {type(config).__name__}"
         )
-    damp = check_real(damp, "damp", low=0)
+    if isinstance(damp, str):
+        if damp != "auto":
+            raise ValueError(f"damp must be a finite number >= 0 or 'auto', got {damp!r}")
+        if calib_ids.shape[0] < 2:
+            raise ValueError(
+                "damp='auto' holds out whole calibration sequences to choose the ridge: give >= 2 sequences, "
+                f"got {calib_ids.shape[0]}, or a number"
+            )
+    else:
+        damp = check_real(damp, "damp", low=0)
     calibrate_routers = check_bool(calibrate_routers, "calibrate_routers")
     moe = _moe_blocks_by_layer(model)
     if k_loss is not None:
@@ -187,10 +231,19 @@ def qesc_quantize(
 
         target = _topk_indices(router.weight, x_fp, k)
         report.agreement_before.append(_agreement(target, _topk_indices(router.weight, x_q, k)))
+        layer_damp = None
         if calibrate_routers:
             num_experts = router.weight.shape[0]
             k_fit = k_loss if k_loss is not None else min(num_experts, max(8, 2 * k))
-            router.weight.copy_(fit_router_to_topk_logits(router.weight, x_fp, x_q, k_fit, damp))
+            layer_damp = damp
+            if damp == "auto":  # rows are sequence-major: hold out the last quarter of the sequences
+                n = calib_ids.shape[0]
+                held_out = torch.zeros(n, x_fp.shape[0] // n, dtype=torch.bool)
+                held_out[n - max(1, n // 4):] = True
+                layer_damp = choose_damp(router.weight, x_fp, x_q, k_fit, k, held_out.reshape(-1))
+            if layer_damp is not None:
+                router.weight.copy_(fit_router_to_topk_logits(router.weight, x_fp, x_q, k_fit, layer_damp))
+        report.damp.append(layer_damp)
         report.agreement_after.append(_agreement(target, _topk_indices(router.weight, x_q, k)))
 
         quantize_part(i, layer, lambda fqn: not fqn.startswith("self_attn"))
