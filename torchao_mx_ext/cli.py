@@ -36,9 +36,9 @@ from typing import Dict, List, Optional
 # arguments and refusing bad ones needs none of them. The parser is therefore built from these names
 # (tests/test_cli.py checks they equal recipes.METHODS, mx.SCALE_RULES, zoo.MODEL_ALIASES and the MoE methods).
 METHOD_NAMES = (
-    "fp", "rtn", "block-rot", "global-rot", "quarot", "brq", "gptq", "gptq-block-rot", "quarot+gptq", "brq+gptq",
-    "dartquant", "dartquant-block", "dartquant-block+gptq", "mxrot-block", "mxrot-block+gptq", "gptaq",
-    "gptaq-block-rot", "brq+gptaq",
+    "fp", "rtn", "block-rot", "global-rot", "quarot", "brq", "gptq", "gptq-block-rot", "gptq-block-rot+exp-search",
+    "quarot+gptq", "brq+gptq", "dartquant", "dartquant-block", "dartquant-block+gptq", "mxrot-block",
+    "mxrot-block+gptq", "gptaq", "gptaq-block-rot", "brq+gptaq",
 )
 SCALE_RULE_NAMES = ("floor", "even", "rceil", "fp_quant", "mse")
 MODEL_ALIASES = ("stories260k", "smollm2-135m", "smollm2-135m-moe")

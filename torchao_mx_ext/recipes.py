@@ -17,6 +17,9 @@ rounded (RTN, or GPTQ calibrated layer by layer):
   error of the rotated activations instead of the whip loss (MX-aware; new here).
 - ``gptq``, ``gptq-block-rot``, ``quarot+gptq``, ``brq+gptq``, ``dartquant-block+gptq``,
   ``mxrot-block+gptq``: the same rotations, GPTQ weights (sequential, layer by layer).
+- ``gptq-block-rot+exp-search``: ``gptq-block-rot`` whose groups each take the E8M0 exponent among
+  ``{e - 1, e, e + 1}`` with the smallest Hessian-weighted error before the GPTQ loop (``mse_shrink``,
+  :mod:`torchao_mx_ext.calibration.gptq`; MR-GPTQ's per-group scale search).
 - ``gptaq``, ``gptaq-block-rot``, ``brq+gptaq``: GPTQ with asymmetric calibration (GPTAQ): each linear
   fitted to the full-precision model's output from what it really consumes (drifted, MXFP4-quantized
   inputs), :mod:`torchao_mx_ext.calibration.gptq`.
@@ -99,13 +102,14 @@ def _per_linear(s: QuantSettings, kind: str) -> MXFP4Config:
     return s.config(MXFP4BlockRotConfig, rotation="random_hadamard", rotation_size=None, seed=s.seed)
 
 
-def _gptq(model, s: QuantSettings, config: Union[MXFP4Config, ConfigFor], asymmetric: bool = False):
+def _gptq(model, s: QuantSettings, config: Union[MXFP4Config, ConfigFor], asymmetric: bool = False,
+          exponent_search: bool = False):
     if s.calib_ids is None:
         raise ValueError("GPTQ methods need calibration data (QuantSettings.calib_ids)")
-    return sequential_gptq(model, s.calib_ids, as_config_for(config), asymmetric=asymmetric)
+    return sequential_gptq(model, s.calib_ids, as_config_for(config), asymmetric=asymmetric, mse_shrink=exponent_search)
 
 
-def _make(kind: str, gptq: bool, asymmetric: bool = False) -> Callable:
+def _make(kind: str, gptq: bool, asymmetric: bool = False, exponent_search: bool = False) -> Callable:
     def apply(model, s: QuantSettings):
         if kind in ("quarot", "brq"):
             config = _fuse_model_rotation(model, s, None if kind == "quarot" else 32, "random_hadamard" if kind == "quarot" else "hadamard")
@@ -114,9 +118,9 @@ def _make(kind: str, gptq: bool, asymmetric: bool = False) -> Callable:
                                             "mxfp4" if kind == "mxrot-block" else "whip")
         else:
             config = _per_linear(s, kind)
-        return _gptq(model, s, config, asymmetric) if gptq else quantize_linears(model, config)
+        return _gptq(model, s, config, asymmetric, exponent_search) if gptq else quantize_linears(model, config)
 
-    apply.__name__ = f"{kind}{('+gptaq' if asymmetric else '+gptq') if gptq else ''}"
+    apply.__name__ = f"{kind}{('+gptaq' if asymmetric else '+gptq') if gptq else ''}{'+exp-search' if exponent_search else ''}"
     return apply
 
 
@@ -136,6 +140,7 @@ METHODS = {
     "brq": Method(_make("brq", False)),
     "gptq": Method(_make("rtn", True), calibrated=True),
     "gptq-block-rot": Method(_make("block-rot", True), calibrated=True),
+    "gptq-block-rot+exp-search": Method(_make("block-rot", True, exponent_search=True), calibrated=True),
     "quarot+gptq": Method(_make("quarot", True), seeded=True, calibrated=True),
     "brq+gptq": Method(_make("brq", True), calibrated=True),
     "dartquant": Method(_make("dartquant", False), seeded=True, calibrated=True),

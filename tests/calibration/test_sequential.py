@@ -50,7 +50,7 @@ def test_captured_inputs_reproduce_the_model(stories, shared_data):
 
 # gptaq is not here: with these 1k calibration rows it does not beat RTN (its least-squares fit needs
 # many rows per input channel; docs/results.md), which is why it is not the default.
-@pytest.mark.parametrize("name,rtn_name", [("gptq", "rtn"), ("brq+gptq", "brq")])
+@pytest.mark.parametrize("name,rtn_name", [("gptq", "rtn"), ("brq+gptq", "brq"), ("gptq-block-rot+exp-search", "block-rot")])
 def test_sequential_gptq_beats_rtn_on_held_out_text(name, rtn_name, stories, shared_data):
     model_fp, tok = stories
     calib = calibration_ids(tok, "tinystories", 8, 128, seed=0, data_dir=shared_data)
