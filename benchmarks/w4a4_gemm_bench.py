@@ -12,7 +12,10 @@ Per SmolLM2-135M linear shape (in x out) and number of activation rows M, the me
 - ``emulated_fp32``: the same with a float32 GEMM (same numbers up to summation order; what
   ``RotatedMXFP4Tensor.linear`` runs for bfloat16 inputs on CPUs without native bfloat16 GEMMs);
 - ``int_mm``: the integer GEMM on codes (``torch.ops.torchao_mx_ext.mxfp4_mm``; the activation's codes
-  are made beforehand, as a compiled model's fused quantizer hands them over);
+  are made beforehand, as a compiled model's fused quantizer hands them over), on the widest path the
+  CPU has;
+- ``int_mm_avx2``: the same forced onto its AVX2 path, where the widest is AVX-512 VNNI (the two
+  path switches around the call cost about a microsecond);
 - ``gemv``: the dequant-GEMV on the fake-quantized activation (``mxfp4_gemv``; M <= 64), which W4A4
   decode steps ran before the integer GEMM.
 
@@ -35,7 +38,8 @@ from torchao_mx_ext.mx import mxfp4_dequantize, mxfp4_fake_quantize, mxfp4_quant
 
 # SmolLM2-135M's linears: q/o (576x576), k/v (576x192), gate/up (576x1536), down (1536x576).
 SHAPES = [(576, 576), (576, 192), (576, 1536), (1536, 576)]
-VARIANTS = ("bf16", "fp32", "emulated", "emulated_fp32", "int_mm", "gemv")
+VARIANTS = ("bf16", "fp32", "emulated", "emulated_fp32", "int_mm", "int_mm_avx2", "gemv")
+ISA_NAMES = {0: "scalar", 1: "avx2", 2: "avx512_vnni"}
 
 
 def _time(fn) -> float:
@@ -44,7 +48,19 @@ def _time(fn) -> float:
     return time.perf_counter() - t
 
 
-def bench_shape(k: int, n: int, m: int, reps: int) -> dict:
+def _on_avx2(fn):
+    def run():
+        set_isa = torch.ops.torchao_mx_ext._mxfp4_mm_set_isa
+        set_isa(1)
+        try:
+            return fn()
+        finally:
+            set_isa(-1)
+
+    return run
+
+
+def bench_shape(k: int, n: int, m: int, reps: int, isa: int) -> dict:
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(m, k, generator=gen)
     w = torch.randn(n, k, generator=gen) * k**-0.5
@@ -58,6 +74,8 @@ def bench_shape(k: int, n: int, m: int, reps: int) -> dict:
         "emulated_fp32": lambda: F.linear(mxfp4_fake_quantize(xb).float(), mxfp4_dequantize(wq, ws)).bfloat16(),
         "int_mm": lambda: cpu_mxfp4_mm.mxfp4_mm(aq, as_, wq, ws, 32, out_dtype=torch.bfloat16),
     }
+    if isa > 1:
+        fns["int_mm_avx2"] = _on_avx2(fns["int_mm"])
     if m <= cpu_mxfp4_gemv.MAX_ROWS:
         fns["gemv"] = lambda: cpu_mxfp4_gemv.mxfp4_gemv(xq, wq, ws, 32, "floor", out_dtype=torch.bfloat16)
     for fn in fns.values():  # warm-up
@@ -75,6 +93,7 @@ def bench_shape(k: int, n: int, m: int, reps: int) -> dict:
         "int_mm_speedup_vs_fp32": ms["fp32"] / ms["int_mm"],
         "int_mm_speedup_vs_emulated": ms["emulated"] / ms["int_mm"],
         "int_mm_speedup_vs_emulated_fp32": ms["emulated_fp32"] / ms["int_mm"],
+        "int_mm_speedup_vs_avx2": ms["int_mm_avx2"] / ms["int_mm"] if "int_mm_avx2" in ms else None,
         "int_mm_max_rel_diff": ((got - exact).abs().max() / exact.abs().max()).item(),
     }
 
@@ -95,8 +114,9 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     if not cpu_extension.is_available():
         raise SystemExit("the CPU MXFP4 kernels did not build (see the warning above): nothing to time")
-    isa = {0: "scalar", 1: "avx2"}[cpu_mxfp4_mm.set_isa(None)]
-    rows = [bench_shape(k, n, m, args.reps) for m in row_counts for k, n in SHAPES]
+    best = cpu_mxfp4_mm.set_isa(None)
+    isa = ISA_NAMES[best]
+    rows = [bench_shape(k, n, m, args.reps, best) for m in row_counts for k, n in SHAPES]
     print(f"W4A4 linears, {args.threads} threads, median of {args.reps} (ms); integer path: {isa}; "
           f"CPU capability {torch.backends.cpu.get_cpu_capability()}")
     print(f"{'in x out':>10} {'M':>4} " + " ".join(f"{v[:9]:>9}" for v in VARIANTS) + f" {'x bf16':>7} {'x fp32':>7} {'x emul':>7} {'x em32':>7}")

@@ -45,6 +45,19 @@ inline int detected_isa() {
 #endif
 }
 
+// Whether the integer kernels' AVX-512 path may run: the AVX-512 level above (so ATEN_CPU_CAPABILITY
+// still narrows it) with VNNI (vpdpbusd) and the BW / VL / DQ subsets it uses.
+inline bool has_avx512_vnni() {
+#ifdef TME_X86_SIMD
+  static const bool vnni = detected_isa() >= kIsaAvx512 && __builtin_cpu_supports("avx512bw") &&
+                           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+                           __builtin_cpu_supports("avx512vnni");
+  return vnni;
+#else
+  return false;
+#endif
+}
+
 // The level a kernel with paths up to `widest` runs now: the detected one, capped, or a narrower
 // one forced through `override_isa`.
 inline int current_isa(const std::atomic<int>& override_isa, int widest) {

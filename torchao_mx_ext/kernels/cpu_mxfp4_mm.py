@@ -8,8 +8,8 @@ int8 x int8 -> int32, and the whole product is
 
 with one float32 multiply per chunk by the two block scales (exact while their product is a normal
 float32) and float32 sums over chunks. This is the arithmetic llama.cpp uses for its Q8 x Q4 and
-MXFP4 dot products; it reads 4.25-bit weights and does 32 multiply-adds per AVX2 instruction, instead
-of decoding the weight to float and running a float GEMM. Against the float emulation
+MXFP4 dot products; it reads 4.25-bit weights and does 32 multiply-adds per AVX2 instruction (64 per
+AVX-512 VNNI ``vpdpbusd``), instead of decoding the weight to float and running a float GEMM. Against the float emulation
 (``mxfp4_fake_quantize`` + dequantized weight + float32 ``F.linear``) every product is the same exact
 number, so only the float32 summation order differs; results whose partial sums are all
 representable are bit-equal (tests/kernels/test_cpu_mxfp4_mm.py checks both against float64).
@@ -135,7 +135,7 @@ def mxfp4_mm(
 
 
 def set_isa(isa: int | None) -> int:
-    """Test hook: cap the kernel's code path (0 scalar, 1 AVX2; ``None`` = the best the CPU and
+    """Test hook: cap the kernel's code path (0 scalar, 1 AVX2, 2 AVX-512 VNNI; ``None`` = the best the CPU and
     ``ATEN_CPU_CAPABILITY`` allow). Returns the path now in use."""
     if not cpu_extension.is_available():
         raise RuntimeError("the CPU MXFP4 kernels are not available")

@@ -16,11 +16,16 @@
 // those weights on the emulation).
 //
 // Both operands are decoded chunk by chunk into the same order (the 16 low nibbles, then the 16 high
-// ones: elements 0, 2, .., 30, 1, 3, .., 31), which a dot product does not see. Code paths: AVX2
-// (llama.cpp's trick for signed x signed int8: vpsignb moves a's sign onto w, vpmaddubsw multiplies
-// |a| by it, vpmaddwd sums pairs into int32; no value exceeds int16) and scalar. AVX-512 VNNI
-// (vpdpbusd) would do the last two steps in one instruction; it is not written, for want of a CPU with
-// it to test on. The path follows ATen's CPU capability (ATEN_CPU_CAPABILITY=default selects scalar).
+// ones: elements 0, 2, .., 30, 1, 3, .., 31), which a dot product does not see. Code paths:
+// - AVX-512 VNNI, two chunks per 512-bit register: vpdpbusd multiplies unsigned by signed bytes and
+//   sums each four into int32 in one instruction. The weight is decoded with an offset, w + 12 in
+//   [0, 24] (the offset is in the decoding table, so it costs nothing), and the offset's share is
+//   subtracted exactly by starting the accumulator at -12 * (sum of the same four activations), once
+//   per activation row: sum (w + 12) a - 12 sum a = sum a w, all in int32.
+// - AVX2 (llama.cpp's trick for signed x signed int8: vpsignb moves a's sign onto w, vpmaddubsw
+//   multiplies |a| by it, vpmaddwd sums pairs into int32; no value exceeds int16).
+// - scalar.
+// The path follows ATen's CPU capability (ATEN_CPU_CAPABILITY=avx2 selects AVX2, default scalar).
 
 #include <ATen/ATen.h>
 #include <ATen/Context.h>
@@ -44,12 +49,16 @@ namespace {
 
 // E2M1 code -> 2 * value (sign << 3 | index; magnitudes 2 * {0, .5, 1, 1.5, 2, 3, 4, 6}).
 constexpr int8_t kE2M1x2[16] = {0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12};
+// The same plus 12, in [0, 24]: the unsigned operand of the AVX-512 VNNI path.
+constexpr int8_t kVnniOffset = 12;
+constexpr int8_t kE2M1x2Offset[16] = {12, 13, 14, 15, 16, 18, 20, 24, 12, 11, 10, 9, 8, 6, 4, 0};
 
 using tme_cpu::kIsaAvx2;
+using tme_cpu::kIsaAvx512;  // here: AVX-512 with VNNI
 using tme_cpu::kIsaScalar;
 std::atomic<int> g_isa_override{-1};
 
-int current_isa() { return tme_cpu::current_isa(g_isa_override, kIsaAvx2); }  // no AVX-512 path yet
+int current_isa() { return tme_cpu::current_isa(g_isa_override, tme_cpu::has_avx512_vnni() ? kIsaAvx512 : kIsaAvx2); }
 
 // 2^(b - 128) for every E8M0 byte b (half the block scale: the two halves make up the 4 of
 // 2 x 2 * E2M1); 255 is NaN. All are float32 values (2^-128 a subnormal).
@@ -70,18 +79,18 @@ __attribute__((target("avx2"))) inline __m256i decode_chunk_avx2(const uint8_t* 
   return _mm256_shuffle_epi8(lut, _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(bytes, 4), bytes), low4));
 }
 
-__attribute__((target("avx2"))) void decode_chunks_avx2(const uint8_t* q, int8_t* v, int64_t chunks) {
-  const __m256i lut = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(kE2M1x2)));
+__attribute__((target("avx2"))) void decode_chunks_avx2(const uint8_t* q, int8_t* v, int64_t chunks, const int8_t* table) {
+  const __m256i lut = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(table)));
   const __m256i low4 = _mm256_set1_epi8(15);
   for (int64_t c = 0; c < chunks; ++c)
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(v + c * 32), decode_chunk_avx2(q + c * 16, lut, low4));
 }
 #endif
 
-// Decode rows [r0, r1) of packed codes [R, K/2] into int8 [R, K] (chunk order above) and their
-// per-chunk half scales [R, K/32].
+// Decode rows [r0, r1) of packed codes [R, K/2] into int8 [R, K] (chunk order above, values from
+// `table`) and their per-chunk half scales [R, K/32].
 void decode_rows(int isa, const uint8_t* q, const uint8_t* sc, int64_t r0, int64_t r1, int64_t K, int64_t B,
-                 int8_t* vals, float* scales) {
+                 int8_t* vals, float* scales, const int8_t* table = kE2M1x2) {
   const int64_t nc = K / 32, cpb = B / 32, nb = K / B;
   for (int64_t r = r0; r < r1; ++r) {
     const uint8_t* qr = q + r * (K / 2);
@@ -91,15 +100,15 @@ void decode_rows(int isa, const uint8_t* q, const uint8_t* sc, int64_t r0, int64
       for (int64_t c = b * cpb; c < (b + 1) * cpb; ++c) scales[r * nc + c] = s;
     }
 #ifdef TME_X86_SIMD
-    if (isa == kIsaAvx2) {
-      decode_chunks_avx2(qr, vr, nc);
+    if (isa >= kIsaAvx2) {
+      decode_chunks_avx2(qr, vr, nc, table);
       continue;
     }
 #endif
     for (int64_t c = 0; c < nc; ++c) {
       for (int j = 0; j < 16; ++j) {
-        vr[c * 32 + j] = kE2M1x2[qr[c * 16 + j] & 15];
-        vr[c * 32 + 16 + j] = kE2M1x2[qr[c * 16 + j] >> 4];
+        vr[c * 32 + j] = table[qr[c * 16 + j] & 15];
+        vr[c * 32 + 16 + j] = table[qr[c * 16 + j] >> 4];
       }
     }
   }
@@ -108,7 +117,7 @@ void decode_rows(int isa, const uint8_t* q, const uint8_t* sc, int64_t r0, int64
 struct Problem {
   const int8_t* a;     // [M, K] decoded activations
   const float* sa;     // [M, K/32] half scales
-  const int8_t* w;     // [N, K] decoded weights (the decoded path)
+  const int8_t* w;     // [N, K] decoded weights (the decoded path; + 12 on the AVX-512 VNNI path)
   const uint8_t* wq;   // [N, K/2] packed weight codes (the packed path: few activation rows)
   const uint8_t* ws;   // [N, K/B] weight scale bytes (the packed path)
   const float* sw;     // [N, K/32] weight half scales per chunk (the decoded path)
@@ -208,6 +217,66 @@ __attribute__((target("avx2,fma"))) void tile_avx2(const Problem& p, int64_t m0,
     }
   }
 }
+
+#define TME_VNNI_TARGET "avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,fma"
+
+// Packed codes of two chunks (32 bytes; 16 with the upper half zero-extended for a last, odd chunk)
+// -> 64 int8 in chunk order: chunk c's low nibbles, its high ones, then chunk c + 1's.
+__attribute__((target(TME_VNNI_TARGET))) inline __m512i decode_chunk_pair_vnni(__m512i packed, __m512i lut, __m512i low4) {
+  const __m512i dup = _mm512_shuffle_i64x2(packed, packed, _MM_SHUFFLE(1, 1, 0, 0));  // 128-bit lanes q0 q0 q1 q1
+  const __m512i nibbles = _mm512_mask_blend_epi64(0xCC, dup, _mm512_srli_epi16(dup, 4));  // lanes 1, 3: high nibbles
+  return _mm512_shuffle_epi8(lut, _mm512_and_si512(nibbles, low4));
+}
+
+// Two per-chunk scales, one per 256-bit half (the lanes of chunk c, then of chunk c + 1).
+__attribute__((target(TME_VNNI_TARGET))) inline __m512 scale_pair(float s0, float s1) {
+  return _mm512_insertf32x8(_mm512_set1_ps(s0), _mm256_set1_ps(s1), 1);
+}
+
+// Two chunks (64 bytes) of a decoded int8 row, or the last, odd one with zeros after it.
+__attribute__((target(TME_VNNI_TARGET))) inline __m512i load_chunk_pair(const int8_t* v, bool pair) {
+  return pair ? _mm512_loadu_si512(v) : _mm512_zextsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(v)));
+}
+
+template <int MR, int NR, bool PACKED>
+__attribute__((target(TME_VNNI_TARGET))) void tile_vnni(const Problem& p, int64_t m0, int64_t n0) {
+  const int64_t nc = p.K / 32;
+  const __m512i zero = _mm512_setzero_si512();
+  const __m512i offset = _mm512_set1_epi8(kVnniOffset);
+  const __m512i lut = _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(kE2M1x2Offset)));
+  const __m512i low4 = _mm512_set1_epi8(15);
+  __m512 acc[MR][NR];
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < NR; ++j) acc[i][j] = _mm512_setzero_ps();
+  for (int64_t c = 0; c < nc; c += 2) {
+    const bool pair = c + 1 < nc;  // a last, odd chunk: the upper half has zero activations, scale 0
+    __m512i w[NR];  // w + 12
+    __m512 sw[NR];
+    for (int j = 0; j < NR; ++j) {
+      if (PACKED) {
+        const uint8_t* q = p.wq + (n0 + j) * (p.K / 2) + c * 16;
+        const __m512i packed = pair ? _mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(q)))
+                                    : _mm512_zextsi128_si512(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q)));
+        w[j] = decode_chunk_pair_vnni(packed, lut, low4);
+      } else {
+        w[j] = load_chunk_pair(p.w + (n0 + j) * p.K + c * 32, pair);
+      }
+      sw[j] = scale_pair(weight_half_scale<PACKED>(p, n0 + j, c), pair ? weight_half_scale<PACKED>(p, n0 + j, c + 1) : 0.0f);
+    }
+    for (int i = 0; i < MR; ++i) {
+      const int64_t m = m0 + i;
+      const __m512i a = load_chunk_pair(p.a + m * p.K + c * 32, pair);
+      const __m512i a_offset = _mm512_sub_epi32(zero, _mm512_dpbusd_epi32(zero, offset, a));  // -12 * each lane's sum of 4 a
+      const __m512 sa = scale_pair(p.sa[m * nc + c], pair ? p.sa[m * nc + c + 1] : 0.0f);
+      for (int j = 0; j < NR; ++j) {
+        const __m512 dot = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(a_offset, w[j], a));  // sum a w per 4, exact
+        acc[i][j] = _mm512_fmadd_ps(_mm512_mul_ps(dot, sw[j]), sa, acc[i][j]);  // both products exact
+      }
+    }
+  }
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < NR; ++j) store(p, m0 + i, n0 + j, _mm512_reduce_add_ps(acc[i][j]));
+}
 #endif  // TME_X86_SIMD
 
 constexpr int kMR = 4, kNR = 2;
@@ -215,6 +284,7 @@ constexpr int kMR = 4, kNR = 2;
 template <int MR, int NR, bool PACKED>
 void tile(int isa, const Problem& p, int64_t m0, int64_t n0) {
 #ifdef TME_X86_SIMD
+  if (isa == kIsaAvx512) return tile_vnni<MR, NR, PACKED>(p, m0, n0);
   if (isa == kIsaAvx2) return tile_avx2<MR, NR, PACKED>(p, m0, n0);
 #endif
   tile_scalar<MR, NR, PACKED>(p, m0, n0);
@@ -310,7 +380,7 @@ at::Tensor mxfp4_mm(const at::Tensor& a_qdata, const at::Tensor& a_scale, const 
         columns<true>(isa, p, n0, n1);
       } else {
         decode_rows(isa, wq.data_ptr<uint8_t>(), ws.data_ptr<uint8_t>(), n0, n1, K, block_size, w_vals.data_ptr<int8_t>(),
-                    w_sc.data_ptr<float>());
+                    w_sc.data_ptr<float>(), isa == kIsaAvx512 ? kE2M1x2Offset : kE2M1x2);
         columns<false>(isa, p, n0, n1);
       }
     }
@@ -318,7 +388,7 @@ at::Tensor mxfp4_mm(const at::Tensor& a_qdata, const at::Tensor& a_scale, const 
   return out;
 }
 
-// Test hook: cap the code path (0 scalar, 1 AVX2; -1 = best available). Returns the path now in use.
+// Test hook: cap the code path (0 scalar, 1 AVX2, 2 AVX-512 VNNI; -1 = best available). Returns the path now in use.
 int64_t mxfp4_mm_set_isa(int64_t isa) {
   g_isa_override.store(static_cast<int>(isa));
   return current_isa();
