@@ -16,6 +16,9 @@ Per SmolLM2-135M linear shape (in x out) and number of activation rows M, the me
   CPU has;
 - ``int_mm_avx2``: the same forced onto its AVX2 path, where the widest is AVX-512 VNNI (the two
   path switches around the call cost about a microsecond);
+- ``decode_gemm``: the C++ weight decode (``mxfp4_dequantize``) then the library GEMM on the
+  fake-quantized input, in bfloat16 where oneDNN has bf16 instructions and float32 elsewhere: what
+  ``RotatedMXFP4Tensor.linear`` runs for many rows where the decode is vectorised (AVX-512);
 - ``gemv``: the dequant-GEMV on the fake-quantized activation (``mxfp4_gemv``; M <= 64), which W4A4
   decode steps ran before the integer GEMM.
 
@@ -33,12 +36,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from torchao_mx_ext.kernels import cpu_extension, cpu_mxfp4_gemv, cpu_mxfp4_mm
+from torchao_mx_ext.kernels import CPU_NATIVE_BF16_GEMM, cpu_extension, cpu_mxfp4_dequantize, cpu_mxfp4_gemv, cpu_mxfp4_mm
 from torchao_mx_ext.mx import mxfp4_dequantize, mxfp4_fake_quantize, mxfp4_quantize
 
 # SmolLM2-135M's linears: q/o (576x576), k/v (576x192), gate/up (576x1536), down (1536x576).
 SHAPES = [(576, 576), (576, 192), (576, 1536), (1536, 576)]
-VARIANTS = ("bf16", "fp32", "emulated", "emulated_fp32", "int_mm", "int_mm_avx2", "gemv")
+VARIANTS = ("bf16", "fp32", "emulated", "emulated_fp32", "int_mm", "int_mm_avx2", "decode_gemm", "gemv")
 ISA_NAMES = {0: "scalar", 1: "avx2", 2: "avx512_vnni"}
 
 
@@ -76,6 +79,9 @@ def bench_shape(k: int, n: int, m: int, reps: int, isa: int) -> dict:
     }
     if isa > 1:
         fns["int_mm_avx2"] = _on_avx2(fns["int_mm"])
+    gemm_dtype = torch.bfloat16 if CPU_NATIVE_BF16_GEMM else torch.float32
+    xg = xq.to(gemm_dtype)
+    fns["decode_gemm"] = lambda: F.linear(xg, cpu_mxfp4_dequantize.mxfp4_dequantize(wq, ws, 32, gemm_dtype)).bfloat16()
     if m <= cpu_mxfp4_gemv.MAX_ROWS:
         fns["gemv"] = lambda: cpu_mxfp4_gemv.mxfp4_gemv(xq, wq, ws, 32, "floor", out_dtype=torch.bfloat16)
     for fn in fns.values():  # warm-up
@@ -94,6 +100,7 @@ def bench_shape(k: int, n: int, m: int, reps: int, isa: int) -> dict:
         "int_mm_speedup_vs_emulated": ms["emulated"] / ms["int_mm"],
         "int_mm_speedup_vs_emulated_fp32": ms["emulated_fp32"] / ms["int_mm"],
         "int_mm_speedup_vs_avx2": ms["int_mm_avx2"] / ms["int_mm"] if "int_mm_avx2" in ms else None,
+        "decode_gemm_speedup_vs_int_mm": ms["int_mm"] / ms["decode_gemm"],
         "int_mm_max_rel_diff": ((got - exact).abs().max() / exact.abs().max()).item(),
     }
 
@@ -119,17 +126,18 @@ def main(argv=None):
     rows = [bench_shape(k, n, m, args.reps, best) for m in row_counts for k, n in SHAPES]
     print(f"W4A4 linears, {args.threads} threads, median of {args.reps} (ms); integer path: {isa}; "
           f"CPU capability {torch.backends.cpu.get_cpu_capability()}")
-    print(f"{'in x out':>10} {'M':>4} " + " ".join(f"{v[:9]:>9}" for v in VARIANTS) + f" {'x bf16':>7} {'x fp32':>7} {'x emul':>7} {'x em32':>7}")
+    print(f"{'in x out':>10} {'M':>4} " + " ".join(f"{v[:9]:>9}" for v in VARIANTS) + f" {'x bf16':>7} {'x fp32':>7} {'x emul':>7} {'x em32':>7} {'dec/int':>7}")
     for r in rows:
         cells = " ".join(f"{r['ms'].get(v, float('nan')):>9.3f}" for v in VARIANTS)
         print(f"{r['in']:>4}x{r['out']:<5} {r['rows']:>4} {cells} {r['int_mm_speedup_vs_bf16']:>7.2f}"
               f" {r['int_mm_speedup_vs_fp32']:>7.2f} {r['int_mm_speedup_vs_emulated']:>7.2f}"
-              f" {r['int_mm_speedup_vs_emulated_fp32']:>7.2f}")
+              f" {r['int_mm_speedup_vs_emulated_fp32']:>7.2f} {r['decode_gemm_speedup_vs_int_mm']:>7.2f}")
     from torchao_mx_ext.cli import write_json_atomic
 
     write_json_atomic(Path(args.json), {
         "machine": {"cpu": platform.processor() or platform.machine(), "capability": torch.backends.cpu.get_cpu_capability(),
-                    "torch": torch.__version__, "threads": args.threads, "integer_path": isa},
+                    "torch": torch.__version__, "threads": args.threads, "integer_path": isa,
+                    "decode_vectorized": cpu_mxfp4_dequantize.VECTORIZED, "native_bf16_gemm": CPU_NATIVE_BF16_GEMM},
         "rows": rows,
     })
     print(f"wrote {args.json}")

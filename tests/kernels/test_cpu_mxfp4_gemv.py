@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torchao.quantization import quantize_
 
 from torchao_mx_ext import MXFP4BlockRotConfig, MXFP4Config, RotatedMXFP4Tensor
-from torchao_mx_ext.kernels import cpu_extension, cpu_mxfp4_gemv
+from torchao_mx_ext.kernels import cpu_extension, cpu_mxfp4_dequantize, cpu_mxfp4_gemv
 from torchao_mx_ext.mx import SCALE_RULES
 
 # E2M1 code -> value, OCP MX v1.0 section 5.3.3: sign bit 3, magnitudes 0, .5, 1, 1.5, 2, 3, 4, 6.
@@ -180,14 +180,19 @@ def test_linear_uses_kernel_and_matches_dequantize_path(monkeypatch, k, n, confi
     assert len(calls) == 3
 
 
-def test_linear_dispatch_conditions(monkeypatch):
+@pytest.mark.parametrize("vectorized_decode", [False, True])
+def test_linear_dispatch_conditions(monkeypatch, vectorized_decode):
+    # Where the C++ weight decode is vectorised (AVX-512), decode + library GEMM takes over above
+    # FUSED_ROWS rows; elsewhere the GEMV keeps up to MAX_ROWS.
+    monkeypatch.setattr(cpu_mxfp4_dequantize, "VECTORIZED", vectorized_decode)
+    limit = cpu_mxfp4_dequantize.FUSED_ROWS if vectorized_decode else cpu_mxfp4_gemv.MAX_ROWS
     lin = torch.nn.Linear(64, 16)
     quantize_(lin, MXFP4Config(act_quant=False))
     calls = _count_kernel_calls(monkeypatch)
     with torch.no_grad():
-        lin(torch.randn(cpu_mxfp4_gemv.MAX_ROWS, 64))
+        lin(torch.randn(limit, 64))
         assert len(calls) == 1
-        lin(torch.randn(cpu_mxfp4_gemv.MAX_ROWS + 1, 64))  # prefill-sized batches: dequantize + GEMM
+        lin(torch.randn(limit + 1, 64))  # prefill-sized batches: dequantize + GEMM
         assert len(calls) == 1
         cached = torch.nn.Linear(64, 16)
         cached.weight = torch.nn.Parameter(lin.weight.with_dequantized_cache(), requires_grad=False)

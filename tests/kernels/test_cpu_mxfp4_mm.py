@@ -14,7 +14,7 @@ import torch
 from torchao.quantization import quantize_
 
 from torchao_mx_ext import MXFP4BlockRotConfig, MXFP4Config, RotatedMXFP4Tensor
-from torchao_mx_ext.kernels import cpu_extension, cpu_mxfp4_gemv, cpu_mxfp4_mm
+from torchao_mx_ext.kernels import cpu_extension, cpu_mxfp4_dequantize, cpu_mxfp4_gemv, cpu_mxfp4_mm
 from torchao_mx_ext.mx import mxfp4_quantize
 
 # E2M1 code -> value, OCP MX v1.0 section 5.3.3: sign bit 3, magnitudes 0, .5, 1, 1.5, 2, 3, 4, 6.
@@ -192,6 +192,17 @@ def test_pure_torch_fallback_matches_kernel():
 
 # -- RotatedMXFP4Tensor.linear: the integer GEMM against the float emulation ---------------------------
 
+
+@pytest.fixture
+def integer_gemm_route(monkeypatch):
+    """On AVX-512 CPUs many-row linears take the vectorised decode + library GEMM instead
+    (tests/kernels/test_cpu_mxfp4_dequantize.py): these tests pin the integer GEMM's route. The route is
+    chosen while AOTAutograd traces the subclass, after the compile caches' keys were taken (from the
+    Dynamo graph, the same for both routes), so those caches are off here."""
+    monkeypatch.setattr(cpu_mxfp4_dequantize, "VECTORIZED", False)
+    with torch._functorch.config.patch(enable_autograd_cache=False), torch._inductor.config.patch(fx_graph_cache=False):
+        yield
+
 LINEAR_CASES = [
     # (in, out, config): W4A4 with the scale rules the integer path takes, a rotation, padding
     (96, 40, MXFP4Config(scale_rule="floor")),
@@ -231,7 +242,7 @@ def _assert_summation_close(y, ref, dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("k,n,config", LINEAR_CASES)
-def test_linear_uses_integer_gemm_and_matches_emulation(monkeypatch, k, n, config, dtype):
+def test_linear_uses_integer_gemm_and_matches_emulation(integer_gemm_route, monkeypatch, k, n, config, dtype):
     lin = torch.nn.Linear(k, n).to(dtype)
     quantize_(lin, config)
     assert isinstance(lin.weight, RotatedMXFP4Tensor)
@@ -246,7 +257,7 @@ def test_linear_uses_integer_gemm_and_matches_emulation(monkeypatch, k, n, confi
     assert len(calls) == 3
 
 
-def test_dispatch_conditions(monkeypatch, caplog):
+def test_dispatch_conditions(integer_gemm_route, monkeypatch, caplog):
     calls = _count_calls(monkeypatch)
     x = torch.randn(cpu_mxfp4_mm.GEMV_ROWS + 1, 64)
     for config in (MXFP4Config(act_quant=False), MXFP4Config(scale_rule="fp_quant"), MXFP4Config(kernel_preference="emulated")):
@@ -276,7 +287,7 @@ def test_dispatch_conditions(monkeypatch, caplog):
         _assert_summation_close(lin(x), y, torch.float32)
 
 
-def test_build_failure_keeps_the_emulation(monkeypatch):
+def test_build_failure_keeps_the_emulation(integer_gemm_route, monkeypatch):
     def fail():
         raise RuntimeError("no compiler")
 
@@ -297,7 +308,7 @@ def test_build_failure_keeps_the_emulation(monkeypatch):
     check(cpu_mxfp4_mm._fallback_mxfp4_mm(a_q, a_s, w_q, w_s, 32), ref, magnitude, torch.float32, 64)
 
 
-def test_real_model_logits_match_emulation(monkeypatch):
+def test_real_model_logits_match_emulation(integer_gemm_route, monkeypatch):
     """stories260k (its real weights and activations, every linear W4A4 with block rotations):
     logits through the integer GEMM against the same model on the float emulation."""
     import copy
@@ -321,7 +332,7 @@ def test_real_model_logits_match_emulation(monkeypatch):
     assert (y.argmax(-1) == ref.argmax(-1)).float().mean().item() > 0.98
 
 
-def test_compile_and_export_keep_one_call_per_linear():
+def test_compile_and_export_keep_one_call_per_linear(integer_gemm_route):
     from torch._inductor.utils import run_and_get_code
 
     model = torch.nn.Sequential(torch.nn.Linear(100, 64), torch.nn.ReLU(), torch.nn.Linear(64, 32)).to(torch.bfloat16)

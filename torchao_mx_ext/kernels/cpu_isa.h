@@ -45,13 +45,22 @@ inline int detected_isa() {
 #endif
 }
 
-// Whether the integer kernels' AVX-512 path may run: the AVX-512 level above (so ATEN_CPU_CAPABILITY
-// still narrows it) with VNNI (vpdpbusd) and the BW / VL / DQ subsets it uses.
+// Whether an AVX-512 path on byte / 16-bit lanes may run: the AVX-512 level above (so
+// ATEN_CPU_CAPABILITY still narrows it) with the BW / VL / DQ subsets.
+inline bool has_avx512_bw() {
+#ifdef TME_X86_SIMD
+  static const bool bw = detected_isa() >= kIsaAvx512 && __builtin_cpu_supports("avx512bw") &&
+                         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+  return bw;
+#else
+  return false;
+#endif
+}
+
+// The same with VNNI (vpdpbusd): the integer GEMM's AVX-512 path.
 inline bool has_avx512_vnni() {
 #ifdef TME_X86_SIMD
-  static const bool vnni = detected_isa() >= kIsaAvx512 && __builtin_cpu_supports("avx512bw") &&
-                           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
-                           __builtin_cpu_supports("avx512vnni");
+  static const bool vnni = has_avx512_bw() && __builtin_cpu_supports("avx512vnni");
   return vnni;
 #else
   return false;

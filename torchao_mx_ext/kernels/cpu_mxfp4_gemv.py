@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 from ..mx.e8m0 import element_multiplier
 from ..mx.quantize import mxfp4_dequantize
-from . import cpu_extension
+from . import cpu_extension, cpu_mxfp4_dequantize
 
 __all__ = ["MAX_ROWS", "applies", "is_available", "mxfp4_gemv", "reference_mxfp4_gemv", "set_isa"]
 
@@ -85,8 +85,9 @@ def is_available() -> bool:
 def applies(weight, x: torch.Tensor) -> bool:
     """Whether ``RotatedMXFP4Tensor.linear`` should use the kernel for ``x`` (already rotated,
     ``[..., K_p]``) against ``weight``: CPU, 2-D weight, blocks of a multiple of 32, at most
-    :data:`MAX_ROWS` rows (:data:`MAX_ROWS_CACHED` with a dense cache), no gradient needed (the kernel
-    has no backward), and the kernel not known to be unavailable (the build is tried on the operator's
+    :data:`MAX_ROWS` rows (:data:`MAX_ROWS_CACHED` with a dense cache) and not more than the vectorised
+    weight decode + library GEMM is faster for (:func:`.cpu_mxfp4_dequantize.prefers_dense_gemm`), no
+    gradient needed (the kernel has no backward), and the kernel not known to be unavailable (the build is tried on the operator's
     first call)."""
     if cpu_extension.known_unavailable():
         return False
@@ -96,7 +97,7 @@ def applies(weight, x: torch.Tensor) -> bool:
         return False
     if x.numel() > (MAX_ROWS if weight.dequantized is None else MAX_ROWS_CACHED) * x.shape[-1]:
         return False
-    return True
+    return not cpu_mxfp4_dequantize.prefers_dense_gemm(weight, x)
 
 
 def mxfp4_gemv(

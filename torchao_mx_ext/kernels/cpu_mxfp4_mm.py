@@ -22,7 +22,9 @@ operands as the Blackwell tensor-core path (``cuda_mxfp4_mm``). It is defined he
 
 Where it runs (:func:`applies`): CPU, W4A4 with plain E8M0 scales on both sides (not ``fp_quant``,
 whose 4/3 element factor the integer path does not apply), no gradient, a CPU with AVX2, and more than
-:data:`GEMV_ROWS` rows (decode steps run the dequant-GEMV on the fake-quantized input, faster there). On a
+:data:`GEMV_ROWS` rows (decode steps run the dequant-GEMV on the fake-quantized input, faster there),
+and not where the vectorised weight decode + the library GEMM is faster (AVX-512 CPUs, more than
+:data:`.cpu_mxfp4_dequantize.FUSED_ROWS` rows: :func:`.cpu_mxfp4_dequantize.prefers_dense_gemm`). On a
 CPU without AVX2 the scalar integer loop would be slower than the float emulation, so W4A4 linears keep
 the emulation there and one log line says so.
 """
@@ -35,7 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from ..mx.quantize import mxfp4_dequantize
-from . import cpu_extension, cpu_mxfp4_gemv
+from . import cpu_extension, cpu_mxfp4_dequantize, cpu_mxfp4_gemv
 
 __all__ = ["GEMV_ROWS", "applies", "mxfp4_mm", "reference_mxfp4_mm", "set_isa", "takes_weight"]
 
@@ -115,6 +117,8 @@ def applies(weight, x: torch.Tensor) -> bool:
     if x.device.type != "cpu" or (torch.is_grad_enabled() and x.requires_grad):
         return False
     if x.numel() <= GEMV_ROWS * x.shape[-1] and cpu_mxfp4_gemv.applies(weight, x):
+        return False
+    if cpu_mxfp4_dequantize.prefers_dense_gemm(weight, x):
         return False
     return takes_weight(weight)
 

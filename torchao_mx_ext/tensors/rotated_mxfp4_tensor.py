@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torchao.utils import TorchAOBaseTensor
 
 from .caching import stable_metadata_hash
-from ..kernels import CPU_NATIVE_BF16_GEMM, check_kernel_preference, cpu_mxfp4_gemv, cpu_mxfp4_mm, cuda_mxfp4_mm, effective_preference
+from ..kernels import CPU_NATIVE_BF16_GEMM, check_kernel_preference, cpu_mxfp4_dequantize, cpu_mxfp4_gemv, cpu_mxfp4_mm, cuda_mxfp4_mm, effective_preference
 from ..mx import check_scale_rule, mxfp4_dequantize, mxfp4_fake_quantize, mxfp4_quantize
 from ..rotation import pad_and_rotate
 from .mxfp4_activation_tensor import MXFP4ActivationTensor
@@ -96,8 +96,12 @@ class RotatedMXFP4Tensor(TorchAOBaseTensor):
         return self.qdata.shape[-1] * 2
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """``Q(W R)`` (rotated, quantized, padded width ``K_p``) in ``dtype`` (default: the weight's)."""
-        return mxfp4_dequantize(self.qdata, self.scale, self.block_size, self.scale_rule, dtype or self.dtype)
+        """``Q(W R)`` (rotated, quantized, padded width ``K_p``) in ``dtype`` (default: the weight's).
+        On CPU by the C++ decode where it applies (bit-equal; not with the ``emulated`` preference)."""
+        dtype = dtype or self.dtype
+        if self.kernel_preference != "emulated" and cpu_mxfp4_dequantize.applies(self.qdata, self.block_size, self.scale_rule, dtype):
+            return cpu_mxfp4_dequantize.mxfp4_dequantize(self.qdata, self.scale, self.block_size, dtype)
+        return mxfp4_dequantize(self.qdata, self.scale, self.block_size, self.scale_rule, dtype)
 
     def rotate_input(self, x: torch.Tensor) -> torch.Tensor:
         """``x R`` in float32, with ``x`` zero-padded to the stored width."""
