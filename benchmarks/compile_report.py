@@ -84,6 +84,12 @@ def classify(kind: str, name: str, detail: str) -> str:
             return "attention mask: packed-sequence check (ATen fallback)"
         if "mxfp4_gemv" in name:
             return "linear: fused MXFP4 dequant-GEMV (custom op)"
+        if "mxfp4_fake_quantize" in name:
+            return "activation quantize (C++ op)"
+        if "mxfp4_dequantize" in name:
+            return "weight decode (C++ op)"
+        if "mxfp4_mm" in name:
+            return "linear: integer MXFP4 GEMM (custom op)"
         return f"other ATen fallback ({name})"
     ops = set(name.split("_"))
     if "amax" in name:

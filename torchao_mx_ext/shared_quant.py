@@ -38,8 +38,7 @@ from typing import Dict, FrozenSet, Optional, Sequence, Tuple
 
 import torch
 
-from .kernels import cpu_mxfp4_mm
-from .mx import mxfp4_fake_quantize
+from .kernels import cpu_mxfp4_mm, cpu_mxfp4_quantize
 from .rotation import pad_and_rotate
 from .rotation.fusion import SUPPORTED_ARCHITECTURES
 from .tensors import RotatedMXFP4Tensor
@@ -68,6 +67,7 @@ class _SharedInput:
     in_features: int
     padded_in_features: int
     exact_dtypes: FrozenSet[torch.dtype]  # input dtypes for which passing Q_a(x R) in that dtype is exact
+    kernel_preference: str = "auto"  # "emulated" if any member asks for the reference numbers
 
 
 def _compatible(weights: Sequence[RotatedMXFP4Tensor]) -> Optional[str]:
@@ -111,7 +111,7 @@ def _shared_input(meta: _SharedInput, rotation: Optional[torch.Tensor], x: torch
         raise ValueError(f"expected an input of width {meta.in_features}, got {tuple(x.shape)}")
     xr = pad_and_rotate(x.to(torch.float32), meta.padded_in_features, None if rotation is None else rotation.view(torch.float32))
     if meta.act_scale_rule is not None:
-        xr = mxfp4_fake_quantize(xr, meta.block_size, meta.act_scale_rule)
+        xr = cpu_mxfp4_quantize.fake_quantize(xr, meta.block_size, meta.act_scale_rule, meta.kernel_preference)
     return xr.to(x.dtype)
 
 
@@ -171,6 +171,7 @@ def share_input_quantization(
             parent.register_forward_pre_hook(_pre_hook, with_kwargs=True)
             setattr(parent, _META, _SharedInput(
                 tuple(group), w0.block_size, w0.act_scale_rule, w0.in_features, w0.padded_in_features, _exact_dtypes(weights),
+                "emulated" if any(w.kernel_preference == "emulated" for w in weights) else "auto",
             ))
             shared += 1
             break  # one group per parent

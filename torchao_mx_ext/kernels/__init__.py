@@ -7,6 +7,8 @@
 - ``cpu_mxfp4_mm``: exact MXFP4 x MXFP4 GEMM for W4A4 linears on CPU, on int8 dot products (AVX2, AVX-512 VNNI).
 - ``cpu_mxfp4_dequantize``: CPU decode of MXFP4 codes into a dense bfloat16 / float32 tensor, bit-equal
   to the pure-torch one, for many-row linears that hand the decoded weight to oneDNN/MKL.
+- ``cpu_mxfp4_quantize``: CPU quantize-dequantize of the activations in one pass (AVX-512), what W4A4
+  linears run before their GEMM there.
 - ``cpu_extension``: builds the C++ CPU kernels (one library) on first use.
 - ``cuda_mxfp4_mm``: MXFP4 tensor-core GEMM on Blackwell GPUs (``F.scaled_mm``).
 
@@ -24,9 +26,9 @@ import os
 
 import torch
 
-from . import cpu_extension, cpu_mxfp4_dequantize, cpu_mxfp4_gemv, cpu_mxfp4_mm, cuda_mxfp4_mm
+from . import cpu_extension, cpu_mxfp4_dequantize, cpu_mxfp4_gemv, cpu_mxfp4_mm, cpu_mxfp4_quantize, cuda_mxfp4_mm
 
-__all__ = ["CPU_NATIVE_BF16_GEMM", "KERNEL_PREFERENCES", "check_kernel_preference", "cpu_extension", "cpu_mxfp4_dequantize", "cpu_mxfp4_gemv", "cpu_mxfp4_mm", "cuda_mxfp4_mm", "effective_preference"]
+__all__ = ["CPU_NATIVE_BF16_GEMM", "KERNEL_PREFERENCES", "check_kernel_preference", "cpu_extension", "cpu_mxfp4_dequantize", "cpu_mxfp4_gemv", "cpu_mxfp4_mm", "cpu_mxfp4_quantize", "cuda_mxfp4_mm", "effective_preference"]
 
 KERNEL_PREFERENCES = ("auto", "emulated", "hw_mxfp4")
 

@@ -23,8 +23,8 @@ operands as the Blackwell tensor-core path (``cuda_mxfp4_mm``). It is defined he
 Where it runs (:func:`applies`): CPU, W4A4 with plain E8M0 scales on both sides (not ``fp_quant``,
 whose 4/3 element factor the integer path does not apply), no gradient, a CPU with AVX2, and more than
 :data:`GEMV_ROWS` rows (decode steps run the dequant-GEMV on the fake-quantized input, faster there),
-and not where the vectorised weight decode + the library GEMM is faster (AVX-512 CPUs, more than
-:data:`.cpu_mxfp4_dequantize.FUSED_ROWS` rows: :func:`.cpu_mxfp4_dequantize.prefers_dense_gemm`). On a
+and not on AVX-512 CPUs, where the vectorised weight decode + the library GEMM is faster for many rows
+and the GEMV for few (:mod:`.cpu_mxfp4_dequantize`). On a
 CPU without AVX2 the scalar integer loop would be slower than the float emulation, so W4A4 linears keep
 the emulation there and one log line says so.
 """
@@ -99,14 +99,16 @@ def _cpu_has_simd() -> bool:
 def takes_weight(weight) -> bool:
     """Whether W4A4 linears with this weight run the integer GEMM (on suitable inputs, see
     :func:`applies`): plain E8M0 scales on both operands, blocks of a multiple of 32, a 2-D CPU
-    weight, not the ``emulated`` preference, AVX2, and the C++ library not known to be unavailable."""
+    weight, not the ``emulated`` preference, AVX2 but not a vectorised weight decode (AVX-512 CPUs run
+    many-row linears as decode + library GEMM, faster: :mod:`.cpu_mxfp4_dequantize`), and the C++
+    library not known to be unavailable."""
     if weight.act_scale_rule is None or "fp_quant" in (weight.scale_rule, weight.act_scale_rule):
         return False
     if weight.kernel_preference == "emulated" or weight.block_size % 32:
         return False
     if weight.qdata.device.type != "cpu" or weight.qdata.dim() != 2 or cpu_extension.known_unavailable():
         return False
-    return _cpu_has_simd()
+    return not cpu_mxfp4_dequantize.VECTORIZED and _cpu_has_simd()
 
 
 def applies(weight, x: torch.Tensor) -> bool:
@@ -117,8 +119,6 @@ def applies(weight, x: torch.Tensor) -> bool:
     if x.device.type != "cpu" or (torch.is_grad_enabled() and x.requires_grad):
         return False
     if x.numel() <= GEMV_ROWS * x.shape[-1] and cpu_mxfp4_gemv.applies(weight, x):
-        return False
-    if cpu_mxfp4_dequantize.prefers_dense_gemm(weight, x):
         return False
     return takes_weight(weight)
 

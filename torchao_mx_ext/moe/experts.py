@@ -44,7 +44,7 @@ import torch
 
 from ..architectures import expert_projection_names
 from ..configs import MXFP4Config, register_module_quantizer, report_padding, weight_layout
-from ..mx import mxfp4_fake_quantize
+from ..kernels import cpu_mxfp4_quantize
 from ..tensors import RotatedMXFP4Tensor
 
 
@@ -215,7 +215,7 @@ def _gemm_operands(weight: torch.Tensor, x: torch.Tensor) -> Tuple[torch.Tensor,
     dtype = cls.gemm_dtype(weight, x.dtype)
     xr = cls.rotate_input(weight, x)
     if weight.act_scale_rule is not None:
-        xr = mxfp4_fake_quantize(xr, weight.block_size, weight.act_scale_rule)
+        xr = cpu_mxfp4_quantize.fake_quantize(xr, weight.block_size, weight.act_scale_rule, weight.kernel_preference)
     w = weight.dequantized if weight.dequantized is not None else cls.dequantize(weight, dtype)
     return xr.to(dtype), w.to(dtype)
 

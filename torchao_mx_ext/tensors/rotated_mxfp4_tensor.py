@@ -25,8 +25,8 @@ import torch.nn.functional as F
 from torchao.utils import TorchAOBaseTensor
 
 from .caching import stable_metadata_hash
-from ..kernels import CPU_NATIVE_BF16_GEMM, check_kernel_preference, cpu_mxfp4_dequantize, cpu_mxfp4_gemv, cpu_mxfp4_mm, cuda_mxfp4_mm, effective_preference
-from ..mx import check_scale_rule, mxfp4_dequantize, mxfp4_fake_quantize, mxfp4_quantize
+from ..kernels import CPU_NATIVE_BF16_GEMM, check_kernel_preference, cpu_mxfp4_dequantize, cpu_mxfp4_gemv, cpu_mxfp4_mm, cpu_mxfp4_quantize, cuda_mxfp4_mm, effective_preference
+from ..mx import check_scale_rule, mxfp4_dequantize, mxfp4_quantize
 from ..rotation import pad_and_rotate
 from .mxfp4_activation_tensor import MXFP4ActivationTensor
 
@@ -144,7 +144,7 @@ class RotatedMXFP4Tensor(TorchAOBaseTensor):
             return y.reshape(*x.shape[:-1], y.shape[-1])
         if self.act_scale_rule is not None:
             # Same numbers as quantize_input(x).dequantize(), without materialising codes.
-            xr = mxfp4_fake_quantize(xr, self.block_size, self.act_scale_rule)
+            xr = cpu_mxfp4_quantize.fake_quantize(xr, self.block_size, self.act_scale_rule, self.kernel_preference)
         if self.kernel_preference != "emulated" and cpu_mxfp4_gemv.applies(self, xr):
             # Small batch on CPU: decode inside the reduction (same numbers up to float32 summation order).
             # Also with a dense cache: the packed codes are a quarter of its bytes, and GEMV is memory-bound.

@@ -1,0 +1,213 @@
+// MXFP4 quantize-dequantize of float32 activations for CPUs, in one pass:
+//   out = RNE_E2M1(x * 2^-e) * 2^e   per block of B elements, e from the block's amax by the scale rule
+// (floor, even, rceil; mse: the floor exponent or the one above, whichever reconstructs the block with
+// the smaller squared error, ties keeping floor). A block holding a NaN or Inf is all NaN.
+// The CPU kernel of torchao_mx_ext::mxfp4_fake_quantize; the operator (schema, fake kernel, pure-torch
+// fallback) is defined in Python: torchao_mx_ext/kernels/cpu_mxfp4_quantize.py.
+//
+// The operations are those of torchao_mx_ext/mx (quantize.py, e8m0.py, e2m1.py), one for one in float32:
+// the exponent from amax's bits, x * 2^-e, the E2M1 rounding as round-half-even of |v| / spacing, the
+// product with 2^e. So the output is bit-equal to mxfp4_fake_quantize for floor, even and rceil. For
+// mse the two candidates' squared errors are float32 sums whose order is not the pure-torch one (which
+// itself differs between eager and Inductor): a block whose two errors agree to float32 rounding may
+// take the other, equally good, candidate.
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <string>
+#include <vector>
+
+#include "cpu_isa.h"
+
+namespace {
+
+constexpr int kFloor = 0, kEven = 1, kRceil = 2, kMse = 3;
+constexpr int kMinExp = -127, kMaxExp = 127;
+
+using tme_cpu::kIsaAvx512;
+using tme_cpu::kIsaScalar;
+std::atomic<int> g_isa_override{-1};
+
+int current_isa() { return tme_cpu::current_isa(g_isa_override, tme_cpu::has_avx512_bw() ? kIsaAvx512 : kIsaScalar); }
+
+inline uint32_t bits_of(float f) {
+  uint32_t b;
+  std::memcpy(&b, &f, 4);
+  return b;
+}
+
+inline float float_of(uint32_t b) {
+  float f;
+  std::memcpy(&f, &b, 4);
+  return f;
+}
+
+// e8m0.py's shared_exponent: k = floor(log2(amax)) from the exponent field (zero / subnormal: -127).
+inline int shared_exponent(float amax, int rule) {
+  const uint32_t bits = bits_of(amax);
+  const int k = int((bits >> 23) & 0xFF) - 127;
+  int e = k - 2;
+  if (rule == kEven) {
+    e = int(((bits + (1u << 21)) >> 23) & 0xFF) - 127 - 2;
+  } else if (rule == kRceil) {
+    e += (bits & 0x7FFFFF) > (1u << 22) ? 1 : 0;
+  }
+  return std::min(std::max(e, kMinExp), kMaxExp);
+}
+
+// e8m0.py's exp2_int: exact 2^e for e in [-127, 127] (2^-127 the one subnormal).
+inline float exp2_int(int e) { return e >= kMinExp + 1 ? float_of(uint32_t(e + 127) << 23) : float_of(1u << 22); }
+
+// e2m1.py's round_to_e2m1 on one value.
+inline float round_e2m1(float v) {
+  const float a = std::fabs(v);
+  const float spacing = a < 2.0f ? 0.5f : (a < 4.0f ? 1.0f : 2.0f);
+  const float q = std::min(std::nearbyint(a / spacing) * spacing, 6.0f);  // nearbyint: half to even
+  return std::copysign(q, v);
+}
+
+// One block: out = q * 2^e for exponent e; returns the float32 squared error (for mse).
+inline float block_scalar(const float* x, int64_t B, int e, float* out) {
+  const float inv = exp2_int(-e), scale = exp2_int(e);
+  float err = 0.0f;
+  for (int64_t i = 0; i < B; ++i) {
+    out[i] = round_e2m1(x[i] * inv) * scale;
+    const float d = x[i] - out[i];
+    err += d * d;
+  }
+  return err;
+}
+
+void rows_scalar(const float* x, float* out, int64_t r0, int64_t r1, int64_t K, int64_t B, int rule) {
+  std::vector<float> up(B);
+  for (int64_t r = r0; r < r1; ++r) {
+    for (int64_t b = 0; b < K / B; ++b) {
+      const float* xb = x + r * K + b * B;
+      float* ob = out + r * K + b * B;
+      float amax = 0.0f;
+      for (int64_t i = 0; i < B; ++i) amax = std::isnan(xb[i]) || std::isnan(amax) ? NAN : std::max(amax, std::fabs(xb[i]));
+      if (!std::isfinite(amax)) {
+        for (int64_t i = 0; i < B; ++i) ob[i] = std::numeric_limits<float>::quiet_NaN();
+        continue;
+      }
+      const int e = shared_exponent(amax, rule);
+      const float err = block_scalar(xb, B, e, ob);
+      if (rule == kMse) {
+        const int e_up = std::min(e + 1, kMaxExp);
+        if (block_scalar(xb, B, e_up, up.data()) < err) std::memcpy(ob, up.data(), B * sizeof(float));
+      }
+    }
+  }
+}
+
+#ifdef TME_X86_SIMD
+#define TME_FQ_TARGET "avx512f,avx512bw,avx512vl,avx512dq"
+
+// round_e2m1(x * inv) * scale for 16 values.
+__attribute__((target(TME_FQ_TARGET))) inline __m512 quantize16(__m512 x, __m512 inv, __m512 scale) {
+  const __m512 v = _mm512_mul_ps(x, inv);
+  const __m512 sign = _mm512_set1_ps(-0.0f);
+  const __m512 a = _mm512_andnot_ps(sign, v);
+  // |v| / spacing with spacing 0.5, 1, 2 below 2, 4 and above: exact multiplies by 2, 1, 0.5
+  const __mmask16 below2 = _mm512_cmp_ps_mask(a, _mm512_set1_ps(2.0f), _CMP_LT_OQ);
+  const __mmask16 below4 = _mm512_cmp_ps_mask(a, _mm512_set1_ps(4.0f), _CMP_LT_OQ);
+  __m512 spacing = _mm512_set1_ps(2.0f);
+  spacing = _mm512_mask_mov_ps(spacing, below4, _mm512_set1_ps(1.0f));
+  spacing = _mm512_mask_mov_ps(spacing, below2, _mm512_set1_ps(0.5f));
+  const __m512 steps = _mm512_roundscale_ps(_mm512_div_ps(a, spacing), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 q = _mm512_min_ps(_mm512_mul_ps(steps, spacing), _mm512_set1_ps(6.0f));
+  return _mm512_mul_ps(_mm512_or_ps(q, _mm512_and_ps(v, sign)), scale);  // copysign, then the scale
+}
+
+// One block of B (a multiple of 16) values at exponent e into out; returns the float32 squared error.
+__attribute__((target(TME_FQ_TARGET))) inline float block_avx512(const float* x, int64_t B, int e, float* out) {
+  const __m512 inv = _mm512_set1_ps(exp2_int(-e)), scale = _mm512_set1_ps(exp2_int(e));
+  __m512 err = _mm512_setzero_ps();
+  for (int64_t i = 0; i < B; i += 16) {
+    const __m512 xv = _mm512_loadu_ps(x + i);
+    const __m512 o = quantize16(xv, inv, scale);
+    _mm512_storeu_ps(out + i, o);
+    const __m512 d = _mm512_sub_ps(xv, o);
+    err = _mm512_fmadd_ps(d, d, err);
+  }
+  return _mm512_reduce_add_ps(err);
+}
+
+__attribute__((target(TME_FQ_TARGET))) void rows_avx512(const float* x, float* out, int64_t r0, int64_t r1, int64_t K, int64_t B,
+                                                        int rule) {
+  std::vector<float> up(B);
+  const __m512 abs_mask = _mm512_castsi512_ps(_mm512_set1_epi32(0x7FFFFFFF));
+  for (int64_t r = r0; r < r1; ++r) {
+    for (int64_t b = 0; b < K / B; ++b) {
+      const float* xb = x + r * K + b * B;
+      float* ob = out + r * K + b * B;
+      // amax, and whether the block is all finite (an exponent field of 255 is NaN or Inf)
+      __m512 amax = _mm512_setzero_ps();
+      __mmask16 nonfinite = 0;
+      for (int64_t i = 0; i < B; i += 16) {
+        const __m512 a = _mm512_and_ps(_mm512_loadu_ps(xb + i), abs_mask);
+        nonfinite |= _mm512_cmp_ps_mask(a, _mm512_set1_ps(std::numeric_limits<float>::max()), _CMP_NLE_UQ);
+        amax = _mm512_max_ps(amax, a);
+      }
+      if (nonfinite) {
+        for (int64_t i = 0; i < B; i += 16) _mm512_storeu_ps(ob + i, _mm512_set1_ps(std::numeric_limits<float>::quiet_NaN()));
+        continue;
+      }
+      const int e = shared_exponent(_mm512_reduce_max_ps(amax), rule);
+      const float err = block_avx512(xb, B, e, ob);
+      if (rule == kMse) {
+        const int e_up = std::min(e + 1, kMaxExp);
+        if (block_avx512(xb, B, e_up, up.data()) < err) std::memcpy(ob, up.data(), B * sizeof(float));
+      }
+    }
+  }
+}
+#endif  // TME_X86_SIMD
+
+int rule_index(const std::string& rule) {
+  if (rule == "floor") return kFloor;
+  if (rule == "even") return kEven;
+  if (rule == "rceil") return kRceil;
+  if (rule == "mse") return kMse;
+  TORCH_CHECK(false, "mxfp4_fake_quantize: scale rule must be floor, even, rceil or mse, got ", rule);
+}
+
+at::Tensor mxfp4_fake_quantize(const at::Tensor& x, int64_t block_size, c10::string_view scale_rule) {
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat, "mxfp4_fake_quantize: a float32 CPU tensor expected");
+  TORCH_CHECK(x.dim() >= 1, "mxfp4_fake_quantize: x must have at least one dimension");
+  TORCH_CHECK(block_size > 0 && block_size % 32 == 0, "mxfp4_fake_quantize: block_size must be a multiple of 32, got ", block_size);
+  const int64_t K = x.size(-1);
+  TORCH_CHECK(K % block_size == 0, "mxfp4_fake_quantize: the width ", K, " is not a multiple of ", block_size);
+  const int rule = rule_index(std::string(scale_rule));
+  const auto xc = x.contiguous();
+  auto out = at::empty_like(xc);
+  const int64_t R = K == 0 ? 0 : xc.numel() / K;
+  if (R == 0) return out;
+  const int isa = current_isa();
+  at::parallel_for(0, R, std::max<int64_t>(1, 8192 / K), [&](int64_t r0, int64_t r1) {
+#ifdef TME_X86_SIMD
+    if (isa == kIsaAvx512) return rows_avx512(xc.data_ptr<float>(), out.data_ptr<float>(), r0, r1, K, block_size, rule);
+#endif
+    rows_scalar(xc.data_ptr<float>(), out.data_ptr<float>(), r0, r1, K, block_size, rule);
+  });
+  return out;
+}
+
+// Test hook: cap the code path (0 scalar, 2 AVX-512; -1 = best available). Returns the path now in use.
+int64_t mxfp4_fake_quantize_set_isa(int64_t isa) {
+  g_isa_override.store(static_cast<int>(isa));
+  return current_isa();
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(torchao_mx_ext, m) { m.def("_mxfp4_fake_quantize_set_isa(int isa) -> int", &mxfp4_fake_quantize_set_isa); }
+
+TORCH_LIBRARY_IMPL(torchao_mx_ext, CPU, m) { m.impl("mxfp4_fake_quantize", &mxfp4_fake_quantize); }
