@@ -53,16 +53,27 @@ if [ ! -f "$SRC/.unpacked-$VERSION" ]; then
     mv "$tmp" "$SRC"
 fi
 
-# 2. configure (once; cmake re-runs itself when its inputs change)
+# 2. configure (once per set of flags; cmake re-runs itself when its inputs change)
+# GGML_NATIVE compiles ggml's AMX kernels in on AMX CPUs (-march=native implies -mamx-*); in the VM of
+# an AMX machine they died with SIGILL on `tileloadd` (llama-bench on a Q4_0 GGUF) while oneDNN's AMX
+# GEMMs ran in the same VM. Explicit -mno-amx-* flags take precedence over -march=native in GCC and
+# Clang, so llama.cpp keeps AVX-512 VNNI there. LLAMA_CPP_AMX=1 builds them in anyway.
+NATIVE_FLAGS="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
+if [ "${LLAMA_CPP_AMX:-0}" = "1" ]; then NATIVE_FLAGS=""; fi
+if [ -f "$BUILD/CMakeCache.txt" ] && [ "$(cat "$BUILD/.tme-native-flags" 2>/dev/null)" != "$NATIVE_FLAGS" ]; then
+    rm -f "$BUILD/CMakeCache.txt"  # configured with other flags: configure again (objects rebuild)
+fi
 if [ ! -f "$BUILD/CMakeCache.txt" ]; then
     cmake -S "$SRC" -B "$BUILD" \
         -DCMAKE_BUILD_TYPE=Release \
+        -DCMAKE_C_FLAGS="$NATIVE_FLAGS" -DCMAKE_CXX_FLAGS="$NATIVE_FLAGS" \
         -DGGML_NATIVE=ON \
         -DGGML_CUDA=OFF -DGGML_METAL=OFF -DGGML_VULKAN=OFF \
         -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF \
         -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_APP=OFF \
         -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
         -DBUILD_SHARED_LIBS=OFF
+    echo "$NATIVE_FLAGS" > "$BUILD/.tme-native-flags"
 fi
 
 # 3. build the three tools

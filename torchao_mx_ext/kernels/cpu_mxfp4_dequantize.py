@@ -30,8 +30,9 @@ DTYPES = (torch.float32, torch.bfloat16)
 VECTORIZED = torch.backends.cpu.get_cpu_capability() == "AVX512"
 # With it, linears of more rows than this decode the weight and run the library GEMM; up to it the
 # fused kernels (dequant-GEMV, integer GEMM) are faster. benchmarks/w4a4_gemm_bench.py on an AMX CPU
-# (Sapphire Rapids, 2 threads, SmolLM2's shapes), decode + bf16 GEMM against the faster fused kernel:
-# 0.3-0.5x at one row, 0.6-1.0x at 8, 1.2-2.3x at 64; against the integer GEMM 3.6-8x at 512 rows.
+# (Xeon family 6 model 207, 2 threads, SmolLM2's shapes), decode + bf16 GEMM against the faster fused
+# kernel: 0.2x at one row, 0.4-0.8x at 8, 1.2-2.3x at 64 (and 1.4-2x at 16, a one-off timing); against
+# the integer GEMM 3.6-8x at 512 rows.
 FUSED_ROWS = 8
 
 _lib = torch.library.Library("torchao_mx_ext", "FRAGMENT")
