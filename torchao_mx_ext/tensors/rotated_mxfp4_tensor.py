@@ -97,9 +97,11 @@ class RotatedMXFP4Tensor(TorchAOBaseTensor):
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """``Q(W R)`` (rotated, quantized, padded width ``K_p``) in ``dtype`` (default: the weight's).
-        On CPU by the C++ decode where it applies (bit-equal; not with the ``emulated`` preference)."""
+        On AVX-512 CPUs by the vectorised C++ decode where it applies (bit-equal; not with the
+        ``emulated`` preference); elsewhere pure torch, which Inductor fuses."""
         dtype = dtype or self.dtype
-        if self.kernel_preference != "emulated" and cpu_mxfp4_dequantize.applies(self.qdata, self.block_size, self.scale_rule, dtype):
+        decode = cpu_mxfp4_dequantize
+        if self.kernel_preference != "emulated" and decode.VECTORIZED and decode.applies(self.qdata, self.block_size, self.scale_rule, dtype):
             return cpu_mxfp4_dequantize.mxfp4_dequantize(self.qdata, self.scale, self.block_size, dtype)
         return mxfp4_dequantize(self.qdata, self.scale, self.block_size, self.scale_rule, dtype)
 
