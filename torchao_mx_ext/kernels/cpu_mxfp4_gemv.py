@@ -39,7 +39,9 @@ __all__ = ["MAX_ROWS", "applies", "is_available", "mxfp4_gemv", "reference_mxfp4
 OP = "torchao_mx_ext::mxfp4_gemv"
 # Largest number of rows (M = x.numel() / K) sent to the kernel. The kernel re-decodes the weight for
 # every 4 rows, so its time grows with M; the path it replaces decodes the whole weight first, and the
-# crossover against that lies above M = 128 on AVX-512 CPUs (benchmarks/gemv_bench.py).
+# crossover against that lies above M = 128 on AVX-512 CPUs (benchmarks/gemv_bench.py). Where the C++
+# decode is vectorised (AVX-512), decode + library GEMM is faster still above FUSED_ROWS (8) rows and
+# takes those (cpu_mxfp4_dequantize.prefers_dense_gemm).
 MAX_ROWS = 64
 # With a dense cache (``cache_dequantized_weights``) the alternative is a plain GEMM: the kernel is kept
 # for batches it decodes the codes for once (its row block), where it reads a quarter of the bytes.
