@@ -9,31 +9,17 @@ import re
 
 import pytest
 import torch
+from kernel_paths import kernel_path_fixtures
 from torchao.quantization import quantize_
 
 from torchao_mx_ext import MXFP4BlockRotConfig
-from torchao_mx_ext.kernels import cpu_extension, cpu_mxfp4_dequantize, cpu_mxfp4_quantize
+from torchao_mx_ext.kernels import cpu_mxfp4_dequantize, cpu_mxfp4_quantize
 from torchao_mx_ext.mx import mxfp4_fake_quantize
 
 ISA_NAMES = {0: "scalar", 2: "avx512"}
 E2M1_GRID = [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0]
 
-
-@pytest.fixture(scope="module", autouse=True)
-def kernel():
-    if not cpu_extension.is_available():
-        pytest.fail("the CPU MXFP4 kernels did not build (see the logged warning): they need g++ and ninja")
-    yield
-    cpu_mxfp4_quantize.set_isa(None)
-
-
-@pytest.fixture(params=list(ISA_NAMES), ids=ISA_NAMES.get)
-def isa(request):
-    if request.param > cpu_mxfp4_quantize.set_isa(None):
-        pytest.skip(f"this CPU (or ATEN_CPU_CAPABILITY) has no {ISA_NAMES[request.param]} path")
-    assert cpu_mxfp4_quantize.set_isa(request.param) == request.param
-    yield request.param
-    cpu_mxfp4_quantize.set_isa(None)
+kernel, isa = kernel_path_fixtures(cpu_mxfp4_quantize.set_isa, ISA_NAMES)
 
 
 def rne_e2m1(v: float) -> float:

@@ -92,8 +92,12 @@ void rows_scalar(const float* x, float* out, int64_t r0, int64_t r1, int64_t K, 
       const float* xb = x + r * K + b * B;
       float* ob = out + r * K + b * B;
       float amax = 0.0f;
-      for (int64_t i = 0; i < B; ++i) amax = std::isnan(xb[i]) || std::isnan(amax) ? NAN : std::max(amax, std::fabs(xb[i]));
-      if (!std::isfinite(amax)) {
+      bool nonfinite = false;
+      for (int64_t i = 0; i < B; ++i) {
+        nonfinite |= !std::isfinite(xb[i]);
+        amax = std::max(amax, std::fabs(xb[i]));
+      }
+      if (nonfinite) {
         for (int64_t i = 0; i < B; ++i) ob[i] = std::numeric_limits<float>::quiet_NaN();
         continue;
       }
