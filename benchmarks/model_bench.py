@@ -9,7 +9,9 @@ Rows (``--variants``, default all): dense ``fp32``, ``bf16`` and ``bf16_compiled
 MXFP4 (``MXDynamicActivationMXWeightConfig``, FP4 weights and activations, ``KernelPreference.EMULATED``,
 bf16 only, eager: it does not compile on CPU); ours (``MXFP4BlockRotConfig``, block Hadamard, bf16
 model) W4A4 (``ours_w4a4*``) and weight-only (``ours_wo*``), eager, compiled, and compiled with
-``cache_dequantized_weights``. Every linear but ``lm_head`` is quantized. Ours runs with
+``cache_dequantized_weights``. Every linear but ``lm_head`` is quantized; the ``*_int8_head`` and
+``*_mxfp4_head`` rows also quantize ``lm_head`` (``tme.quantize_output_head``: untied from the embedding,
+weight-only int8 with per-row scales, or RTN MXFP4). Ours runs with
 ``share_input_quantization`` (q/k/v and gate/up rotate and quantize their common input once; exact,
 see ``torchao_mx_ext/shared_quant.py``); ``--no-share`` turns it off.
 
@@ -76,6 +78,9 @@ VARIANTS = (
     "ours_wo",
     "ours_wo_compiled",
     "ours_wo_compiled_cached",
+    "ours_w4a4_compiled_int8_head",
+    "ours_wo_compiled_int8_head",
+    "ours_wo_compiled_mxfp4_head",
     "llama.cpp_bf16",
     "llama.cpp_q4_0",
     "llama.cpp_mxfp4",
@@ -208,6 +213,12 @@ def build(variant: str, args):
         if variant.endswith("_cached"):
             tme.cache_dequantized_weights(model)
             notes["cache_dequantized_weights"] = True
+        if variant.endswith("_int8_head"):
+            tme.quantize_output_head(model, "int8")  # lm_head untied from the embedding, int8 weight-only
+            notes["lm_head"] = "int8 weight-only"
+        elif variant.endswith("_mxfp4_head"):
+            tme.quantize_output_head(model, tme.MXFP4Config(act_quant=False))
+            notes["lm_head"] = "MXFP4 weight-only (RTN)"
     if "_compiled" in variant:
         notes["compile"] = args.compile
         if args.compile == "model":

@@ -40,6 +40,18 @@ def test_compare_all_scale_rules_in_one_table(tmp_path):
     assert report["settings"]["weight_only"] is True
 
 
+def test_compare_quantize_head(tmp_path):
+    """--quantize-head applies to every row (fp included) and is recorded; int8 moves the fp perplexity by
+    far less than an RTN MXFP4 head does."""
+    fp = _run(tmp_path, "fp.json", "--methods", "fp")["methods"]["fp"]["ppl"]
+    report = {h: _run(tmp_path, f"{h}.json", "--methods", "fp", "--quantize-head", h) for h in ("int8", "mxfp4")}
+    assert report["int8"]["settings"]["lm_head"] == "int8 weight-only, per-row scales"
+    assert report["mxfp4"]["settings"]["lm_head"] == "MXFP4 weight-only (RTN)"
+    int8, mxfp4 = (report[h]["methods"]["fp"]["ppl"] for h in ("int8", "mxfp4"))
+    assert int8 != fp and abs(int8 / fp - 1) < 0.01
+    assert abs(mxfp4 / fp - 1) > 3 * abs(int8 / fp - 1)
+
+
 def test_compare_rejects_unknown_names(tmp_path):
     with pytest.raises(SystemExit, match="unknown method"):
         main(["compare", "--model", "stories260k", "--methods", "rtn,awq"])

@@ -27,6 +27,7 @@ _EXPORTS = {
     "SCALE_RULES": "mx",
     "ROTATIONS": "rotation",
     "cache_dequantized_weights": "inference",
+    "quantize_output_head": "inference",
     "share_input_quantization": "shared_quant",
     "unshare_input_quantization": "shared_quant",
     "PACKED_GQA_SDPA": "regional_compile",

@@ -35,6 +35,13 @@ from typing import Dict, List, Optional
 # torch, transformers and this package's modules are imported inside the commands, not here: parsing
 # arguments and refusing bad ones needs none of them. The parser is therefore built from these names
 # (tests/test_cli.py checks they equal recipes.METHODS, mx.SCALE_RULES, zoo.MODEL_ALIASES and the MoE methods).
+# compare --quantize-head: scheme -> how the report's settings describe the head.
+HEAD_SCHEMES = {
+    "none": "not quantized",
+    "int8": "int8 weight-only, per-row scales",
+    "mxfp4": "MXFP4 weight-only (RTN)",
+    "mxfp4-block-rot": "MXFP4 weight-only (block Hadamard)",
+}
 METHOD_NAMES = (
     "fp", "rtn", "block-rot", "global-rot", "quarot", "brq", "gptq", "gptq-block-rot", "gptq-block-rot+exp-search",
     "quarot+gptq", "brq+gptq", "dartquant", "dartquant-block", "dartquant-block+gptq", "mxrot-block",
@@ -300,7 +307,7 @@ def run_compare(args) -> dict:
                 "weight_only": args.weight_only,
                 "act_scale_rule": None if args.weight_only else (args.act_scale_rule or "same as weights"),
                 "block_size": 32,
-                "lm_head": "not quantized",
+                "lm_head": HEAD_SCHEMES[args.quantize_head],
                 "activations": "none (weight-only)" if args.weight_only else "MXFP4, quantized online",
                 "threads": torch.get_num_threads(),
                 "torch": torch.__version__,
@@ -318,6 +325,8 @@ def run_compare(args) -> dict:
                 t0 = time.perf_counter()
                 if apply is not None:
                     apply(model, QuantSettings(rule, args.act_scale_rule, args.weight_only, seed or 0, calib_ids))
+                if args.quantize_head != "none":
+                    _quantize_head(model, args.quantize_head, rule)
                 m.quantize_s = time.perf_counter() - t0  # quantization incl. calibration, before evaluation
                 ppl = perplexity(model, input_ids, seq_len, args.eval_windows, progress=not args.quiet)
             per_seed.append((ppl, m))
@@ -587,6 +596,19 @@ def eval_command(args) -> int:
     return 0
 
 
+def _quantize_head(model, scheme: str, rule: Optional[str]) -> None:
+    """``compare --quantize-head``: the output head weight-only (``inference.quantize_output_head``);
+    MXFP4 heads take the row's scale rule."""
+    from .configs import DEFAULT_SCALE_RULE, MXFP4BlockRotConfig, MXFP4Config
+    from .inference import quantize_output_head
+
+    if scheme == "int8":
+        quantize_output_head(model, "int8")
+        return
+    cls = MXFP4BlockRotConfig if scheme == "mxfp4-block-rot" else MXFP4Config
+    quantize_output_head(model, cls(act_quant=False, scale_rule=rule or DEFAULT_SCALE_RULE))
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The whole command line; building it imports nothing heavy (see ``METHOD_NAMES``)."""
 
@@ -606,6 +628,8 @@ def build_parser() -> argparse.ArgumentParser:
     cmp.add_argument("--calib-seq-len", type=int, default=None, help="calibration window length (default: --seq-len)")
     cmp.add_argument("--calib-source", default="wikitext2", help="wikitext2 (validation), tinystories, or a text file")
     cmp.add_argument("--weight-only", action="store_true", help="quantize weights only (activations stay fp)")
+    cmp.add_argument("--quantize-head", default="none", choices=tuple(HEAD_SCHEMES),
+                     help="also quantize the output head (lm_head) weight-only, in every row (a decode-speed option)")
     cmp.add_argument("--json", default=None, help="write the report here")
     cmp.add_argument("--data-dir", default=None, help="folder with wikitext2/ (default: the shared data folder)")
     cmp.add_argument("--threads", type=int, default=None)

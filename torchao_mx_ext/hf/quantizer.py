@@ -36,6 +36,7 @@ from transformers.quantizers.quantizers_utils import get_module_from_name, shoul
 
 from ..architectures import high_precision_modules
 from ..configs import set_linear_repr
+from ..inference import is_quantized_head
 from ..moe.experts import expert_projection_names, install_mxfp4_experts_class, quantize_expert_weights
 from ..moe.router_configs import install_router_passes, router_pass_settings
 from ..shared_quant import per_linear_state_dict
@@ -249,6 +250,14 @@ class MXFP4HfQuantizer(HfQuantizer):
         The router passes installed on the model are recorded in the configs' ``router_passes`` (``None``
         without passes) for the same reason.
         """
+        # The loader keeps high-precision modules (the output head) unquantized; a head quantized by
+        # inference.quantize_output_head would come back as missing weights, so refuse before writing.
+        quantized_heads = sorted(fqn for fqn in high_precision_modules(model) if is_quantized_head(model.get_submodule(fqn)))
+        if quantized_heads:
+            raise ValueError(
+                f"{', '.join(quantized_heads)} is quantized (quantize_output_head, an inference-time option); "
+                "checkpoints keep the output head in high precision: save before quantizing the head"
+            )
         model._weight_conversions = []
         router_passes = router_pass_settings(model) or None  # from the buffers: current values
         for config in (self.quantization_config, getattr(model.config, "quantization_config", None)):
