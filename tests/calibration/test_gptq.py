@@ -472,15 +472,43 @@ def test_asymmetric_gptq_lowers_w4a4_error_against_the_full_precision_output():
         quantize_(m, MXFP4GPTQConfig(base=MXFP4BlockRotConfig(), step="prepare", asymmetric=asymmetric))
         _calibrate(m, batches)
         if asymmetric:
-            obs = getattr(m[0], OBSERVER_ATTR)
+            obs = getattr(m[0], OBSERVER_ATTR)  # (the full target here: asymmetric_alpha=1 below)
             xr = obs.rotate(torch.cat(batches))
             xq = mxfp4_dequantize(*mxfp4_quantize(xr, 32, "mse"), 32, "mse", torch.float32)  # what W4A4 consumes
             torch.testing.assert_close(obs.hessian(), hessian_of(xq), rtol=1e-5, atol=1e-6 * float(hessian_of(xq).abs().max()))
             torch.testing.assert_close(obs.cross(), 2.0 / xr.shape[0] * xq.double().T @ xr.double(), rtol=1e-5, atol=1e-3)
-        quantize_(m, MXFP4GPTQConfig(base=MXFP4BlockRotConfig(), step="convert", asymmetric=asymmetric))
+        quantize_(m, MXFP4GPTQConfig(base=MXFP4BlockRotConfig(), step="convert", asymmetric=asymmetric, asymmetric_alpha=1.0))
         with torch.no_grad():
             errors[asymmetric] = float((m(held_out) - ref).norm())
     assert errors[True] < 0.98 * errors[False], errors
+
+
+def test_asymmetric_alpha_zero_is_plain_gptq_and_range_is_checked():
+    """alpha scales the correction W* - W: alpha = 0 gives plain GPTQ's codes bit for bit on drifted
+    inputs, alpha = 1 does not; alpha outside [0, 1] is refused."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 32)).eval()
+    rows = correlated_inputs(2048, 64, seed=1)
+    drifted = rows + 0.2 * torch.randn_like(rows)
+    codes = {}
+    for key, kw in {"gptq": {}, "a0": dict(asymmetric=True, asymmetric_alpha=0.0), "a1": dict(asymmetric=True, asymmetric_alpha=1.0)}.items():
+        m = copy.deepcopy(model)
+        quantize_(m, MXFP4GPTQConfig(base=MXFP4BlockRotConfig(act_quant=False), step="prepare", **kw))
+        obs = getattr(m[0], OBSERVER_ATTR)
+        with torch.no_grad():
+            for ref, x in zip(rows.split(512), drifted.split(512)):
+                if kw:
+                    obs.record_reference(True)
+                    m(ref)
+                    obs.record_reference(False)
+                m(x)
+        quantize_(m, MXFP4GPTQConfig(base=MXFP4BlockRotConfig(act_quant=False), step="convert", **kw))
+        codes[key] = m[0].weight.qdata.clone()
+    assert torch.equal(codes["a0"], codes["gptq"])
+    assert not torch.equal(codes["a1"], codes["gptq"])
+    for bad in (-0.1, 1.5):
+        with pytest.raises((ValueError, TypeError), match="asymmetric_alpha"):
+            MXFP4GPTQConfig(base=MXFP4BlockRotConfig(), asymmetric=True, asymmetric_alpha=bad)
 
 
 def test_asymmetric_observer_pairs_reference_rows():
