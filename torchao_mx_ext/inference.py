@@ -4,6 +4,7 @@ quantized output head (:func:`quantize_output_head`, int8 or MXFP4 weight-only).
 import torch
 import torch.nn.functional as F
 
+from .rotation.fusion import untie_embeddings
 from .tensors import RotatedMXFP4Tensor
 
 
@@ -117,36 +118,24 @@ def quantize_output_head(model: torch.nn.Module, config="int8") -> torch.nn.Modu
     if not isinstance(head, torch.nn.Linear):
         raise ValueError(f"the model has no nn.Linear output head (get_output_embeddings() gave {type(head).__name__})")
     if config == "int8":
-        model.set_output_embeddings(Int8WeightOnlyLinear.from_linear(head))  # checks the weight first
-        _untie_config(model)
+        quantized = Int8WeightOnlyLinear.from_linear(head)  # checks the weight first
+        untie_embeddings(model)
+        model.set_output_embeddings(quantized)
         return model
-    get_input = getattr(model, "get_input_embeddings", None)
-    embedding = get_input() if callable(get_input) else None
-    tied = embedding is not None and getattr(embedding, "weight", None) is head.weight
     original = head.weight
-    if tied:
-        head.weight = torch.nn.Parameter(original.detach().clone(), requires_grad=original.requires_grad)
+    text = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    flags = (model.config.tie_word_embeddings, text.tie_word_embeddings)
+    untie_embeddings(model)
     try:
         quantize_(model, config, filter_fn=lambda module, fqn: module is head)
     except BaseException:
-        head.weight = original  # quantize_ refused (e.g. NaN weights): tied again, as it was
+        # quantize_ refused (e.g. NaN weights): tied again, as it was
+        head.weight = original
+        model.config.tie_word_embeddings, text.tie_word_embeddings = flags
         raise
-    _untie_config(model)
     return model
 
 
 def is_quantized_head(module) -> bool:
     """Whether ``module`` is an output head :func:`quantize_output_head` quantized."""
     return isinstance(module, Int8WeightOnlyLinear) or isinstance(getattr(module, "weight", None), RotatedMXFP4Tensor)
-
-
-def _untie_config(model: torch.nn.Module) -> None:
-    """``tie_word_embeddings = False`` on the model's config and its text config (the same object for
-    plain decoders), so nothing ties the quantized head back to the embedding."""
-    config = getattr(model, "config", None)
-    if config is None:
-        return
-    text = config.get_text_config() if callable(getattr(config, "get_text_config", None)) else None
-    for cfg in (config, text):
-        if cfg is not None and hasattr(cfg, "tie_word_embeddings"):
-            cfg.tie_word_embeddings = False
