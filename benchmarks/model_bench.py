@@ -50,8 +50,9 @@ scales + rotation block), the dequantized-weight cache counted apart (``cache_mb
 module guards skipped, and GQA-packed decode attention: see ``torchao_mx_ext/regional_compile.py``);
 all layers have the same code, so Inductor's FX-graph cache makes layers 2..N cheap (embedding, mask
 and ``lm_head`` run eager). The same for ``bf16_compiled`` and ours. ``--compile model`` compiles the whole model as one graph
-(``fullgraph=True``), which is what ``tests/test_compile.py`` checks; on SmolLM2-135M W4A4 that one
-graph took 890 s to compile on this 2-core CPU (busy), hence the default.
+per input shape with ``tme.compile_model`` (the same options: own Dynamo cache, module guards skipped,
+GQA-packed decode attention, ``emulate_precision_casts``): no Python between layers, the faster decode,
+at 1.5-3 minutes of compile per row on this 2-core CPU (``compile_s``), hence not the default.
 """
 
 import argparse
@@ -222,7 +223,9 @@ def build(variant: str, args):
     if "_compiled" in variant:
         notes["compile"] = args.compile
         if args.compile == "model":
-            model = torch.compile(model, fullgraph=True, dynamic=False, backend=args.backend)
+            # One graph per shape, its own Dynamo cache, module guards skipped, GQA-packed decode attention.
+            tme.compile_model(model, backend=args.backend)
+            notes["attn_implementation"] = model.config._attn_implementation
         else:
             # Each layer in its own Dynamo cache, module guards skipped, GQA-packed decode attention.
             tme.compile_decoder_layers(model, backend=args.backend)

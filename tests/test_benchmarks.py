@@ -6,6 +6,8 @@ import math
 import sys
 from pathlib import Path
 
+import pytest
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 import model_bench  # noqa: E402
@@ -48,7 +50,6 @@ def test_gpu_check_dry_run_on_cpu(tmp_path):
     """The GPU script's plumbing on CPU (one linear shape, a one-layer decoder): every section reports,
     compiled equals eager, and asking for CUDA without one is refused."""
     import gpu_check  # noqa: E402  (benchmarks/ is on sys.path above)
-    import pytest
     import torch
 
     out = tmp_path / "gpu_check.json"
@@ -104,8 +105,6 @@ def test_model_bench_llama_cpp_rows_run_where_built(tmp_path):
     """With llama.cpp built (``bash scripts/build_llama_cpp.sh``), its rows time stories260k's GGUFs. Our
     MXFP4 GGUF cannot hold stories260k (its 172-wide MLP input is no whole number of 32-blocks and
     llama.cpp does not zero-pad): that row is an error naming the reason, and the run exits 1."""
-    import pytest
-
     import llama_cpp_bench
 
     if llama_cpp_bench.missing_tools():
@@ -177,3 +176,21 @@ def test_w4a4_gemm_bench_smoke(tmp_path):
         assert (r["int_mm_speedup_vs_avx2"] is not None) == on_vnni
         assert all(v > 0 for v in r["ms"].values())
         assert r["int_mm_max_rel_diff"] < 1e-5
+
+
+def test_decode_profile_smoke_whole_model_compiled(tmp_path):
+    """decode_profile on a ``--compile model`` row (tme.compile_model, Dynamo's ``eager`` backend): a
+    positive step time, the int8 head's kernel among the per-step operators, the JSON written."""
+    import decode_profile
+
+    out = tmp_path / "profile.json"
+    report = decode_profile.main([
+        "--model", "stories260k", "--variant", "ours_w4a4_compiled_int8_head", "--compile", "model", "--backend", "eager",
+        "--layers", "1", "--prompt-len", "8", "--steps", "3", "--top", "1000", "--threads", "1", "--json", str(out),
+    ])
+    assert json.loads(out.read_text()) == report
+    assert report["step_ms"] > 0 and report["notes"]["compile"] == "model"
+    ops = {r["op"]: r for r in report["ops"]}
+    # the head, once per forward: the 3 steps and the prefill (inside the profiled window)
+    assert ops["aten::_weight_int8pack_mm"]["calls_per_step"] == pytest.approx(4 / 3)
+    assert all(r["self_ms_per_step"] >= 0 for r in report["ops"])

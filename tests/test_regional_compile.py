@@ -1,5 +1,6 @@
 """compile_decoder_layers: one Dynamo cache per layer (prompt + decode-step graph each, no recompiles),
-same logits as eager; the GQA-packed decode attention against a float64 reference."""
+same logits as eager; compile_model: one cache per model (prompt + decode-step graph); the GQA-packed
+decode attention against a float64 reference."""
 
 import copy
 import math
@@ -71,6 +72,27 @@ def test_each_layer_compiles_twice_and_matches_eager(quantized):
         torch.testing.assert_close(run["prefill_logits"], eager["prefill_logits"], atol=1e-5, rtol=1e-5)
         for c, e in zip(run["step_logits"], eager["step_logits"]):
             torch.testing.assert_close(c, e, atol=1e-5, rtol=1e-5)
+
+
+def test_whole_model_compiles_twice_per_model_and_matches_eager(quantized):
+    prompt = torch.randint(0, quantized.config.vocab_size, (1, 12), generator=torch.Generator().manual_seed(1))
+    eager = greedy_generate(quantized, prompt, 3, logits_to_keep=0)
+    torch._dynamo.reset()
+    counters = []
+    for _ in range(2):  # two models compiled alike: each its own cache, its own two graphs
+        model = copy.deepcopy(quantized)
+        tme.share_input_quantization(model)
+        counters.append(torch._dynamo.testing.CompileCounterWithBackend("eager"))
+        assert tme.compile_model(model, backend=counters[-1]) is model
+        assert model.config._attn_implementation == tme.PACKED_GQA_SDPA
+        for run in (greedy_generate(model, prompt, 3, logits_to_keep=0), greedy_generate(model, prompt, 3, logits_to_keep=0)):
+            assert torch.equal(run["tokens"], eager["tokens"])
+            torch.testing.assert_close(run["prefill_logits"], eager["prefill_logits"], atol=1e-5, rtol=1e-5)
+            for c, e in zip(run["step_logits"], eager["step_logits"]):
+                torch.testing.assert_close(c, e, atol=1e-5, rtol=1e-5)
+    assert [c.frame_count for c in counters] == [2, 2]
+    with pytest.raises(ValueError, match="already replaced"):
+        tme.compile_model(model)
 
 
 def test_model_without_decoder_layers_is_refused():

@@ -32,6 +32,7 @@ _EXPORTS = {
     "unshare_input_quantization": "shared_quant",
     "PACKED_GQA_SDPA": "regional_compile",
     "compile_decoder_layers": "regional_compile",
+    "compile_model": "regional_compile",
     "MXFP4GPTQConfig": "calibration",
     "GPTQConfig": "calibration",  # deprecated name of MXFP4GPTQConfig
     "gptq_mxfp4": "calibration",

@@ -1,4 +1,5 @@
-"""Compile a decoder layer by layer, with cheap guards and GQA-packed decode attention.
+"""Compile an HF decoder for generation, layer by layer or whole, with cheap guards and GQA-packed
+decode attention.
 
 Compiling the whole model with ``fullgraph=True`` works (``tests/test_compile.py``) but generates code
 for every layer. Regional compilation (each decoder layer compiled on its own; all layers share the
@@ -19,7 +20,12 @@ that this module removes, and one exactness trap (timings: ``docs/results.md``):
 * **Exactness.** Inductor's ``emulate_precision_casts`` is on, so a bfloat16 W4A4 model compiles to the
   same logits as eager (activation quantization would turn fused-precision differences into FP4 steps).
 
+:func:`compile_model` applies the same to the whole model (one graph per input shape, a Dynamo cache
+of its own): no per-layer wrappers and guard checks between layers, the faster batch-1 decode, at a
+longer compile.
+
     tme.compile_decoder_layers(model)            # + model.set_attn_implementation(PACKED_GQA_SDPA)
+    tme.compile_model(model)                     # the same options, one graph for the whole step
 """
 
 import types
@@ -30,7 +36,7 @@ import torch.nn.functional as F
 
 from .architectures import decoder_layers
 
-__all__ = ["PACKED_GQA_SDPA", "compile_decoder_layers", "packed_gqa_sdpa_attention", "register_packed_gqa_sdpa"]
+__all__ = ["PACKED_GQA_SDPA", "compile_decoder_layers", "compile_model", "packed_gqa_sdpa_attention", "register_packed_gqa_sdpa"]
 
 PACKED_GQA_SDPA = "torchao_mx_ext_sdpa_packed_gqa"
 
@@ -73,6 +79,28 @@ def _call_forward(layer, *args, **kwargs):
     return type(layer).forward(layer, *args, **kwargs)
 
 
+def _compile_own_forward(module, name: str, backend, fullgraph, dynamic, options, compile_kwargs) -> None:
+    """``module.forward`` becomes ``torch.compile`` of a function with a code object of its own:
+    Dynamo keeps its compiled entries on the code object, so ``module`` gets a cache of its own."""
+    fn = types.FunctionType(_call_forward.__code__.replace(co_name=name, co_qualname=name), _call_forward.__globals__, name)
+    compiled = torch.compile(fn, backend=backend, fullgraph=fullgraph, dynamic=dynamic, options=options or None, **compile_kwargs)
+    module.forward = types.MethodType(compiled, module)
+
+
+def _prepare(model, packed_gqa: bool, skip_module_guards: bool, emulate_precision_casts: bool, backend, compile_kwargs) -> dict:
+    """Switch ``model`` to the GQA-packed attention (if asked and it uses ``sdpa``) and return the
+    ``torch.compile`` options both entry points share (``compile_kwargs``' own ``options`` popped in)."""
+    if packed_gqa and getattr(model.config, "_attn_implementation", None) == "sdpa":
+        register_packed_gqa_sdpa()
+        model.set_attn_implementation(PACKED_GQA_SDPA)
+    options = dict(compile_kwargs.pop("options", None) or {})
+    if skip_module_guards:
+        options["guard_filter_fn"] = torch.compiler.skip_guard_on_all_nn_modules_unsafe
+    if emulate_precision_casts and backend == "inductor":
+        options.setdefault("emulate_precision_casts", True)
+    return options
+
+
 def compile_decoder_layers(
     model: torch.nn.Module,
     *,
@@ -97,18 +125,38 @@ def compile_decoder_layers(
     FP4 steps (with it they are identical: ``tests/test_regional_compile.py``). Embedding,
     mask construction and LM head stay eager.
     """
-    if packed_gqa and getattr(model.config, "_attn_implementation", None) == "sdpa":
-        register_packed_gqa_sdpa()
-        model.set_attn_implementation(PACKED_GQA_SDPA)
-    options = dict(compile_kwargs.pop("options", None) or {})
-    if skip_module_guards:
-        options["guard_filter_fn"] = torch.compiler.skip_guard_on_all_nn_modules_unsafe
-    if emulate_precision_casts and backend == "inductor":
-        options.setdefault("emulate_precision_casts", True)
+    options = _prepare(model, packed_gqa, skip_module_guards, emulate_precision_casts, backend, compile_kwargs)
     for i, layer in enumerate(decoder_layers(model, "compile_decoder_layers")):
-        name = f"decoder_layer_{i}"
-        # A new code object per layer: Dynamo keeps its compiled entries on the code object.
-        fn = types.FunctionType(_call_forward.__code__.replace(co_name=name, co_qualname=name), _call_forward.__globals__, name)
-        compiled = torch.compile(fn, backend=backend, fullgraph=fullgraph, dynamic=dynamic, options=options or None, **compile_kwargs)
-        layer.forward = types.MethodType(compiled, layer)
+        _compile_own_forward(layer, f"decoder_layer_{i}", backend, fullgraph, dynamic, options, compile_kwargs)
+    return model
+
+
+def compile_model(
+    model: torch.nn.Module,
+    *,
+    packed_gqa: bool = True,
+    skip_module_guards: bool = True,
+    emulate_precision_casts: bool = True,
+    backend="inductor",
+    fullgraph: bool = True,
+    dynamic: Optional[bool] = False,
+    **compile_kwargs,
+) -> torch.nn.Module:
+    """Compile a whole HF causal LM in place as one graph per input shape; returns ``model``.
+
+    With a static KV cache (:func:`torchao_mx_ext.eval.generation.static_cache`) that is two graphs:
+    the prompt and every decode step. One graph per step leaves no Python between layers, which is
+    what batch-1 decode needs (``docs/results.md``: 1.2x the per-layer graphs' tokens/s); it compiles
+    slower than :func:`compile_decoder_layers`, whose per-layer graphs share Inductor's FX-graph cache.
+    ``model.forward`` gets a code object of its own (a Dynamo cache per model, so two compiled models
+    never share entries) and the options of :func:`compile_decoder_layers`: ``skip_module_guards``
+    (measured: Dynamo's guards over the whole model's parameters and quantized-tensor attributes cost
+    about 4 ms a decode step on SmolLM2-135M; a change to the model after its first call is then not
+    noticed, so quantize, share inputs and untie before), ``packed_gqa`` and
+    ``emulate_precision_casts`` (compiled logits equal eager ones). Embedding and LM head are inside
+    the graph. Needs the model's ``forward`` on its class (any ``PreTrainedModel``)."""
+    if "forward" in vars(model):
+        raise ValueError("compile_model: this model's forward is already replaced (compiled?); compile a fresh model")
+    options = _prepare(model, packed_gqa, skip_module_guards, emulate_precision_casts, backend, compile_kwargs)
+    _compile_own_forward(model, f"{type(model).__name__}_forward", backend, fullgraph, dynamic, options, compile_kwargs)
     return model

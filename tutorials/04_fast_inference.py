@@ -13,7 +13,9 @@ The steps, each optional, in the order they must be applied:
    (prefill: plain GEMMs); decode steps keep reading the 4.25-bit codes through our CPU kernel.
 4. ``tme.compile_decoder_layers(model)``: each decoder layer compiled on its own (a minute or two, not
    the whole graph's many), in its own Dynamo cache, with GQA-packed decode attention. Module changes
-   after this are not noticed (module guards are skipped): do 1-3 first.
+   after this are not noticed (module guards are skipped): do 1-3 first. ``tme.compile_model(model)``
+   instead compiles the whole model as one graph per shape, with the same options: slower to compile,
+   faster to decode (no Python between layers; ``docs/results.md``).
 5. Generate with a static KV cache (``eval.generation.greedy_generate``): one graph for the prompt,
    one for every decode step, no recompiles.
 
