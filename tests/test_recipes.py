@@ -287,15 +287,19 @@ def test_quantize_model_runs_the_named_method_and_checks_first(ids):
     import torchao_mx_ext as tme
 
     calib = torch.randint(3, VOCAB, (2, 32), generator=torch.Generator().manual_seed(5))
-    model = tme.quantize_model(tiny_llama(), calib)  # the default: recipes.DEFAULT_METHOD
-    reference = tiny_llama()
-    METHODS[recipes.DEFAULT_METHOD].apply(reference, QuantSettings("mse", calib_ids=calib))
-    for (name, w), (_, w_ref) in zip(model.state_dict().items(), reference.state_dict().items()):
-        if isinstance(w, RotatedMXFP4Tensor):
-            assert torch.equal(w.qdata, w_ref.qdata) and torch.equal(w.scale, w_ref.scale), name
-        else:
-            assert torch.equal(w, w_ref), name
-    assert isinstance(model.model.layers[0].mlp.down_proj.weight, RotatedMXFP4Tensor)
+    # the defaults: recipes.DEFAULT_METHOD (W4A4) and recipes.DEFAULT_WEIGHT_ONLY_METHOD
+    for weight_only, default in [(False, recipes.DEFAULT_METHOD), (True, recipes.DEFAULT_WEIGHT_ONLY_METHOD)]:
+        assert recipes.default_method(weight_only) == default
+        model = tme.quantize_model(tiny_llama(), calib, weight_only=weight_only)
+        reference = tiny_llama()
+        METHODS[default].apply(reference, QuantSettings("mse", calib_ids=calib, weight_only=weight_only))
+        for (name, w), (_, w_ref) in zip(model.state_dict().items(), reference.state_dict().items()):
+            if isinstance(w, RotatedMXFP4Tensor):
+                assert torch.equal(w.qdata, w_ref.qdata) and torch.equal(w.scale, w_ref.scale), name
+                assert (w.act_scale_rule is None) == weight_only, name
+            else:
+                assert torch.equal(w, w_ref), name
+        assert isinstance(model.model.layers[0].mlp.down_proj.weight, RotatedMXFP4Tensor)
 
     fresh = tiny_llama()
     before = fp_state(fresh)

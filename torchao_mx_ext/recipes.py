@@ -39,7 +39,7 @@ from .configs import (
 from .rotation.fusion import block_diagonal, check_supported, fuse_rotations, head_dim_of
 
 __all__ = [
-    "DEFAULT_METHOD", "METHODS", "Method", "QuantSettings", "is_quantizable_linear", "quantizable_filter", "quantize_linears",
+    "DEFAULT_METHOD", "DEFAULT_WEIGHT_ONLY_METHOD", "METHODS", "Method", "default_method", "QuantSettings", "is_quantizable_linear", "quantizable_filter", "quantize_linears",
     "quantize_model",
 ]
 
@@ -153,35 +153,44 @@ METHODS = {
     "brq+gptaq": Method(_make("brq", True, asymmetric=True), calibrated=True),
 }
 
-# The method that measures best on the full protocol (docs/results.md, "Accuracy methods"; W4A4 rows,
-# weight-only rows not yet run): what quantize_model runs unless told otherwise.
+# The methods that measure best on the full protocol (docs/results.md, "Accuracy methods" for W4A4,
+# "Weight-only MXFP4" for weight-only): what quantize_model runs unless told otherwise.
 DEFAULT_METHOD = "gptq-block-rot"
+DEFAULT_WEIGHT_ONLY_METHOD = "gptaq-block-rot"
+
+
+def default_method(weight_only: bool = False) -> str:
+    """The best measured method for W4A4 (:data:`DEFAULT_METHOD`) or weight-only
+    (:data:`DEFAULT_WEIGHT_ONLY_METHOD`) MXFP4."""
+    return DEFAULT_WEIGHT_ONLY_METHOD if weight_only else DEFAULT_METHOD
 
 
 def quantize_model(
     model: torch.nn.Module,
     calib_ids: Optional[torch.Tensor] = None,
-    method: str = DEFAULT_METHOD,
+    method: Optional[str] = None,
     scale_rule: str = "mse",
     weight_only: bool = False,
     act_scale_rule: Optional[str] = None,
     seed: int = 0,
 ) -> torch.nn.Module:
     """Quantize ``model`` in place with a named method of :data:`METHODS` (default: the best measured,
-    :data:`DEFAULT_METHOD`) and return it: the one-line recipe ::
+    :func:`default_method` of ``weight_only``) and return it: the one-line recipe ::
 
         calib = calibration_ids(tokenizer, "wikitext2", 32, 2048)   # torchao_mx_ext.calibration.data
-        tme.quantize_model(model, calib)                             # GPTQ on the block Hadamard, W4A4
+        tme.quantize_model(model, calib)                             # W4A4: DEFAULT_METHOD
+        tme.quantize_model(model, calib, weight_only=True)           # weight-only: DEFAULT_WEIGHT_ONLY_METHOD
 
     ``calib_ids [n, L]``: token ids for calibrated methods (checked by the method: in the model's
     vocabulary, ``L`` within its positions); ``weight_only``: MXFP4 weights, activations unquantized.
     Calibration cost of the default on SmolLM2-135M with 32 x 2048 tokens: docs/results.md.
     """
+    check_bool(weight_only, "weight_only")
+    method = default_method(weight_only) if method is None else method
     if method not in METHODS or METHODS[method].apply is None:
         raise ValueError(f"method must be one of {sorted(m for m, s in METHODS.items() if s.apply is not None)}, got {method!r}")
     if METHODS[method].calibrated and calib_ids is None:
         raise ValueError(f"{method} is calibrated: pass calib_ids (e.g. torchao_mx_ext.calibration.data.calibration_ids)")
-    check_bool(weight_only, "weight_only")
     check_int(seed, "seed", 0)
     settings = QuantSettings(scale_rule, act_scale_rule, weight_only, seed, calib_ids)
     settings.config()  # the rules checked before anything (a model-level rotation) changes the model
