@@ -357,7 +357,7 @@ def _tiny_llama_folder(folder):
 
 
 @pytest.mark.parametrize("argv, match", [
-    (["--format", "gguf", "--method", "block-rot", "--weight-only"], r"gguf cannot express method 'block-rot'.*rtn, gptq"),
+    (["--format", "gguf", "--method", "block-rot", "--weight-only"], r"gguf cannot express method 'block-rot'.*rtn, gptq, gptaq"),
     (["--format", "gguf", "--method", "rtn"], r"GGUF holds weights only.*--weight-only"),
     (["--format", "compressed-tensors", "--method", "global-rot"], r"cannot express method 'global-rot'"),
 ])
@@ -382,3 +382,21 @@ def test_export_writes_a_compressed_tensors_folder_and_a_gguf_file(tmp_path, cap
     assert types["blk.0.ffn_up.weight"] == gguf.GGMLQuantizationType.MXFP4
     _one_line_exit(["export", "--model", model, "--method", "rtn", "--format", "gguf", "--weight-only", "--out", str(gguf_file)],
                    "exists; pass --overwrite")
+
+
+def test_export_of_the_default_recipe_gptaq_block_rot(tmp_path):
+    """The default recipe (recipes.DEFAULT_METHOD, calibrated) exports to compressed-tensors: the same
+    format as any per-linear block Hadamard, its codes those of the quantized model."""
+    from safetensors import safe_open
+
+    from torchao_mx_ext.recipes import DEFAULT_METHOD
+
+    model = _tiny_llama_folder(tmp_path / "tiny")
+    folder = tmp_path / "ct"
+    assert main(["export", "--model", model, "--method", DEFAULT_METHOD, "--format", "compressed-tensors",
+                 "--calib-source", "tinystories", "--calib-samples", "4", "--calib-seq-len", "32", "--out", str(folder)]) == 0
+    config = json.loads((folder / "config.json").read_text())["quantization_config"]
+    assert config["format"] == "mxfp4-pack-quantized" and "transform_config" in config
+    with safe_open(str(folder / "model.safetensors"), "pt") as f:
+        packed = f.get_tensor("model.layers.0.mlp.down_proj.weight_packed")
+    assert packed.dtype == torch.uint8 and packed.shape == (64, 64)  # [out, in / 2]

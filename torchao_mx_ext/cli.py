@@ -457,8 +457,8 @@ def _quantized_model(args, out_is_folder: bool = True):
 # online rotation and llama.cpp quantizes activations itself; compressed-tensors expresses the 32-wide
 # block Hadamard as an online transform.
 EXPORT_METHODS = {
-    "gguf": ("rtn", "gptq"),
-    "compressed-tensors": ("rtn", "gptq", "block-rot", "gptq-block-rot"),
+    "gguf": ("rtn", "gptq", "gptaq"),
+    "compressed-tensors": ("rtn", "gptq", "gptaq", "block-rot", "gptq-block-rot", "gptaq-block-rot"),
 }
 
 

@@ -155,7 +155,7 @@ METHODS = {
 
 # The methods that measure best on the full protocol (docs/results.md, "Accuracy methods" for W4A4,
 # "Weight-only MXFP4" for weight-only): what quantize_model runs unless told otherwise.
-DEFAULT_METHOD = "gptq-block-rot"
+DEFAULT_METHOD = "gptaq-block-rot"
 DEFAULT_WEIGHT_ONLY_METHOD = "gptaq-block-rot"
 
 

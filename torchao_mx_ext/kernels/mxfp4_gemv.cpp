@@ -213,51 +213,34 @@ alignas(64) constexpr uint16_t kE2M1Bf16x2[32] = {
     0x0000, 0x3F00, 0x3F80, 0x3FC0, 0x4000, 0x4040, 0x4080, 0x40C0,
     0x8000, 0xBF00, 0xBF80, 0xBFC0, 0xC000, 0xC040, 0xC080, 0xC0C0};
 
-// NR weight rows at a time (decode, MT = 1: four independent accumulator chains and one load of each x
-// chunk for all four rows; each row's sums in the same order as with NR = 1, so the same numbers).
-template <int MT, bool B32, int NR>
-__attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) void rows_avx512bf16_nr(const Problem& p, int64_t m0, int64_t n0) {
+template <int MT, bool B32>
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) void rows_avx512bf16(const Problem& p, int64_t m0, int64_t n0, int64_t n1) {
   const int64_t nc = p.K / 32, cpb = p.B / 32, nb = p.K / p.B;
   const __m512i lut = _mm512_load_si512(kE2M1Bf16x2);
-  __m512 acc[MT][NR];
-  for (int m = 0; m < MT; ++m)
-    for (int r = 0; r < NR; ++r) acc[m][r] = _mm512_setzero_ps();
-  for (int64_t c = 0; c < nc; c += 2) {
-    const bool pair = c + 1 < nc;
-    const int64_t b0 = B32 ? c : c / cpb, b1 = B32 ? c + 1 : (c + 1) / cpb;
-    __m512i x_lo[MT], x_hi[MT];
-    for (int m = 0; m < MT; ++m) {
-      const uint16_t* xc = p.xb + (m0 + m) * p.Kp + c * 32;
-      x_lo[m] = _mm512_loadu_si512(xc);
-      x_hi[m] = _mm512_loadu_si512(xc + 32);
-    }
-    for (int r = 0; r < NR; ++r) {
-      const uint8_t* qr = p.q + (n0 + r) * (p.K / 2) + c * 16;
-      const uint8_t* sr = p.sc + (n0 + r) * nb;
-      const __m256i bytes = pair ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qr)) : _mm256_maskz_loadu_epi8(0xFFFF, qr);
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* qr = p.q + n * (p.K / 2);
+    const uint8_t* sr = p.sc + n * nb;
+    __m512 acc[MT];
+    for (int m = 0; m < MT; ++m) acc[m] = _mm512_setzero_ps();
+    for (int64_t c = 0; c < nc; c += 2) {
+      const bool pair = c + 1 < nc;
+      const __m256i bytes = pair ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qr + c * 16))
+                                 : _mm256_maskz_loadu_epi8(0xFFFF, qr + c * 16);
       const __m512i codes = _mm512_cvtepu8_epi16(bytes);
       const __m512i w_lo = _mm512_permutexvar_epi16(codes, lut);
       const __m512i w_hi = _mm512_permutexvar_epi16(_mm512_srli_epi16(codes, 4), lut);
-      const float s0 = p.tab[sr[b0]];
-      const float s1 = pair ? p.tab[sr[b1]] : 0.0f;
+      const float s0 = p.tab[sr[B32 ? c : c / cpb]];
+      const float s1 = pair ? p.tab[sr[B32 ? c + 1 : (c + 1) / cpb]] : 0.0f;
       const __m512 sv = _mm512_mask_broadcastss_ps(_mm512_set1_ps(s0), 0xFF00, _mm_set_ss(s1));
       for (int m = 0; m < MT; ++m) {
-        __m512 t = _mm512_dpbf16_ps(_mm512_setzero_ps(), (__m512bh)w_lo, (__m512bh)x_lo[m]);
-        t = _mm512_dpbf16_ps(t, (__m512bh)w_hi, (__m512bh)x_hi[m]);
-        acc[m][r] = _mm512_fmadd_ps(t, sv, acc[m][r]);
+        const uint16_t* xc = p.xb + (m0 + m) * p.Kp + c * 32;
+        __m512 t = _mm512_dpbf16_ps(_mm512_setzero_ps(), (__m512bh)w_lo, (__m512bh)_mm512_loadu_si512(xc));
+        t = _mm512_dpbf16_ps(t, (__m512bh)w_hi, (__m512bh)_mm512_loadu_si512(xc + 32));
+        acc[m] = _mm512_fmadd_ps(t, sv, acc[m]);
       }
     }
+    for (int m = 0; m < MT; ++m) store(p, m0 + m, n, _mm512_reduce_add_ps(acc[m]));
   }
-  for (int m = 0; m < MT; ++m)
-    for (int r = 0; r < NR; ++r) store(p, m0 + m, n0 + r, _mm512_reduce_add_ps(acc[m][r]));
-}
-
-template <int MT, bool B32>
-void rows_avx512bf16(const Problem& p, int64_t m0, int64_t n0, int64_t n1) {
-  constexpr int NR = MT == 1 ? 4 : 1;  // more rows of x already share each decode
-  int64_t n = n0;
-  for (; n + NR <= n1; n += NR) rows_avx512bf16_nr<MT, B32, NR>(p, m0, n);
-  for (; n < n1; ++n) rows_avx512bf16_nr<MT, B32, 1>(p, m0, n);
 }
 #endif  // TME_AVX512_BF16
 #endif  // TME_X86_SIMD
