@@ -95,6 +95,27 @@ def test_whole_model_compiles_twice_per_model_and_matches_eager(quantized):
         tme.compile_model(model)
 
 
+def test_kernels_loading_after_tracing_does_not_recompile(quantized, monkeypatch):
+    """Which path a linear takes depends on whether the C++ kernels are known to be unavailable; a graph
+    traced before their first build must stay valid once it succeeds (no ~10 s recompile of the
+    prompt graph on the next call)."""
+    from torchao_mx_ext.kernels import cpu_extension
+
+    prompt = torch.randint(0, quantized.config.vocab_size, (1, 12), generator=torch.Generator().manual_seed(1))
+    model = copy.deepcopy(quantized)
+    tme.share_input_quantization(model)  # its pre-hook picks the quantizer's path in the traced code
+    monkeypatch.setattr(cpu_extension, "_state", None)  # not built yet
+    torch._dynamo.reset()
+    counter = torch._dynamo.testing.CompileCounterWithBackend("eager")
+    tme.compile_model(model, backend=counter)
+    first = greedy_generate(model, prompt, 2)
+    frames = counter.frame_count
+    monkeypatch.setattr(cpu_extension, "_state", True)  # the build has finished
+    again = greedy_generate(model, prompt, 2)
+    assert counter.frame_count == frames == 2
+    assert torch.equal(first["tokens"], again["tokens"])
+
+
 def test_model_without_decoder_layers_is_refused():
     with pytest.raises(NotImplementedError, match="compile_decoder_layers needs a decoder with model.model.layers"):
         tme.compile_decoder_layers(torch.nn.Sequential(torch.nn.Linear(4, 4)), packed_gqa=False)

@@ -111,6 +111,11 @@ def is_available() -> bool:
     return _state
 
 
+@torch.compiler.assume_constant_result
 def known_unavailable() -> bool:
-    """True once a build was tried and failed (or the kernels are turned off); never builds."""
+    """True once a build was tried and failed (or the kernels are turned off); never builds.
+
+    A constant to torch.compile (no guard): a graph traced before the first build (state unknown,
+    kernels assumed) stays valid once the build succeeds, instead of being recompiled on the next call,
+    and if it fails the ops' pure-torch fallbacks give the same numbers."""
     return _state is False
