@@ -121,7 +121,8 @@ def test_model_without_decoder_layers_is_refused():
         tme.compile_decoder_layers(torch.nn.Sequential(torch.nn.Linear(4, 4)), packed_gqa=False)
 
 
-def test_bfloat16_w4a4_compiled_with_inductor_equals_eager():
+@pytest.mark.parametrize("compile_fn", ["compile_decoder_layers", "compile_model"])
+def test_bfloat16_w4a4_compiled_with_inductor_equals_eager(compile_fn):
     # Activation quantization turns rounding differences into whole FP4 steps: Inductor must round
     # fused bfloat16 intermediates as eager does (emulate_precision_casts, on by default here).
     model, _ = load_model("stories260k", torch.bfloat16)
@@ -131,7 +132,7 @@ def test_bfloat16_w4a4_compiled_with_inductor_equals_eager():
     prompt = torch.randint(0, model.config.vocab_size, (1, 16), generator=torch.Generator().manual_seed(2))
     eager = greedy_generate(model, prompt, 2, logits_to_keep=0)
     torch._dynamo.reset()
-    tme.compile_decoder_layers(model)
+    getattr(tme, compile_fn)(model)
     compiled = greedy_generate(model, prompt, 2, logits_to_keep=0)
     assert torch.equal(compiled["prefill_logits"], eager["prefill_logits"])
     assert torch.equal(compiled["tokens"], eager["tokens"])
