@@ -35,13 +35,6 @@ from typing import Dict, List, Optional
 # torch, transformers and this package's modules are imported inside the commands, not here: parsing
 # arguments and refusing bad ones needs none of them. The parser is therefore built from these names
 # (tests/test_cli.py checks they equal recipes.METHODS, mx.SCALE_RULES, zoo.MODEL_ALIASES and the MoE methods).
-# compare --quantize-head: scheme -> how the report's settings describe the head.
-HEAD_SCHEMES = {
-    "none": "not quantized",
-    "int8": "int8 weight-only, per-row scales",
-    "mxfp4": "MXFP4 weight-only (RTN)",
-    "mxfp4-block-rot": "MXFP4 weight-only (block Hadamard)",
-}
 METHOD_NAMES = (
     "fp", "rtn", "block-rot", "global-rot", "quarot", "brq", "gptq", "gptq-block-rot", "gptq-block-rot+exp-search",
     "quarot+gptq", "brq+gptq", "dartquant", "dartquant-block", "dartquant-block+gptq", "mxrot-block",
@@ -59,6 +52,13 @@ MOE_DEFAULT_METHODS = ("baseline", "pesf-0.3", "pesf-0.7", "ban", "pick", "ban+p
 # Methods that rotate the whole model (QuaRot, BRQ, DartQuant; recipes.py): they know only the decoder
 # layouts in rotation.fusion.SUPPORTED_ARCHITECTURES, while per-linear methods work on any model.
 MODEL_LEVEL_PREFIXES = ("quarot", "brq", "dartquant", "mxrot")
+# compare --quantize-head: scheme -> how the report's settings describe the head.
+HEAD_SCHEMES = {
+    "none": "not quantized",
+    "int8": "int8 weight-only, per-row scales",
+    "mxfp4": "MXFP4 weight-only (RTN)",
+    "mxfp4-block-rot": "MXFP4 weight-only (block Hadamard)",
+}
 
 # Third-party log lines printed on every start that say nothing about the run, matched exactly where
 # they are logged (logger name: message pattern):

@@ -119,8 +119,8 @@ def quantize_output_head(model: torch.nn.Module, config="int8") -> torch.nn.Modu
         raise ValueError(f"the model has no nn.Linear output head (get_output_embeddings() gave {type(head).__name__})")
     if config == "int8":
         quantized = Int8WeightOnlyLinear.from_linear(head)  # checks the weight first
-        untie_embeddings(model)
         model.set_output_embeddings(quantized)
+        untie_embeddings(model)  # the new head shares nothing: only the config records the untie
         return model
     original = head.weight
     text = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config

@@ -122,10 +122,12 @@ def fold_rms_norms(model: torch.nn.Module) -> None:
 
 @torch.no_grad()
 def untie_embeddings(model: torch.nn.Module) -> None:
-    """Give the output head its own copy of a weight it shares with the input embedding, and record
-    ``tie_word_embeddings=False`` on the model's config (and its text config), so nothing ties them again."""
+    """Give the output head its own copy of a weight it shares with the input embedding (a head with a
+    weight of its own, or a replaced head with none, keeps it), and record ``tie_word_embeddings=False``
+    on the model's config (and its text config), so nothing ties them again."""
     emb, head = model.get_input_embeddings(), model.get_output_embeddings()
-    if head.weight is emb.weight or head.weight.data_ptr() == emb.weight.data_ptr():
+    weight = getattr(head, "weight", None)
+    if weight is not None and (weight is emb.weight or weight.data_ptr() == emb.weight.data_ptr()):
         head.weight = torch.nn.Parameter(emb.weight.detach().clone(), requires_grad=emb.weight.requires_grad)
     model.config.tie_word_embeddings = False
     if hasattr(model.config, "get_text_config"):
