@@ -84,6 +84,8 @@ def classify(kind: str, name: str, detail: str) -> str:
             return "attention mask: packed-sequence check (ATen fallback)"
         if "mxfp4_gemv" in name:
             return "linear: fused MXFP4 dequant-GEMV (custom op)"
+        if "mxfp4_rotate_fake_quantize" in name:
+            return "block rotation + activation quantize (C++ op; the rotation alone for weight-only)"
         if "mxfp4_fake_quantize" in name:
             return "activation quantize (C++ op)"
         if "mxfp4_dequantize" in name:

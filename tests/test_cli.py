@@ -52,6 +52,25 @@ def test_compare_quantize_head(tmp_path):
     assert abs(mxfp4 / fp - 1) > 3 * abs(int8 / fp - 1)
 
 
+def test_compare_gptaq_alpha_names_its_row(tmp_path):
+    """--gptaq-alpha reaches GPTAQ (other weights than the default's) and names its row, so a merge never
+    takes it for the default's; other methods are untouched by it."""
+    common = ("--seq-len", "64", "--calib-samples", "2", "--calib-seq-len", "64", "--eval-windows", "1")
+    default = _run(tmp_path, "d.json", "--methods", "gptaq,gptq", *common)["methods"]
+    half = _run(tmp_path, "h.json", "--methods", "gptaq,gptq", "--gptaq-alpha", "1", *common)["methods"]
+    assert set(half) == {"gptaq[alpha=1]", "gptq"} and half["gptaq[alpha=1]"]["gptaq_alpha"] == 1.0
+    assert default["gptaq"]["gptaq_alpha"] == 0.25 and "gptaq_alpha" not in default["gptq"]
+    assert half["gptaq[alpha=1]"]["ppl"] != default["gptaq"]["ppl"] and half["gptq"]["ppl"] == default["gptq"]["ppl"]
+
+
+@pytest.mark.parametrize("value", ["1.5", "-0.1", "nan"])
+def test_gptaq_alpha_out_of_range_is_refused(no_loading, tmp_path, value):
+    _one_line_exit(["compare", "--model", "stories260k", "--methods", "gptaq", "--gptaq-alpha", value], "must be in")
+    _one_line_exit(["quantize", "--model", "stories260k", "--method", "gptaq", "--out", str(tmp_path / "q"), "--gptaq-alpha", value],
+                   "must be in")
+    assert not (tmp_path / "q").exists()
+
+
 def test_compare_rejects_unknown_names(tmp_path):
     with pytest.raises(SystemExit, match="unknown method"):
         main(["compare", "--model", "stories260k", "--methods", "rtn,awq"])

@@ -45,11 +45,13 @@ def base():
 def activation_quant_calls(code: str) -> int:
     """Calls, in the compiled graph's ``call``, of kernels that quantize an activation: the MXFP4
     quantizer's block max (``amax``) is in their name (weight decoding has none, nor RMSNorm or RoPE),
-    or the C++ quantizer op (AVX-512 CPUs). ``benchmarks/compile_report.py`` classifies every kernel
-    the same way."""
+    or the C++ quantizer ops (AVX-512 CPUs; the fused rotation + quantizer with a scale rule, not
+    "none", the rotation alone). ``benchmarks/compile_report.py`` classifies every kernel the same way."""
     body = code.split("def call(", 1)[1]
     fused = sum(1 for name in re.findall(r"\b(cpp_fused\w*|triton_\w+)\(", body) if "amax" in name)
-    return fused + len(re.findall(r"torch\.ops\.torchao_mx_ext\.mxfp4_fake_quantize\.default\(", body))
+    plain = re.findall(r"torch\.ops\.torchao_mx_ext\.mxfp4_fake_quantize\.default\(", body)
+    rotating = re.findall(r"torch\.ops\.torchao_mx_ext\.mxfp4_rotate_fake_quantize\.default\(.*?'(\w+)'\)", body)
+    return fused + len(plain) + sum(rule != "none" for rule in rotating)
 
 
 @pytest.fixture(scope="module")

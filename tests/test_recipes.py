@@ -307,8 +307,26 @@ def test_quantize_model_runs_the_named_method_and_checks_first(ids):
         (dict(method="nope"), ValueError), (dict(method="fp"), ValueError), (dict(), ValueError),  # no calib_ids
         (dict(method="brq", scale_rule="round"), ValueError), (dict(method="brq", weight_only=1), TypeError),
         (dict(method="brq", seed=-1), ValueError), (dict(method="brq", seed=1.5), TypeError),
+        (dict(method="brq", gptaq_alpha=1.5), ValueError), (dict(method="brq", gptaq_alpha="1"), TypeError),
     ]:
         with pytest.raises(err):
             tme.quantize_model(fresh, **kwargs)
     after = fp_state(fresh)
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_gptaq_alpha_reaches_the_calibration(ids):
+    """``gptaq_alpha`` is GPTAQ's ``asymmetric_alpha``: the default is 0.25, and another value gives other
+    weights (0: no asymmetric correction at all)."""
+    import torchao_mx_ext as tme
+
+    calib = torch.randint(3, VOCAB, (2, 32), generator=torch.Generator().manual_seed(5))
+
+    def codes(**kw):
+        model = tme.quantize_model(tiny_llama(), calib, method="gptaq-block-rot", **kw)
+        return [w.qdata for w in model.state_dict().values() if isinstance(w, RotatedMXFP4Tensor)]
+
+    default, quarter, none, full = codes(), codes(gptaq_alpha=0.25), codes(gptaq_alpha=0.0), codes(gptaq_alpha=1.0)
+    assert all(torch.equal(a, b) for a, b in zip(default, quarter))
+    assert not all(torch.equal(a, b) for a, b in zip(default, none))
+    assert not all(torch.equal(a, b) for a, b in zip(default, full))

@@ -232,6 +232,16 @@ def _calibration_ids(args, tokenizer, model, seq_len: int):
         )
 
 
+def _gptaq_alpha(args) -> dict:
+    """``--gptaq-alpha`` as QuantSettings keywords (empty when not given: the default applies);
+    exits with a message outside [0, 1]."""
+    if args.gptaq_alpha is None:
+        return {}
+    if not 0 <= args.gptaq_alpha <= 1:  # also refuses nan
+        raise SystemExit(f"torchao-mx: --gptaq-alpha must be in [0, 1], got {args.gptaq_alpha}")
+    return {"gptaq_alpha": args.gptaq_alpha}
+
+
 _COMPARE_MINIMUMS = {"seq_len": 2, "eval_windows": 1, "calib_samples": 1, "calib_seq_len": 2, "threads": 1}
 _QUANTIZE_MINIMUMS = {"calib_samples": 1, "calib_seq_len": 2}
 _MOE_MINIMUMS = {
@@ -249,6 +259,7 @@ def run_compare(args) -> dict:
         rules = list(SCALE_RULE_NAMES) if args.scale_rule == "all" else _parse_list(args.scale_rule, SCALE_RULE_NAMES, "scale rule")
     seeds = _parse_seeds(args.seeds)
     check_minimums(args, _COMPARE_MINIMUMS)
+    alpha = _gptaq_alpha(args)
     check_output_path(args.json)
     check_model_or_exit(args.model)
 
@@ -291,6 +302,8 @@ def run_compare(args) -> dict:
             continue
         for rule in rules:
             key = method if len(rules) == 1 else f"{method}[{rule}]"
+            if spec.asymmetric and alpha:  # a row with another alpha must not pass for the default's
+                key += f"[alpha={alpha['gptaq_alpha']:g}]"
             runs.append((key, method, rule, spec.apply, seeds if spec.seeded else [None]))
 
     def report(results: dict) -> dict:
@@ -324,7 +337,7 @@ def run_compare(args) -> dict:
             with Measure() as m:
                 t0 = time.perf_counter()
                 if apply is not None:
-                    apply(model, QuantSettings(rule, args.act_scale_rule, args.weight_only, seed or 0, calib_ids))
+                    apply(model, QuantSettings(rule, args.act_scale_rule, args.weight_only, seed or 0, calib_ids, **alpha))
                 if args.quantize_head != "none":
                     _quantize_head(model, args.quantize_head, rule)
                 m.quantize_s = time.perf_counter() - t0  # quantization incl. calibration, before evaluation
@@ -341,6 +354,8 @@ def run_compare(args) -> dict:
             "scale_rule": rule,
             "windows": per_seed[0][0]["windows"],
         }
+        if METHODS[method].asymmetric:
+            entry["gptaq_alpha"] = QuantSettings(rule, **alpha).gptaq_alpha
         if run_seeds != [None]:
             entry["ppl_std"] = statistics.stdev(ppls) if len(ppls) > 1 else 0.0
             entry["ppl_per_seed"] = dict(zip([str(s) for s in run_seeds], ppls))
@@ -426,6 +441,7 @@ def _quantized_model(args, out_is_folder: bool = True):
     if args.scale_rule is not None:
         check_scale_rule_or_exit(args.scale_rule)
     check_minimums(args, _QUANTIZE_MINIMUMS)
+    _gptaq_alpha(args)
     if Path(args.out).exists() and not args.overwrite:
         raise SystemExit(f"torchao-mx: {args.out} exists; pass --overwrite to replace it")
     check_output_path(args.out, "--out", folder=out_is_folder)
@@ -449,7 +465,7 @@ def _quantized_model(args, out_is_folder: bool = True):
     if METHODS[args.method].calibrated:
         calib_ids = _calibration_ids(args, tokenizer, model, DEFAULT_SEQ_LEN.get(args.model, 2048))
     with Measure() as m:
-        METHODS[args.method].apply(model, QuantSettings(scale_rule, None, args.weight_only, args.seed, calib_ids))
+        METHODS[args.method].apply(model, QuantSettings(scale_rule, None, args.weight_only, args.seed, calib_ids, **_gptaq_alpha(args)))
     return model, tokenizer, scale_rule, m
 
 
@@ -628,6 +644,7 @@ def build_parser() -> argparse.ArgumentParser:
     cmp.add_argument("--calib-seq-len", type=int, default=None, help="calibration window length (default: --seq-len)")
     cmp.add_argument("--calib-source", default="wikitext2", help="wikitext2 (validation), tinystories, or a text file")
     cmp.add_argument("--weight-only", action="store_true", help="quantize weights only (activations stay fp)")
+    cmp.add_argument("--gptaq-alpha", type=float, default=None, help="fraction of GPTAQ's asymmetric correction for the gptaq methods, in [0, 1] (default 0.25, the authors' value)")
     cmp.add_argument("--quantize-head", default="none", choices=tuple(HEAD_SCHEMES),
                      help="also quantize the output head (lm_head) weight-only, in every row (a decode-speed option)")
     cmp.add_argument("--json", default=None, help="write the report here")
@@ -641,6 +658,7 @@ def build_parser() -> argparse.ArgumentParser:
     qnt.add_argument("--scale-rule", default=None, help="default: the package default")
     qnt.add_argument("--weight-only", action="store_true")
     qnt.add_argument("--seed", type=int, default=0)
+    qnt.add_argument("--gptaq-alpha", type=float, default=None, help="fraction of GPTAQ's asymmetric correction for the gptaq methods, in [0, 1] (default 0.25, the authors' value)")
     qnt.add_argument("--calib-samples", type=int, default=128)
     qnt.add_argument("--calib-seq-len", type=int, default=None)
     qnt.add_argument("--calib-source", default="wikitext2")
@@ -654,6 +672,7 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--scale-rule", default=None, help="default: the package default")
     exp.add_argument("--weight-only", action="store_true")
     exp.add_argument("--seed", type=int, default=0)
+    exp.add_argument("--gptaq-alpha", type=float, default=None, help="fraction of GPTAQ's asymmetric correction for the gptaq methods, in [0, 1] (default 0.25, the authors' value)")
     exp.add_argument("--calib-samples", type=int, default=128)
     exp.add_argument("--calib-seq-len", type=int, default=None)
     exp.add_argument("--calib-source", default="wikitext2")

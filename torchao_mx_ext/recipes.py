@@ -31,7 +31,7 @@ from typing import Callable, Optional, Union
 
 import torch
 
-from .calibration.data import check_bool, check_int
+from .calibration.data import check_bool, check_int, check_real
 from .calibration.sequential import sequential_gptq
 from .configs import (
     ConfigFor, MXFP4BlockRotConfig, MXFP4Config, as_config_for, is_quantizable, quantizable_filter, quantize_linears,
@@ -58,6 +58,7 @@ class QuantSettings:
     weight_only: bool = False
     seed: int = 0
     calib_ids: Optional[torch.Tensor] = None  # [n, L] token ids, for calibrated methods
+    gptaq_alpha: float = 0.25  # fraction of GPTAQ's asymmetric correction (MXFP4GPTQConfig.asymmetric_alpha)
 
     def config(self, cls=MXFP4Config, **kw) -> MXFP4Config:
         return cls(scale_rule=self.scale_rule, act_scale_rule=self.act_scale_rule, act_quant=not self.weight_only, **kw)
@@ -106,7 +107,8 @@ def _gptq(model, s: QuantSettings, config: Union[MXFP4Config, ConfigFor], asymme
           exponent_search: bool = False):
     if s.calib_ids is None:
         raise ValueError("GPTQ methods need calibration data (QuantSettings.calib_ids)")
-    return sequential_gptq(model, s.calib_ids, as_config_for(config), asymmetric=asymmetric, mse_shrink=exponent_search)
+    extra = {"asymmetric_alpha": s.gptaq_alpha} if asymmetric else {}
+    return sequential_gptq(model, s.calib_ids, as_config_for(config), asymmetric=asymmetric, mse_shrink=exponent_search, **extra)
 
 
 def _make(kind: str, gptq: bool, asymmetric: bool = False, exponent_search: bool = False) -> Callable:
@@ -129,6 +131,7 @@ class Method:
     apply: Optional[Callable]  # None: the unquantized model
     seeded: bool = False  # has a random component: run per seed, report mean and spread
     calibrated: bool = False  # needs calibration data
+    asymmetric: bool = False  # GPTAQ: QuantSettings.gptaq_alpha applies
 
 
 METHODS = {
@@ -148,9 +151,9 @@ METHODS = {
     "dartquant-block+gptq": Method(_make("dartquant-block", True), seeded=True, calibrated=True),
     "mxrot-block": Method(_make("mxrot-block", False), seeded=True, calibrated=True),
     "mxrot-block+gptq": Method(_make("mxrot-block", True), seeded=True, calibrated=True),
-    "gptaq": Method(_make("rtn", True, asymmetric=True), calibrated=True),
-    "gptaq-block-rot": Method(_make("block-rot", True, asymmetric=True), calibrated=True),
-    "brq+gptaq": Method(_make("brq", True, asymmetric=True), calibrated=True),
+    "gptaq": Method(_make("rtn", True, asymmetric=True), calibrated=True, asymmetric=True),
+    "gptaq-block-rot": Method(_make("block-rot", True, asymmetric=True), calibrated=True, asymmetric=True),
+    "brq+gptaq": Method(_make("brq", True, asymmetric=True), calibrated=True, asymmetric=True),
 }
 
 # The methods that measure best on the full protocol (docs/results.md, "Accuracy methods" for W4A4,
@@ -173,6 +176,7 @@ def quantize_model(
     weight_only: bool = False,
     act_scale_rule: Optional[str] = None,
     seed: int = 0,
+    gptaq_alpha: float = 0.25,
 ) -> torch.nn.Module:
     """Quantize ``model`` in place with a named method of :data:`METHODS` (default: the best measured,
     :func:`default_method` of ``weight_only``) and return it: the one-line recipe ::
@@ -183,6 +187,8 @@ def quantize_model(
 
     ``calib_ids [n, L]``: token ids for calibrated methods (checked by the method: in the model's
     vocabulary, ``L`` within its positions); ``weight_only``: MXFP4 weights, activations unquantized.
+    ``gptaq_alpha``: the fraction of GPTAQ's asymmetric correction the ``gptaq*`` methods apply
+    (:class:`~.calibration.gptq.MXFP4GPTQConfig`'s ``asymmetric_alpha``; 0.25 as in the authors' code).
     Calibration cost of the default on SmolLM2-135M with 32 x 2048 tokens: docs/results.md.
     """
     check_bool(weight_only, "weight_only")
@@ -192,7 +198,8 @@ def quantize_model(
     if METHODS[method].calibrated and calib_ids is None:
         raise ValueError(f"{method} is calibrated: pass calib_ids (e.g. torchao_mx_ext.calibration.data.calibration_ids)")
     check_int(seed, "seed", 0)
-    settings = QuantSettings(scale_rule, act_scale_rule, weight_only, seed, calib_ids)
+    check_real(gptaq_alpha, "gptaq_alpha", low=0, high=1)
+    settings = QuantSettings(scale_rule, act_scale_rule, weight_only, seed, calib_ids, gptaq_alpha)
     settings.config()  # the rules checked before anything (a model-level rotation) changes the model
     METHODS[method].apply(model, settings)
     return model

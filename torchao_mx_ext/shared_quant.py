@@ -39,7 +39,6 @@ from typing import Dict, FrozenSet, Optional, Sequence, Tuple
 import torch
 
 from .kernels import cpu_mxfp4_mm, cpu_mxfp4_quantize
-from .rotation import pad_and_rotate
 from .rotation.fusion import SUPPORTED_ARCHITECTURES
 from .tensors import RotatedMXFP4Tensor
 
@@ -101,7 +100,7 @@ def _exact_dtypes(weights: Sequence[RotatedMXFP4Tensor]) -> FrozenSet[torch.dtyp
 
 def _shared_input(meta: _SharedInput, rotation: Optional[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
     """``Q_a(pad(x) R)`` (or ``pad(x) R`` for weight-only) in ``x.dtype``: what each member computed
-    (``RotatedMXFP4Tensor.rotate_input`` then ``mxfp4_fake_quantize``, in float32)."""
+    (``RotatedMXFP4Tensor.transform_input``, in float32)."""
     if x.dtype not in meta.exact_dtypes:
         raise TypeError(
             f"shared input quantization of these weights is exact for {sorted(str(d) for d in meta.exact_dtypes)} "
@@ -109,9 +108,10 @@ def _shared_input(meta: _SharedInput, rotation: Optional[torch.Tensor], x: torch
         )
     if x.shape[-1] != meta.in_features:
         raise ValueError(f"expected an input of width {meta.in_features}, got {tuple(x.shape)}")
-    xr = pad_and_rotate(x.to(torch.float32), meta.padded_in_features, None if rotation is None else rotation.view(torch.float32))
-    if meta.act_scale_rule is not None:
-        xr = cpu_mxfp4_quantize.fake_quantize(xr, meta.block_size, meta.act_scale_rule, meta.kernel_preference)
+    xr = cpu_mxfp4_quantize.rotate_and_quantize(
+        x, meta.padded_in_features, None if rotation is None else rotation.view(torch.float32), meta.block_size,
+        meta.act_scale_rule, meta.kernel_preference,
+    )
     return xr.to(x.dtype)
 
 

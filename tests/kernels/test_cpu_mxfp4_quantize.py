@@ -1,7 +1,9 @@
 """The CPU activation quantizer (torchao_mx_ext/kernels/cpu_mxfp4_quantize.py) against a float64
 reference written here (the OCP MX definition with each scale rule), on both code paths; bit for bit
 against the pure-torch quantizer for floor / even / rceil; its errors, opcheck, fallback, and the
-linears that use it, eager and compiled.
+linears that use it, eager and compiled. The fused rotation + quantizer: its rotation against float64
+``x R`` within the error bound of a float32 FMA chain, bit-equal between its code paths, its
+quantization bit-equal to the quantizer's on its own rotated values.
 """
 
 import math
@@ -12,9 +14,10 @@ import torch
 from kernel_paths import kernel_path_fixtures
 from torchao.quantization import quantize_
 
-from torchao_mx_ext import MXFP4BlockRotConfig
+from torchao_mx_ext import MXFP4BlockRotConfig, MXFP4Config
 from torchao_mx_ext.kernels import cpu_mxfp4_dequantize, cpu_mxfp4_quantize
 from torchao_mx_ext.mx import mxfp4_fake_quantize
+from torchao_mx_ext.rotation import pad_and_rotate, rotation_block
 
 ISA_NAMES = {0: "scalar", 2: "avx512"}
 E2M1_GRID = [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0]
@@ -145,21 +148,147 @@ def test_applies_and_the_fallback(monkeypatch):
     assert torch.equal(cpu_mxfp4_quantize._fallback_mxfp4_fake_quantize(x, 32, "even"), mxfp4_fake_quantize(x, 32, "even"))
 
 
-def test_linears_use_it_eager_and_compiled(monkeypatch):
+@pytest.mark.parametrize("config, op", [
+    (MXFP4Config(scale_rule="even"), "mxfp4_fake_quantize"),
+    (MXFP4BlockRotConfig(scale_rule="even"), "mxfp4_rotate_fake_quantize"),  # the rotation fused in
+])
+def test_linears_use_it_eager_and_compiled(monkeypatch, config, op):
     from torch._inductor.utils import run_and_get_code
 
     monkeypatch.setattr(cpu_mxfp4_dequantize, "VECTORIZED", True)
     calls = []
-    real = cpu_mxfp4_quantize.mxfp4_fake_quantize
-    monkeypatch.setattr(cpu_mxfp4_quantize, "mxfp4_fake_quantize", lambda *a: calls.append(a[0].shape) or real(*a))
+    real = getattr(cpu_mxfp4_quantize, op)
+    monkeypatch.setattr(cpu_mxfp4_quantize, op, lambda *a: calls.append(a[0].shape) or real(*a))
     model = torch.nn.Sequential(torch.nn.Linear(100, 64), torch.nn.ReLU(), torch.nn.Linear(64, 32)).to(torch.bfloat16)
-    quantize_(model, MXFP4BlockRotConfig(scale_rule="even"))
+    quantize_(model, config)
     x = torch.randn(12, 100).bfloat16()
     with torch.no_grad():
         eager = model(x)
-        assert len(calls) == 2
+        assert calls == [(12, 128), (12, 64)]  # the first input padded to the stored width
         with torch._functorch.config.patch(enable_autograd_cache=False), torch._inductor.config.patch(fx_graph_cache=False):
             torch._dynamo.reset()
             compiled, code = run_and_get_code(torch.compile(model, fullgraph=True), x)
     torch.testing.assert_close(compiled, eager, atol=0, rtol=0)
-    assert len(re.findall(r"torch\.ops\.torchao_mx_ext\.mxfp4_fake_quantize\.default\(", "\n".join(code))) == 2
+    assert len(re.findall(rf"torch\.ops\.torchao_mx_ext\.{op}\.default\(", "\n".join(code))) == 2
+
+
+def random_rotation(b: int, seed: int) -> torch.Tensor:
+    """A random orthogonal float32 block (QR of a Gaussian): entries of every size, unlike a Hadamard's."""
+    q, _ = torch.linalg.qr(torch.randn(b, b, generator=torch.Generator().manual_seed(seed), dtype=torch.float64))
+    return q.float()
+
+
+@pytest.mark.parametrize("b", [16, 32, 48, 64, 128, 256])
+def test_fused_rotation_within_the_float32_fma_bound(isa, b):
+    """``x R`` (rule none) against float64: each output is a chain of b float32 FMAs, so its error is
+    at most ``gamma_b * sum_i |x_i R_ij|`` with ``gamma_b = b u / (1 - b u)``, ``u = 2^-24``."""
+    gen = torch.Generator().manual_seed(b)
+    x = torch.randn(7, 3 * 256, generator=gen) * torch.logspace(-6, 6, 3 * 256, base=2.0)
+    rot = random_rotation(b, b)
+    y = cpu_mxfp4_quantize.mxfp4_rotate_fake_quantize(x, rot, 32, "none")
+    xb, rb = x.double().reshape(7, -1, b), rot.double()
+    exact = (xb @ rb).reshape(x.shape)
+    u = 2.0**-24
+    bound = (b * u / (1 - b * u)) * (xb.abs() @ rb.abs()).reshape(x.shape)
+    assert y.dtype == torch.float32 and y.shape == x.shape
+    assert ((y.double() - exact).abs() <= bound).all()
+    assert (y.double() != exact).any()  # float32 arithmetic really ran (the bound is not vacuous)
+
+
+@pytest.mark.parametrize("b", [16, 32, 48, 256])
+def test_fused_paths_bit_equal(b):
+    """The scalar and AVX-512 paths make the same FMA chains: the same bits, rotation and quantizer."""
+    if cpu_mxfp4_quantize.set_isa(None) < 2:
+        pytest.skip("this CPU has no AVX-512 path")
+    gen = torch.Generator().manual_seed(3)
+    x, rot = torch.randn(9, 3 * 256, generator=gen) * 4, random_rotation(b, 7)
+    try:
+        for rule in ("none", *cpu_mxfp4_quantize.RULES):
+            cpu_mxfp4_quantize.set_isa(0)
+            scalar = cpu_mxfp4_quantize.mxfp4_rotate_fake_quantize(x, rot, 32, rule)
+            cpu_mxfp4_quantize.set_isa(2)
+            assert torch.equal(cpu_mxfp4_quantize.mxfp4_rotate_fake_quantize(x, rot, 32, rule), scalar), rule
+    finally:
+        cpu_mxfp4_quantize.set_isa(None)
+
+
+@pytest.mark.parametrize("rule", cpu_mxfp4_quantize.RULES)
+def test_fused_quantizes_its_own_rotation(isa, rule):
+    """Q(x R) equals the quantizer applied to the kernel's own x R, bit for bit; against torch's
+    rotation matmul (another summation order) only blocks with a value on a rounding boundary differ."""
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(64, 576, generator=gen) * 3
+    x[5, 40] = math.inf  # the block it rotates into is NaN, as the quantizer makes it
+    rot = rotation_block("hadamard", 32, 0, "cpu")
+    fused = cpu_mxfp4_quantize.mxfp4_rotate_fake_quantize(x, rot, 32, rule)
+    rotated = cpu_mxfp4_quantize.mxfp4_rotate_fake_quantize(x, rot, 32, "none")
+    own = cpu_mxfp4_quantize.mxfp4_fake_quantize(rotated, 32, rule)
+    assert torch.equal(fused.isnan(), own.isnan()) and fused[5, 32:64].isnan().all()
+    assert torch.equal(fused.nan_to_num(), own.nan_to_num())
+    unfused = mxfp4_fake_quantize(pad_and_rotate(x, 576, rot), 32, rule)
+    differ = (fused.nan_to_num() != unfused.nan_to_num()).reshape(64, 18, 32).any(-1)
+    assert int(differ.sum()) <= 0.01 * differ.numel()
+
+
+def test_fused_errors_and_opcheck():
+    x, rot = torch.randn(4, 64), rotation_block("hadamard", 32, 0, "cpu")
+    op = cpu_mxfp4_quantize.mxfp4_rotate_fake_quantize
+    with pytest.raises(RuntimeError, match="float32 CPU tensor"):
+        op(x.bfloat16(), rot, 32, "floor")
+    with pytest.raises(RuntimeError, match="square float32 CPU matrix"):
+        op(x, rot.double(), 32, "floor")
+    with pytest.raises(RuntimeError, match="square float32 CPU matrix"):
+        op(x, rot[:16], 32, "floor")
+    with pytest.raises(RuntimeError, match="multiple of 16 up to 256"):
+        op(torch.randn(4, 40), torch.eye(8), 32, "floor")
+    with pytest.raises(RuntimeError, match="not a multiple of the rotation block 32"):
+        op(torch.randn(4, 48), rot, 32, "none")
+    with pytest.raises(RuntimeError, match="not a multiple of 64"):
+        op(torch.randn(4, 96), rot, 64, "floor")
+    with pytest.raises(RuntimeError, match=r"or mse \(or none\)"):
+        op(x, rot, 32, "fp_quant")
+    with pytest.raises(RuntimeError, match="floor, even, rceil or mse, got none"):  # the plain quantizer has no "none"
+        cpu_mxfp4_quantize.mxfp4_fake_quantize(x, 32, "none")
+    torch.library.opcheck(torch.ops.torchao_mx_ext.mxfp4_rotate_fake_quantize.default, (x, rot, 32, "mse"))
+    torch.library.opcheck(torch.ops.torchao_mx_ext.mxfp4_rotate_fake_quantize.default, (x, rot, 32, "none"))
+    strided = torch.randn(64, 4).t()
+    assert torch.equal(op(strided, rot, 32, "none"), op(strided.contiguous(), rot, 32, "none"))
+
+
+def test_fused_fallback_without_the_library(monkeypatch):
+    """Without the C++ library the operator is torch's rotation matmul, then the reference quantizer."""
+    from torchao_mx_ext.kernels import cpu_extension
+
+    monkeypatch.setattr(cpu_extension, "is_available", lambda: False)
+    x, rot = torch.randn(4, 64), rotation_block("hadamard", 32, 0, "cpu")
+    fallback = cpu_mxfp4_quantize._fallback_mxfp4_rotate_fake_quantize
+    assert torch.equal(fallback(x, rot, 32, "even"), mxfp4_fake_quantize(pad_and_rotate(x, 64, rot), 32, "even"))
+    assert torch.equal(fallback(x, rot, 32, "none"), pad_and_rotate(x, 64, rot))
+
+
+def test_rotate_and_quantize_routes(monkeypatch):
+    """The fused call where it applies; the rotation matmul + quantizer for the ``emulated`` preference,
+    global (too wide) rotations, and CPUs without the vectorised decode; padding first either way."""
+    monkeypatch.setattr(cpu_mxfp4_dequantize, "VECTORIZED", True)
+    calls = []
+    real = cpu_mxfp4_quantize.mxfp4_rotate_fake_quantize
+    monkeypatch.setattr(cpu_mxfp4_quantize, "mxfp4_rotate_fake_quantize", lambda *a: calls.append(a[3]) or real(*a))
+    x, rot = torch.randn(3, 100), rotation_block("hadamard", 32, 0, "cpu")
+    fused = cpu_mxfp4_quantize.rotate_and_quantize(x, 128, rot, 32, "mse")
+    assert calls == ["mse"] and fused.shape == (3, 128)
+    assert torch.equal(fused, real(torch.nn.functional.pad(x, (0, 28)), rot, 32, "mse"))
+    assert torch.equal(cpu_mxfp4_quantize.rotate_and_quantize(x.bfloat16(), 128, rot, 32, None),
+                       real(torch.nn.functional.pad(x.bfloat16().float(), (0, 28)), rot, 32, "none"))  # weight-only
+    assert calls == ["mse", "none"]
+    emulated = cpu_mxfp4_quantize.rotate_and_quantize(x, 128, rot, 32, "mse", "emulated")
+    assert torch.equal(emulated, mxfp4_fake_quantize(pad_and_rotate(x, 128, rot), 32, "mse"))
+    wide = rotation_block("hadamard", 512, 0, "cpu")  # a global rotation: the library matmul
+    xw = torch.randn(2, 512)
+    assert torch.equal(cpu_mxfp4_quantize.rotate_and_quantize(xw, 512, wide, 32, "floor"),
+                       cpu_mxfp4_quantize.fake_quantize(pad_and_rotate(xw, 512, wide), 32, "floor"))
+    assert torch.equal(cpu_mxfp4_quantize.rotate_and_quantize(xw, 512, None, 32, None), xw)  # nothing to do
+    assert calls == ["mse", "none"]
+    monkeypatch.setattr(cpu_mxfp4_dequantize, "VECTORIZED", False)
+    assert not cpu_mxfp4_quantize.rotation_applies(x, rot, 32, "mse")
+    cpu_mxfp4_quantize.rotate_and_quantize(torch.randn(3, 128), 128, rot, 32, "mse")
+    assert calls == ["mse", "none"]

@@ -16,6 +16,17 @@ and ``torch.export`` keep it as one call) and a pure-torch fallback that builds 
 (:mod:`.cpu_extension`) on its first call. Linears use it where the weight decode is vectorised too
 (:data:`.cpu_mxfp4_dequantize.VECTORIZED`, the AVX-512 CPUs it was measured on); elsewhere Inductor's
 fused kernel stays.
+
+``torch.ops.torchao_mx_ext.mxfp4_rotate_fake_quantize`` puts the online block rotation in the same pass:
+``Q(pad(x) R)`` with ``R = diag(b x b block, ...)`` (``b`` a multiple of 16 up to
+:data:`MAX_FUSED_ROTATION`), or the rotation alone for weight-only linears (``scale_rule="none"``).
+In a decode step of a W4A4 SmolLM2-135M the rotations were 130 separate ``[1, K/32, 32] @ [32, 32]``
+matmuls of about 50 us each (dispatch, not arithmetic); :func:`rotate_and_quantize` is the one call
+that replaces rotation + quantizer. Numbers: each rotated value is one float32 FMA chain over its
+block's rows (bit-equal between the kernel's scalar and AVX-512 paths); torch's matmul sums in
+another order, so against the unfused path a value may differ in its last bit and, rarely, an
+activation on a rounding boundary then takes the neighbouring E2M1 step. Eager and compiled models
+both call the operator, so they still agree with each other bit for bit.
 """
 
 from __future__ import annotations
@@ -23,15 +34,22 @@ from __future__ import annotations
 import torch
 
 from ..mx.quantize import mxfp4_fake_quantize as reference_mxfp4_fake_quantize
+from ..rotation.rotations import apply_block_rotation, pad_and_rotate
 from . import cpu_extension, cpu_mxfp4_dequantize
 
-__all__ = ["RULES", "applies", "fake_quantize", "mxfp4_fake_quantize", "reference_mxfp4_fake_quantize", "set_isa"]
+__all__ = [
+    "MAX_FUSED_ROTATION", "RULES", "applies", "fake_quantize", "mxfp4_fake_quantize", "mxfp4_rotate_fake_quantize",
+    "reference_mxfp4_fake_quantize", "rotate_and_quantize", "rotation_applies", "set_isa",
+]
 
 OP = "torchao_mx_ext::mxfp4_fake_quantize"
+ROTATE_OP = "torchao_mx_ext::mxfp4_rotate_fake_quantize"
 RULES = ("floor", "even", "rceil", "mse")
+MAX_FUSED_ROTATION = 256  # the kernel's kMaxRotation; wider (global) rotations stay a library matmul
 
 _lib = torch.library.Library("torchao_mx_ext", "FRAGMENT")
 _lib.define("mxfp4_fake_quantize(Tensor x, int block_size, str scale_rule) -> Tensor")
+_lib.define("mxfp4_rotate_fake_quantize(Tensor x, Tensor rotation, int block_size, str scale_rule) -> Tensor")
 
 
 @torch.library.register_fake(OP, lib=_lib)
@@ -46,6 +64,19 @@ def _fallback_mxfp4_fake_quantize(x, block_size, scale_rule):
     if x.device.type == "cpu" and cpu_extension.is_available():
         return torch.ops.torchao_mx_ext.mxfp4_fake_quantize.default(x, block_size, scale_rule)
     return reference_mxfp4_fake_quantize(x, block_size, scale_rule)
+
+
+@torch.library.register_fake(ROTATE_OP, lib=_lib)
+def _fake_mxfp4_rotate_fake_quantize(x, rotation, block_size, scale_rule):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+@torch.library.impl(_lib, "mxfp4_rotate_fake_quantize", "CompositeExplicitAutograd")
+def _fallback_mxfp4_rotate_fake_quantize(x, rotation, block_size, scale_rule):
+    if x.device.type == "cpu" and cpu_extension.is_available():
+        return torch.ops.torchao_mx_ext.mxfp4_rotate_fake_quantize.default(x, rotation, block_size, scale_rule)
+    xr = apply_block_rotation(x, rotation.to(x.dtype))
+    return xr if scale_rule == "none" else reference_mxfp4_fake_quantize(xr, block_size, scale_rule)
 
 
 def applies(x: torch.Tensor, block_size: int, scale_rule: str) -> bool:
@@ -64,6 +95,41 @@ def applies(x: torch.Tensor, block_size: int, scale_rule: str) -> bool:
 def mxfp4_fake_quantize(x: torch.Tensor, block_size: int, scale_rule: str) -> torch.Tensor:
     """The operator: ``dequantize(quantize(x))`` for a float32 ``x [..., K]``, in float32."""
     return torch.ops.torchao_mx_ext.mxfp4_fake_quantize(x, block_size, scale_rule)
+
+
+def mxfp4_rotate_fake_quantize(x: torch.Tensor, rotation: torch.Tensor, block_size: int, scale_rule: str) -> torch.Tensor:
+    """The fused operator: ``Q(x R)`` for a float32 ``x [..., K]`` and the float32 ``b x b`` block of ``R``
+    (``scale_rule="none"``: ``x R``), in float32."""
+    return torch.ops.torchao_mx_ext.mxfp4_rotate_fake_quantize(x, rotation, block_size, scale_rule)
+
+
+def rotation_applies(x: torch.Tensor, rotation: torch.Tensor, block_size: int, scale_rule: str | None) -> bool:
+    """Whether :func:`rotate_and_quantize` fuses: what :func:`applies` asks of the (padded) ``x``
+    (the rule may be ``None``: rotation alone), and a float32 CPU block of a multiple of 16 up to
+    :data:`MAX_FUSED_ROTATION` that divides the width."""
+    b = rotation.shape[0]
+    if rotation.dtype != torch.float32 or rotation.device.type != "cpu" or b % 16 or b > MAX_FUSED_ROTATION:
+        return False
+    if x.dim() == 0 or x.shape[-1] % b:
+        return False
+    return applies(x, block_size, "floor" if scale_rule is None else scale_rule)
+
+
+def rotate_and_quantize(
+    x: torch.Tensor, width: int, rotation: torch.Tensor | None, block_size: int, scale_rule: str | None,
+    kernel_preference: str = "auto",
+) -> torch.Tensor:
+    """The input side of an MXFP4 linear in float32: ``Q_a(pad(x) R)``, or ``pad(x) R`` where
+    ``scale_rule`` is ``None`` (weight-only); ``x`` zero-padded to ``width``, ``rotation`` the ``b x b``
+    block of ``R`` (``None``: no rotation). One fused kernel call where :func:`rotation_applies` (and the
+    preference is not ``emulated``), else the rotation matmul and :func:`fake_quantize`."""
+    x = x.to(torch.float32)
+    if rotation is not None and kernel_preference != "emulated":
+        xp = x if width == x.shape[-1] else torch.nn.functional.pad(x, (0, width - x.shape[-1]))
+        if rotation_applies(xp, rotation, block_size, scale_rule):
+            return mxfp4_rotate_fake_quantize(xp, rotation, block_size, scale_rule or "none")
+    xr = pad_and_rotate(x, width, rotation)
+    return xr if scale_rule is None else fake_quantize(xr, block_size, scale_rule, kernel_preference)
 
 
 def fake_quantize(x: torch.Tensor, block_size: int, scale_rule: str, kernel_preference: str = "auto") -> torch.Tensor:

@@ -44,7 +44,6 @@ import torch
 
 from ..architectures import expert_projection_names
 from ..configs import MXFP4Config, register_module_quantizer, report_padding, weight_layout
-from ..kernels import cpu_mxfp4_quantize
 from ..tensors import RotatedMXFP4Tensor
 
 
@@ -213,9 +212,7 @@ def _gemm_operands(weight: torch.Tensor, x: torch.Tensor) -> Tuple[torch.Tensor,
     # subclass instance is traced as an opaque tensor method (and fails when it returns a dtype).
     cls = RotatedMXFP4Tensor
     dtype = cls.gemm_dtype(weight, x.dtype)
-    xr = cls.rotate_input(weight, x)
-    if weight.act_scale_rule is not None:
-        xr = cpu_mxfp4_quantize.fake_quantize(xr, weight.block_size, weight.act_scale_rule, weight.kernel_preference)
+    xr = cls.transform_input(weight, x)
     w = weight.dequantized if weight.dequantized is not None else cls.dequantize(weight, dtype)
     return xr.to(dtype), w.to(dtype)
 

@@ -109,6 +109,13 @@ class RotatedMXFP4Tensor(TorchAOBaseTensor):
         """``x R`` in float32, with ``x`` zero-padded to the stored width."""
         return pad_and_rotate(x.to(torch.float32), self.padded_in_features, self.rotation)
 
+    def transform_input(self, x: torch.Tensor) -> torch.Tensor:
+        """The GEMM's activation operand in float32: ``Q_a(x R)`` (``x R`` for weight-only), padded; one
+        fused CPU kernel call where it applies (:func:`.cpu_mxfp4_quantize.rotate_and_quantize`)."""
+        return cpu_mxfp4_quantize.rotate_and_quantize(
+            x, self.padded_in_features, self.rotation, self.block_size, self.act_scale_rule, self.kernel_preference
+        )
+
     def quantize_input(self, x: torch.Tensor) -> MXFP4ActivationTensor:
         """The activation operand as codes + scales: ``Q_a(x R)`` (for hardware MXFP4 GEMMs)."""
         if self.act_scale_rule is None:
@@ -130,23 +137,24 @@ class RotatedMXFP4Tensor(TorchAOBaseTensor):
     def linear(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         """``Q_a(x R) Q(W R)^T + b``, emulated (see the module docstring), returned in ``x.dtype``."""
         gemm_dtype = self.gemm_dtype(x.dtype)
-        xr = self.rotate_input(x)
         # The device test first: CPU calls (also compiled ones) never read the environment override.
-        if xr.device.type == "cuda" and effective_preference(self.kernel_preference) == "hw_mxfp4" and cuda_mxfp4_mm.applies(self, xr):
+        if x.device.type == "cuda" and effective_preference(self.kernel_preference) == "hw_mxfp4" and cuda_mxfp4_mm.applies(self, x):
             # MXFP4 tensor cores (opt-in): the activation as codes + scales, no dequantization.
+            xr = self.rotate_input(x)
             a = MXFP4ActivationTensor.from_hp(xr.reshape(-1, xr.shape[-1]), self.block_size, self.act_scale_rule)
             y = cuda_mxfp4_mm.mxfp4_scaled_mm(a.qdata, a.scale, a.scale_rule, self.qdata, self.scale, self.scale_rule, bias, x.dtype)
             return y.reshape(*x.shape[:-1], y.shape[-1])
-        if cpu_mxfp4_mm.applies(self, xr):
+        if cpu_mxfp4_mm.applies(self, x):
             # W4A4 on CPU: exact integer chunk dot products on the codes (same numbers up to float32
             # summation order). The activation's quantization before it fuses into one Inductor kernel.
+            xr = self.rotate_input(x)
             a = MXFP4ActivationTensor.from_hp(xr.reshape(-1, xr.shape[-1]), self.block_size, self.act_scale_rule)
             b = None if bias is None else bias.to(gemm_dtype)
             y = cpu_mxfp4_mm.mxfp4_mm(a.qdata, a.scale, self.qdata, self.scale, self.block_size, b, x.dtype)
             return y.reshape(*x.shape[:-1], y.shape[-1])
-        if self.act_scale_rule is not None:
-            # Same numbers as quantize_input(x).dequantize(), without materialising codes.
-            xr = cpu_mxfp4_quantize.fake_quantize(xr, self.block_size, self.act_scale_rule, self.kernel_preference)
+        # Same numbers as quantize_input(x).dequantize() (up to the rotation's float32 summation order
+        # where the fused kernel runs), without materialising codes.
+        xr = self.transform_input(x)
         if self.kernel_preference != "emulated" and cpu_mxfp4_gemv.applies(self, xr):
             # Small batch on CPU: decode inside the reduction (same numbers up to float32 summation order).
             # Also with a dense cache: the packed codes are a quarter of its bytes, and GEMV is memory-bound.
