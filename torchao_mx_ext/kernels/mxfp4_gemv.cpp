@@ -242,6 +242,50 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) void rows_avx512
     for (int m = 0; m < MT; ++m) store(p, m0 + m, n, _mm512_reduce_add_ps(acc[m]));
   }
 }
+
+// One x row (decode), NR weight rows at a time: NR independent accumulator chains and one load of
+// each x chunk pair for NR rows. Each output's products and sums are those of rows_avx512bf16<1>
+// (same order), so the same bits. 5-9% faster than one row at a time on SmolLM2's decode shapes
+// (one thread, 192..1536 x 576 and 576 x 1536, ad hoc).
+template <int NR, bool B32>
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) inline void rows_avx512bf16_one_x(const Problem& p, int64_t m,
+                                                                                                int64_t n) {
+  const int64_t nc = p.K / 32, cpb = p.B / 32, nb = p.K / p.B, half_k = p.K / 2;
+  const __m512i lut = _mm512_load_si512(kE2M1Bf16x2);
+  const uint16_t* xr = p.xb + m * p.Kp;
+  const uint8_t* qr = p.q + n * half_k;
+  const uint8_t* sr = p.sc + n * nb;
+  __m512 acc[NR];
+  for (int r = 0; r < NR; ++r) acc[r] = _mm512_setzero_ps();
+  for (int64_t c = 0; c < nc; c += 2) {
+    const bool pair = c + 1 < nc;
+    const __m512bh x_lo = (__m512bh)_mm512_loadu_si512(xr + c * 32);
+    const __m512bh x_hi = (__m512bh)_mm512_loadu_si512(xr + c * 32 + 32);
+    const int64_t b0 = B32 ? c : c / cpb, b1 = B32 ? c + 1 : (c + 1) / cpb;
+    for (int r = 0; r < NR; ++r) {
+      const uint8_t* q = qr + r * half_k + c * 16;
+      const __m256i bytes = pair ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q)) : _mm256_maskz_loadu_epi8(0xFFFF, q);
+      const __m512i codes = _mm512_cvtepu8_epi16(bytes);
+      const __m512i w_lo = _mm512_permutexvar_epi16(codes, lut);
+      const __m512i w_hi = _mm512_permutexvar_epi16(_mm512_srli_epi16(codes, 4), lut);
+      const float s0 = p.tab[sr[r * nb + b0]];
+      const float s1 = pair ? p.tab[sr[r * nb + b1]] : 0.0f;
+      const __m512 sv = _mm512_mask_broadcastss_ps(_mm512_set1_ps(s0), 0xFF00, _mm_set_ss(s1));
+      __m512 t = _mm512_dpbf16_ps(_mm512_setzero_ps(), (__m512bh)w_lo, x_lo);
+      t = _mm512_dpbf16_ps(t, (__m512bh)w_hi, x_hi);
+      acc[r] = _mm512_fmadd_ps(t, sv, acc[r]);
+    }
+  }
+  for (int r = 0; r < NR; ++r) store(p, m, n + r, _mm512_reduce_add_ps(acc[r]));
+}
+
+template <bool B32>
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) void rows_avx512bf16_decode(const Problem& p, int64_t m, int64_t n0,
+                                                                                          int64_t n1) {
+  int64_t n = n0;
+  for (; n + 4 <= n1; n += 4) rows_avx512bf16_one_x<4, B32>(p, m, n);
+  for (; n < n1; ++n) rows_avx512bf16_one_x<1, B32>(p, m, n);
+}
 #endif  // TME_AVX512_BF16
 #endif  // TME_X86_SIMD
 
@@ -249,6 +293,7 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) void rows_avx512
 template <int MT>
 void rows(int isa, const Problem& p, int64_t m0, int64_t n0, int64_t n1) {
 #ifdef TME_AVX512_BF16
+  if (p.xb && MT == 1) return p.B == 32 ? rows_avx512bf16_decode<true>(p, m0, n0, n1) : rows_avx512bf16_decode<false>(p, m0, n0, n1);
   if (p.xb) return p.B == 32 ? rows_avx512bf16<MT, true>(p, m0, n0, n1) : rows_avx512bf16<MT, false>(p, m0, n0, n1);
 #endif
 #ifdef TME_X86_SIMD
