@@ -178,6 +178,19 @@ def test_w4a4_gemm_bench_smoke(tmp_path):
         assert r["int_mm_max_rel_diff"] < 1e-5
 
 
+def test_activation_quant_bench_smoke(tmp_path):
+    """The input-side benchmark's plumbing: every variant timed per shape, the JSON written."""
+    import activation_quant_bench
+
+    out = tmp_path / "activation_quant_bench.json"
+    activation_quant_bench.main(["--shapes", "1x64,4x96", "--rounds", "1", "--threads", "1", "--json", str(out)])
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["rows"], r["width"]) for r in rows] == [(1, 64), (4, 96)]
+    for r in rows:
+        assert set(r["us"]) == {"matmul+quantizer", "fused", "fused rotation only", "matmul"}
+        assert all(v > 0 for v in r["us"].values()) and r["speedup"] > 0
+
+
 def test_decode_profile_smoke_whole_model_compiled(tmp_path):
     """decode_profile on a ``--compile model`` row (tme.compile_model, Dynamo's ``eager`` backend): a
     positive step time, the int8 head's kernel among the per-step operators, the JSON written."""

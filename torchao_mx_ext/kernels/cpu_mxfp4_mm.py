@@ -112,7 +112,8 @@ def takes_weight(weight) -> bool:
 
 
 def applies(weight, x: torch.Tensor) -> bool:
-    """Whether ``RotatedMXFP4Tensor.linear`` should run ``x`` (already rotated, ``[..., K_p]``) through
+    """Whether ``RotatedMXFP4Tensor.linear`` should run its input ``x`` (``[..., K]`` or rotated
+    ``[..., K_p]``: only its rows, device and gradient flag count) through
     the integer GEMM: :func:`takes_weight`, a CPU input, no gradient needed (the kernel has no
     backward), and more than :data:`GEMV_ROWS` rows unless the GEMV cannot take them. The build is
     tried on the operator's first call."""

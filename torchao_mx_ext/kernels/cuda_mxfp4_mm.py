@@ -37,7 +37,7 @@ def hardware_available(device: torch.device) -> bool:
 
 
 def applies(weight, x: torch.Tensor) -> bool:
-    """Whether ``RotatedMXFP4Tensor.linear`` can run ``x`` (rotated, ``[..., K_p]``) through the
+    """Whether ``RotatedMXFP4Tensor.linear`` can run its input ``x`` (only its device counts) through the
     hardware GEMM: W4A4, 32-element blocks, a 2-D weight, on an MXFP4-capable GPU (the caller decides
     by the weight's kernel preference whether it should)."""
     return (
