@@ -625,6 +625,9 @@ def _quantize_head(model, scheme: str, rule: Optional[str]) -> None:
     quantize_output_head(model, cls(act_quant=False, scale_rule=rule or DEFAULT_SCALE_RULE))
 
 
+GPTAQ_ALPHA_HELP = "fraction of GPTAQ's asymmetric correction for the gptaq methods, in [0, 1] (default 0.25, the authors' value)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The whole command line; building it imports nothing heavy (see ``METHOD_NAMES``)."""
 
@@ -644,7 +647,7 @@ def build_parser() -> argparse.ArgumentParser:
     cmp.add_argument("--calib-seq-len", type=int, default=None, help="calibration window length (default: --seq-len)")
     cmp.add_argument("--calib-source", default="wikitext2", help="wikitext2 (validation), tinystories, or a text file")
     cmp.add_argument("--weight-only", action="store_true", help="quantize weights only (activations stay fp)")
-    cmp.add_argument("--gptaq-alpha", type=float, default=None, help="fraction of GPTAQ's asymmetric correction for the gptaq methods, in [0, 1] (default 0.25, the authors' value)")
+    cmp.add_argument("--gptaq-alpha", type=float, default=None, help=GPTAQ_ALPHA_HELP)
     cmp.add_argument("--quantize-head", default="none", choices=tuple(HEAD_SCHEMES),
                      help="also quantize the output head (lm_head) weight-only, in every row (a decode-speed option)")
     cmp.add_argument("--json", default=None, help="write the report here")
@@ -658,7 +661,7 @@ def build_parser() -> argparse.ArgumentParser:
     qnt.add_argument("--scale-rule", default=None, help="default: the package default")
     qnt.add_argument("--weight-only", action="store_true")
     qnt.add_argument("--seed", type=int, default=0)
-    qnt.add_argument("--gptaq-alpha", type=float, default=None, help="fraction of GPTAQ's asymmetric correction for the gptaq methods, in [0, 1] (default 0.25, the authors' value)")
+    qnt.add_argument("--gptaq-alpha", type=float, default=None, help=GPTAQ_ALPHA_HELP)
     qnt.add_argument("--calib-samples", type=int, default=128)
     qnt.add_argument("--calib-seq-len", type=int, default=None)
     qnt.add_argument("--calib-source", default="wikitext2")
@@ -672,7 +675,7 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--scale-rule", default=None, help="default: the package default")
     exp.add_argument("--weight-only", action="store_true")
     exp.add_argument("--seed", type=int, default=0)
-    exp.add_argument("--gptaq-alpha", type=float, default=None, help="fraction of GPTAQ's asymmetric correction for the gptaq methods, in [0, 1] (default 0.25, the authors' value)")
+    exp.add_argument("--gptaq-alpha", type=float, default=None, help=GPTAQ_ALPHA_HELP)
     exp.add_argument("--calib-samples", type=int, default=128)
     exp.add_argument("--calib-seq-len", type=int, default=None)
     exp.add_argument("--calib-source", default="wikitext2")
