@@ -191,7 +191,8 @@ def test_cli_names_match_the_library():
     assert cli.MOE_METHOD_NAMES == tuple(MOE_METHODS) and cli.MOE_DEFAULT_METHODS == DEFAULT_METHODS
     assert {m for m in METHODS if cli._is_model_level(m)} == {
         "quarot", "brq", "quarot+gptq", "brq+gptq", "dartquant", "dartquant-block", "dartquant-block+gptq",
-        "mxrot-block", "mxrot-block+gptq", "brq+gptaq",
+        "mxrot-block", "mxrot-block+gptq", "brq+gptaq", "smooth+block-rot", "smooth+gptq-block-rot",
+        "smooth+gptaq-block-rot",
     }
     assert "check_supported" in vars(fusion)
 
@@ -403,10 +404,11 @@ def test_export_writes_a_compressed_tensors_folder_and_a_gguf_file(tmp_path, cap
                    "exists; pass --overwrite")
 
 
-def test_export_of_the_default_recipe_gptaq_block_rot(tmp_path):
-    """The default recipe (recipes.DEFAULT_METHOD, calibrated) exports to compressed-tensors: the same
-    format as any per-linear block Hadamard, its codes those of the quantized model."""
+def test_export_of_the_default_recipe(tmp_path):
+    """The default recipe (recipes.DEFAULT_METHOD: smoothing, then GPTAQ on the block Hadamard) exports to
+    compressed-tensors: the same format as any per-linear block Hadamard, with the smoothed norms."""
     from safetensors import safe_open
+    from transformers import LlamaForCausalLM
 
     from torchao_mx_ext.recipes import DEFAULT_METHOD
 
@@ -418,4 +420,7 @@ def test_export_of_the_default_recipe_gptaq_block_rot(tmp_path):
     assert config["format"] == "mxfp4-pack-quantized" and "transform_config" in config
     with safe_open(str(folder / "model.safetensors"), "pt") as f:
         packed = f.get_tensor("model.layers.0.mlp.down_proj.weight_packed")
+        norm = f.get_tensor("model.layers.0.post_attention_layernorm.weight")
     assert packed.dtype == torch.uint8 and packed.shape == (64, 64)  # [out, in / 2]
+    original = LlamaForCausalLM.from_pretrained(model).model.layers[0].post_attention_layernorm.weight
+    assert not torch.allclose(norm.float(), original.float())  # the smoothing scales travel with the export

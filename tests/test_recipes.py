@@ -315,6 +315,23 @@ def test_quantize_model_runs_the_named_method_and_checks_first(ids):
     assert all(torch.equal(before[k], after[k]) for k in before)
 
 
+def test_default_falls_back_to_per_linear_where_smoothing_cannot_fold(caplog):
+    """W4A4's default smooths first (recipes.DEFAULT_METHOD); a decoder smoothing cannot fold into (an
+    MoE) gets the per-linear default with one log line, and weight-only never smooths."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    assert recipes.DEFAULT_METHOD.startswith("smooth+") and not recipes.DEFAULT_PER_LINEAR_METHOD.startswith("smooth")
+    assert recipes.default_method(False, tiny_llama()) == recipes.DEFAULT_METHOD
+    moe = MixtralForCausalLM(MixtralConfig(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
+    ))
+    with caplog.at_level("WARNING", logger="torchao_mx_ext.recipes"):
+        assert recipes.default_method(False, moe) == recipes.DEFAULT_PER_LINEAR_METHOD
+    assert len(caplog.records) == 1 and "MixtralForCausalLM" in caplog.records[0].getMessage()
+    assert recipes.default_method(True, moe) == recipes.default_method(True, tiny_llama()) == recipes.DEFAULT_WEIGHT_ONLY_METHOD
+
+
 def test_gptaq_alpha_reaches_the_calibration(ids):
     """``gptaq_alpha`` is GPTAQ's ``asymmetric_alpha``: the default is 0.25, and another value gives other
     weights (0: no asymmetric correction at all)."""

@@ -38,7 +38,8 @@ from typing import Dict, List, Optional
 METHOD_NAMES = (
     "fp", "rtn", "block-rot", "global-rot", "quarot", "brq", "gptq", "gptq-block-rot", "gptq-block-rot+exp-search",
     "quarot+gptq", "brq+gptq", "dartquant", "dartquant-block", "dartquant-block+gptq", "mxrot-block",
-    "mxrot-block+gptq", "gptaq", "gptaq-block-rot", "brq+gptaq",
+    "mxrot-block+gptq", "gptaq", "gptaq-block-rot", "brq+gptaq", "smooth+block-rot", "smooth+gptq-block-rot",
+    "smooth+gptaq-block-rot",
 )
 SCALE_RULE_NAMES = ("floor", "even", "rceil", "fp_quant", "mse")
 MODEL_ALIASES = ("stories260k", "smollm2-135m", "smollm2-135m-moe")
@@ -49,9 +50,9 @@ MOE_METHOD_NAMES = (
     "mxfp4-gptq", "mxfp4+qesc+ban+pick",
 )
 MOE_DEFAULT_METHODS = ("baseline", "pesf-0.3", "pesf-0.7", "ban", "pick", "ban+pick", "mxfp4", "mxfp4+qesc")
-# Methods that rotate the whole model (QuaRot, BRQ, DartQuant; recipes.py): they know only the decoder
-# layouts in rotation.fusion.SUPPORTED_ARCHITECTURES, while per-linear methods work on any model.
-MODEL_LEVEL_PREFIXES = ("quarot", "brq", "dartquant", "mxrot")
+# Methods that rotate or smooth the whole model (QuaRot, BRQ, DartQuant, SmoothQuant scales; recipes.py): they
+# know only the decoder layouts in rotation.fusion.SUPPORTED_ARCHITECTURES; per-linear methods work on any model.
+MODEL_LEVEL_PREFIXES = ("quarot", "brq", "dartquant", "mxrot", "smooth")
 # compare --quantize-head: scheme -> how the report's settings describe the head.
 HEAD_SCHEMES = {
     "none": "not quantized",
@@ -474,7 +475,11 @@ def _quantized_model(args, out_is_folder: bool = True):
 # block Hadamard as an online transform.
 EXPORT_METHODS = {
     "gguf": ("rtn", "gptq", "gptaq"),
-    "compressed-tensors": ("rtn", "gptq", "gptaq", "block-rot", "gptq-block-rot", "gptaq-block-rot"),
+    # smoothing changes only full-precision weights (norms, up_proj rows) before the block rotation
+    "compressed-tensors": (
+        "rtn", "gptq", "gptaq", "block-rot", "gptq-block-rot", "gptaq-block-rot", "smooth+block-rot",
+        "smooth+gptq-block-rot", "smooth+gptaq-block-rot",
+    ),
 }
 
 

@@ -23,8 +23,13 @@ rounded (RTN, or GPTQ calibrated layer by layer):
 - ``gptaq``, ``gptaq-block-rot``, ``brq+gptaq``: GPTQ with asymmetric calibration (GPTAQ): each linear
   fitted to the full-precision model's output from what it really consumes (drifted, MXFP4-quantized
   inputs), :mod:`torchao_mx_ext.calibration.gptq`.
+- ``smooth+block-rot``, ``smooth+gptq-block-rot``, ``smooth+gptaq-block-rot``: SmoothQuant's per-channel
+  scales (alpha 0.5, from the calibration data) folded into the norms and up_proj first
+  (:mod:`torchao_mx_ext.calibration.smoothing`), then the same method. ``smooth+gptaq-block-rot`` is
+  the W4A4 default (:data:`DEFAULT_METHOD`).
 """
 
+import logging
 import warnings
 from dataclasses import dataclass
 from typing import Callable, Optional, Union
@@ -33,15 +38,18 @@ import torch
 
 from .calibration.data import check_bool, check_int, check_real
 from .calibration.sequential import sequential_gptq
+from .calibration.smoothing import smooth_model
 from .configs import (
     ConfigFor, MXFP4BlockRotConfig, MXFP4Config, as_config_for, is_quantizable, quantizable_filter, quantize_linears,
 )
 from .rotation.fusion import block_diagonal, check_supported, fuse_rotations, head_dim_of
 
 __all__ = [
-    "DEFAULT_METHOD", "DEFAULT_WEIGHT_ONLY_METHOD", "METHODS", "Method", "default_method", "QuantSettings", "is_quantizable_linear", "quantizable_filter", "quantize_linears",
+    "DEFAULT_METHOD", "DEFAULT_PER_LINEAR_METHOD", "DEFAULT_WEIGHT_ONLY_METHOD", "METHODS", "Method", "default_method", "QuantSettings", "is_quantizable_linear", "quantizable_filter", "quantize_linears",
     "quantize_model",
 ]
+
+logger = logging.getLogger(__name__)
 
 
 def is_quantizable_linear(module: torch.nn.Module, fqn: str) -> bool:
@@ -111,8 +119,12 @@ def _gptq(model, s: QuantSettings, config: Union[MXFP4Config, ConfigFor], asymme
     return sequential_gptq(model, s.calib_ids, as_config_for(config), asymmetric=asymmetric, mse_shrink=exponent_search, **extra)
 
 
-def _make(kind: str, gptq: bool, asymmetric: bool = False, exponent_search: bool = False) -> Callable:
+def _make(kind: str, gptq: bool, asymmetric: bool = False, exponent_search: bool = False, smooth: bool = False) -> Callable:
     def apply(model, s: QuantSettings):
+        if smooth:
+            if s.calib_ids is None:
+                raise ValueError("smoothing needs calibration data (QuantSettings.calib_ids)")
+            smooth_model(model, s.calib_ids)
         if kind in ("quarot", "brq"):
             config = _fuse_model_rotation(model, s, None if kind == "quarot" else 32, "random_hadamard" if kind == "quarot" else "hadamard")
         elif kind in ("dartquant", "dartquant-block", "mxrot-block"):
@@ -122,7 +134,7 @@ def _make(kind: str, gptq: bool, asymmetric: bool = False, exponent_search: bool
             config = _per_linear(s, kind)
         return _gptq(model, s, config, asymmetric, exponent_search) if gptq else quantize_linears(model, config)
 
-    apply.__name__ = f"{kind}{('+gptaq' if asymmetric else '+gptq') if gptq else ''}{'+exp-search' if exponent_search else ''}"
+    apply.__name__ = f"{'smooth+' if smooth else ''}{kind}{('+gptaq' if asymmetric else '+gptq') if gptq else ''}{'+exp-search' if exponent_search else ''}"
     return apply
 
 
@@ -154,18 +166,36 @@ METHODS = {
     "gptaq": Method(_make("rtn", True, asymmetric=True), calibrated=True, asymmetric=True),
     "gptaq-block-rot": Method(_make("block-rot", True, asymmetric=True), calibrated=True, asymmetric=True),
     "brq+gptaq": Method(_make("brq", True, asymmetric=True), calibrated=True, asymmetric=True),
+    "smooth+block-rot": Method(_make("block-rot", False, smooth=True), calibrated=True),
+    "smooth+gptq-block-rot": Method(_make("block-rot", True, smooth=True), calibrated=True),
+    "smooth+gptaq-block-rot": Method(_make("block-rot", True, asymmetric=True, smooth=True), calibrated=True, asymmetric=True),
 }
 
 # The methods that measure best on the full protocol (docs/results.md, "Accuracy methods" for W4A4,
-# "Weight-only MXFP4" for weight-only): what quantize_model runs unless told otherwise.
-DEFAULT_METHOD = "gptaq-block-rot"
+# "Weight-only MXFP4" for weight-only): what quantize_model runs unless told otherwise. Smoothing folds
+# into the decoder's norms, which only the layouts of architectures.SUPPORTED_ARCHITECTURES allow; any
+# other model gets the best per-linear method.
+DEFAULT_METHOD = "smooth+gptaq-block-rot"
+DEFAULT_PER_LINEAR_METHOD = "gptaq-block-rot"
 DEFAULT_WEIGHT_ONLY_METHOD = "gptaq-block-rot"
 
 
-def default_method(weight_only: bool = False) -> str:
-    """The best measured method for W4A4 (:data:`DEFAULT_METHOD`) or weight-only
-    (:data:`DEFAULT_WEIGHT_ONLY_METHOD`) MXFP4."""
-    return DEFAULT_WEIGHT_ONLY_METHOD if weight_only else DEFAULT_METHOD
+def default_method(weight_only: bool = False, model: Optional[torch.nn.Module] = None) -> str:
+    """The best measured method for weight-only (:data:`DEFAULT_WEIGHT_ONLY_METHOD`) or W4A4 MXFP4:
+    :data:`DEFAULT_METHOD`, or :data:`DEFAULT_PER_LINEAR_METHOD` (with one log line saying why) for a
+    ``model`` whose layout smoothing cannot fold into."""
+    if weight_only:
+        return DEFAULT_WEIGHT_ONLY_METHOD
+    if model is not None:
+        try:
+            check_supported(model)
+        except NotImplementedError:
+            logger.warning(
+                "%s: smoothing cannot fold into %s's layout; default method %s", DEFAULT_METHOD,
+                type(model).__name__, DEFAULT_PER_LINEAR_METHOD,
+            )
+            return DEFAULT_PER_LINEAR_METHOD
+    return DEFAULT_METHOD
 
 
 def quantize_model(
@@ -192,7 +222,7 @@ def quantize_model(
     Calibration cost of the default on SmolLM2-135M with 32 x 2048 tokens: docs/results.md.
     """
     check_bool(weight_only, "weight_only")
-    method = default_method(weight_only) if method is None else method
+    method = default_method(weight_only, model) if method is None else method
     if method not in METHODS or METHODS[method].apply is None:
         raise ValueError(f"method must be one of {sorted(m for m, s in METHODS.items() if s.apply is not None)}, got {method!r}")
     if METHODS[method].calibrated and calib_ids is None:
