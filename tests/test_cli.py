@@ -192,7 +192,7 @@ def test_cli_names_match_the_library():
     assert {m for m in METHODS if cli._is_model_level(m)} == {
         "quarot", "brq", "quarot+gptq", "brq+gptq", "dartquant", "dartquant-block", "dartquant-block+gptq",
         "mxrot-block", "mxrot-block+gptq", "brq+gptaq", "smooth+block-rot", "smooth+gptq-block-rot",
-        "smooth+gptaq-block-rot",
+        "smooth+gptaq-block-rot", "smooth-search+block-rot", "smooth-search+gptaq-block-rot",
     }
     assert "check_supported" in vars(fusion)
 

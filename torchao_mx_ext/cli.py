@@ -39,7 +39,7 @@ METHOD_NAMES = (
     "fp", "rtn", "block-rot", "global-rot", "quarot", "brq", "gptq", "gptq-block-rot", "gptq-block-rot+exp-search",
     "quarot+gptq", "brq+gptq", "dartquant", "dartquant-block", "dartquant-block+gptq", "mxrot-block",
     "mxrot-block+gptq", "gptaq", "gptaq-block-rot", "brq+gptaq", "smooth+block-rot", "smooth+gptq-block-rot",
-    "smooth+gptaq-block-rot",
+    "smooth+gptaq-block-rot", "smooth-search+block-rot", "smooth-search+gptaq-block-rot",
 )
 SCALE_RULE_NAMES = ("floor", "even", "rceil", "fp_quant", "mse")
 MODEL_ALIASES = ("stories260k", "smollm2-135m", "smollm2-135m-moe")
@@ -478,7 +478,7 @@ EXPORT_METHODS = {
     # smoothing changes only full-precision weights (norms, up_proj rows) before the block rotation
     "compressed-tensors": (
         "rtn", "gptq", "gptaq", "block-rot", "gptq-block-rot", "gptaq-block-rot", "smooth+block-rot",
-        "smooth+gptq-block-rot", "smooth+gptaq-block-rot",
+        "smooth+gptq-block-rot", "smooth+gptaq-block-rot", "smooth-search+block-rot", "smooth-search+gptaq-block-rot",
     ),
 }
 

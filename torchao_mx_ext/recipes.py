@@ -26,7 +26,8 @@ rounded (RTN, or GPTQ calibrated layer by layer):
 - ``smooth+block-rot``, ``smooth+gptq-block-rot``, ``smooth+gptaq-block-rot``: SmoothQuant's per-channel
   scales (alpha 0.5, from the calibration data) folded into the norms and up_proj first
   (:mod:`torchao_mx_ext.calibration.smoothing`), then the same method. ``smooth+gptaq-block-rot`` is
-  the W4A4 default (:data:`DEFAULT_METHOD`).
+  the W4A4 default (:data:`DEFAULT_METHOD`). ``smooth-search+block-rot``, ``smooth-search+gptaq-block-rot``:
+  alpha chosen per group from a grid by the block-rot W4A4 output error (AWQ's search).
 """
 
 import logging
@@ -38,7 +39,7 @@ import torch
 
 from .calibration.data import check_bool, check_int, check_real
 from .calibration.sequential import sequential_gptq
-from .calibration.smoothing import smooth_model
+from .calibration.smoothing import SMOOTHING_ALPHA_GRID, smooth_model
 from .configs import (
     ConfigFor, MXFP4BlockRotConfig, MXFP4Config, as_config_for, is_quantizable, quantizable_filter, quantize_linears,
 )
@@ -119,12 +120,17 @@ def _gptq(model, s: QuantSettings, config: Union[MXFP4Config, ConfigFor], asymme
     return sequential_gptq(model, s.calib_ids, as_config_for(config), asymmetric=asymmetric, mse_shrink=exponent_search, **extra)
 
 
-def _make(kind: str, gptq: bool, asymmetric: bool = False, exponent_search: bool = False, smooth: bool = False) -> Callable:
+def _make(kind: str, gptq: bool, asymmetric: bool = False, exponent_search: bool = False, smooth: str = "") -> Callable:
+    """``smooth``: "" (none), "smooth" (alpha 0.5) or "smooth-search" (alpha per group, judged by the
+    per-linear config the method quantizes with)."""
     def apply(model, s: QuantSettings):
         if smooth:
             if s.calib_ids is None:
                 raise ValueError("smoothing needs calibration data (QuantSettings.calib_ids)")
-            smooth_model(model, s.calib_ids)
+            if smooth == "smooth-search":
+                smooth_model(model, s.calib_ids, SMOOTHING_ALPHA_GRID, config=_per_linear(s, kind))
+            else:
+                smooth_model(model, s.calib_ids)
         if kind in ("quarot", "brq"):
             config = _fuse_model_rotation(model, s, None if kind == "quarot" else 32, "random_hadamard" if kind == "quarot" else "hadamard")
         elif kind in ("dartquant", "dartquant-block", "mxrot-block"):
@@ -134,7 +140,7 @@ def _make(kind: str, gptq: bool, asymmetric: bool = False, exponent_search: bool
             config = _per_linear(s, kind)
         return _gptq(model, s, config, asymmetric, exponent_search) if gptq else quantize_linears(model, config)
 
-    apply.__name__ = f"{'smooth+' if smooth else ''}{kind}{('+gptaq' if asymmetric else '+gptq') if gptq else ''}{'+exp-search' if exponent_search else ''}"
+    apply.__name__ = f"{smooth + '+' if smooth else ''}{kind}{('+gptaq' if asymmetric else '+gptq') if gptq else ''}{'+exp-search' if exponent_search else ''}"
     return apply
 
 
@@ -166,9 +172,13 @@ METHODS = {
     "gptaq": Method(_make("rtn", True, asymmetric=True), calibrated=True, asymmetric=True),
     "gptaq-block-rot": Method(_make("block-rot", True, asymmetric=True), calibrated=True, asymmetric=True),
     "brq+gptaq": Method(_make("brq", True, asymmetric=True), calibrated=True, asymmetric=True),
-    "smooth+block-rot": Method(_make("block-rot", False, smooth=True), calibrated=True),
-    "smooth+gptq-block-rot": Method(_make("block-rot", True, smooth=True), calibrated=True),
-    "smooth+gptaq-block-rot": Method(_make("block-rot", True, asymmetric=True, smooth=True), calibrated=True, asymmetric=True),
+    "smooth+block-rot": Method(_make("block-rot", False, smooth="smooth"), calibrated=True),
+    "smooth+gptq-block-rot": Method(_make("block-rot", True, smooth="smooth"), calibrated=True),
+    "smooth+gptaq-block-rot": Method(_make("block-rot", True, asymmetric=True, smooth="smooth"), calibrated=True, asymmetric=True),
+    "smooth-search+block-rot": Method(_make("block-rot", False, smooth="smooth-search"), calibrated=True),
+    "smooth-search+gptaq-block-rot": Method(
+        _make("block-rot", True, asymmetric=True, smooth="smooth-search"), calibrated=True, asymmetric=True,
+    ),
 }
 
 # The methods that measure best on the full protocol (docs/results.md, "Accuracy methods" for W4A4,

@@ -6,9 +6,11 @@ import pytest
 import torch
 from transformers import MixtralConfig, MixtralForCausalLM
 
-from torchao_mx_ext.calibration.smoothing import smooth_model, smoothing_scales
+from torchao_mx_ext.calibration.smoothing import SMOOTHING_ALPHA_GRID, smooth_model, smoothing_scales
+from torchao_mx_ext.configs import MXFP4BlockRotConfig
 from torchao_mx_ext.recipes import METHODS, quantize_model
 
+from reference import ref_fake_quantize, ref_hadamard
 from rotation.test_fusion import MODELS, REFUSED, SMALL, _max_rel_err, _randomise_biases, _randomise_norms
 
 
@@ -24,7 +26,7 @@ def test_smoothing_keeps_the_fp_model(arch):
         out = model(ids).logits
     assert _max_rel_err(out, ref) <= 1e-4
     assert len(scales) == 3 * SMALL["num_hidden_layers"]
-    assert all(bool((s > 0).all()) and not torch.allclose(s, torch.ones_like(s)) for s in scales.values())
+    assert all(a == 0.5 and bool((s > 0).all()) and not torch.allclose(s, torch.ones_like(s)) for a, s in scales.values())
     changed = [n for n, p in model.named_parameters() if not torch.equal(p, before[n])]
     assert any("down_proj" in n for n in changed) and any("layernorm" in n for n in changed)
 
@@ -89,3 +91,66 @@ def test_smooth_methods_need_calibration():
     assert METHODS["smooth+gptaq-block-rot"].calibrated and METHODS["smooth+gptaq-block-rot"].asymmetric
     with pytest.raises(ValueError, match="calib_ids"):
         quantize_model(MODELS["llama"]().eval(), None, method="smooth+block-rot")
+
+
+def _reference_block_rot_error(readers, x, s) -> float:
+    """float64 reference of block-rot W4A4 (``mse`` rule for both sides): ``sum ||Q((x/s) R) Q((W s) R)^T
+    - x W^T||^2`` with R the block-diagonal 32-wide Sylvester Hadamard."""
+    x = x.to(torch.float64)
+    width = x.shape[-1]
+    rot = torch.block_diag(*[ref_hadamard(32)] * (width // 32)).to(torch.float64)
+    xq = ref_fake_quantize(((x / s).to(torch.float32).to(torch.float64) @ rot).to(torch.float32), "mse")
+    total = 0.0
+    for lin in readers:
+        w = lin.weight.detach().to(torch.float64)
+        wq = ref_fake_quantize(((w * s).to(torch.float32).to(torch.float64) @ rot).to(torch.float32), "mse")
+        total += float((xq @ wq.T - x @ w.T).pow(2).sum())
+    return total
+
+
+def test_alpha_search_picks_the_least_quantization_error_per_group():
+    """With a grid, each group gets the alpha whose block-rot W4A4 output error (float64 reference
+    quantizer) is least; the fp model is unchanged; a grid needs a config."""
+    torch.manual_seed(0)
+    model = _randomise_norms(MODELS["llama"]()).eval()
+    with torch.no_grad():
+        model.model.layers[0].input_layernorm.weight[40] = 60.0
+    calib = torch.randint(3, 96, (4, 32))
+    ids = torch.randint(3, 96, (2, 24))
+    inputs = {}
+    layer = model.model.layers[0]
+    readers = {"attention": [layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj],
+               "down_proj": [layer.mlp.down_proj]}
+    hooks = [rs[0].register_forward_pre_hook(lambda m, a, k=k: inputs.setdefault(k, []).append(a[0].reshape(-1, a[0].shape[-1])))
+             for k, rs in readers.items()]
+    with torch.no_grad():
+        for row in calib:
+            model(row.unsqueeze(0))
+        fp = model(ids).logits
+    for h in hooks:
+        h.remove()
+    expected = {}
+    for name, rs in readers.items():
+        x = torch.cat(inputs[name])
+        w_absmax = torch.cat([lin.weight.detach().to(torch.float64) for lin in rs]).abs().amax(0)
+        x_absmax = x.abs().amax(0).to(torch.float64)
+        errors = {a: _reference_block_rot_error(rs, x, smoothing_scales(x_absmax, w_absmax, a)) for a in SMOOTHING_ALPHA_GRID}
+        expected[name] = errors
+    before = {n: p.clone() for n, p in model.named_parameters()}
+    with pytest.raises(TypeError, match="config"):
+        smooth_model(model, calib, SMOOTHING_ALPHA_GRID)
+    with pytest.raises(ValueError, match="alpha"):
+        smooth_model(model, calib, [0.5, 2.0], config=MXFP4BlockRotConfig())
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+
+    chosen = smooth_model(model, calib, SMOOTHING_ALPHA_GRID, config=MXFP4BlockRotConfig())
+    with torch.no_grad():
+        assert _max_rel_err(model(ids).logits, fp) <= 1e-4
+    for name, key in (("attention", "model.layers.0.self_attn.q_proj"), ("down_proj", "model.layers.0.mlp.down_proj")):
+        alpha, _ = chosen[key]
+        errors = expected[name]
+        assert alpha in SMOOTHING_ALPHA_GRID
+        # the reference's least error, up to float32-vs-float64 rounding flipping a few FP4 roundings
+        assert errors[alpha] <= min(errors.values()) * 1.01, (name, alpha, errors)
+    # the searched alphas differ between groups (not one global value)
+    assert len({a for a, _ in chosen.values()}) > 1

@@ -16,24 +16,41 @@ input channel sets the shared exponent of its 32-block (after a block Hadamard, 
 values) and buries the other 31 channels under the FP4 step; dividing it by ``s_j`` moves part of that
 range into ``W``'s column, whose quantization error GPTQ then corrects. Measured in docs/results.md.
 
+With a quantization ``config`` and a grid of alphas, :func:`smooth_model` chooses alpha per group
+instead (the grid search of AWQ, arXiv 2306.00978, with SmoothQuant's scales): the one minimising
+``sum_readers ||Q(W diag(s)) applied to Q(x / s) - W x||^2`` on a subsample of the group's calibration
+inputs, where ``Q`` is what ``config`` does to the linear (its rotation, weight and activation MXFP4).
+The groups are independent (smoothing keeps the full-precision function, so every group's inputs are
+those of the original model), so one pass over the calibration data serves them all.
+
 The full-precision model computes the same function after smoothing, up to float rounding.
 """
 
+import copy
 import logging
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
+from torchao.core.config import AOBaseConfig
+from torchao.quantization import quantize_
 
 from ..architectures import check_supported, decoder_layers
 from ..rotation.fusion import attention_readers, mlp_readers, norm_weight_offset
 from .data import check_calibration_ids, check_real
 
-__all__ = ["DEFAULT_SMOOTHING_ALPHA", "smooth_model", "smoothing_groups", "smoothing_scales"]
+__all__ = [
+    "DEFAULT_SMOOTHING_ALPHA", "SMOOTHING_ALPHA_GRID", "smooth_model", "smoothed_group_error", "smoothing_groups",
+    "smoothing_scales",
+]
 
 logger = logging.getLogger(__name__)
 
 # SmoothQuant's default migration strength; 0.5 measured best on SmolLM2-135M (docs/results.md).
 DEFAULT_SMOOTHING_ALPHA = 0.5
+# The per-group search's alphas (alpha 0 still moves range: s = 1 / max|W_:j|).
+SMOOTHING_ALPHA_GRID = tuple(i / 10 for i in range(11))
+# Calibration tokens per group the search measures its error on (spread evenly over the calibration set).
+SEARCH_TOKENS = 2048
 
 
 def smoothing_scales(x_absmax: torch.Tensor, w_absmax: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -84,10 +101,34 @@ def _fold(readers: List[torch.nn.Linear], producer, s: torch.Tensor, offset: flo
 
 
 @torch.no_grad()
-def smooth_model(model: torch.nn.Module, calib_ids: torch.Tensor, alpha: float = DEFAULT_SMOOTHING_ALPHA) -> Dict[str, torch.Tensor]:
+def smoothed_group_error(readers: List[torch.nn.Linear], x: torch.Tensor, s: torch.Tensor, config: AOBaseConfig) -> float:
+    """``sum_readers ||Q_s(x / s) - lin(x)||^2``: the output error of the group's linears when their
+    input is divided by ``s`` and their weight columns multiplied by it, then quantized by ``config``
+    (``quantize_`` of a copy: the same rotation, scale rules and activation quantization the method uses)."""
+    x = x.to(torch.float32)
+    xs = (x.to(torch.float64) / s).to(torch.float32)
+    error = 0.0
+    for lin in readers:
+        quantized = torch.nn.Sequential(copy.deepcopy(lin))
+        quantized[0].weight.copy_((lin.weight.to(torch.float64) * s).to(lin.weight.dtype))
+        quantize_(quantized, config)
+        diff = quantized(xs.to(lin.weight.dtype)).to(torch.float64) - torch.nn.functional.linear(x, lin.weight.float(), None if lin.bias is None else lin.bias.float()).to(torch.float64)
+        error += float(diff.pow(2).sum())
+    return error
+
+
+@torch.no_grad()
+def smooth_model(
+    model: torch.nn.Module,
+    calib_ids: torch.Tensor,
+    alpha: Union[float, Sequence[float]] = DEFAULT_SMOOTHING_ALPHA,
+    config: Optional[AOBaseConfig] = None,
+) -> Dict[str, Tuple[float, torch.Tensor]]:
     """Fold SmoothQuant scales (module docstring) into every decoder layer of ``model`` in place, from
     the per-channel maxima of the linears' inputs on ``calib_ids [n, L]`` (one forward pass of the
-    full-precision model per sample). Returns ``{fqn of the group's first linear: s}``.
+    full-precision model per sample). ``alpha``: one migration strength for every group, or a grid
+    (e.g. :data:`SMOOTHING_ALPHA_GRID`) searched per group for the least output error under the
+    quantization ``config`` (required then). Returns ``{fqn of the group's first linear: (alpha, s)}``.
 
     Supported: the decoders whose norms feed only linears (:func:`~torchao_mx_ext.architectures.check_supported`);
     others (MoE, Gemma 2/3) are refused before anything changes."""
@@ -95,18 +136,30 @@ def smooth_model(model: torch.nn.Module, calib_ids: torch.Tensor, alpha: float =
         check_supported(model)
     except NotImplementedError as e:  # the same layouts as model-level rotation fusion: say so for smoothing
         raise NotImplementedError(f"smoothing folds into the decoder's norms like model-level rotation: {e}") from None
-    alpha = check_real(alpha, "alpha", low=0, high=1)
+    search = not isinstance(alpha, (int, float, torch.Tensor))
+    if search:
+        alphas = [check_real(a, "alpha", low=0, high=1) for a in alpha]
+        if not alphas:
+            raise ValueError("alpha: an empty grid")
+        if not isinstance(config, AOBaseConfig):
+            raise TypeError(f"searching alpha over a grid needs the quantization config it is judged by, got config={config!r}")
+    else:
+        alphas = [check_real(alpha, "alpha", low=0, high=1)]
     calib_ids = check_calibration_ids(model, calib_ids, "smooth_model")
     layers = decoder_layers(model, "smoothing")
     groups = [smoothing_groups(layer) for layer in layers]
     maxima: Dict[Tuple[int, str], torch.Tensor] = {}
+    samples: Dict[Tuple[int, str], List[torch.Tensor]] = {}
+    step = max(1, calib_ids.numel() // SEARCH_TOKENS)  # every step-th token: spread over the calibration set
     hooks = []
     for i, layer_groups in enumerate(groups):
         for name, readers, _ in layer_groups:
             def hook(module, args, key=(i, name)):
-                x = args[0].detach()
-                m = x.reshape(-1, x.shape[-1]).abs().amax(0).to(torch.float64)
+                x = args[0].detach().reshape(-1, args[0].shape[-1])
+                m = x.abs().amax(0).to(torch.float64)
                 maxima[key] = m if key not in maxima else torch.maximum(maxima[key], m)
+                if search:
+                    samples.setdefault(key, []).append(x[::step].clone())
 
             hooks.append(readers[0].register_forward_pre_hook(hook))
     try:
@@ -117,11 +170,20 @@ def smooth_model(model: torch.nn.Module, calib_ids: torch.Tensor, alpha: float =
             h.remove()
     offset = norm_weight_offset(model)
     names = {m: n for n, m in model.named_modules()}
-    scales = {}
+    chosen = {}
     for i, layer_groups in enumerate(groups):
         for name, readers, producer in layer_groups:
             w_absmax = torch.cat([lin.weight.detach().to(torch.float64) for lin in readers]).abs().amax(0)
-            s = smoothing_scales(maxima[(i, name)], w_absmax, alpha)
+            candidates = [(a, smoothing_scales(maxima[(i, name)], w_absmax, a)) for a in alphas]
+            if search:
+                x = torch.cat(samples.pop((i, name)))
+                errors = [smoothed_group_error(readers, x, s, config) for _, s in candidates]
+                best, s = candidates[min(range(len(errors)), key=errors.__getitem__)]
+            else:
+                best, s = candidates[0]
             _fold(readers, producer, s, offset)
-            scales[names[readers[0]]] = s
-    return scales
+            chosen[names[readers[0]]] = (best, s)
+    if search:
+        picked = [a for a, _ in chosen.values()]
+        logger.info("smoothing alpha per group (searched over %s): %s", alphas, {a: picked.count(a) for a in sorted(set(picked))})
+    return chosen
