@@ -371,17 +371,18 @@ def run_compare(args) -> dict:
 
 def format_table(report: dict) -> str:
     fp = report["methods"].get("fp", {}).get("ppl")
+    width = max([24, *map(len, report["methods"])])
     lines = [
         f"model {report['model']}  |  WikiText-2 raw test, {report['settings']['eval_windows']} x "
         f"{report['settings']['seq_len']} tokens  |  {'weight-only' if report['settings']['weight_only'] else 'W4A4'} MXFP4",
-        f"{'method':<24} {'ppl':>10} {'x fp':>7} {'spread':>8} {'wall s':>8} {'quant s':>8} {'peak MB':>9}",
+        f"{'method':<{width}} {'ppl':>10} {'x fp':>7} {'spread':>8} {'wall s':>8} {'quant s':>8} {'peak MB':>9}",
     ]
     for key, r in report["methods"].items():
         ratio = f"{r['ppl'] / fp:.2f}" if fp else "-"
         spread = f"{r['ppl_std']:.2f}" if "ppl_std" in r else ""
         quant = f"{r['quantize_s']:.1f}" if "quantize_s" in r else "-"
         lines.append(
-            f"{key:<24} {r['ppl']:>10.3f} {ratio:>7} {spread:>8} {r['wall_s']:>8.1f} {quant:>8} {r['peak_mem_mb']:>9.0f}"
+            f"{key:<{width}} {r['ppl']:>10.3f} {ratio:>7} {spread:>8} {r['wall_s']:>8.1f} {quant:>8} {r['peak_mem_mb']:>9.0f}"
         )
     return "\n".join(lines)
 
