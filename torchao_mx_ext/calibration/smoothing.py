@@ -112,8 +112,9 @@ def smoothed_group_error(readers: List[torch.nn.Linear], x: torch.Tensor, s: tor
         quantized = torch.nn.Sequential(copy.deepcopy(lin))
         quantized[0].weight.copy_((lin.weight.to(torch.float64) * s).to(lin.weight.dtype))
         quantize_(quantized, config)
-        diff = quantized(xs.to(lin.weight.dtype)).to(torch.float64) - torch.nn.functional.linear(x, lin.weight.float(), None if lin.bias is None else lin.bias.float()).to(torch.float64)
-        error += float(diff.pow(2).sum())
+        bias = None if lin.bias is None else lin.bias.float()
+        reference = torch.nn.functional.linear(x, lin.weight.float(), bias).to(torch.float64)
+        error += float((quantized(xs.to(lin.weight.dtype)).to(torch.float64) - reference).pow(2).sum())
     return error
 
 
