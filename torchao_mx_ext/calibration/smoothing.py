@@ -20,8 +20,10 @@ With a quantization ``config`` and a grid of alphas, :func:`smooth_model` choose
 instead (the grid search of AWQ, arXiv 2306.00978, with SmoothQuant's scales): the one minimising
 ``sum_readers ||Q(W diag(s)) applied to Q(x / s) - W x||^2`` on a subsample of the group's calibration
 inputs, where ``Q`` is what ``config`` does to the linear (its rotation, weight and activation MXFP4).
-The groups are independent (smoothing keeps the full-precision function, so every group's inputs are
-those of the original model), so one pass over the calibration data serves them all.
+The groups' inputs are independent (smoothing keeps the full-precision function, so every group's
+inputs are those of the original model), so one pass over the calibration data serves them all. One
+approximation: the MLP group is judged with up_proj's rows as they are before the down_proj group
+divides them by its own ``s`` (a per-row factor, which moves the rows' MXFP4 scales, not their shape).
 
 The full-precision model computes the same function after smoothing, up to float rounding.
 """
