@@ -23,7 +23,7 @@ inputs, where ``Q`` is what ``config`` does to the linear (its rotation, weight 
 The groups' inputs are independent (smoothing keeps the full-precision function, so every group's
 inputs are those of the original model), so one pass over the calibration data serves them all. One
 approximation: the MLP group is judged with up_proj's rows as they are before the down_proj group
-divides them by its own ``s`` (a per-row factor, which moves the rows' MXFP4 scales, not their shape).
+divides them by its own ``s`` (a factor per row: it changes only how those rows round to MXFP4).
 
 The full-precision model computes the same function after smoothing, up to float rounding.
 """
