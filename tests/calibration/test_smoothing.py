@@ -154,3 +154,29 @@ def test_alpha_search_picks_the_least_quantization_error_per_group():
         assert errors[alpha] <= min(errors.values()) * 1.01, (name, alpha, errors)
     # the searched alphas differ between groups (not one global value)
     assert len({a for a, _ in chosen.values()}) > 1
+
+
+def test_default_recipe_saves_and_reloads_bit_exactly(tmp_path):
+    """The W4A4 default (smoothing + GPTAQ on the block Hadamard) through our ``save_pretrained`` and
+    transformers' ``from_pretrained``: the smoothed norms and the MXFP4 codes come back, the logits equal."""
+    from transformers import AutoModelForCausalLM
+
+    from torchao_mx_ext.hf import save_pretrained
+    from torchao_mx_ext.recipes import DEFAULT_METHOD
+
+    torch.manual_seed(0)
+    model = _randomise_norms(MODELS["llama"]()).eval()
+    original_norm = model.model.layers[0].input_layernorm.weight.detach().clone()
+    quantize_model(model, torch.randint(3, 96, (4, 32)))  # the default method
+    assert DEFAULT_METHOD.startswith("smooth+")
+    assert not torch.equal(model.model.layers[0].input_layernorm.weight, original_norm)
+    reloaded = AutoModelForCausalLM.from_pretrained(save_pretrained(model, tmp_path / "q", quant_config=None)).eval()
+    ids = torch.randint(3, 96, (2, 24))
+    for (name, p), (name2, q) in zip(model.state_dict().items(), reloaded.state_dict().items()):
+        assert name == name2
+        if hasattr(p, "qdata"):
+            assert torch.equal(p.qdata, q.qdata) and torch.equal(p.scale, q.scale), name
+        else:
+            assert torch.equal(p, q), name
+    with torch.no_grad():
+        assert torch.equal(reloaded(ids).logits, model(ids).logits)
