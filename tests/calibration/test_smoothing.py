@@ -11,20 +11,21 @@ from torchao_mx_ext.configs import MXFP4BlockRotConfig
 from torchao_mx_ext.recipes import METHODS, quantize_model
 
 from reference import ref_fake_quantize, ref_hadamard
-from rotation.test_fusion import MODELS, REFUSED, SMALL, _max_rel_err, _randomise_biases, _randomise_norms
+from checkpoint_checks import assert_same_weights
+from decoder_families import MODELS, REFUSED, SMALL, max_rel_err, randomise_biases, randomise_norms
 
 
 @pytest.mark.parametrize("arch", list(MODELS))
 def test_smoothing_keeps_the_fp_model(arch):
     torch.manual_seed(0)
-    model = _randomise_biases(_randomise_norms(MODELS[arch]())).eval()  # Granite: biases on up_proj too
+    model = randomise_biases(randomise_norms(MODELS[arch]())).eval()  # Granite: biases on up_proj too
     ids = torch.randint(3, 96, (2, 24))
     with torch.no_grad():
         ref = model(ids).logits
         before = {n: p.clone() for n, p in model.named_parameters()}
         scales = smooth_model(model, torch.randint(3, 96, (3, 16)), alpha=0.5)
         out = model(ids).logits
-    assert _max_rel_err(out, ref) <= 1e-4
+    assert max_rel_err(out, ref) <= 1e-4
     assert len(scales) == 3 * SMALL["num_hidden_layers"]
     assert all(a == 0.5 and bool((s > 0).all()) and not torch.allclose(s, torch.ones_like(s)) for a, s in scales.values())
     changed = [n for n, p in model.named_parameters() if not torch.equal(p, before[n])]
@@ -67,7 +68,7 @@ def test_smooth_block_rot_lowers_w4a4_error_with_a_massive_channel():
     the block rotation lowers the W4A4 logits error against the fp model."""
     def build():
         torch.manual_seed(0)
-        model = _randomise_norms(MODELS["llama"]()).eval()
+        model = randomise_norms(MODELS["llama"]()).eval()
         with torch.no_grad():
             for layer in model.model.layers:
                 layer.post_attention_layernorm.weight[5] = 60.0
@@ -112,7 +113,7 @@ def test_alpha_search_picks_the_least_quantization_error_per_group():
     """With a grid, each group gets the alpha whose block-rot W4A4 output error (float64 reference
     quantizer) is least; the fp model is unchanged; a grid needs a config."""
     torch.manual_seed(0)
-    model = _randomise_norms(MODELS["llama"]()).eval()
+    model = randomise_norms(MODELS["llama"]()).eval()
     with torch.no_grad():
         model.model.layers[0].input_layernorm.weight[40] = 60.0
     calib = torch.randint(3, 96, (4, 32))
@@ -145,7 +146,7 @@ def test_alpha_search_picks_the_least_quantization_error_per_group():
 
     chosen = smooth_model(model, calib, SMOOTHING_ALPHA_GRID, config=MXFP4BlockRotConfig())
     with torch.no_grad():
-        assert _max_rel_err(model(ids).logits, fp) <= 1e-4
+        assert max_rel_err(model(ids).logits, fp) <= 1e-4
     for name, key in (("attention", "model.layers.0.self_attn.q_proj"), ("down_proj", "model.layers.0.mlp.down_proj")):
         alpha, _ = chosen[key]
         errors = expected[name]
@@ -165,18 +166,13 @@ def test_default_recipe_saves_and_reloads_bit_exactly(tmp_path):
     from torchao_mx_ext.recipes import DEFAULT_METHOD
 
     torch.manual_seed(0)
-    model = _randomise_norms(MODELS["llama"]()).eval()
+    model = randomise_norms(MODELS["llama"]()).eval()
     original_norm = model.model.layers[0].input_layernorm.weight.detach().clone()
     quantize_model(model, torch.randint(3, 96, (4, 32)))  # the default method
     assert DEFAULT_METHOD.startswith("smooth+")
     assert not torch.equal(model.model.layers[0].input_layernorm.weight, original_norm)
     reloaded = AutoModelForCausalLM.from_pretrained(save_pretrained(model, tmp_path / "q", quant_config=None)).eval()
     ids = torch.randint(3, 96, (2, 24))
-    for (name, p), (name2, q) in zip(model.state_dict().items(), reloaded.state_dict().items()):
-        assert name == name2
-        if hasattr(p, "qdata"):
-            assert torch.equal(p.qdata, q.qdata) and torch.equal(p.scale, q.scale), name
-        else:
-            assert torch.equal(p, q), name
+    assert_same_weights(model, reloaded)
     with torch.no_grad():
         assert torch.equal(reloaded(ids).logits, model(ids).logits)

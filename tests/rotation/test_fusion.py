@@ -1,70 +1,19 @@
 import pytest
 import torch
-from transformers import (
-    Gemma2Config, Gemma2ForCausalLM, Gemma3ForCausalLM, Gemma3TextConfig, GemmaConfig, GemmaForCausalLM,
-    GraniteConfig, GraniteForCausalLM, LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM,
-    Phi3Config, Phi3ForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM,
-)
 
 from torchao_mx_ext.architectures import decoder_layers, high_precision_modules
 from torchao_mx_ext.rotation.fusion import (
     block_diagonal, fold_rms_norms, fuse_rotations, head_dim_of, norm_weight_offset, value_rows,
 )
 
-SMALL = dict(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-             num_key_value_heads=2, max_position_embeddings=64)
-
-
-def _randomise_norms(model):
-    # trained models have non-unit norm weights; random init has ones, which would hide a folding bug
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.copy_(1 + 0.5 * torch.randn_like(p))
-    return model
-
-
-def _randomise_biases(model):
-    # biases start at zero; a non-zero one checks that output rotations rotate it too
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith(".bias"):
-                p.normal_()
-    return model
-
-
-IDS = dict(pad_token_id=0, bos_token_id=1, eos_token_id=2)  # Phi-3's defaults (32000) exceed the small vocab
-MODELS = {
-    "llama": lambda: LlamaForCausalLM(LlamaConfig(**SMALL, tie_word_embeddings=True)),
-    "mistral": lambda: MistralForCausalLM(MistralConfig(**SMALL)),
-    "qwen2": lambda: Qwen2ForCausalLM(Qwen2Config(**SMALL, tie_word_embeddings=True)),
-    "qwen3": lambda: Qwen3ForCausalLM(Qwen3Config(**SMALL, head_dim=32)),
-    # fused qkv_proj / gate_up_proj; tied and partial rotary as in Phi-4-mini
-    "phi3": lambda: Phi3ForCausalLM(Phi3Config(**SMALL, **IDS, tie_word_embeddings=True, partial_rotary_factor=0.5)),
-    # scalar multipliers of the size Granite 3 uses, and biases on every linear
-    "granite": lambda: GraniteForCausalLM(GraniteConfig(
-        **SMALL, embedding_multiplier=12.0, residual_multiplier=0.22, attention_multiplier=0.0078125,
-        logits_scaling=8.0, attention_bias=True, mlp_bias=True,
-    )),
-    # norms scale by 1 + w, embeddings by sqrt(hidden), tied, one KV head, head_dim * heads != hidden
-    "gemma": lambda: GemmaForCausalLM(GemmaConfig(**{**SMALL, "num_key_value_heads": 1}, head_dim=32)),
-}
-# decoders whose post-sublayer norms no residual-stream rotation passes (architectures.UNFUSABLE_ARCHITECTURES)
-REFUSED = {
-    "gemma2": lambda: Gemma2ForCausalLM(Gemma2Config(**SMALL, head_dim=32)),
-    "gemma3": lambda: Gemma3ForCausalLM(Gemma3TextConfig(**{**SMALL, "num_key_value_heads": 1}, head_dim=32)),
-}
-
-
-def _max_rel_err(a, b):
-    return ((a - b).abs().max() / b.abs().max()).item()
+from decoder_families import MODELS, REFUSED, SMALL, max_rel_err, randomise_biases, randomise_norms
 
 
 @pytest.mark.parametrize("arch", list(MODELS))
 @pytest.mark.parametrize("block", [None, 32])
 def test_fused_rotations_keep_the_fp_model_exact(arch, block):
     torch.manual_seed(0)
-    model = _randomise_biases(_randomise_norms(MODELS[arch]())).eval()  # Qwen2: q/k/v biases; Granite: all
+    model = randomise_biases(randomise_norms(MODELS[arch]())).eval()  # Qwen2: q/k/v biases; Granite: all
     ids = torch.randint(0, 96, (2, 24))
     with torch.no_grad():
         ref = model(ids).logits
@@ -72,7 +21,7 @@ def test_fused_rotations_keep_the_fp_model_exact(arch, block):
         r2 = block_diagonal("random_hadamard", head_dim_of(model), block, 2)
         fuse_rotations(model, r1, r2)
         out = model(ids).logits
-    assert _max_rel_err(out, ref) <= 1e-4
+    assert max_rel_err(out, ref) <= 1e-4
     assert model.lm_head.weight.data_ptr() != model.model.embed_tokens.weight.data_ptr()
     unit = 1 - norm_weight_offset(model)  # the weight of an unscaled norm: 1, or 0 where it scales by 1 + w
     norms = [m for layer in model.model.layers for m in (layer.input_layernorm, layer.post_attention_layernorm)]
@@ -98,7 +47,7 @@ def test_fusion_exact_on_real_models(alias, vocab, r1, r2):
     with torch.no_grad():
         ref = model(ids).logits
         fuse_rotations(model, block_diagonal(*r1, None, 0), block_diagonal(*r2, None, 1))
-        assert _max_rel_err(model(ids).logits, ref) <= 1e-4
+        assert max_rel_err(model(ids).logits, ref) <= 1e-4
 
 
 def test_unsupported_architecture_is_a_clear_error():
@@ -134,8 +83,8 @@ def test_post_sublayer_norm_does_not_commute_with_a_rotation():
 
     want, got = (unit(x) * s) @ r1, unit(x @ r1)
     best = (want * got).sum(0) / got.pow(2).sum(0)  # the per-channel scale s' minimising |got * s' - want|
-    assert _max_rel_err(got * best, want) > 0.2  # 0.41 here; exact fusion would give ~1e-16
-    assert _max_rel_err(unit(x @ r1) * 1.7, (unit(x) * 1.7) @ r1) < 1e-12  # a constant scale commutes
+    assert max_rel_err(got * best, want) > 0.2  # 0.41 here; exact fusion would give ~1e-16
+    assert max_rel_err(unit(x @ r1) * 1.7, (unit(x) * 1.7) @ r1) < 1e-12  # a constant scale commutes
 
 
 @pytest.mark.parametrize("arch", ["phi3", "granite", "gemma", *REFUSED])
@@ -161,13 +110,13 @@ def test_wrong_rotation_shape_is_a_clear_error():
 
 def test_per_layer_r2_is_exact_and_checked():
     torch.manual_seed(0)
-    model = _randomise_norms(MODELS["llama"]()).eval()
+    model = randomise_norms(MODELS["llama"]()).eval()
     ids = torch.randint(0, 96, (1, 16))
     with torch.no_grad():
         ref = model(ids).logits
         r2s = [block_diagonal("random_hadamard", 16, None, s) for s in (3, 4)]
         fused = fuse_rotations(model, block_diagonal("hadamard", 64, 32, 0), r2s)
-        assert _max_rel_err(model(ids).logits, ref) <= 1e-4
+        assert max_rel_err(model(ids).logits, ref) <= 1e-4
     assert len(fused.r2) == 2 and not torch.equal(fused.r2[0], fused.r2[1])
     with pytest.raises(ValueError, match="one R2 per layer"):
         fuse_rotations(MODELS["llama"](), torch.eye(64), [torch.eye(16)])
