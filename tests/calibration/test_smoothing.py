@@ -142,6 +142,8 @@ def test_alpha_search_picks_the_least_quantization_error_per_group():
         smooth_model(model, calib, SMOOTHING_ALPHA_GRID)
     with pytest.raises(ValueError, match="alpha"):
         smooth_model(model, calib, [0.5, 2.0], config=MXFP4BlockRotConfig())
+    with pytest.raises(ValueError, match="ignored"):
+        smooth_model(model, calib, 0.5, config=MXFP4BlockRotConfig())
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
 
     chosen = smooth_model(model, calib, SMOOTHING_ALPHA_GRID, config=MXFP4BlockRotConfig())

@@ -147,6 +147,8 @@ def smooth_model(
         if not isinstance(config, AOBaseConfig):
             raise TypeError(f"searching alpha over a grid needs the quantization config it is judged by, got config={config!r}")
     else:
+        if config is not None:
+            raise ValueError("config judges a grid of alphas; with one alpha it would be ignored: pass a grid or no config")
         alphas = [check_real(alpha, "alpha", low=0, high=1)]
     calib_ids = check_calibration_ids(model, calib_ids, "smooth_model")
     layers = decoder_layers(model, "smoothing")
