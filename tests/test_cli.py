@@ -142,6 +142,28 @@ def test_merge_joins_one_method_per_run_reports(tmp_path, capsys):
     assert "global-rot" in capsys.readouterr().out
 
 
+def test_merge_joins_runs_of_one_method_on_different_seeds(tmp_path):
+    # Seeds run one per process (in the background, one JSON each) must merge into what one run over
+    # all of them reports: the same per-seed perplexities, their mean and their sample spread.
+    whole = _run(tmp_path, "s012.json", "--methods", "fp,global-rot", "--seeds", "0,1,2")["methods"]["global-rot"]
+    _run(tmp_path, "s0.json", "--methods", "fp,global-rot", "--seeds", "0")
+    _run(tmp_path, "s21.json", "--methods", "global-rot", "--seeds", "2,1")
+    out = tmp_path / "all.json"
+    assert main(["merge", str(tmp_path / "s0.json"), str(tmp_path / "s21.json"), "--json", str(out)]) == 0
+    merged = json.loads(out.read_text())
+    joined = merged["methods"]["global-rot"]
+    assert list(joined["ppl_per_seed"]) == ["0", "1", "2"]
+    assert joined["ppl_per_seed"] == pytest.approx(whole["ppl_per_seed"], rel=1e-9)
+    ppls = list(whole["ppl_per_seed"].values())
+    mean = sum(ppls) / 3
+    assert joined["ppl"] == pytest.approx(mean, rel=1e-9)
+    assert joined["ppl_std"] == pytest.approx((sum((p - mean) ** 2 for p in ppls) / 2) ** 0.5, rel=1e-9)
+    assert merged["settings"]["seeds"] == [0, 1, 2] and list(merged["methods"]) == ["fp", "global-rot"]
+    # the same seed twice is one measurement counted twice: refused
+    with pytest.raises(SystemExit, match="seed"):
+        main(["merge", str(tmp_path / "s0.json"), str(tmp_path / "s012.json")])
+
+
 def test_merge_refuses_reports_that_do_not_belong_together(tmp_path):
     _run(tmp_path, "fp.json", "--methods", "fp")
     _run(tmp_path, "fp3.json", "--methods", "fp", "--eval-windows", "3")  # the later flag wins

@@ -13,7 +13,8 @@ and peak memory, prints a table and writes JSON::
 Methods with a random component (``global-rot``, ``quarot``) run once per seed and report the mean
 with the spread (``ppl_std``, ``ppl_per_seed``). ``quantize_s`` is the part of ``wall_s`` spent quantizing
 (calibration included). ``merge`` joins ``compare`` reports of one setting (e.g. one method per run, so a
-long run keeps every finished method) into one table.
+long run keeps every finished method) into one table, and runs of one method on different seeds into
+one entry over all their seeds.
 """
 
 import argparse
@@ -391,11 +392,45 @@ def format_table(report: dict) -> str:
 _MERGE_FREE_SETTINGS = ("seeds", "calibration", "threads")
 
 
+# Per-seed means in a report entry (the rest must agree between the runs of one method).
+_PER_SEED_FIELDS = ("ppl", "ppl_std", "ppl_per_seed", "wall_s", "quantize_s", "peak_mem_mb")
+
+
+def _join_seeds(key: str, a: dict, b: dict) -> dict:
+    """One entry from two runs of the same method on different seeds (``--seeds 0`` in one run, ``--seeds
+    1,2`` in another): the same mean, spread and per-run means that one ``--seeds 0,1,2`` run writes.
+    Anything else is one method reported twice, and refused."""
+    if "ppl_per_seed" not in a or "ppl_per_seed" not in b:
+        raise ValueError(f"method {key!r} appears in more than one report (without seeds to join)")
+    shared = sorted(set(a["ppl_per_seed"]) & set(b["ppl_per_seed"]), key=int)
+    if shared:
+        raise ValueError(f"method {key!r}: seed(s) {', '.join(shared)} appear in more than one report")
+    rest = lambda e: {k: v for k, v in e.items() if k not in _PER_SEED_FIELDS}  # noqa: E731
+    if rest(a) != rest(b):
+        raise ValueError(f"method {key!r}: the runs differ beyond their seeds ({rest(a)} vs {rest(b)})")
+    per_seed = dict(sorted({**a["ppl_per_seed"], **b["ppl_per_seed"]}.items(), key=lambda kv: int(kv[0])))
+    ppls, na, nb = list(per_seed.values()), len(a["ppl_per_seed"]), len(b["ppl_per_seed"])
+    joined = dict(a)
+    joined.update(
+        ppl=statistics.fmean(ppls),
+        ppl_std=statistics.stdev(ppls),
+        ppl_per_seed=per_seed,
+        wall_s=(a["wall_s"] * na + b["wall_s"] * nb) / (na + nb),
+        peak_mem_mb=max(a["peak_mem_mb"], b["peak_mem_mb"]),
+    )
+    if "quantize_s" in a and "quantize_s" in b:
+        joined["quantize_s"] = (a["quantize_s"] * na + b["quantize_s"] * nb) / (na + nb)
+    return joined
+
+
 def merge_reports(reports: List[dict]) -> dict:
-    """One ``compare`` report from several of the same model and setting (methods in the given order).
+    """One ``compare`` report from several of the same model and setting (methods in the order they
+    first appear). Runs of one seeded method on different seeds are joined into one entry: the mean,
+    spread and per-seed perplexities of a single run over all those seeds.
 
     Raises ``ValueError`` when the models or settings differ (beyond seeds, threads, and calibration of
-    reports without calibrated methods), when a method appears twice, or when a report is unfinished.
+    reports without calibrated methods), when a method appears twice without seeds to join (or with a
+    seed twice), or when a report is unfinished.
     """
     if not reports:
         raise ValueError("nothing to merge")
@@ -410,9 +445,7 @@ def merge_reports(reports: List[dict]) -> dict:
         if r["model"] != first["model"] or fixed(r) != fixed(first):
             raise ValueError(f"cannot merge: model/settings differ ({r['model']}: {fixed(r)} vs {fixed(first)})")
         for key, entry in r["methods"].items():
-            if key in merged["methods"]:
-                raise ValueError(f"method {key!r} appears in more than one report")
-            merged["methods"][key] = entry
+            merged["methods"][key] = _join_seeds(key, merged["methods"][key], entry) if key in merged["methods"] else entry
         if r["settings"].get("calibration") is not None:
             calibrations.add(json.dumps(r["settings"]["calibration"], sort_keys=True))
         if any("ppl_per_seed" in entry for entry in r["methods"].values()):  # seeds used, not just given
