@@ -19,7 +19,7 @@ from torchao_mx_ext.kernels import cpu_mxfp4_dequantize, cpu_mxfp4_quantize
 from torchao_mx_ext.mx import mxfp4_fake_quantize
 from torchao_mx_ext.rotation import pad_and_rotate, rotation_block
 
-ISA_NAMES = {0: "scalar", 2: "avx512"}
+ISA_NAMES = {0: "scalar", 1: "avx2", 2: "avx512"}
 E2M1_GRID = [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0]
 
 kernel, isa = kernel_path_fixtures(cpu_mxfp4_quantize.set_isa, ISA_NAMES)
@@ -165,7 +165,11 @@ def test_linears_use_it_eager_and_compiled(monkeypatch, config, op):
     with torch.no_grad():
         eager = model(x)
         assert calls == [(12, 128), (12, 64)]  # the first input padded to the stored width
-        with torch._functorch.config.patch(enable_autograd_cache=False), torch._inductor.config.patch(fx_graph_cache=False):
+        # emulate_precision_casts, as tme.compile_model sets it: on CPUs without bf16 GEMMs the linears
+        # run in float32, and Inductor would otherwise drop the bf16 rounding between the two layers
+        with torch._functorch.config.patch(enable_autograd_cache=False), torch._inductor.config.patch(
+            fx_graph_cache=False, emulate_precision_casts=True
+        ):
             torch._dynamo.reset()
             compiled, code = run_and_get_code(torch.compile(model, fullgraph=True), x)
     torch.testing.assert_close(compiled, eager, atol=0, rtol=0)
@@ -197,17 +201,19 @@ def test_fused_rotation_within_the_float32_fma_bound(isa, b):
 
 @pytest.mark.parametrize("b", [16, 32, 48, 256])
 def test_fused_paths_bit_equal(b):
-    """The scalar and AVX-512 paths make the same FMA chains: the same bits, rotation and quantizer."""
-    if cpu_mxfp4_quantize.set_isa(None) < 2:
-        pytest.skip("this CPU has no AVX-512 path")
+    """The scalar, AVX2 and AVX-512 paths make the same FMA chains: the same bits, rotation and quantizer."""
+    best = cpu_mxfp4_quantize.set_isa(None)
+    if best < 1:
+        pytest.skip("this CPU has no SIMD path")
     gen = torch.Generator().manual_seed(3)
     x, rot = torch.randn(9, 3 * 256, generator=gen) * 4, random_rotation(b, 7)
     try:
         for rule in ("none", *cpu_mxfp4_quantize.RULES):
             cpu_mxfp4_quantize.set_isa(0)
             scalar = cpu_mxfp4_quantize.mxfp4_rotate_fake_quantize(x, rot, 32, rule)
-            cpu_mxfp4_quantize.set_isa(2)
-            assert torch.equal(cpu_mxfp4_quantize.mxfp4_rotate_fake_quantize(x, rot, 32, rule), scalar), rule
+            for level in range(1, best + 1):
+                assert cpu_mxfp4_quantize.set_isa(level) == level
+                assert torch.equal(cpu_mxfp4_quantize.mxfp4_rotate_fake_quantize(x, rot, 32, rule), scalar), (rule, level)
     finally:
         cpu_mxfp4_quantize.set_isa(None)
 

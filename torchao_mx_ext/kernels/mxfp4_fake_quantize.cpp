@@ -15,7 +15,7 @@
 // torchao_mx_ext::mxfp4_rotate_fake_quantize fuses the online block rotation in front of it:
 //   out = Q(x R)   with R = diag(b x b block, ...), b a multiple of 16 up to kMaxRotation,
 // each rotated value an FMA chain over the block's rows in order (y_j = fma(x_{b-1}, R_{b-1,j}, ...
-// fma(x_0, R_{0,j}, 0))), the same on the scalar and the AVX-512 path, so the two are bit-equal; against
+// fma(x_0, R_{0,j}, 0))), the same on the scalar, AVX2 and AVX-512 paths, so they are bit-equal; against
 // torch's matmul (x.view(..., b) @ R) only the float32 summation order differs. Scale rule "none":
 // the rotation alone (weight-only linears). One call instead of a rotation matmul and a quantizer call:
 // about 2.5-3x faster for one row (decode), the same at 512 rows (benchmarks/activation_quant_bench.py).
@@ -40,11 +40,12 @@ constexpr int kFloor = 0, kEven = 1, kRceil = 2, kMse = 3, kNone = 4;
 constexpr int64_t kMaxRotation = 256;
 constexpr int kMinExp = -127, kMaxExp = 127;
 
+using tme_cpu::kIsaAvx2;
 using tme_cpu::kIsaAvx512;
 using tme_cpu::kIsaScalar;
 std::atomic<int> g_isa_override{-1};
 
-int current_isa() { return tme_cpu::current_isa(g_isa_override, tme_cpu::has_avx512_bw() ? kIsaAvx512 : kIsaScalar); }
+int current_isa() { return tme_cpu::current_isa(g_isa_override, tme_cpu::has_avx512_bw() ? kIsaAvx512 : kIsaAvx2); }
 
 inline uint32_t bits_of(float f) {
   uint32_t b;
@@ -290,6 +291,120 @@ __attribute__((target(TME_FQ_TARGET))) void rows_avx512(const float* x, float* o
     }
   }
 }
+
+// ---------------------------------------------------------------------------------------------
+// AVX2 + FMA: the same operations as the AVX-512 path, 8 lanes at a time (blends for its masks).
+
+#define TME_FQ_AVX2_TARGET "avx2,fma"
+
+// round_e2m1(x * inv) * scale for 8 values.
+__attribute__((target(TME_FQ_AVX2_TARGET))) inline __m256 quantize8(__m256 x, __m256 inv, __m256 scale) {
+  const __m256 v = _mm256_mul_ps(x, inv);
+  const __m256 sign = _mm256_set1_ps(-0.0f);
+  const __m256 a = _mm256_andnot_ps(sign, v);
+  const __m256 below2 = _mm256_cmp_ps(a, _mm256_set1_ps(2.0f), _CMP_LT_OQ);
+  const __m256 below4 = _mm256_cmp_ps(a, _mm256_set1_ps(4.0f), _CMP_LT_OQ);
+  const __m256 spacing = _mm256_blendv_ps(_mm256_blendv_ps(_mm256_set1_ps(2.0f), _mm256_set1_ps(1.0f), below4), _mm256_set1_ps(0.5f), below2);
+  const __m256 inv_spacing = _mm256_blendv_ps(_mm256_blendv_ps(_mm256_set1_ps(0.5f), _mm256_set1_ps(1.0f), below4), _mm256_set1_ps(2.0f), below2);
+  const __m256 steps = _mm256_round_ps(_mm256_mul_ps(a, inv_spacing), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m256 q = _mm256_min_ps(_mm256_mul_ps(steps, spacing), _mm256_set1_ps(6.0f));
+  return _mm256_mul_ps(_mm256_or_ps(q, _mm256_and_ps(v, sign)), scale);
+}
+
+__attribute__((target(TME_FQ_AVX2_TARGET))) inline float hsum8(__m256 v) {
+  __m128 h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+  return _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h)));
+}
+
+// One block of B (a multiple of 8) values at exponent e into out; returns the float32 squared error.
+__attribute__((target(TME_FQ_AVX2_TARGET))) inline float block_avx2(const float* x, int64_t B, int e, float* out) {
+  const __m256 inv = _mm256_set1_ps(exp2_int(-e)), scale = _mm256_set1_ps(exp2_int(e));
+  __m256 err = _mm256_setzero_ps();
+  for (int64_t i = 0; i < B; i += 8) {
+    const __m256 xv = _mm256_loadu_ps(x + i);
+    const __m256 o = quantize8(xv, inv, scale);
+    _mm256_storeu_ps(out + i, o);
+    const __m256 d = _mm256_sub_ps(xv, o);
+    err = _mm256_fmadd_ps(d, d, err);
+  }
+  return hsum8(err);
+}
+
+// y = x R for G consecutive b-wide chunks, NV x 8 output columns from c0: the FMA chains of
+// rotate_chunk_scalar (the same bits), G x NV of them at a time to hide the FMA latency.
+template <int NV, int G>
+__attribute__((target(TME_FQ_AVX2_TARGET))) inline void rotate_chunks_avx2(const float* x, const float* R, int64_t b, int64_t c0, float* y) {
+  __m256 acc[G][NV];
+  for (int g = 0; g < G; ++g)
+    for (int v = 0; v < NV; ++v) acc[g][v] = _mm256_setzero_ps();
+  for (int64_t i = 0; i < b; ++i) {
+    __m256 r[NV];
+    for (int v = 0; v < NV; ++v) r[v] = _mm256_loadu_ps(R + i * b + c0 + 8 * v);
+    for (int g = 0; g < G; ++g) {
+      const __m256 xi = _mm256_set1_ps(x[g * b + i]);
+      for (int v = 0; v < NV; ++v) acc[g][v] = _mm256_fmadd_ps(xi, r[v], acc[g][v]);
+    }
+  }
+  for (int g = 0; g < G; ++g)
+    for (int v = 0; v < NV; ++v) _mm256_storeu_ps(y + g * b + c0 + 8 * v, acc[g][v]);
+}
+
+template <int NV, int G>
+__attribute__((target(TME_FQ_AVX2_TARGET))) inline void rotate_row_avx2(const float* x, int64_t K, const float* R, int64_t rb, float* y) {
+  int64_t c = 0;
+  for (; c + G * rb <= K; c += G * rb)
+    for (int64_t c0 = 0; c0 < rb; c0 += 8 * NV) rotate_chunks_avx2<NV, G>(x + c, R, rb, c0, y + c);
+  for (; c < K; c += rb)
+    for (int64_t c0 = 0; c0 < rb; c0 += 8 * NV) rotate_chunks_avx2<NV, 1>(x + c, R, rb, c0, y + c);
+}
+
+__attribute__((target(TME_FQ_AVX2_TARGET))) inline const float* rotated_row_avx2(const float* x, int64_t r, int64_t K, const float* R,
+                                                                                int64_t rb, float* dst) {
+  if (R == nullptr) return x + r * K;
+  if (rb % 32 == 0)
+    rotate_row_avx2<4, 2>(x + r * K, K, R, rb, dst);  // 8 accumulators, 4 rotation rows, 1 broadcast
+  else
+    rotate_row_avx2<2, 4>(x + r * K, K, R, rb, dst);
+  return dst;
+}
+
+__attribute__((target(TME_FQ_AVX2_TARGET))) void rows_avx2(const float* x, float* out, int64_t r0, int64_t r1, int64_t K, int64_t B,
+                                                           int rule, const float* R = nullptr, int64_t rb = 0) {
+  std::vector<float> up(rule == kNone ? 0 : B), rot(R != nullptr && rule != kNone ? K : 0);
+  const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
+  const __m256 fmax = _mm256_set1_ps(std::numeric_limits<float>::max());
+  for (int64_t r = r0; r < r1; ++r) {
+    if (rule == kNone) {
+      rotated_row_avx2(x, r, K, R, rb, out + r * K);
+      continue;
+    }
+    const float* xrow = rotated_row_avx2(x, r, K, R, rb, rot.data());
+    for (int64_t b = 0; b < K / B; ++b) {
+      const float* xb = xrow + b * B;
+      float* ob = out + r * K + b * B;
+      __m256 amax = _mm256_setzero_ps(), nonfinite = _mm256_setzero_ps();
+      for (int64_t i = 0; i < B; i += 8) {
+        const __m256 a = _mm256_and_ps(_mm256_loadu_ps(xb + i), abs_mask);
+        nonfinite = _mm256_or_ps(nonfinite, _mm256_cmp_ps(a, fmax, _CMP_NLE_UQ));  // NaN or Inf
+        amax = _mm256_max_ps(amax, a);
+      }
+      if (_mm256_movemask_ps(nonfinite)) {
+        for (int64_t i = 0; i < B; i += 8) _mm256_storeu_ps(ob + i, _mm256_set1_ps(std::numeric_limits<float>::quiet_NaN()));
+        continue;
+      }
+      __m128 m = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
+      m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+      m = _mm_max_ss(m, _mm_movehdup_ps(m));
+      const int e = shared_exponent(_mm_cvtss_f32(m), rule);
+      const float err = block_avx2(xb, B, e, ob);
+      if (rule == kMse) {
+        const int e_up = std::min(e + 1, kMaxExp);
+        if (block_avx2(xb, B, e_up, up.data()) < err) std::memcpy(ob, up.data(), B * sizeof(float));
+      }
+    }
+  }
+}
 #endif  // TME_X86_SIMD
 
 int rule_index(const std::string& rule, bool allow_none = false) {
@@ -317,6 +432,7 @@ at::Tensor mxfp4_fake_quantize(const at::Tensor& x, int64_t block_size, c10::str
   at::parallel_for(0, R, std::max<int64_t>(1, 8192 / K), [&](int64_t r0, int64_t r1) {
 #ifdef TME_X86_SIMD
     if (isa == kIsaAvx512) return rows_avx512(xc.data_ptr<float>(), out.data_ptr<float>(), r0, r1, K, block_size, rule);
+    if (isa == kIsaAvx2) return rows_avx2(xc.data_ptr<float>(), out.data_ptr<float>(), r0, r1, K, block_size, rule);
 #endif
     rows_scalar(xc.data_ptr<float>(), out.data_ptr<float>(), r0, r1, K, block_size, rule);
   });
@@ -349,13 +465,14 @@ at::Tensor mxfp4_rotate_fake_quantize(const at::Tensor& x, const at::Tensor& rot
   at::parallel_for(0, R, std::max<int64_t>(1, 8192 / (K * rb / 16)), [&](int64_t r0, int64_t r1) {
 #ifdef TME_X86_SIMD
     if (isa == kIsaAvx512) return rows_avx512(xc.data_ptr<float>(), out.data_ptr<float>(), r0, r1, K, block_size, rule, rc.data_ptr<float>(), rb);
+    if (isa == kIsaAvx2) return rows_avx2(xc.data_ptr<float>(), out.data_ptr<float>(), r0, r1, K, block_size, rule, rc.data_ptr<float>(), rb);
 #endif
     rows_scalar(xc.data_ptr<float>(), out.data_ptr<float>(), r0, r1, K, block_size, rule, rc.data_ptr<float>(), rb);
   });
   return out;
 }
 
-// Test hook: cap the code path (0 scalar, 2 AVX-512; -1 = best available). Returns the path now in use.
+// Test hook: cap the code path (0 scalar, 1 AVX2, 2 AVX-512; -1 = best available). Returns the path now in use.
 int64_t mxfp4_fake_quantize_set_isa(int64_t isa) {
   g_isa_override.store(static_cast<int>(isa));
   return current_isa();
