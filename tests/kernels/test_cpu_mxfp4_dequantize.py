@@ -153,7 +153,9 @@ def test_compiled_dense_route_calls_the_op_and_matches_eager(dense_route):
     quantize_(model, MXFP4BlockRotConfig())
     x = torch.randn(12, 100).bfloat16()
     torch._dynamo.reset()
-    with torch.no_grad():
+    # emulate_precision_casts, as tme.compile_model sets it: where the GEMM runs in float32 (CPUs
+    # without bf16 GEMMs), Inductor would otherwise drop the bf16 rounding between the two layers
+    with torch.no_grad(), torch._inductor.config.patch(emulate_precision_casts=True):
         eager = model(x)
         compiled, code = run_and_get_code(torch.compile(model, fullgraph=True), x)
     torch.testing.assert_close(compiled, eager, atol=0, rtol=0)

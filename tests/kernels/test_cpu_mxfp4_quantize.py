@@ -135,7 +135,7 @@ def test_errors_and_opcheck():
 
 
 def test_applies_and_the_fallback(monkeypatch):
-    monkeypatch.setattr(cpu_mxfp4_dequantize, "VECTORIZED", True)
+    monkeypatch.setattr(cpu_mxfp4_quantize, "VECTORIZED", True)
     x = torch.randn(4, 64)
     assert cpu_mxfp4_quantize.applies(x, 32, "mse")
     assert not cpu_mxfp4_quantize.applies(x, 32, "fp_quant")
@@ -143,8 +143,8 @@ def test_applies_and_the_fallback(monkeypatch):
     assert not cpu_mxfp4_quantize.applies(x.requires_grad_(), 32, "mse")  # no backward
     x = x.detach()
     assert torch.equal(cpu_mxfp4_quantize.fake_quantize(x, 32, "rceil", "emulated"), mxfp4_fake_quantize(x, 32, "rceil"))
-    monkeypatch.setattr(cpu_mxfp4_dequantize, "VECTORIZED", False)
-    assert not cpu_mxfp4_quantize.applies(x, 32, "mse")  # Inductor's kernel stays where it was measured faster
+    monkeypatch.setattr(cpu_mxfp4_quantize, "VECTORIZED", False)
+    assert not cpu_mxfp4_quantize.applies(x, 32, "mse")  # no SIMD path: Inductor's kernel stays
     assert torch.equal(cpu_mxfp4_quantize._fallback_mxfp4_fake_quantize(x, 32, "even"), mxfp4_fake_quantize(x, 32, "even"))
 
 
@@ -155,7 +155,8 @@ def test_applies_and_the_fallback(monkeypatch):
 def test_linears_use_it_eager_and_compiled(monkeypatch, config, op):
     from torch._inductor.utils import run_and_get_code
 
-    monkeypatch.setattr(cpu_mxfp4_dequantize, "VECTORIZED", True)
+    monkeypatch.setattr(cpu_mxfp4_dequantize, "VECTORIZED", True)  # W4A4 takes AVX-512's route, not the integer GEMM
+    monkeypatch.setattr(cpu_mxfp4_quantize, "VECTORIZED", True)
     calls = []
     real = getattr(cpu_mxfp4_quantize, op)
     monkeypatch.setattr(cpu_mxfp4_quantize, op, lambda *a: calls.append(a[0].shape) or real(*a))
@@ -274,8 +275,8 @@ def test_fused_fallback_without_the_library(monkeypatch):
 
 def test_rotate_and_quantize_routes(monkeypatch):
     """The fused call where it applies; the rotation matmul + quantizer for the ``emulated`` preference,
-    global (too wide) rotations, and CPUs without the vectorised decode; padding first either way."""
-    monkeypatch.setattr(cpu_mxfp4_dequantize, "VECTORIZED", True)
+    global (too wide) rotations, and CPUs without a SIMD path; padding first either way."""
+    monkeypatch.setattr(cpu_mxfp4_quantize, "VECTORIZED", True)
     calls = []
     real = cpu_mxfp4_quantize.mxfp4_rotate_fake_quantize
     monkeypatch.setattr(cpu_mxfp4_quantize, "mxfp4_rotate_fake_quantize", lambda *a: calls.append(a[3]) or real(*a))
@@ -294,7 +295,7 @@ def test_rotate_and_quantize_routes(monkeypatch):
                        cpu_mxfp4_quantize.fake_quantize(pad_and_rotate(xw, 512, wide), 32, "floor"))
     assert torch.equal(cpu_mxfp4_quantize.rotate_and_quantize(xw, 512, None, 32, None), xw)  # nothing to do
     assert calls == ["mse", "none"]
-    monkeypatch.setattr(cpu_mxfp4_dequantize, "VECTORIZED", False)
+    monkeypatch.setattr(cpu_mxfp4_quantize, "VECTORIZED", False)
     assert not cpu_mxfp4_quantize.rotation_applies(x, rot, 32, "mse")
     cpu_mxfp4_quantize.rotate_and_quantize(torch.randn(3, 128), 128, rot, 32, "mse")
     assert calls == ["mse", "none"]

@@ -13,9 +13,10 @@ block whose two candidates' squared errors agree to float32 rounding may take th
 
 The operator ``torch.ops.torchao_mx_ext.mxfp4_fake_quantize`` has a fake kernel (``torch.compile``
 and ``torch.export`` keep it as one call) and a pure-torch fallback that builds the C++ library
-(:mod:`.cpu_extension`) on its first call. Linears use it where the weight decode is vectorised too
-(:data:`.cpu_mxfp4_dequantize.VECTORIZED`, the AVX-512 CPUs it was measured on); elsewhere Inductor's
-fused kernel stays.
+(:mod:`.cpu_extension`) on its first call. Linears use it where it is vectorised (:data:`VECTORIZED`:
+AVX2 or AVX-512); elsewhere Inductor's fused kernel stays. On AVX2 CPUs W4A4 linears of more than a
+few rows take the integer GEMM, whose activation codes Inductor still makes, so there it serves decode
+steps and weight-only rotations.
 
 ``torch.ops.torchao_mx_ext.mxfp4_rotate_fake_quantize`` puts the online block rotation in the same pass:
 ``Q(pad(x) R)`` with ``R = diag(b x b block, ...)`` (``b`` a multiple of 16 up to
@@ -35,16 +36,19 @@ import torch
 
 from ..mx.quantize import mxfp4_fake_quantize as reference_mxfp4_fake_quantize
 from ..rotation.rotations import apply_block_rotation, pad_and_rotate
-from . import cpu_extension, cpu_mxfp4_dequantize
+from . import cpu_extension
 
 __all__ = [
-    "MAX_FUSED_ROTATION", "RULES", "applies", "fake_quantize", "mxfp4_fake_quantize", "mxfp4_rotate_fake_quantize",
+    "MAX_FUSED_ROTATION", "RULES", "VECTORIZED", "applies", "fake_quantize", "mxfp4_fake_quantize", "mxfp4_rotate_fake_quantize",
     "reference_mxfp4_fake_quantize", "rotate_and_quantize", "rotation_applies", "set_isa",
 ]
 
 OP = "torchao_mx_ext::mxfp4_fake_quantize"
 ROTATE_OP = "torchao_mx_ext::mxfp4_rotate_fake_quantize"
 RULES = ("floor", "even", "rceil", "mse")
+# Whether the kernel has a SIMD path here (AVX2 + FMA or AVX-512, by ATen's CPU capability, which also
+# picks the kernel's path). Read once at import, so compiled graphs see a constant.
+VECTORIZED = torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
 MAX_FUSED_ROTATION = 256  # the kernel's kMaxRotation; wider (global) rotations stay a library matmul
 
 _lib = torch.library.Library("torchao_mx_ext", "FRAGMENT")
@@ -81,9 +85,9 @@ def _fallback_mxfp4_rotate_fake_quantize(x, rotation, block_size, scale_rule):
 
 def applies(x: torch.Tensor, block_size: int, scale_rule: str) -> bool:
     """Whether :func:`fake_quantize` runs the kernel: a float32 CPU tensor whose width is a multiple
-    of ``block_size`` (a multiple of 32), a rule of :data:`RULES`, no gradient needed, the weight
-    decode vectorised here, and the C++ library not known to be unavailable."""
-    if not cpu_mxfp4_dequantize.VECTORIZED or x.device.type != "cpu" or x.dtype != torch.float32:
+    of ``block_size`` (a multiple of 32), a rule of :data:`RULES`, no gradient needed, the kernel
+    vectorised here (:data:`VECTORIZED`), and the C++ library not known to be unavailable."""
+    if not VECTORIZED or x.device.type != "cpu" or x.dtype != torch.float32:
         return False
     if scale_rule not in RULES or block_size % 32 or x.dim() == 0 or x.shape[-1] % block_size:
         return False
@@ -141,7 +145,7 @@ def fake_quantize(x: torch.Tensor, block_size: int, scale_rule: str, kernel_pref
 
 
 def set_isa(isa: int | None) -> int:
-    """Test hook: cap the kernel's code path (0 scalar, 2 AVX-512; ``None`` = the best the CPU and
+    """Test hook: cap the kernel's code path (0 scalar, 1 AVX2, 2 AVX-512; ``None`` = the best the CPU and
     ``ATEN_CPU_CAPABILITY`` allow). Returns the path now in use."""
     if not cpu_extension.is_available():
         raise RuntimeError("the CPU MXFP4 kernels are not available")
