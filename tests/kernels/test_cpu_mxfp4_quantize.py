@@ -15,7 +15,7 @@ from kernel_paths import kernel_path_fixtures
 from torchao.quantization import quantize_
 
 from torchao_mx_ext import MXFP4BlockRotConfig, MXFP4Config
-from torchao_mx_ext.kernels import cpu_mxfp4_dequantize, cpu_mxfp4_quantize
+from torchao_mx_ext.kernels import cpu_mxfp4_dequantize, cpu_mxfp4_mm, cpu_mxfp4_quantize
 from torchao_mx_ext.mx import mxfp4_fake_quantize
 from torchao_mx_ext.rotation import pad_and_rotate, rotation_block
 
@@ -143,6 +143,17 @@ def test_applies_and_the_fallback(monkeypatch):
     assert not cpu_mxfp4_quantize.applies(x.requires_grad_(), 32, "mse")  # no backward
     x = x.detach()
     assert torch.equal(cpu_mxfp4_quantize.fake_quantize(x, 32, "rceil", "emulated"), mxfp4_fake_quantize(x, 32, "rceil"))
+    # AVX2 (the integer GEMM runs W4A4): many-row inputs stay with Inductor's quantizer, which makes the
+    # GEMM's codes in the same pass; the rotation alone (weight-only) still fuses
+    monkeypatch.setattr(cpu_mxfp4_dequantize, "VECTORIZED", False)
+    rows = cpu_mxfp4_mm.GEMV_ROWS
+    assert cpu_mxfp4_quantize.applies(torch.randn(rows, 64), 32, "mse")
+    assert not cpu_mxfp4_quantize.applies(torch.randn(rows + 1, 64), 32, "mse")
+    rot = rotation_block("hadamard", 32, 0, "cpu")
+    assert cpu_mxfp4_quantize.rotation_applies(torch.randn(rows + 1, 64), rot, 32, None)
+    assert not cpu_mxfp4_quantize.rotation_applies(torch.randn(rows + 1, 64), rot, 32, "mse")
+    monkeypatch.setattr(cpu_mxfp4_dequantize, "VECTORIZED", True)  # AVX-512: any number of rows
+    assert cpu_mxfp4_quantize.applies(torch.randn(rows + 1, 64), 32, "mse")
     monkeypatch.setattr(cpu_mxfp4_quantize, "VECTORIZED", False)
     assert not cpu_mxfp4_quantize.applies(x, 32, "mse")  # no SIMD path: Inductor's kernel stays
     assert torch.equal(cpu_mxfp4_quantize._fallback_mxfp4_fake_quantize(x, 32, "even"), mxfp4_fake_quantize(x, 32, "even"))

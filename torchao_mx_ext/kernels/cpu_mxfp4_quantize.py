@@ -15,8 +15,8 @@ The operator ``torch.ops.torchao_mx_ext.mxfp4_fake_quantize`` has a fake kernel 
 and ``torch.export`` keep it as one call) and a pure-torch fallback that builds the C++ library
 (:mod:`.cpu_extension`) on its first call. Linears use it where it is vectorised (:data:`VECTORIZED`:
 AVX2 or AVX-512); elsewhere Inductor's fused kernel stays. On AVX2 CPUs W4A4 linears of more than a
-few rows take the integer GEMM, whose activation codes Inductor still makes, so there it serves decode
-steps and weight-only rotations.
+few rows take the integer GEMM, whose activation codes Inductor makes, so there it serves decode steps
+and weight-only rotations (:func:`applies`).
 
 ``torch.ops.torchao_mx_ext.mxfp4_rotate_fake_quantize`` puts the online block rotation in the same pass:
 ``Q(pad(x) R)`` with ``R = diag(b x b block, ...)`` (``b`` a multiple of 16 up to
@@ -36,7 +36,7 @@ import torch
 
 from ..mx.quantize import mxfp4_fake_quantize as reference_mxfp4_fake_quantize
 from ..rotation.rotations import apply_block_rotation, pad_and_rotate
-from . import cpu_extension
+from . import cpu_extension, cpu_mxfp4_dequantize, cpu_mxfp4_mm
 
 __all__ = [
     "MAX_FUSED_ROTATION", "RULES", "VECTORIZED", "applies", "fake_quantize", "mxfp4_fake_quantize", "mxfp4_rotate_fake_quantize",
@@ -83,14 +83,23 @@ def _fallback_mxfp4_rotate_fake_quantize(x, rotation, block_size, scale_rule):
     return xr if scale_rule == "none" else reference_mxfp4_fake_quantize(xr, block_size, scale_rule)
 
 
-def applies(x: torch.Tensor, block_size: int, scale_rule: str) -> bool:
+def applies(x: torch.Tensor, block_size: int, scale_rule: str | None) -> bool:
     """Whether :func:`fake_quantize` runs the kernel: a float32 CPU tensor whose width is a multiple
-    of ``block_size`` (a multiple of 32), a rule of :data:`RULES`, no gradient needed, the kernel
-    vectorised here (:data:`VECTORIZED`), and the C++ library not known to be unavailable."""
+    of ``block_size`` (a multiple of 32), a rule of :data:`RULES` (``None``: the fused rotation alone),
+    no gradient needed, the kernel vectorised here (:data:`VECTORIZED`), and the C++ library not known
+    to be unavailable. Where W4A4 linears run the integer GEMM (AVX2), inputs of more rows than its
+    :data:`~.cpu_mxfp4_mm.GEMV_ROWS` stay with Inductor: the GEMM's codes come from Inductor's kernel,
+    which quantizes a shared input (``share_input_quantization``) in the same pass; this kernel
+    would add one."""
     if not VECTORIZED or x.device.type != "cpu" or x.dtype != torch.float32:
         return False
-    if scale_rule not in RULES or block_size % 32 or x.dim() == 0 or x.shape[-1] % block_size:
+    if block_size % 32 or x.dim() == 0 or x.shape[-1] % block_size:
         return False
+    if scale_rule is not None:
+        if scale_rule not in RULES:
+            return False
+        if not cpu_mxfp4_dequantize.VECTORIZED and x.numel() > cpu_mxfp4_mm.GEMV_ROWS * x.shape[-1]:
+            return False
     if torch.is_grad_enabled() and x.requires_grad:
         return False
     return not cpu_extension.known_unavailable()
@@ -116,7 +125,7 @@ def rotation_applies(x: torch.Tensor, rotation: torch.Tensor, block_size: int, s
         return False
     if x.dim() == 0 or x.shape[-1] % b:
         return False
-    return applies(x, block_size, "floor" if scale_rule is None else scale_rule)
+    return applies(x, block_size, scale_rule)
 
 
 def rotate_and_quantize(
