@@ -162,6 +162,17 @@ def test_merge_joins_runs_of_one_method_on_different_seeds(tmp_path):
     # the same seed twice is one measurement counted twice: refused
     with pytest.raises(SystemExit, match="seed"):
         main(["merge", str(tmp_path / "s0.json"), str(tmp_path / "s012.json")])
+    # runs with other thread counts merge, and a merged report (its thread counts a list) merges again
+    other = json.loads((tmp_path / "s21.json").read_text())
+    first_threads = json.loads((tmp_path / "s0.json").read_text())["settings"]["threads"]
+    other["settings"]["threads"] = first_threads + 1
+    (tmp_path / "s21_other_threads.json").write_text(json.dumps(other))
+    assert main(["merge", str(tmp_path / "s0.json"), str(tmp_path / "s21_other_threads.json"), "--json", str(out)]) == 0
+    assert json.loads(out.read_text())["settings"]["threads"] == [first_threads, first_threads + 1]
+    _run(tmp_path, "rtn.json", "--methods", "rtn")
+    again = tmp_path / "again.json"
+    assert main(["merge", str(out), str(tmp_path / "rtn.json"), "--json", str(again)]) == 0
+    assert list(json.loads(again.read_text())["methods"]) == ["fp", "global-rot", "rtn"]
 
 
 def test_merge_refuses_reports_that_do_not_belong_together(tmp_path):

@@ -450,7 +450,8 @@ def merge_reports(reports: List[dict]) -> dict:
             calibrations.add(json.dumps(r["settings"]["calibration"], sort_keys=True))
         if any("ppl_per_seed" in entry for entry in r["methods"].values()):  # seeds used, not just given
             seeds.update(r["settings"]["seeds"])
-        threads.add(r["settings"]["threads"])
+        t = r["settings"]["threads"]
+        threads.update(t if isinstance(t, list) else [t])  # a merged report lists its runs' thread counts
     if len(calibrations) > 1:
         raise ValueError(f"cannot merge: calibration settings differ: {sorted(calibrations)}")
     merged["settings"]["calibration"] = json.loads(calibrations.pop()) if calibrations else None
