@@ -117,14 +117,14 @@ def test_requantizing_mxfp4_values(rule):
     assert torch.equal(twice, once) == (rule in REQUANTIZE_EXACT)
 
 
-@pytest.mark.parametrize("vectorized_decode", [False, True])
-def test_shared_members_feed_the_integer_gemm(base, prompt, monkeypatch, vectorized_decode):
+@pytest.mark.parametrize("dense_first", [False, True])
+def test_shared_members_feed_the_integer_gemm(base, prompt, monkeypatch, dense_first):
     """On a CPU where W4A4 runs the integer GEMM, the members keep their activation rule (the GEMM
     takes codes); with the emulation preference, or where many-row linears decode the weight for the
     library GEMM instead (AVX-512), they become weight-only, as on other devices."""
     from torchao_mx_ext.kernels import cpu_mxfp4_dequantize, cpu_mxfp4_mm
 
-    monkeypatch.setattr(cpu_mxfp4_dequantize, "VECTORIZED", vectorized_decode)
+    monkeypatch.setattr(cpu_mxfp4_dequantize, "DENSE_FIRST", dense_first)
 
     calls = []
     real = cpu_mxfp4_mm.mxfp4_mm
@@ -135,7 +135,7 @@ def test_shared_members_feed_the_integer_gemm(base, prompt, monkeypatch, vectori
         q = model.model.layers[0].self_attn.q_proj.weight
         o = model.model.layers[0].self_attn.o_proj.weight  # not shared: as quantized
         takes = cpu_mxfp4_mm.takes_weight(o)
-        assert not (takes and vectorized_decode)
+        assert not (takes and dense_first)
         assert q.rotation is None and q.act_scale_rule == (o.act_scale_rule if takes else None)
         calls.clear()
         logits(model, prompt)

@@ -15,7 +15,7 @@ from torchao_mx_ext.kernels import cpu_mxfp4_dequantize, cpu_mxfp4_gemv, cpu_mxf
 
 # E2M1 code -> value, OCP MX v1.0 section 5.3.3: sign bit 3, magnitudes 0, .5, 1, 1.5, 2, 3, 4, 6.
 E2M1 = [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0]
-ISA_NAMES = {0: "scalar", 2: "avx512"}
+ISA_NAMES = {0: "scalar", 1: "avx2", 2: "avx512"}
 
 kernel, isa = kernel_path_fixtures(cpu_mxfp4_dequantize.set_isa, ISA_NAMES)
 
@@ -109,6 +109,7 @@ def dense_route(monkeypatch):
     """The route as on AVX-512 CPUs (the scalar decode gives the same bits elsewhere); the compile
     caches are off because the route is chosen after their keys are taken."""
     monkeypatch.setattr(cpu_mxfp4_dequantize, "VECTORIZED", True)
+    monkeypatch.setattr(cpu_mxfp4_dequantize, "DENSE_FIRST", True)
     with torch._functorch.config.patch(enable_autograd_cache=False), torch._inductor.config.patch(fx_graph_cache=False):
         yield
 

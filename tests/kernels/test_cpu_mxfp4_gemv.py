@@ -181,12 +181,12 @@ def test_linear_uses_kernel_and_matches_dequantize_path(monkeypatch, k, n, confi
     assert len(calls) == 3
 
 
-@pytest.mark.parametrize("vectorized_decode", [False, True])
-def test_linear_dispatch_conditions(monkeypatch, vectorized_decode):
-    # Where the C++ weight decode is vectorised (AVX-512), decode + library GEMM takes over above
-    # FUSED_ROWS rows; elsewhere the GEMV keeps up to MAX_ROWS.
-    monkeypatch.setattr(cpu_mxfp4_dequantize, "VECTORIZED", vectorized_decode)
-    limit = cpu_mxfp4_dequantize.FUSED_ROWS if vectorized_decode else cpu_mxfp4_gemv.MAX_ROWS
+@pytest.mark.parametrize("dense_first", [False, True])
+def test_linear_dispatch_conditions(monkeypatch, dense_first):
+    # On AVX-512 CPUs decode + library GEMM takes over above FUSED_ROWS rows; elsewhere the GEMV keeps
+    # up to MAX_ROWS.
+    monkeypatch.setattr(cpu_mxfp4_dequantize, "DENSE_FIRST", dense_first)
+    limit = cpu_mxfp4_dequantize.FUSED_ROWS if dense_first else cpu_mxfp4_gemv.MAX_ROWS
     lin = torch.nn.Linear(64, 16)
     quantize_(lin, MXFP4Config(act_quant=False))
     calls = _count_kernel_calls(monkeypatch)

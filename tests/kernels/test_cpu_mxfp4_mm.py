@@ -14,7 +14,7 @@ import torch
 from torchao.quantization import quantize_
 
 from torchao_mx_ext import MXFP4BlockRotConfig, MXFP4Config, RotatedMXFP4Tensor
-from torchao_mx_ext.kernels import cpu_extension, cpu_mxfp4_dequantize, cpu_mxfp4_gemv, cpu_mxfp4_mm
+from torchao_mx_ext.kernels import CPU_NATIVE_BF16_GEMM, cpu_extension, cpu_mxfp4_dequantize, cpu_mxfp4_gemv, cpu_mxfp4_mm
 from torchao_mx_ext.mx import mxfp4_quantize
 
 # E2M1 code -> value, OCP MX v1.0 section 5.3.3: sign bit 3, magnitudes 0, .5, 1, 1.5, 2, 3, 4, 6.
@@ -199,7 +199,7 @@ def integer_gemm_route(monkeypatch):
     (tests/kernels/test_cpu_mxfp4_dequantize.py): these tests pin the integer GEMM's route. The route is
     chosen while AOTAutograd traces the subclass, after the compile caches' keys were taken (from the
     Dynamo graph, the same for both routes), so those caches are off here."""
-    monkeypatch.setattr(cpu_mxfp4_dequantize, "VECTORIZED", False)
+    monkeypatch.setattr(cpu_mxfp4_dequantize, "DENSE_FIRST", False)
     with torch._functorch.config.patch(enable_autograd_cache=False), torch._inductor.config.patch(fx_graph_cache=False):
         yield
 
@@ -285,6 +285,31 @@ def test_dispatch_conditions(integer_gemm_route, monkeypatch, caplog):
     monkeypatch.undo()
     with torch.no_grad():
         _assert_summation_close(lin(x), y, torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_prompts_beyond_max_rows_decode_the_weight_for_the_float_gemm(integer_gemm_route, monkeypatch, dtype):
+    """Beyond MAX_ROWS the weight decode + float32 library GEMM is faster on AVX2: no integer GEMM, one
+    weight decode, and the emulation's numbers bit for bit (the same fake-quantized input and decoded
+    weight in one float32 GEMM; no rotation, whose fused kernel sums in another order)."""
+    monkeypatch.setattr(cpu_mxfp4_dequantize, "VECTORIZED", True)  # the C++ decode (its scalar path gives the same bits)
+    calls = _count_calls(monkeypatch)
+    decodes = []
+    real_decode = cpu_mxfp4_dequantize.mxfp4_dequantize
+    monkeypatch.setattr(cpu_mxfp4_dequantize, "mxfp4_dequantize", lambda *a: decodes.append(a[0].shape) or real_decode(*a))
+    lin, ref_lin = torch.nn.Linear(96, 40).to(dtype), torch.nn.Linear(96, 40).to(dtype)
+    ref_lin.load_state_dict(lin.state_dict())
+    quantize_(lin, MXFP4Config(scale_rule="even"))
+    quantize_(ref_lin, MXFP4Config(scale_rule="even", kernel_preference="emulated"))
+    with torch.no_grad():
+        lin(torch.randn(cpu_mxfp4_mm.MAX_ROWS, 96).to(dtype))
+        assert len(calls) == 1 and not decodes  # at the limit: still the integer GEMM
+        x = torch.randn(2, cpu_mxfp4_mm.MAX_ROWS // 2 + 1, 96).to(dtype)
+        y = lin(x)
+    assert len(calls) == 1 and decodes == [(40, 48)]
+    with torch.no_grad():  # without bf16 GEMM instructions (AVX2) bf16 inputs run a float32 GEMM
+        ref = ref_lin(x.float() if dtype == torch.bfloat16 and not CPU_NATIVE_BF16_GEMM else x)
+    assert torch.equal(y, ref.to(dtype))
 
 
 def test_build_failure_keeps_the_emulation(integer_gemm_route, monkeypatch):

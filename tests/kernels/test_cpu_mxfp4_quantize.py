@@ -143,16 +143,20 @@ def test_applies_and_the_fallback(monkeypatch):
     assert not cpu_mxfp4_quantize.applies(x.requires_grad_(), 32, "mse")  # no backward
     x = x.detach()
     assert torch.equal(cpu_mxfp4_quantize.fake_quantize(x, 32, "rceil", "emulated"), mxfp4_fake_quantize(x, 32, "rceil"))
-    # AVX2 (the integer GEMM runs W4A4): many-row inputs stay with Inductor's quantizer, which makes the
-    # GEMM's codes in the same pass; the rotation alone (weight-only) still fuses
-    monkeypatch.setattr(cpu_mxfp4_dequantize, "VECTORIZED", False)
-    rows = cpu_mxfp4_mm.GEMV_ROWS
+    # AVX2 (the integer GEMM runs W4A4 of 9 to 128 rows): there inputs stay with Inductor's quantizer,
+    # which makes the GEMM's codes in the same pass; the rotation alone (weight-only) still fuses, and
+    # decode steps and prompts (the dequant-GEMV, decode + float GEMM) take the kernel
+    monkeypatch.setattr(cpu_mxfp4_dequantize, "DENSE_FIRST", False)
+    rows, most = cpu_mxfp4_mm.GEMV_ROWS, cpu_mxfp4_mm.MAX_ROWS
     assert cpu_mxfp4_quantize.applies(torch.randn(rows, 64), 32, "mse")
     assert not cpu_mxfp4_quantize.applies(torch.randn(rows + 1, 64), 32, "mse")
+    assert not cpu_mxfp4_quantize.applies(torch.randn(2, most // 2, 64), 32, "mse")
+    assert cpu_mxfp4_quantize.applies(torch.randn(most + 1, 64), 32, "mse")
     rot = rotation_block("hadamard", 32, 0, "cpu")
     assert cpu_mxfp4_quantize.rotation_applies(torch.randn(rows + 1, 64), rot, 32, None)
     assert not cpu_mxfp4_quantize.rotation_applies(torch.randn(rows + 1, 64), rot, 32, "mse")
-    monkeypatch.setattr(cpu_mxfp4_dequantize, "VECTORIZED", True)  # AVX-512: any number of rows
+    assert cpu_mxfp4_quantize.rotation_applies(torch.randn(most + 1, 64), rot, 32, "mse")
+    monkeypatch.setattr(cpu_mxfp4_dequantize, "DENSE_FIRST", True)  # AVX-512: any number of rows
     assert cpu_mxfp4_quantize.applies(torch.randn(rows + 1, 64), 32, "mse")
     monkeypatch.setattr(cpu_mxfp4_quantize, "VECTORIZED", False)
     assert not cpu_mxfp4_quantize.applies(x, 32, "mse")  # no SIMD path: Inductor's kernel stays
@@ -166,7 +170,7 @@ def test_applies_and_the_fallback(monkeypatch):
 def test_linears_use_it_eager_and_compiled(monkeypatch, config, op):
     from torch._inductor.utils import run_and_get_code
 
-    monkeypatch.setattr(cpu_mxfp4_dequantize, "VECTORIZED", True)  # W4A4 takes AVX-512's route, not the integer GEMM
+    monkeypatch.setattr(cpu_mxfp4_dequantize, "DENSE_FIRST", True)  # W4A4 takes AVX-512's route, not the integer GEMM
     monkeypatch.setattr(cpu_mxfp4_quantize, "VECTORIZED", True)
     calls = []
     real = getattr(cpu_mxfp4_quantize, op)

@@ -5,8 +5,15 @@ Many-row linears on CPUs with fast float GEMMs (oneDNN on AMX / AVX-512 BF16 for
 float32) run fastest as "decode the weight once per call, then the library GEMM": the decoded weight
 is a transient buffer, not the dense cache (``cache_dequantized_weights``), so the model keeps its
 4.25-bit footprint. The pure-torch decode takes several passes over the tensor and costs more than the
-GEMM itself; this kernel writes each output once (AVX-512: a table lookup of the code's bfloat16 bits
-and an add to the exponent field, 32 values at a time; see the .cpp for why that is exact).
+GEMM itself; this kernel writes each output once (a table lookup of the code's bfloat16 bits and an
+add to the exponent field, 32 values at a time on AVX-512, 16 on AVX2; see the .cpp for why that is
+exact). Inductor's fused kernel for the pure-torch decode is no match either: on an AVX2 CPU (Zen 3, one
+thread) a 1536 x 576 weight took 8.8 ms there, 1.1 ms in this kernel's scalar loop.
+
+Where the library GEMM wins (:func:`prefers_dense_gemm`): on AVX-512 CPUs (:data:`DENSE_FIRST`) beyond
+:data:`FUSED_ROWS` rows; on AVX2 CPUs beyond the fused kernels' ranges (the dequant-GEMV's
+``MAX_ROWS`` for weight-only linears, the integer GEMM's ``MAX_ROWS`` for W4A4), which is where the
+linear's own routing hands them over.
 
 The operator ``torch.ops.torchao_mx_ext.mxfp4_dequantize`` has a fake kernel (``torch.compile`` and
 ``torch.export`` keep it as one call) and a pure-torch fallback that builds the C++ library
@@ -21,14 +28,17 @@ from ..mx.e8m0 import element_multiplier
 from ..mx.quantize import mxfp4_dequantize as reference_mxfp4_dequantize
 from . import cpu_extension
 
-__all__ = ["FUSED_ROWS", "VECTORIZED", "applies", "mxfp4_dequantize", "prefers_dense_gemm", "reference_mxfp4_dequantize", "set_isa"]
+__all__ = ["DENSE_FIRST", "FUSED_ROWS", "VECTORIZED", "applies", "mxfp4_dequantize", "prefers_dense_gemm", "reference_mxfp4_dequantize", "set_isa"]
 
 OP = "torchao_mx_ext::mxfp4_dequantize"
 DTYPES = (torch.float32, torch.bfloat16)
-# Whether the kernel has its vectorised path here: ATen's AVX512 capability (AVX-512 F/BW/VL/DQ, as the
-# kernel needs). Read once at import, so compiled graphs see a constant.
-VECTORIZED = torch.backends.cpu.get_cpu_capability() == "AVX512"
-# With it, linears of more rows than this decode the weight and run the library GEMM; up to it the
+# Whether the kernel has a vectorised path here (AVX2 or AVX-512, by ATen's CPU capability, which also
+# picks the kernel's path). Read once at import, so compiled graphs see a constant.
+VECTORIZED = torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
+# AVX-512 CPUs, whose library GEMMs (oneDNN bf16 on AMX / AVX512-BF16, MKL float32) beat the fused
+# kernels from a few rows on: W4A4 runs no integer GEMM there, and many-row linears decode + GEMM.
+DENSE_FIRST = torch.backends.cpu.get_cpu_capability() == "AVX512"
+# There, linears of more rows than this decode the weight and run the library GEMM; up to it the
 # fused kernels (dequant-GEMV, integer GEMM) are faster. benchmarks/w4a4_gemm_bench.py on an AMX CPU
 # (Xeon family 6 model 207, 2 threads, SmolLM2's shapes), decode + bf16 GEMM against the faster fused
 # kernel: 0.2x at one row, 0.4-0.8x at 8, 1.2-2.3x at 64 (and 1.4-2x at 16, a one-off timing); against
@@ -63,10 +73,11 @@ def applies(qdata: torch.Tensor, block_size: int, scale_rule: str, dtype: torch.
 
 
 def prefers_dense_gemm(weight, x: torch.Tensor) -> bool:
-    """Whether a CPU linear of ``x`` (``[..., K_p]``) against the MXFP4 ``weight`` is fastest as a
-    decoded (or cached) weight and the library GEMM rather than a fused kernel: this kernel
-    vectorised, more than :data:`FUSED_ROWS` rows, and the weight decodable by it (or cached dense)."""
-    if not VECTORIZED or x.device.type != "cpu" or x.numel() <= FUSED_ROWS * x.shape[-1]:
+    """Whether a CPU linear of ``x`` (``[..., K_p]``) against the MXFP4 ``weight`` should leave the
+    fused kernels for a decoded (or cached) weight and the library GEMM: an AVX-512 CPU
+    (:data:`DENSE_FIRST`), more than :data:`FUSED_ROWS` rows, and the weight decodable by this kernel
+    (or cached dense). Elsewhere each fused kernel hands over beyond its own row limit."""
+    if not DENSE_FIRST or x.device.type != "cpu" or x.numel() <= FUSED_ROWS * x.shape[-1]:
         return False
     if weight.dequantized is not None:
         return True
@@ -82,7 +93,7 @@ def mxfp4_dequantize(qdata: torch.Tensor, scale: torch.Tensor, block_size: int, 
 
 
 def set_isa(isa: int | None) -> int:
-    """Test hook: cap the kernel's code path (0 scalar, 2 AVX-512; ``None`` = the best the CPU and
+    """Test hook: cap the kernel's code path (0 scalar, 1 AVX2, 2 AVX-512; ``None`` = the best the CPU and
     ``ATEN_CPU_CAPABILITY`` allow). Returns the path now in use."""
     if not cpu_extension.is_available():
         raise RuntimeError("the CPU MXFP4 kernels are not available")

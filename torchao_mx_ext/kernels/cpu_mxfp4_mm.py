@@ -21,10 +21,11 @@ operands as the Blackwell tensor-core path (``cuda_mxfp4_mm``). It is defined he
 ``F.linear``) that builds the C++ library (``mxfp4_mm.cpp``, :mod:`.cpu_extension`) on its first call.
 
 Where it runs (:func:`applies`): CPU, W4A4 with plain E8M0 scales on both sides (not ``fp_quant``,
-whose 4/3 element factor the integer path does not apply), no gradient, a CPU with AVX2, and more than
-:data:`GEMV_ROWS` rows (decode steps run the dequant-GEMV on the fake-quantized input, faster there),
-and not on AVX-512 CPUs, where the vectorised weight decode + the library GEMM is faster for many rows
-and the GEMV for few (:mod:`.cpu_mxfp4_dequantize`). On a
+whose 4/3 element factor the integer path does not apply), no gradient, a CPU with AVX2, more than
+:data:`GEMV_ROWS` rows (decode steps run the dequant-GEMV on the fake-quantized input, faster there)
+and at most :data:`MAX_ROWS` (beyond, the vectorised weight decode + the float32 library GEMM is
+faster), and not on AVX-512 CPUs, where that decode + GEMM is faster for many rows and the GEMV for few
+(:mod:`.cpu_mxfp4_dequantize`). On a
 CPU without AVX2 the scalar integer loop would be slower than the float emulation, so W4A4 linears keep
 the emulation there and one log line says so.
 """
@@ -39,7 +40,7 @@ import torch.nn.functional as F
 from ..mx.quantize import mxfp4_dequantize
 from . import cpu_extension, cpu_mxfp4_dequantize, cpu_mxfp4_gemv
 
-__all__ = ["GEMV_ROWS", "applies", "mxfp4_mm", "reference_mxfp4_mm", "set_isa", "takes_weight"]
+__all__ = ["GEMV_ROWS", "MAX_ROWS", "applies", "mxfp4_mm", "reference_mxfp4_mm", "set_isa", "takes_weight"]
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +48,12 @@ OP = "torchao_mx_ext::mxfp4_mm"
 # Up to this many rows the dequant-GEMV on the fake-quantized input is faster where it applies
 # (benchmarks/w4a4_gemm_bench.py, AVX2: 1.4-1.7x at one row, about even at 32): decode steps take it.
 GEMV_ROWS = 8
+# Beyond this many rows the weight decode (mxfp4_dequantize, AVX2) + the float32 library GEMM on the
+# fake-quantized input is faster: benchmarks/w4a4_gemm_bench.py on an AVX2 CPU (Zen 3, one thread,
+# SmolLM2's shapes), integer GEMM time / decode + GEMM time: 0.45-0.7 at 16 rows, 0.8-0.86 at 64,
+# 0.95-1.04 at 128, 1.15-1.24 at 256, 1.27-1.40 at 512. A 32-element chunk costs the integer path a
+# sign, a multiply-add pair, a conversion and a scaled FMA per output; the float GEMM, 4 FMAs.
+MAX_ROWS = 128
 _SIMD_CAPABILITIES = ("AVX2", "AVX512")  # torch.backends.cpu.get_cpu_capability() values with AVX2
 
 _lib = torch.library.Library("torchao_mx_ext", "FRAGMENT")
@@ -108,16 +115,18 @@ def takes_weight(weight) -> bool:
         return False
     if weight.qdata.device.type != "cpu" or weight.qdata.dim() != 2 or cpu_extension.known_unavailable():
         return False
-    return not cpu_mxfp4_dequantize.VECTORIZED and _cpu_has_simd()
+    return not cpu_mxfp4_dequantize.DENSE_FIRST and _cpu_has_simd()
 
 
 def applies(weight, x: torch.Tensor) -> bool:
     """Whether ``RotatedMXFP4Tensor.linear`` should run its input ``x`` (``[..., K]`` or rotated
     ``[..., K_p]``: only its rows, device and gradient flag count) through
     the integer GEMM: :func:`takes_weight`, a CPU input, no gradient needed (the kernel has no
-    backward), and more than :data:`GEMV_ROWS` rows unless the GEMV cannot take them. The build is
-    tried on the operator's first call."""
+    backward), more than :data:`GEMV_ROWS` rows unless the GEMV cannot take them, and at most
+    :data:`MAX_ROWS`. The build is tried on the operator's first call."""
     if x.device.type != "cpu" or (torch.is_grad_enabled() and x.requires_grad):
+        return False
+    if x.numel() > MAX_ROWS * x.shape[-1]:
         return False
     if x.numel() <= GEMV_ROWS * x.shape[-1] and cpu_mxfp4_gemv.applies(weight, x):
         return False

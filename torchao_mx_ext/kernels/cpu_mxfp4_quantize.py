@@ -14,9 +14,9 @@ block whose two candidates' squared errors agree to float32 rounding may take th
 The operator ``torch.ops.torchao_mx_ext.mxfp4_fake_quantize`` has a fake kernel (``torch.compile``
 and ``torch.export`` keep it as one call) and a pure-torch fallback that builds the C++ library
 (:mod:`.cpu_extension`) on its first call. Linears use it where it is vectorised (:data:`VECTORIZED`:
-AVX2 or AVX-512); elsewhere Inductor's fused kernel stays. On AVX2 CPUs W4A4 linears of more than a
-few rows take the integer GEMM, whose activation codes Inductor makes, so there it serves decode steps
-and weight-only rotations (:func:`applies`).
+AVX2 or AVX-512); elsewhere Inductor's fused kernel stays. On AVX2 CPUs W4A4 linears of 9 to 128 rows
+take the integer GEMM, whose activation codes Inductor makes; the kernel serves the other row counts
+(decode steps, prompts) and weight-only rotations (:func:`applies`).
 
 ``torch.ops.torchao_mx_ext.mxfp4_rotate_fake_quantize`` puts the online block rotation in the same pass:
 ``Q(pad(x) R)`` with ``R = diag(b x b block, ...)`` (``b`` a multiple of 16 up to
@@ -87,10 +87,10 @@ def applies(x: torch.Tensor, block_size: int, scale_rule: str | None) -> bool:
     """Whether :func:`fake_quantize` runs the kernel: a float32 CPU tensor whose width is a multiple
     of ``block_size`` (a multiple of 32), a rule of :data:`RULES` (``None``: the fused rotation alone),
     no gradient needed, the kernel vectorised here (:data:`VECTORIZED`), and the C++ library not known
-    to be unavailable. Where W4A4 linears run the integer GEMM (AVX2), inputs of more rows than its
-    :data:`~.cpu_mxfp4_mm.GEMV_ROWS` stay with Inductor: the GEMM's codes come from Inductor's kernel,
-    which quantizes a shared input (``share_input_quantization``) in the same pass; this kernel
-    would add one."""
+    to be unavailable. In the row range where W4A4 linears run the integer GEMM (AVX2 CPUs, more
+    than :data:`~.cpu_mxfp4_mm.GEMV_ROWS` and at most :data:`~.cpu_mxfp4_mm.MAX_ROWS`), inputs stay
+    with Inductor: the GEMM's codes come from Inductor's kernel, which quantizes a shared input
+    (``share_input_quantization``) in the same pass; this kernel would add one."""
     if not VECTORIZED or x.device.type != "cpu" or x.dtype != torch.float32:
         return False
     if block_size % 32 or x.dim() == 0 or x.shape[-1] % block_size:
@@ -98,7 +98,8 @@ def applies(x: torch.Tensor, block_size: int, scale_rule: str | None) -> bool:
     if scale_rule is not None:
         if scale_rule not in RULES:
             return False
-        if not cpu_mxfp4_dequantize.VECTORIZED and x.numel() > cpu_mxfp4_mm.GEMV_ROWS * x.shape[-1]:
+        rows = x.numel() // max(x.shape[-1], 1)
+        if not cpu_mxfp4_dequantize.DENSE_FIRST and cpu_mxfp4_mm.GEMV_ROWS < rows <= cpu_mxfp4_mm.MAX_ROWS:
             return False
     if torch.is_grad_enabled() and x.requires_grad:
         return False

@@ -12,7 +12,8 @@
 // of two it is exact in bfloat16 and float32 unless it leaves their normal range. The AVX-512 path
 // therefore looks the code's bfloat16 bit pattern up (vpermw, 32 at a time) and adds the scale's
 // exponent to the exponent field of the non-zero ones (a masked 16-bit add); float32 is that pattern
-// shifted left by 16. Blocks whose scale could leave the normal range (byte < 2 or > 252) or is NaN
+// shifted left by 16. The AVX2 path does the same 16 at a time: vpshufb looks up the pattern's low
+// and high bytes from two 16-entry tables, and a compare-and-mask replaces the masked add. Blocks whose scale could leave the normal range (byte < 2 or > 252) or is NaN
 // take the scalar path: float32 multiply, then one round-to-nearest-even to bfloat16, the same
 // operations as the pure-torch dequantize. Both paths give the pure-torch result bit for bit.
 
@@ -39,11 +40,12 @@ constexpr uint16_t kE2M1Bf16[16] = {0x0000, 0x3F00, 0x3F80, 0x3FC0, 0x4000, 0x40
                                     0x8000, 0xBF00, 0xBF80, 0xBFC0, 0xC000, 0xC040, 0xC080, 0xC0C0};
 constexpr int kFastScaleMin = 2, kFastScaleMax = 252;  // 0.5 * 2^(b-127) and 6 * 2^(b-127) stay normal
 
+using tme_cpu::kIsaAvx2;
 using tme_cpu::kIsaAvx512;
 using tme_cpu::kIsaScalar;
 std::atomic<int> g_isa_override{-1};
 
-int current_isa() { return tme_cpu::current_isa(g_isa_override, tme_cpu::has_avx512_bw() ? kIsaAvx512 : kIsaScalar); }
+int current_isa() { return tme_cpu::current_isa(g_isa_override, tme_cpu::has_avx512_bw() ? kIsaAvx512 : kIsaAvx2); }
 
 template <typename out_t>
 inline void store_value(out_t* out, float v);
@@ -98,6 +100,63 @@ __attribute__((target(TME_DEQUANT_TARGET))) void row_avx512(const uint8_t* q, co
     }
   }
 }
+// ---------------------------------------------------------------------------------------------
+// AVX2: the same bit patterns and exponent add, 16 lanes of 16 bits at a time.
+
+// The low and the high bytes of kE2M1Bf16, as vpshufb tables (entry 0 is zero in both, which the
+// lookup of a 16-bit lane's zero high byte relies on).
+struct Bf16ByteTables {
+  alignas(16) uint8_t lo[16];
+  alignas(16) uint8_t hi[16];
+  Bf16ByteTables() {
+    for (int i = 0; i < 16; ++i) {
+      lo[i] = static_cast<uint8_t>(kE2M1Bf16[i] & 0xFF);
+      hi[i] = static_cast<uint8_t>(kE2M1Bf16[i] >> 8);
+    }
+  }
+};
+const Bf16ByteTables kBf16Bytes;
+
+// 16 codes in 16-bit lanes -> their bfloat16 patterns scaled by the exponent-field increment `exponent`.
+__attribute__((target("avx2"))) inline __m256i codes_bf16_avx2(__m256i codes, __m256i lut_lo, __m256i lut_hi, __m256i exponent) {
+  // A lane holds (code, 0): its low byte looks up the code, its high byte entry 0 (zero).
+  const __m256i v = _mm256_or_si256(_mm256_shuffle_epi8(lut_lo, codes), _mm256_slli_epi16(_mm256_shuffle_epi8(lut_hi, codes), 8));
+  const __m256i zero = _mm256_cmpeq_epi16(_mm256_and_si256(v, _mm256_set1_epi16(0x7FFF)), _mm256_setzero_si256());
+  return _mm256_add_epi16(v, _mm256_andnot_si256(zero, exponent));  // +-0 keep their pattern
+}
+
+template <typename out_t>
+__attribute__((target("avx2"))) inline void store16_avx2(out_t* o, __m256i v) {
+  if constexpr (std::is_same_v<out_t, float>) {  // bfloat16 -> float32: the same bits, shifted up
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(o), _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm256_castsi256_si128(v)), 16));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + 8), _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm256_extracti128_si256(v, 1)), 16));
+  } else {
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(o), v);
+  }
+}
+
+template <typename out_t>
+__attribute__((target("avx2"))) void row_avx2(const uint8_t* q, const uint8_t* sc, int64_t K, int64_t B, out_t* out) {
+  const __m256i lut_lo = _mm256_broadcastsi128_si256(_mm_load_si128(reinterpret_cast<const __m128i*>(kBf16Bytes.lo)));
+  const __m256i lut_hi = _mm256_broadcastsi128_si256(_mm_load_si128(reinterpret_cast<const __m128i*>(kBf16Bytes.hi)));
+  const __m128i low4 = _mm_set1_epi8(15);
+  for (int64_t b = 0; b < K / B; ++b) {
+    const uint8_t s = sc[b];
+    if (s < kFastScaleMin || s > kFastScaleMax) {
+      block_scalar(q + b * B / 2, s, B, out + b * B);
+      continue;
+    }
+    const __m256i exponent = _mm256_set1_epi16(static_cast<int16_t>((int(s) - 127) * 128));  // bf16 exponent field
+    for (int64_t c = 0; c < B / 32; ++c) {
+      const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q + b * B / 2 + c * 16));
+      const __m128i lo = _mm_and_si128(bytes, low4), hi = _mm_and_si128(_mm_srli_epi16(bytes, 4), low4);
+      // Element order: element 2i is byte i's low nibble, 2i + 1 its high one.
+      out_t* o = out + b * B + c * 32;
+      store16_avx2(o, codes_bf16_avx2(_mm256_cvtepu8_epi16(_mm_unpacklo_epi8(lo, hi)), lut_lo, lut_hi, exponent));
+      store16_avx2(o + 16, codes_bf16_avx2(_mm256_cvtepu8_epi16(_mm_unpackhi_epi8(lo, hi)), lut_lo, lut_hi, exponent));
+    }
+  }
+}
 #endif  // TME_X86_SIMD
 
 template <typename out_t>
@@ -109,6 +168,10 @@ void dequantize_rows(int isa, const uint8_t* q, const uint8_t* sc, int64_t r0, i
 #ifdef TME_X86_SIMD
     if (isa == kIsaAvx512) {
       row_avx512(qr, sr, K, B, o);
+      continue;
+    }
+    if (isa == kIsaAvx2) {
+      row_avx2(qr, sr, K, B, o);
       continue;
     }
 #endif
@@ -145,7 +208,7 @@ at::Tensor mxfp4_dequantize(const at::Tensor& qdata, const at::Tensor& scale, in
   return out;
 }
 
-// Test hook: cap the code path (0 scalar, 2 AVX-512; -1 = best available). Returns the path now in use.
+// Test hook: cap the code path (0 scalar, 1 AVX2, 2 AVX-512; -1 = best available). Returns the path now in use.
 int64_t mxfp4_dequantize_set_isa(int64_t isa) {
   g_isa_override.store(static_cast<int>(isa));
   return current_isa();

@@ -12,9 +12,10 @@ in float32, or in bfloat16 for bfloat16 inputs: MXFP4 values (``q * 2^e``, ``q``
 significant bits) are exact in bfloat16, so only the accumulation's output rounding differs
 (``fp_quant``'s 4/3 factor is not exact there, so it stays in float32). An optional ``dequantized``
 cache (:func:`torchao_mx_ext.inference.cache_dequantized_weights`) trades memory for speed by skipping
-the per-call decode. Kernels (``kernels/``): on CPU, W4A4 runs on exact integer dot products of the
-codes (``cpu_mxfp4_mm``) and small weight-only batches decode inside the reduction
-(``cpu_mxfp4_gemv``); on Blackwell GPUs, opted in, W4A4 runs on MXFP4 tensor cores (``cuda_mxfp4_mm``).
+the per-call decode. Kernels (``kernels/``): on CPU, small batches decode the weight inside the
+reduction (``cpu_mxfp4_gemv``), W4A4 batches of 9 to 128 rows on AVX2 CPUs run on exact integer dot
+products of the codes (``cpu_mxfp4_mm``), and larger ones decode the weight (``cpu_mxfp4_dequantize``)
+for the library GEMM; on Blackwell GPUs, opted in, W4A4 runs on MXFP4 tensor cores (``cuda_mxfp4_mm``).
 Rotation-domain paper: FP-Quant / MR-GPTQ (arXiv 2509.23202) and BRQ (arXiv 2511.04214).
 """
 
@@ -97,7 +98,7 @@ class RotatedMXFP4Tensor(TorchAOBaseTensor):
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """``Q(W R)`` (rotated, quantized, padded width ``K_p``) in ``dtype`` (default: the weight's).
-        On AVX-512 CPUs by the vectorised C++ decode where it applies (bit-equal; not with the
+        On AVX-512 and AVX2 CPUs by the vectorised C++ decode where it applies (bit-equal; not with the
         ``emulated`` preference); elsewhere pure torch, which Inductor fuses."""
         dtype = dtype or self.dtype
         decode = cpu_mxfp4_dequantize
