@@ -3,19 +3,20 @@
 // The CPU kernel of torchao_mx_ext::mxfp4_dequantize; the operator (schema, fake kernel, pure-torch
 // fallback) is defined in Python: torchao_mx_ext/kernels/cpu_mxfp4_dequantize.py.
 //
-// Why a kernel: on CPUs with fast bf16 or float32 GEMMs (AMX, AVX-512), decoding a weight once per
-// call and handing it to oneDNN/MKL is faster for many rows than any integer or fused path, and the
-// pure-torch decode (unpack, table, multiply, cast: several passes over the tensor) costs more than
-// the GEMM itself.
+// Why a kernel: on CPUs with fast bf16 or float32 GEMMs (AMX, AVX-512; AVX2 at prompt sizes), decoding
+// a weight once per call and handing it to oneDNN/MKL is faster for many rows than any integer or
+// fused path, and the pure-torch decode (unpack, table, multiply, cast: several passes over the
+// tensor) costs more than the GEMM itself.
 //
 // The arithmetic: every E2M1 value is +-{0, .5, 1, 1.5, 2, 3, 4, 6}, one mantissa bit, so times a power
 // of two it is exact in bfloat16 and float32 unless it leaves their normal range. The AVX-512 path
 // therefore looks the code's bfloat16 bit pattern up (vpermw, 32 at a time) and adds the scale's
 // exponent to the exponent field of the non-zero ones (a masked 16-bit add); float32 is that pattern
 // shifted left by 16. The AVX2 path does the same 16 at a time: vpshufb looks up the pattern's low
-// and high bytes from two 16-entry tables, and a compare-and-mask replaces the masked add. Blocks whose scale could leave the normal range (byte < 2 or > 252) or is NaN
-// take the scalar path: float32 multiply, then one round-to-nearest-even to bfloat16, the same
-// operations as the pure-torch dequantize. Both paths give the pure-torch result bit for bit.
+// and high bytes from two 16-entry tables, and a compare-and-mask replaces the masked add. Blocks
+// whose scale could leave the normal range (byte < 2 or > 252) or is NaN take the scalar path:
+// float32 multiply, then one round-to-nearest-even to bfloat16, the same operations as the pure-torch
+// dequantize. All paths give the pure-torch result bit for bit.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -100,6 +101,7 @@ __attribute__((target(TME_DEQUANT_TARGET))) void row_avx512(const uint8_t* q, co
     }
   }
 }
+
 // ---------------------------------------------------------------------------------------------
 // AVX2: the same bit patterns and exponent add, 16 lanes of 16 bits at a time.
 
