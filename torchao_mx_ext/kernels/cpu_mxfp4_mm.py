@@ -106,9 +106,9 @@ def _cpu_has_simd() -> bool:
 def takes_weight(weight) -> bool:
     """Whether W4A4 linears with this weight run the integer GEMM (on suitable inputs, see
     :func:`applies`): plain E8M0 scales on both operands, blocks of a multiple of 32, a 2-D CPU
-    weight, not the ``emulated`` preference, AVX2 but not a vectorised weight decode (AVX-512 CPUs run
-    many-row linears as decode + library GEMM, faster: :mod:`.cpu_mxfp4_dequantize`), and the C++
-    library not known to be unavailable."""
+    weight, not the ``emulated`` preference, AVX2 but not AVX-512 (AVX-512 CPUs run many-row linears
+    as decode + library GEMM, faster: :data:`.cpu_mxfp4_dequantize.DENSE_FIRST`), and the C++ library
+    not known to be unavailable."""
     if weight.act_scale_rule is None or "fp_quant" in (weight.scale_rule, weight.act_scale_rule):
         return False
     if weight.kernel_preference == "emulated" or weight.block_size % 32:
