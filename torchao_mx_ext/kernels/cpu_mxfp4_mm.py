@@ -50,9 +50,11 @@ OP = "torchao_mx_ext::mxfp4_mm"
 GEMV_ROWS = 8
 # Beyond this many rows the weight decode (mxfp4_dequantize, AVX2) + the float32 library GEMM on the
 # fake-quantized input is faster: benchmarks/w4a4_gemm_bench.py on an AVX2 CPU (Zen 3, one thread,
-# SmolLM2's shapes), integer GEMM time / decode + GEMM time: 0.45-0.7 at 16 rows, 0.8-0.86 at 64,
-# 0.95-1.04 at 128, 1.15-1.24 at 256, 1.27-1.40 at 512. A 32-element chunk costs the integer path a
-# sign, a multiply-add pair, a conversion and a scaled FMA per output; the float GEMM, 4 FMAs.
+# SmolLM2's shapes; benchmarks/results/w4a4_gemm_bench_avx2.json), integer GEMM time / decode + GEMM
+# time: 0.68-0.90 at 16 rows, 0.61-1.06 at 64, 1.14-1.21 at 128, 1.22-1.42 at 256, 1.23-1.36 at 512.
+# (Chosen when the decode had only its scalar loop: 0.95-1.04 at 128; with the AVX2 decode the
+# crossover lies between 64 and 128.) A 32-element chunk costs the integer path a sign, a multiply-add
+# pair, a conversion and a scaled FMA per output; the float GEMM, 4 FMAs.
 MAX_ROWS = 128
 _SIMD_CAPABILITIES = ("AVX2", "AVX512")  # torch.backends.cpu.get_cpu_capability() values with AVX2
 
