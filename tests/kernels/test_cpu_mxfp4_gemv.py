@@ -17,6 +17,7 @@ from torchao.quantization import quantize_
 from torchao_mx_ext import MXFP4BlockRotConfig, MXFP4Config, RotatedMXFP4Tensor
 from torchao_mx_ext.kernels import cpu_extension, cpu_mxfp4_dequantize, cpu_mxfp4_gemv
 from torchao_mx_ext.mx import SCALE_RULES
+from torchao_mx_ext.mx.quantize import mxfp4_fake_quantize
 
 # E2M1 code -> value, OCP MX v1.0 section 5.3.3: sign bit 3, magnitudes 0, .5, 1, 1.5, 2, 3, 4, 6.
 E2M1 = [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0]
@@ -104,6 +105,119 @@ def test_kernel_special_scales(isa):
             assert bool((y[:, 1] != 0).all())
             torch.testing.assert_close(y[:, 1].double(), ref[:, 1], rtol=1e-4, atol=2.0**-149 * 96)
             check(y[:, 2], ref[:, 2], magnitude[:, 2], torch.float32, 96)
+    finally:
+        cpu_mxfp4_gemv.set_isa(None)
+
+
+# -- the integer path (AVX2): MX fake-quantized inputs -------------------------------------------
+
+
+def mx_activations(m, k, gen, block_size=32):
+    """Rows whose every 32-chunk is E2M1 values on one power-of-two scale (an activation after MX
+    fake quantization), spread over 2^-20..2^20 so the chunks' scales differ widely."""
+    x = torch.randn(m, k, generator=gen) * 2.0 ** torch.randint(-20, 21, (m, k // 32, 1), generator=gen).repeat_interleave(32, 1).reshape(m, k)
+    return mxfp4_fake_quantize(x, block_size, "floor")
+
+
+@pytest.mark.parametrize("rule", ["floor", "even", "mse"])
+def test_integer_path_matches_float64_reference(rule):
+    """Exact products and exact chunk sums: only the float32 sum over chunks rounds, so the error bound
+    is that of K/32 terms, not K."""
+    gen = torch.Generator().manual_seed(11)
+    use_isa(1)
+    try:
+        for k, n, block_size in [(96, 19, 32), (224, 8, 32), (608, 33, 32), (192, 5, 64)]:
+            qdata, scale = random_weight(n, k, block_size, gen)
+            bias = torch.randn(n, generator=gen)
+            for m in (1, 2, 3, 4, 5):
+                x32 = mx_activations(m, k, gen, block_size)
+                x32[0, :32] = 0.0  # an all-zero chunk
+                for x, out_dtype in [(x32, torch.float32), (x32.bfloat16(), torch.float32), (x32.bfloat16(), torch.bfloat16)]:
+                    assert torch.equal(x.float(), x32)  # E2M1 values are exact in bf16
+                    for b in (None, bias):
+                        before = cpu_mxfp4_gemv.integer_calls()
+                        y = cpu_mxfp4_gemv.mxfp4_gemv(x, qdata, scale, block_size, rule, b, out_dtype)
+                        assert cpu_mxfp4_gemv.integer_calls() == before + 1
+                        ref, magnitude = reference(x, qdata, scale, block_size, rule, b)
+                        check(y, ref, magnitude, out_dtype, k // 32 + 2)
+    finally:
+        cpu_mxfp4_gemv.set_isa(None)
+
+
+def test_integer_path_only_where_it_is_exact():
+    """Inputs that are not integers on one power of two per chunk, fp_quant's 4/3 multiplier and the
+    other code paths keep the float path, with the same numbers."""
+    gen = torch.Generator().manual_seed(12)
+    use_isa(1)
+    try:
+        qdata, scale = random_weight(12, 128, 32, gen)
+        mx = mx_activations(2, 128, gen)
+        nudged = mx.clone()
+        nudged[1, 100] += nudged[1, 96:128].abs().max() * 2.0**-5  # one chunk off the E2M1 grid
+        wide = mx.clone()
+        wide[0, 3] = 2.0**-30 * torch.sign(wide[0, 3] + 0.5)  # 2^-30 beside values near 1: no common scale
+        special = mx.clone()
+        special[1, 7] = float("inf")
+        for x, rule in [(torch.randn(2, 128, generator=gen), "floor"), (nudged, "floor"), (wide, "floor"),
+                        (special, "floor"), (mx, "fp_quant")]:
+            before = cpu_mxfp4_gemv.integer_calls()
+            y = cpu_mxfp4_gemv.mxfp4_gemv(x, qdata, scale, 32, rule, out_dtype=torch.float32)
+            assert cpu_mxfp4_gemv.integer_calls() == before
+            ref, magnitude = reference(x, qdata, scale, 32, rule)
+            if x is special:
+                assert bool(y[1].isnan().logical_or(y[1].isinf()).all()) and bool(y[0].isfinite().all())
+                check(y[0], ref[0], magnitude[0], torch.float32, 128)
+            else:
+                check(y, ref, magnitude, torch.float32, 128)
+        cpu_mxfp4_gemv.set_isa(0)
+        before = cpu_mxfp4_gemv.integer_calls()
+        cpu_mxfp4_gemv.mxfp4_gemv(mx, qdata, scale, 32, "floor")
+        assert cpu_mxfp4_gemv.integer_calls() == before
+    finally:
+        cpu_mxfp4_gemv.set_isa(None)
+
+
+def test_integer_path_special_scales():
+    """E8M0 255 (NaN) and 0 (2^-127) on the integer path, as on the float one."""
+    use_isa(1)
+    try:
+        gen = torch.Generator().manual_seed(13)
+        qdata, scale = random_weight(3, 96, 32, gen)
+        scale[0, 1] = 255
+        scale[1] = 0
+        x = mxfp4_fake_quantize(torch.randn(1, 96, generator=gen), 32, "floor")
+        before = cpu_mxfp4_gemv.integer_calls()
+        y = cpu_mxfp4_gemv.mxfp4_gemv(x, qdata, scale, 32, "floor", out_dtype=torch.float32)
+        assert cpu_mxfp4_gemv.integer_calls() == before + 1
+        ref, magnitude = reference(x, qdata, scale, 32, "floor")
+        assert bool(y[:, 0].isnan().all()) and not bool(y[:, 1:].isnan().any())
+        assert bool((y[:, 1] != 0).all())
+        torch.testing.assert_close(y[:, 1].double(), ref[:, 1], rtol=1e-4, atol=2.0**-149 * 96)
+        check(y[:, 2], ref[:, 2], magnitude[:, 2], torch.float32, 5)
+    finally:
+        cpu_mxfp4_gemv.set_isa(None)
+
+
+def test_w4a4_decode_step_takes_the_integer_path(monkeypatch):
+    """A W4A4 linear's one-row input (rotated and fake-quantized) reaches the kernel in the form the
+    integer path takes, and gives the emulation's numbers."""
+    use_isa(1)
+    try:
+        lin = torch.nn.Linear(192, 40).to(torch.bfloat16)
+        quantize_(lin, MXFP4BlockRotConfig())
+        monkeypatch.setattr(cpu_mxfp4_dequantize, "DENSE_FIRST", False)
+        x = torch.randn(1, 192).bfloat16()
+        with torch.no_grad():
+            before = cpu_mxfp4_gemv.integer_calls()
+            y = lin(x)
+            assert cpu_mxfp4_gemv.integer_calls() == before + 1
+            with monkeypatch.context() as mp:
+                mp.setattr(cpu_mxfp4_gemv, "applies", lambda weight, x: False)
+                from torchao_mx_ext.kernels import cpu_mxfp4_mm
+
+                mp.setattr(cpu_mxfp4_mm, "applies", lambda weight, x: False)
+                old = lin(x)
+        torch.testing.assert_close(y.float(), old.float(), atol=2e-6 * old.abs().max().item(), rtol=2.0**-7)
     finally:
         cpu_mxfp4_gemv.set_isa(None)
 

@@ -34,7 +34,7 @@ from ..mx.e8m0 import element_multiplier
 from ..mx.quantize import mxfp4_dequantize
 from . import cpu_extension, cpu_mxfp4_dequantize
 
-__all__ = ["MAX_ROWS", "applies", "is_available", "mxfp4_gemv", "reference_mxfp4_gemv", "set_isa"]
+__all__ = ["MAX_ROWS", "applies", "integer_calls", "is_available", "mxfp4_gemv", "reference_mxfp4_gemv", "set_isa"]
 
 OP = "torchao_mx_ext::mxfp4_gemv"
 # Largest number of rows (M = x.numel() / K) sent to the kernel. The kernel re-decodes the weight for
@@ -126,3 +126,11 @@ def set_isa(isa: int | None) -> int:
     if not is_available():
         raise RuntimeError("the fused CPU MXFP4 GEMV kernel is not available")
     return torch.ops.torchao_mx_ext._mxfp4_gemv_set_isa(-1 if isa is None else isa)
+
+
+def integer_calls() -> int:
+    """Test hook: how many calls so far ran the kernel's integer path (AVX2; inputs whose every
+    32-element chunk is an integer multiple of one power of two, as MX fake-quantized activations are)."""
+    if not is_available():
+        raise RuntimeError("the fused CPU MXFP4 GEMV kernel is not available")
+    return torch.ops.torchao_mx_ext._mxfp4_gemv_integer_calls()
