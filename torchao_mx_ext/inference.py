@@ -4,6 +4,7 @@ quantized output head (:func:`quantize_output_head`, int8 or MXFP4 weight-only).
 import torch
 import torch.nn.functional as F
 
+from .kernels import cpu_int8_gemv
 from .rotation.fusion import untie_embeddings
 from .tensors import RotatedMXFP4Tensor
 
@@ -41,8 +42,9 @@ class Int8WeightOnlyLinear(torch.nn.Module):
     Symmetric per-row int8 (``s = max|W_n| / 127``, ``Q = round(W / s)``, round half to even), the
     weight-only scheme of gpt-fast's and llama.cpp's 8-bit rows: the rounding error of an element is at
     most ``max|W_n| / 254``, so logits move by far less than any 4-bit head would move them. On CPU the
-    product is ATen's ``_weight_int8pack_mm`` (vectorised, reads the int8 codes directly, and Inductor
-    lowers it inside compiled graphs); elsewhere the weight is decoded and ``F.linear`` runs.
+    product reads the int8 codes directly: our ``int8_gemv`` kernel on CPUs without AVX-512
+    (:mod:`.kernels.cpu_int8_gemv`), ATen's ``_weight_int8pack_mm`` on the others; elsewhere the weight
+    is decoded and ``F.linear`` runs. Both are custom/ATen ops that compiled graphs call as one kernel.
     ``scales`` is a floating buffer, so ``.to(dtype)`` moves it with the model (the CPU kernel wants the
     activation's dtype; inputs of another dtype are cast to it).
     """
@@ -68,6 +70,8 @@ class Int8WeightOnlyLinear(torch.nn.Module):
         return cls(q, scale.to(linear.weight.dtype), linear.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if cpu_int8_gemv.applies(x, self.qweight):
+            return cpu_int8_gemv.int8_gemv(x, self.qweight, self.scales, self.bias)
         if x.device.type == "cpu" and self.scales.dtype in (torch.float32, torch.bfloat16, torch.float16):
             y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, x.shape[-1]).to(self.scales.dtype), self.qweight, self.scales)
             y = y.reshape(*x.shape[:-1], self.out_features)

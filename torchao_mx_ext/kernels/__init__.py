@@ -9,6 +9,8 @@
   to the pure-torch one, for many-row linears that hand the decoded weight to oneDNN/MKL.
 - ``cpu_mxfp4_quantize``: CPU quantize-dequantize of the activations in one pass (AVX-512), what W4A4
   linears run before their GEMM there.
+- ``cpu_int8_gemv``: CPU int8 weight-only GEMV, the product of the int8 output head
+  (``quantize_output_head``).
 - ``cpu_extension``: builds the C++ CPU kernels (one library) on first use.
 - ``cuda_mxfp4_mm``: MXFP4 tensor-core GEMM on Blackwell GPUs (``F.scaled_mm``).
 
@@ -26,9 +28,9 @@ import os
 
 import torch
 
-from . import cpu_extension, cpu_mxfp4_dequantize, cpu_mxfp4_gemv, cpu_mxfp4_mm, cpu_mxfp4_quantize, cuda_mxfp4_mm
+from . import cpu_extension, cpu_int8_gemv, cpu_mxfp4_dequantize, cpu_mxfp4_gemv, cpu_mxfp4_mm, cpu_mxfp4_quantize, cuda_mxfp4_mm
 
-__all__ = ["CPU_NATIVE_BF16_GEMM", "KERNEL_PREFERENCES", "check_kernel_preference", "cpu_extension", "cpu_mxfp4_dequantize", "cpu_mxfp4_gemv", "cpu_mxfp4_mm", "cpu_mxfp4_quantize", "cuda_mxfp4_mm", "effective_preference"]
+__all__ = ["CPU_NATIVE_BF16_GEMM", "KERNEL_PREFERENCES", "check_kernel_preference", "cpu_extension", "cpu_int8_gemv", "cpu_mxfp4_dequantize", "cpu_mxfp4_gemv", "cpu_mxfp4_mm", "cpu_mxfp4_quantize", "cuda_mxfp4_mm", "effective_preference"]
 
 KERNEL_PREFERENCES = ("auto", "emulated", "hw_mxfp4")
 

@@ -1,7 +1,8 @@
 """The C++ CPU kernels, built once per process from the sources beside this file.
 
-``mxfp4_gemv.cpp`` (weight-only dequant-GEMV, :mod:`.cpu_mxfp4_gemv`) and ``mxfp4_mm.cpp`` (exact
-integer W4A4 GEMM, :mod:`.cpu_mxfp4_mm`) are compiled into one library with
+``mxfp4_gemv.cpp`` (weight-only dequant-GEMV, :mod:`.cpu_mxfp4_gemv`), ``mxfp4_mm.cpp`` (exact
+integer W4A4 GEMM, :mod:`.cpu_mxfp4_mm`), the decode and quantize kernels and ``int8_gemv.cpp`` (the
+int8 output head, :mod:`.cpu_int8_gemv`) are compiled into one library with
 ``torch.utils.cpp_extension`` (needs a C++ compiler and ninja; the ``ninja`` PyPI package is a
 dependency) on the first call of either operator, and reused from torch's extension cache afterwards.
 The operators themselves (schemas, fake kernels, pure-torch fallbacks) are defined in Python by the
@@ -26,11 +27,12 @@ __all__ = ["DISABLE_ENV", "is_available"]
 
 logger = logging.getLogger(__name__)
 
-_SOURCES = [Path(__file__).with_name(f) for f in ("mxfp4_gemv.cpp", "mxfp4_mm.cpp", "mxfp4_dequantize.cpp", "mxfp4_fake_quantize.cpp")]
+_SOURCES = [Path(__file__).with_name(f) for f in ("mxfp4_gemv.cpp", "mxfp4_mm.cpp", "mxfp4_dequantize.cpp", "mxfp4_fake_quantize.cpp", "int8_gemv.cpp")]
 _HEADERS = [Path(__file__).with_name("cpu_isa.h")]
 _EXTENSION_NAME = "torchao_mx_ext_cpu_kernels"
 # One op per source: the library is loaded once all of them have a CPU kernel.
-_OPS = ("torchao_mx_ext::mxfp4_gemv", "torchao_mx_ext::mxfp4_mm", "torchao_mx_ext::mxfp4_dequantize", "torchao_mx_ext::mxfp4_fake_quantize")
+_OPS = ("torchao_mx_ext::mxfp4_gemv", "torchao_mx_ext::mxfp4_mm", "torchao_mx_ext::mxfp4_dequantize", "torchao_mx_ext::mxfp4_fake_quantize",
+        "torchao_mx_ext::int8_gemv")
 DISABLE_ENV = "TORCHAO_MX_EXT_CPU_KERNELS"
 
 _lock = threading.Lock()

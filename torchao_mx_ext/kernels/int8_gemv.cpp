@@ -1,0 +1,174 @@
+// Int8 weight-only GEMV for CPUs: y[m, n] = fl32(sum_k x[m, k] * q[n, k]) * s[n] (+ bias[n]), with
+// q int8 [N, K] and one scale per output row s [N] -- the output head of quantize_output_head("int8").
+//
+// The CPU kernel of torchao_mx_ext::int8_gemv; the operator (schema, fake kernel, pure-torch
+// fallback) is defined in Python: torchao_mx_ext/kernels/cpu_int8_gemv.py. Numbers: x is widened to
+// float32 from its own dtype, every product x * q is exact in float32 (an 8-bit times a 24-bit
+// significand), the sums are float32 (order differs from ATen's _weight_int8pack_mm), the row's sum is
+// multiplied by fl32(s[n]), the bias added in float32, and the result rounded once to out_dtype.
+//
+// Why not ATen's _weight_int8pack_mm: at batch 1 the head is the largest GEMV of a small decoder
+// (SmolLM2-135M: 49152 x 576), memory-bound at 1 byte a weight, and ATen's kernel runs it at well
+// under the memory bandwidth on AVX2 CPUs (benchmarks/gemv_bench.py). Here: AVX2 widens 8 codes to
+// float32 per step (vpmovsxbd + vcvtdq2ps) into FMAs, 4 weight rows at a time (independent chains,
+// one load of x for all); up to 4 rows of x share each widened chunk. Scalar elsewhere.
+
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <vector>
+
+#include "cpu_isa.h"
+
+namespace {
+
+using tme_cpu::kIsaAvx2;
+using tme_cpu::kIsaScalar;
+std::atomic<int> g_isa_override{-1};
+
+int current_isa() { return tme_cpu::current_isa(g_isa_override, kIsaAvx2); }
+
+struct Problem {
+  const float* x;      // [M, K] float32
+  const int8_t* q;     // [N, K]
+  const float* s;      // [N]
+  const float* bias;   // [N] or nullptr
+  void* out;           // [M, N] of out_t
+  at::ScalarType out_t;
+  int64_t M, N, K;
+};
+
+inline void store(const Problem& p, int64_t m, int64_t n, float dot) {
+  float v = dot * p.s[n];
+  if (p.bias) v += p.bias[n];
+  const int64_t i = m * p.N + n;
+  switch (p.out_t) {
+    case at::kBFloat16: static_cast<c10::BFloat16*>(p.out)[i] = c10::BFloat16(v); break;  // round to nearest even
+    case at::kHalf: static_cast<c10::Half*>(p.out)[i] = c10::Half(v); break;
+    default: static_cast<float*>(p.out)[i] = v; break;
+  }
+}
+
+template <int MT>
+void tile_scalar(const Problem& p, int64_t m0, int64_t n) {
+  const int8_t* q = p.q + n * p.K;
+  float acc[MT] = {};
+  for (int64_t k = 0; k < p.K; ++k)
+    for (int m = 0; m < MT; ++m) acc[m] += p.x[(m0 + m) * p.K + k] * static_cast<float>(q[k]);
+  for (int m = 0; m < MT; ++m) store(p, m0 + m, n, acc[m]);
+}
+
+#ifdef TME_X86_SIMD
+__attribute__((target("avx2,fma"))) inline float hsum(__m256 v) {
+  __m128 h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+  h = _mm_add_ss(h, _mm_movehdup_ps(h));
+  return _mm_cvtss_f32(h);
+}
+
+// x rows m0..m0+MT-1 against weight rows n..n+NR-1.
+template <int MT, int NR>
+__attribute__((target("avx2,fma"))) void tile_avx2(const Problem& p, int64_t m0, int64_t n) {
+  const int64_t K8 = p.K / 8 * 8;
+  __m256 acc[MT][NR];
+  for (int m = 0; m < MT; ++m)
+    for (int r = 0; r < NR; ++r) acc[m][r] = _mm256_setzero_ps();
+  for (int64_t k = 0; k < K8; k += 8) {
+    for (int r = 0; r < NR; ++r) {
+      const __m128i codes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p.q + (n + r) * p.K + k));
+      const __m256 w = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(codes));
+      for (int m = 0; m < MT; ++m) acc[m][r] = _mm256_fmadd_ps(w, _mm256_loadu_ps(p.x + (m0 + m) * p.K + k), acc[m][r]);
+    }
+  }
+  for (int m = 0; m < MT; ++m) {
+    for (int r = 0; r < NR; ++r) {
+      float dot = hsum(acc[m][r]);
+      for (int64_t k = K8; k < p.K; ++k) dot += p.x[(m0 + m) * p.K + k] * static_cast<float>(p.q[(n + r) * p.K + k]);
+      store(p, m0 + m, n + r, dot);
+    }
+  }
+}
+#endif
+
+template <int MT>
+void rows(int isa, const Problem& p, int64_t m0, int64_t n0, int64_t n1) {
+  int64_t n = n0;
+#ifdef TME_X86_SIMD
+  if (isa >= kIsaAvx2) {
+    constexpr int NR = MT == 1 ? 4 : MT == 2 ? 2 : 1;
+    for (; n + NR <= n1; n += NR) tile_avx2<MT, NR>(p, m0, n);
+    for (; n < n1; ++n) tile_avx2<MT, 1>(p, m0, n);
+    return;
+  }
+#endif
+  for (; n < n1; ++n) tile_scalar<MT>(p, m0, n);
+}
+
+constexpr int kRowTile = 4;           // x rows sharing one widening of a weight chunk
+constexpr int64_t kRowBlock = 16;     // weight rows every x row tile visits while they are in L1
+constexpr int64_t kGrainBytes = 64 * 1024;  // weight bytes per parallel task: small GEMVs stay on one thread
+
+at::Tensor int8_gemv(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
+                     const c10::optional<at::Tensor>& bias, c10::optional<at::ScalarType> out_dtype) {
+  TORCH_CHECK(x.device().is_cpu() && qweight.device().is_cpu() && scales.device().is_cpu(), "int8_gemv: CPU tensors expected");
+  TORCH_CHECK(qweight.dim() == 2 && qweight.scalar_type() == at::kChar, "int8_gemv: qweight must be a 2-D int8 tensor");
+  TORCH_CHECK(x.dim() >= 1 && at::isFloatingType(x.scalar_type()), "int8_gemv: x must be a floating-point tensor");
+  const int64_t N = qweight.size(0), K = qweight.size(1);
+  TORCH_CHECK(x.size(-1) == K, "int8_gemv: x has ", x.size(-1), " features, the weight ", K);
+  TORCH_CHECK(scales.dim() == 1 && scales.size(0) == N && at::isFloatingType(scales.scalar_type()),
+              "int8_gemv: scales must be a floating [N] tensor, N = ", N);
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == N && bias->device().is_cpu(), "int8_gemv: bias must be a CPU [N] tensor");
+  }
+  const at::ScalarType out_t = out_dtype.value_or(x.scalar_type());
+  TORCH_CHECK(out_t == at::kFloat || out_t == at::kBFloat16 || out_t == at::kHalf,
+              "int8_gemv: out_dtype must be float32, bfloat16 or float16");
+  std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
+  out_shape.back() = N;
+  auto out = at::empty(out_shape, x.options().dtype(out_t));
+  const int64_t M = K == 0 ? 0 : x.numel() / K;
+  if (M == 0 || N == 0) return K == 0 ? out.zero_() : out;
+
+  const auto xf = x.to(at::kFloat).contiguous();
+  const auto q = qweight.contiguous();
+  const auto s = scales.to(at::kFloat).contiguous();
+  at::Tensor bias_f;
+  if (bias.has_value()) bias_f = bias->to(at::kFloat).contiguous();
+  Problem p{xf.data_ptr<float>(), q.data_ptr<int8_t>(), s.data_ptr<float>(),
+            bias.has_value() ? bias_f.data_ptr<float>() : nullptr, out.data_ptr(), out_t, M, N, K};
+  const int isa = current_isa();
+  const int64_t grain = std::max<int64_t>(1, kGrainBytes / K);
+  at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
+    for (int64_t b0 = n0; b0 < n1; b0 += kRowBlock) {
+      const int64_t b1 = std::min(n1, b0 + kRowBlock);
+      for (int64_t m0 = 0; m0 < M; m0 += kRowTile) {
+        switch (std::min<int64_t>(kRowTile, M - m0)) {
+          case 1: rows<1>(isa, p, m0, b0, b1); break;
+          case 2: rows<2>(isa, p, m0, b0, b1); break;
+          case 3: rows<3>(isa, p, m0, b0, b1); break;
+          default: rows<4>(isa, p, m0, b0, b1); break;
+        }
+      }
+    }
+  });
+  return out;
+}
+
+// Test hook: force a narrower code path (0 scalar, 1 AVX2; -1 = best available). Returns the path now in use.
+int64_t int8_gemv_set_isa(int64_t isa) {
+  g_isa_override.store(static_cast<int>(isa));
+  return current_isa();
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(torchao_mx_ext, m) { m.def("_int8_gemv_set_isa(int isa) -> int", &int8_gemv_set_isa); }
+
+TORCH_LIBRARY_IMPL(torchao_mx_ext, CPU, m) { m.impl("int8_gemv", &int8_gemv); }
