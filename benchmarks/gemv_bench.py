@@ -15,6 +15,10 @@ ratios are comparable even on a busy machine (absolute times are not). Variants:
   with the kernel switched off (the weight decoded densely on every call, then a bf16 GEMM)
 - ``mx_kernel`` / ``mx_kernel_compiled``: the same layer through the fused kernel (what it does by default)
 - ``kernel_op_bf16`` / ``kernel_op_fp32``: the operator alone, bf16 / float32 activations
+- ``kernel_op_mx_input``: the operator alone on an MX fake-quantized bf16 input (a W4A4 decode step's
+  input): on AVX2 CPUs its exact integer path
+- ``int8_aten`` / ``int8_kernel``: the int8 weight-only product of ``quantize_output_head("int8")`` on the
+  same weight, ATen's ``_weight_int8pack_mm`` / our ``int8_gemv`` op
 
 Then the seven linears of two SmolLM2-135M decoder layers as one graph (bf16 eager and compiled,
 ours eager and compiled, the dequantize path compiled): torch.compile's per-call wrapper costs tens of
@@ -40,7 +44,9 @@ from torch._inductor.utils import run_and_get_code
 from torchao.quantization import quantize_
 
 import torchao_mx_ext as tme
-from torchao_mx_ext.kernels import cpu_mxfp4_gemv
+from torchao_mx_ext.inference import Int8WeightOnlyLinear
+from torchao_mx_ext.kernels import cpu_int8_gemv, cpu_mxfp4_gemv
+from torchao_mx_ext.mx.quantize import mxfp4_fake_quantize
 
 DEFAULT_SHAPES = "576x576,576x192,576x1536,1536x576,576x49152"
 
@@ -115,6 +121,8 @@ def variants_for(k: int, n: int, rows: int, rotation: bool, compiled: bool) -> t
     quantize_(mx, config)
     w = mx.weight
     xr = w.rotate_input(xb)
+    xq = mxfp4_fake_quantize(xr.float(), w.block_size, w.scale_rule).bfloat16()
+    head = Int8WeightOnlyLinear.from_linear(copy.deepcopy(dense).to(torch.bfloat16))
 
     def off(fn):
         def wrapped():
@@ -130,6 +138,9 @@ def variants_for(k: int, n: int, rows: int, rotation: bool, compiled: bool) -> t
         "mx_kernel": lambda: mx(xb),
         "kernel_op_bf16": lambda: cpu_mxfp4_gemv.mxfp4_gemv(xr.bfloat16(), w.qdata, w.scale, w.block_size, w.scale_rule),
         "kernel_op_fp32": lambda: cpu_mxfp4_gemv.mxfp4_gemv(xr, w.qdata, w.scale, w.block_size, w.scale_rule),
+        "kernel_op_mx_input": lambda: cpu_mxfp4_gemv.mxfp4_gemv(xq, w.qdata, w.scale, w.block_size, w.scale_rule),
+        "int8_aten": lambda: torch.ops.aten._weight_int8pack_mm(xb, head.qweight, head.scales),
+        "int8_kernel": lambda: cpu_int8_gemv.int8_gemv(xb, head.qweight, head.scales),
     }
     if compiled:
         # Two functions, so two code objects: Dynamo keeps one cache per code object and would
@@ -149,8 +160,10 @@ def variants_for(k: int, n: int, rows: int, rotation: bool, compiled: bool) -> t
     weight_bytes = {
         "bf16": 2 * n * k, "bf16_compiled": 2 * n * k, "fp32": 4 * n * k,
         **{name: mx_bytes for name in fns if name.startswith(("mx_", "kernel_"))},
+        "int8_aten": n * k + 2 * n, "int8_kernel": n * k + 2 * n,
     }
-    order = ["bf16", "bf16_compiled", "fp32", "mx_dequant", "mx_dequant_compiled", "mx_kernel", "mx_kernel_compiled", "kernel_op_bf16", "kernel_op_fp32"]
+    order = ["bf16", "bf16_compiled", "fp32", "mx_dequant", "mx_dequant_compiled", "mx_kernel", "mx_kernel_compiled", "kernel_op_bf16",
+             "kernel_op_fp32", "kernel_op_mx_input", "int8_aten", "int8_kernel"]
     return {name: fns[name] for name in order if name in fns}, weight_bytes
 
 

@@ -11,7 +11,8 @@
 // (SmolLM2-135M: 49152 x 576), memory-bound at 1 byte a weight, and ATen's kernel runs it at well
 // under the memory bandwidth on AVX2 CPUs (benchmarks/gemv_bench.py). Here: AVX2 widens 8 codes to
 // float32 per step (vpmovsxbd + vcvtdq2ps) into FMAs, 4 weight rows at a time (independent chains,
-// one load of x for all); up to 4 rows of x share each widened chunk. Scalar elsewhere.
+// one load of x for all), prefetching the weight ahead; up to 4 rows of x share each widened chunk.
+// Scalar elsewhere.
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -66,6 +67,11 @@ void tile_scalar(const Problem& p, int64_t m0, int64_t n) {
 }
 
 #ifdef TME_X86_SIMD
+// The weight streams from memory once per call (the head is larger than the caches) and the hardware
+// prefetcher alone keeps too few lines in flight: 2x the GEMV's speed on Zen 3 with this (49152 x 576,
+// one thread, ad hoc: 6.5 -> 12-13 G multiply-adds/s), about 2 weight tiles ahead.
+constexpr int64_t kPrefetchBytes = 4608;
+
 __attribute__((target("avx2,fma"))) inline float hsum(__m256 v) {
   __m128 h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   h = _mm_add_ps(h, _mm_movehl_ps(h, h));
@@ -81,6 +87,9 @@ __attribute__((target("avx2,fma"))) void tile_avx2(const Problem& p, int64_t m0,
   for (int m = 0; m < MT; ++m)
     for (int r = 0; r < NR; ++r) acc[m][r] = _mm256_setzero_ps();
   for (int64_t k = 0; k < K8; k += 8) {
+    if (k % 64 == 0) {  // one cache line of each row: ask for the one kPrefetchBytes ahead
+      for (int r = 0; r < NR; ++r) _mm_prefetch(reinterpret_cast<const char*>(p.q + (n + r) * p.K + k + kPrefetchBytes), _MM_HINT_T0);
+    }
     for (int r = 0; r < NR; ++r) {
       const __m128i codes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p.q + (n + r) * p.K + k));
       const __m256 w = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(codes));

@@ -220,6 +220,11 @@ __attribute__((target("avx2,fma"))) void rows_avx2(const Problem& p, int64_t m0,
   }
 }
 
+// The integer path streams the codes from memory at up to ~13 GB/s on Zen 3 (a decoder's weights exceed
+// the caches); software prefetch about two 4-row tiles ahead keeps more lines in flight: +20% for a
+// weight larger than L3 (ad hoc, one thread, 131072 x 576: 25.6 -> 30-32 G multiply-adds/s).
+constexpr int64_t kPrefetchBytes = 2304;
+
 // AVX2 integer path (see the top): MT rows of x against NR weight rows n..n+NR-1, one pair of chunks
 // per step. Lanes: vpmaddubsw pairs bytes 2i, 2i+1 into int16 lane i, vpmaddwd int16 lanes 2l, 2l+1
 // into int32 lane l, so int32 lane l holds bytes 4l..4l+3 of the even and of the odd register:
@@ -236,6 +241,9 @@ __attribute__((target("avx2,fma"))) void tile_avx2_int(const Problem& p, int64_t
   for (int64_t j = 0; j < p.P; ++j) {
     const int64_t c = 2 * j;
     const bool pair = c + 1 < nc;  // a last, unpaired chunk: zero activations (and scale) for c + 1
+    if (j % 2 == 0) {  // one cache line of each row's codes per two pairs
+      for (int r = 0; r < NR; ++r) _mm_prefetch(reinterpret_cast<const char*>(p.q + (n + r) * half_k + c * 16 + kPrefetchBytes), _MM_HINT_T0);
+    }
     for (int r = 0; r < NR; ++r) {
       const uint8_t* q = p.q + (n + r) * half_k + c * 16;
       const __m256i bytes = pair ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q))
