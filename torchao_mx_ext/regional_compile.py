@@ -16,7 +16,9 @@ that this module removes, and one exactness trap (timings: ``docs/results.md``):
   key/value head into the query-length axis (``pack_gqa``: ``[B, H, 1, D] -> [B, H_kv, H / H_kv, D]``),
   so attention reads each cached key once instead of ``H / H_kv`` times; it skips that under Dynamo and
   repeats keys and values instead (``repeat_kv``). :data:`PACKED_GQA_SDPA` is an attention
-  implementation that packs in compiled code too. Same math; the softmax runs over the same keys.
+  implementation that packs in compiled code too. Same math; the softmax runs over the same keys. On
+  CPUs below AVX-512 the packed step runs :mod:`.kernels.cpu_decode_attention` (ATen's flash attention
+  spends a decode step in emulated bf16 GEMMs there).
 * **Exactness.** Inductor's ``emulate_precision_casts`` is on, so a bfloat16 W4A4 model compiles to the
   same logits as eager (activation quantization would turn fused-precision differences into FP4 steps).
 
@@ -35,6 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from .architectures import decoder_layers
+from .kernels import cpu_decode_attention
 
 __all__ = ["PACKED_GQA_SDPA", "compile_decoder_layers", "compile_model", "packed_gqa_sdpa_attention", "register_packed_gqa_sdpa"]
 
@@ -60,7 +63,10 @@ def packed_gqa_sdpa_attention(module, query, key, value, attention_mask, dropout
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     batch, heads, _, dim = query.shape
     packed = query.reshape(batch, heads // groups, groups, dim)
-    out = F.scaled_dot_product_attention(packed, key, value, attn_mask=attention_mask, dropout_p=dropout, scale=scaling)
+    if cpu_decode_attention.applies(packed, key, value, attention_mask, dropout):  # AVX2 CPUs: the few-row kernel
+        out = cpu_decode_attention.decode_attention(packed, key, value, attention_mask, scaling)
+    else:
+        out = F.scaled_dot_product_attention(packed, key, value, attn_mask=attention_mask, dropout_p=dropout, scale=scaling)
     return out.reshape(out.shape[0], heads, 1, value.shape[-1]).transpose(1, 2).contiguous(), None
 
 

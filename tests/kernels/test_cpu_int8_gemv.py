@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from torchao_mx_ext.inference import Int8WeightOnlyLinear
-from torchao_mx_ext.kernels import cpu_int8_gemv
+from torchao_mx_ext.kernels import cpu_extension, cpu_int8_gemv
 
 from kernel_paths import kernel_path_fixtures
 
@@ -109,7 +109,7 @@ def test_int8_head_uses_the_kernel_where_aten_is_not_vectorised(monkeypatch):
 
     head = Int8WeightOnlyLinear.from_linear(torch.nn.Linear(64, 40, bias=False).to(torch.bfloat16))
     x = torch.randn(1, 64).bfloat16()
-    monkeypatch.setattr(cpu_int8_gemv, "ATEN_AVX512", False)
+    monkeypatch.setattr(cpu_extension, "ATEN_AVX512", False)
     assert cpu_int8_gemv.applies(x, head.qweight)
     torch._dynamo.reset()
     with torch.no_grad():
@@ -119,6 +119,6 @@ def test_int8_head_uses_the_kernel_where_aten_is_not_vectorised(monkeypatch):
     assert len(re.findall(r"torch\.ops\.torchao_mx_ext\.int8_gemv\.default\(", "\n".join(code))) == 1
     ref, magnitude = reference(x, head.qweight, head.scales)
     check(eager, ref, magnitude, torch.bfloat16, 64)
-    monkeypatch.setattr(cpu_int8_gemv, "ATEN_AVX512", True)
+    monkeypatch.setattr(cpu_extension, "ATEN_AVX512", True)
     assert not cpu_int8_gemv.applies(x, head.qweight)
     torch.testing.assert_close(head(x).float(), eager.float(), rtol=2**-7, atol=1e-3)

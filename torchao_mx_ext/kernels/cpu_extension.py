@@ -2,7 +2,8 @@
 
 ``mxfp4_gemv.cpp`` (weight-only dequant-GEMV, :mod:`.cpu_mxfp4_gemv`), ``mxfp4_mm.cpp`` (exact
 integer W4A4 GEMM, :mod:`.cpu_mxfp4_mm`), the decode and quantize kernels and ``int8_gemv.cpp`` (the
-int8 output head, :mod:`.cpu_int8_gemv`) are compiled into one library with
+int8 output head, :mod:`.cpu_int8_gemv`) and ``decode_attention.cpp`` (:mod:`.cpu_decode_attention`) are
+compiled into one library with
 ``torch.utils.cpp_extension`` (needs a C++ compiler and ninja; the ``ninja`` PyPI package is a
 dependency) on the first call of either operator, and reused from torch's extension cache afterwards.
 The operators themselves (schemas, fake kernels, pure-torch fallbacks) are defined in Python by the
@@ -23,17 +24,24 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["DISABLE_ENV", "is_available"]
+__all__ = ["ATEN_AVX512", "DISABLE_ENV", "is_available", "known_unavailable"]
 
 logger = logging.getLogger(__name__)
 
-_SOURCES = [Path(__file__).with_name(f) for f in ("mxfp4_gemv.cpp", "mxfp4_mm.cpp", "mxfp4_dequantize.cpp", "mxfp4_fake_quantize.cpp", "int8_gemv.cpp")]
+_SOURCES = [Path(__file__).with_name(f) for f in ("mxfp4_gemv.cpp", "mxfp4_mm.cpp", "mxfp4_dequantize.cpp", "mxfp4_fake_quantize.cpp", "int8_gemv.cpp",
+                                                   "decode_attention.cpp")]
 _HEADERS = [Path(__file__).with_name("cpu_isa.h")]
 _EXTENSION_NAME = "torchao_mx_ext_cpu_kernels"
 # One op per source: the library is loaded once all of them have a CPU kernel.
 _OPS = ("torchao_mx_ext::mxfp4_gemv", "torchao_mx_ext::mxfp4_mm", "torchao_mx_ext::mxfp4_dequantize", "torchao_mx_ext::mxfp4_fake_quantize",
-        "torchao_mx_ext::int8_gemv")
+        "torchao_mx_ext::int8_gemv", "torchao_mx_ext::decode_attention")
 DISABLE_ENV = "TORCHAO_MX_EXT_CPU_KERNELS"
+
+# Whether ATen runs its own CPU kernels at AVX-512 width here (ATEN_CPU_CAPABILITY included). Our int8
+# GEMV and decode attention have AVX2 paths only; they replace ATen's where ATen's are narrower or
+# emulate bf16 GEMMs (AVX2 CPUs), and leave AVX-512 CPUs to ATen. Read once at import: compiled graphs
+# see a constant.
+ATEN_AVX512 = torch.backends.cpu.get_cpu_capability() == "AVX512"
 
 _lock = threading.Lock()
 _state: bool | None = None  # None: not tried yet

@@ -55,19 +55,13 @@ def _fallback_int8_gemv(x, qweight, scales, bias=None, out_dtype=None):
     return reference_int8_gemv(x, qweight, scales, bias, out_dtype)
 
 
-# ATen's _weight_int8pack_mm has AVX-512 paths of its own (what earlier AVX-512 / AMX measurements of the
-# int8 head ran); this kernel's widest path is AVX2, so it takes over on CPUs below AVX-512 only. Read
-# once at import (ATEN_CPU_CAPABILITY included): compiled graphs see a constant.
-ATEN_AVX512 = torch.backends.cpu.get_cpu_capability() == "AVX512"
-
-
 def applies(x: torch.Tensor, qweight: torch.Tensor) -> bool:
     """Whether the kernel should run ``x`` against ``qweight``: both on the CPU of a kind without
     AVX-512 (where ATen's kernel is vectorised itself), no gradient needed (the kernel has no backward),
     and the kernels not known to be unavailable (the build is tried on the operator's first call)."""
     if x.device.type != "cpu" or qweight.device.type != "cpu" or cpu_extension.known_unavailable():
         return False
-    if ATEN_AVX512:
+    if cpu_extension.ATEN_AVX512:  # ATen's kernel has AVX-512 paths (what the AMX measurements ran)
         return False
     return not (torch.is_grad_enabled() and x.requires_grad)
 

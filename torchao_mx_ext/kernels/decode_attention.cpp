@@ -1,0 +1,394 @@
+// Scaled dot-product attention for a few query rows (a decode step) on CPUs:
+//   out[b, h, i] = sum_l p[i, l] v[b, h, l] / sum_l p[i, l],   p[i, l] = exp(s[i, l] - max_l s[i, l]),
+//   s[i, l] = scale * q[b, h, i] . k[b, h, l] + mask[i, l]
+// with a boolean mask (false: the key is left out) or an additive floating one; a row whose keys are
+// all left out gives zeros (as ATen's CPU flash attention does). F.scaled_dot_product_attention's
+// math for q [B, H, Lq, D], k [B, H, L, D], v [B, H, L, Dv] (no dropout, no GQA broadcast: the caller
+// packs grouped query heads into Lq), mask broadcastable to [B, H, Lq, L].
+//
+// The CPU kernel of torchao_mx_ext::decode_attention; the operator (schema, fake kernel, pure-torch
+// fallback) is defined in Python: torchao_mx_ext/kernels/cpu_decode_attention.py. Numbers: q, k, v are
+// widened to float32; scores, the softmax and the weighted sum of values are float32 (the weights are
+// not rounded to the input dtype, which ATen's bf16 flash attention does), the output is rounded once
+// to q's dtype. exp is std::exp on the scalar path and a polynomial on the AVX2 one (about 2 ulps;
+// weights below e^-87 of the row's largest are 0).
+//
+// Why: ATen's CPU flash attention tiles for long queries; for one to a few query rows on CPUs without
+// native bf16 GEMMs (AVX2) it spends most of its time in emulated bf16 GEMMs: ~120-190 us for
+// SmolLM2-135M's decode step (3 heads x 3 packed rows, 578 cached keys, one thread), where the
+// arithmetic is ~0.7 M multiply-adds. Here every key row is widened once and used by all query rows.
+
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <type_traits>
+#include <vector>
+
+#include "cpu_isa.h"
+
+namespace {
+
+using tme_cpu::kIsaAvx2;
+using tme_cpu::kIsaScalar;
+std::atomic<int> g_isa_override{-1};
+
+int current_isa() { return tme_cpu::current_isa(g_isa_override, kIsaAvx2); }
+
+template <typename scalar_t>
+inline void widen(const scalar_t* src, float* dst, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<float>(src[i]);
+}
+
+inline float dot_scalar(const float* a, const float* b, int64_t n) {
+  float s = 0.0f;
+  for (int64_t i = 0; i < n; ++i) s += a[i] * b[i];
+  return s;
+}
+
+inline void axpy_scalar(float a, const float* x, float* y, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) y[i] += a * x[i];
+}
+
+float softmax_numerators_scalar(float* s, int64_t L, float mx) {
+  float sum = 0.0f;
+  for (int64_t l = 0; l < L; ++l) {
+    s[l] = std::exp(s[l] - mx);  // exp(-inf) = 0: masked-out keys
+    sum += s[l];
+  }
+  return sum;
+}
+
+#ifdef TME_X86_SIMD
+__attribute__((target("avx2,fma"))) float dot_avx2(const float* a, const float* b, int64_t n) {
+  __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc0);
+    acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8), acc1);
+  }
+  for (; i + 8 <= n; i += 8) acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc0);
+  const __m256 v = _mm256_add_ps(acc0, acc1);
+  __m128 h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+  h = _mm_add_ss(h, _mm_movehdup_ps(h));
+  float s = _mm_cvtss_f32(h);
+  for (; i < n; ++i) s += a[i] * b[i];
+  return s;
+}
+
+__attribute__((target("avx2,fma"))) void axpy_avx2(float a, const float* x, float* y, int64_t n) {
+  const __m256 av = _mm256_set1_ps(a);
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(y + i, _mm256_fmadd_ps(av, _mm256_loadu_ps(x + i), _mm256_loadu_ps(y + i)));
+  for (; i < n; ++i) y[i] += a * x[i];
+}
+
+// exp(x) for x <= 0 (scores minus their row maximum), Cephes' expf: x = n ln2 + r, |r| <= ln2 / 2,
+// exp(r) by a degree-7 polynomial (relative error about 2 float32 ulps), 2^n through the exponent
+// bits. x < -87 (weights below e^-87 of the row's largest, including masked-out keys at -inf) gives 0.
+__attribute__((target("avx2,fma"))) inline __m256 exp_nonpositive_avx2(__m256 x) {
+  const __m256 tiny = _mm256_cmp_ps(x, _mm256_set1_ps(-87.0f), _CMP_LT_OQ);  // also true for -inf, false for NaN
+  x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 y = _mm256_set1_ps(1.9875691500e-4f);
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.3981999507e-3f));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(8.3334519073e-3f));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(4.1665795894e-2f));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.6666665459e-1f));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(5.0000001201e-1f));
+  y = _mm256_fmadd_ps(y, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+  const __m256i pow2n = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_andnot_ps(tiny, _mm256_mul_ps(y, _mm256_castsi256_ps(pow2n)));
+}
+
+// s[l] <- exp(s[l] - mx) for a row; returns their sum.
+__attribute__((target("avx2,fma"))) float softmax_numerators_avx2(float* s, int64_t L, float mx) {
+  const __m256 m = _mm256_set1_ps(mx);
+  __m256 acc = _mm256_setzero_ps();
+  int64_t l = 0;
+  for (; l + 8 <= L; l += 8) {
+    const __m256 p = exp_nonpositive_avx2(_mm256_sub_ps(_mm256_loadu_ps(s + l), m));
+    _mm256_storeu_ps(s + l, p);
+    acc = _mm256_add_ps(acc, p);
+  }
+  if (l < L) {  // the tail through a padded buffer (-inf lanes give 0)
+    alignas(32) float t[8];
+    for (int j = 0; j < 8; ++j) t[j] = l + j < L ? s[l + j] : -std::numeric_limits<float>::infinity();
+    const __m256 p = exp_nonpositive_avx2(_mm256_sub_ps(_mm256_load_ps(t), m));
+    _mm256_store_ps(t, p);
+    for (int64_t j = 0; l + j < L; ++j) s[l + j] = t[j];
+    acc = _mm256_add_ps(acc, p);
+  }
+  __m128 h = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
+  h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+  h = _mm_add_ss(h, _mm_movehdup_ps(h));
+  return _mm_cvtss_f32(h);
+}
+
+// bf16 -> float32 is a 16-bit shift.
+__attribute__((target("avx2"))) void widen_bf16_avx2(const c10::BFloat16* src, float* dst, int64_t n) {
+  const uint16_t* s = reinterpret_cast<const uint16_t*>(src);
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(s + i)));
+    _mm256_storeu_ps(dst + i, _mm256_castsi256_ps(_mm256_slli_epi32(w, 16)));
+  }
+  for (; i < n; ++i) dst[i] = static_cast<float>(src[i]);
+}
+#endif
+
+// 8 values from bf16 or float32 as float32 lanes.
+template <typename scalar_t>
+__attribute__((target("avx2,fma"))) inline __m256 load8(const scalar_t* p) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    return _mm256_loadu_ps(p);
+  } else {
+    const __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));  // bf16 -> float32 is a 16-bit shift
+  }
+}
+
+__attribute__((target("avx2,fma"))) inline float hsum8(__m256 v) {
+  __m128 h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+  h = _mm_add_ss(h, _mm_movehdup_ps(h));
+  return _mm_cvtss_f32(h);
+}
+
+// The AVX2 path for bf16 / float32 with D and Dv multiples of 8 (everything inlined): every key row is
+// read once and dotted with all Lq query rows; the values are then summed row by row with the
+// accumulators in registers, 64 dimensions at a time.
+template <typename scalar_t, typename mask_t>
+__attribute__((target("avx2,fma"))) void attend_avx2(const scalar_t* q, const scalar_t* k, const scalar_t* v, const mask_t* const* mask_rows,
+                                                   float scale, int64_t Lq, int64_t L, int64_t D, int64_t Dv, scalar_t* out,
+                                                   std::vector<float>& work) {
+  constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+  work.resize(Lq * D + Lq * L);
+  float* qf = work.data();
+  float* s = qf + Lq * D;
+  for (int64_t i = 0; i < Lq * D; i += 8) _mm256_storeu_ps(qf + i, load8(q + i));
+  for (int64_t l = 0; l < L; ++l) {
+    bool any = false;
+    for (int64_t i = 0; i < Lq; ++i) {
+      const mask_t* m = mask_rows[i];
+      if constexpr (std::is_same_v<mask_t, bool>) {
+        any |= m == nullptr || m[l];
+      } else {
+        any |= m == nullptr || m[l] != kNegInf;
+      }
+    }
+    if (!any) {  // every row leaves this key out: no need to read it
+      for (int64_t i = 0; i < Lq; ++i) s[i * L + l] = kNegInf;
+      continue;
+    }
+    const scalar_t* kl = k + l * D;
+    for (int64_t i = 0; i < Lq; ++i) {
+      const float* qi = qf + i * D;
+      __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+      int64_t d = 0;
+      for (; d + 16 <= D; d += 16) {
+        a0 = _mm256_fmadd_ps(_mm256_loadu_ps(qi + d), load8(kl + d), a0);
+        a1 = _mm256_fmadd_ps(_mm256_loadu_ps(qi + d + 8), load8(kl + d + 8), a1);
+      }
+      if (d < D) a0 = _mm256_fmadd_ps(_mm256_loadu_ps(qi + d), load8(kl + d), a0);
+      float x = hsum8(_mm256_add_ps(a0, a1)) * scale;
+      const mask_t* m = mask_rows[i];
+      if constexpr (std::is_same_v<mask_t, bool>) {
+        if (m != nullptr && !m[l]) x = kNegInf;
+      } else {
+        if (m != nullptr) x += m[l];
+      }
+      s[i * L + l] = x;
+    }
+  }
+  for (int64_t i = 0; i < Lq; ++i) {
+    float* si = s + i * L;
+    float mx = kNegInf;
+    for (int64_t l = 0; l < L; ++l) mx = std::max(mx, si[l]);
+    const float sum = mx == kNegInf ? 0.0f : softmax_numerators_avx2(si, L, mx);
+    if (mx == kNegInf) std::fill(si, si + L, 0.0f);
+    const __m256 inv = _mm256_set1_ps(sum > 0.0f ? 1.0f / sum : 0.0f);  // all keys left out: zeros, as ATen
+    for (int64_t d0 = 0; d0 < Dv; d0 += 64) {
+      const int nv = static_cast<int>(std::min<int64_t>(64, Dv - d0) / 8);
+      __m256 acc[8];
+      for (int j = 0; j < 8; ++j) acc[j] = _mm256_setzero_ps();
+      for (int64_t l = 0; l < L; ++l) {
+        if (si[l] == 0.0f) continue;
+        const __m256 p = _mm256_set1_ps(si[l]);
+        const scalar_t* vl = v + l * Dv + d0;
+        for (int j = 0; j < 8; ++j)
+          if (j < nv) acc[j] = _mm256_fmadd_ps(p, load8(vl + 8 * j), acc[j]);
+      }
+      for (int j = 0; j < nv; ++j) {
+        alignas(32) float t[8];
+        _mm256_store_ps(t, _mm256_mul_ps(acc[j], inv));
+        for (int e = 0; e < 8; ++e) out[i * Dv + d0 + 8 * j + e] = static_cast<scalar_t>(t[e]);
+      }
+    }
+  }
+}
+
+struct Ops {
+  float (*dot)(const float*, const float*, int64_t);
+  void (*axpy)(float, const float*, float*, int64_t);
+  float (*softmax_numerators)(float*, int64_t, float);
+};
+
+template <typename scalar_t>
+void widen_row(int isa, const scalar_t* src, float* dst, int64_t n) {
+#ifdef TME_X86_SIMD
+  if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+    if (isa >= kIsaAvx2) return widen_bf16_avx2(src, dst, n);
+  }
+#endif
+  widen(src, dst, n);
+}
+
+// One (b, h): Lq query rows against L keys. mask_row(i) gives row i's mask (or nullptr): bool or
+// float32 [L].
+template <typename scalar_t, typename mask_t>
+void attend(int isa, const Ops& ops, const scalar_t* q, const scalar_t* k, const scalar_t* v, const mask_t* const* mask_rows,
+            float scale, int64_t Lq, int64_t L, int64_t D, int64_t Dv, scalar_t* out, std::vector<float>& work) {
+#ifdef TME_X86_SIMD
+  if constexpr (std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, c10::BFloat16>) {
+    if (isa >= kIsaAvx2 && D % 8 == 0 && Dv % 8 == 0) return attend_avx2(q, k, v, mask_rows, scale, Lq, L, D, Dv, out, work);
+  }
+#endif
+  work.resize(Lq * D + Lq * L + Lq * Dv + std::max(D, Dv));
+  float* qf = work.data();
+  float* s = qf + Lq * D;
+  float* acc = s + Lq * L;
+  float* row = acc + Lq * Dv;
+  for (int64_t i = 0; i < Lq; ++i) widen_row(isa, q + i * D, qf + i * D, D);
+  constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+  for (int64_t l = 0; l < L; ++l) {
+    bool any = false;
+    for (int64_t i = 0; i < Lq; ++i) {
+      const mask_t* m = mask_rows[i];
+      if constexpr (std::is_same_v<mask_t, bool>) {
+        any |= m == nullptr || m[l];
+      } else {
+        any |= m == nullptr || m[l] != kNegInf;
+      }
+    }
+    if (!any) {  // every row leaves this key out: no need to read it
+      for (int64_t i = 0; i < Lq; ++i) s[i * L + l] = kNegInf;
+      continue;
+    }
+    widen_row(isa, k + l * D, row, D);
+    for (int64_t i = 0; i < Lq; ++i) {
+      const mask_t* m = mask_rows[i];
+      float x = ops.dot(qf + i * D, row, D) * scale;
+      if constexpr (std::is_same_v<mask_t, bool>) {
+        if (m != nullptr && !m[l]) x = kNegInf;
+      } else {
+        if (m != nullptr) x += m[l];
+      }
+      s[i * L + l] = x;
+    }
+  }
+  std::vector<float> sums(Lq);
+  for (int64_t i = 0; i < Lq; ++i) {
+    float mx = kNegInf;
+    for (int64_t l = 0; l < L; ++l) mx = std::max(mx, s[i * L + l]);
+    if (mx == kNegInf) {  // every key left out: zero weights
+      std::fill(s + i * L, s + (i + 1) * L, 0.0f);
+      sums[i] = 0.0f;
+      continue;
+    }
+    sums[i] = ops.softmax_numerators(s + i * L, L, mx);
+  }
+  std::fill(acc, acc + Lq * Dv, 0.0f);
+  for (int64_t l = 0; l < L; ++l) {
+    bool any = false;
+    for (int64_t i = 0; i < Lq; ++i) any |= s[i * L + l] != 0.0f;
+    if (!any) continue;
+    widen_row(isa, v + l * Dv, row, Dv);
+    for (int64_t i = 0; i < Lq; ++i) {
+      const float p = s[i * L + l];
+      if (p != 0.0f) ops.axpy(p, row, acc + i * Dv, Dv);
+    }
+  }
+  for (int64_t i = 0; i < Lq; ++i) {
+    const float inv = sums[i] > 0.0f ? 1.0f / sums[i] : 0.0f;  // all keys left out: zeros, as ATen
+    for (int64_t j = 0; j < Dv; ++j) out[i * Dv + j] = static_cast<scalar_t>(acc[i * Dv + j] * inv);
+  }
+}
+
+at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const c10::optional<at::Tensor>& mask,
+                            double scale) {
+  TORCH_CHECK(q.device().is_cpu() && k.device().is_cpu() && v.device().is_cpu(), "decode_attention: CPU tensors expected");
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "decode_attention: q, k, v must be 4-D [B, H, L, D]");
+  TORCH_CHECK(q.scalar_type() == k.scalar_type() && q.scalar_type() == v.scalar_type(), "decode_attention: q, k, v differ in dtype");
+  const int64_t B = q.size(0), H = q.size(1), Lq = q.size(2), D = q.size(3), L = k.size(2), Dv = v.size(3);
+  TORCH_CHECK(k.size(0) == B && k.size(1) == H && k.size(3) == D, "decode_attention: k ", k.sizes(), " does not match q ", q.sizes());
+  TORCH_CHECK(v.size(0) == B && v.size(1) == H && v.size(2) == L, "decode_attention: v ", v.sizes(), " does not match k ", k.sizes());
+  at::Tensor m;
+  if (mask.has_value()) {
+    m = *mask;
+    TORCH_CHECK(m.device().is_cpu(), "decode_attention: the mask must be on the CPU");
+    TORCH_CHECK(m.dim() <= 4, "decode_attention: the mask must have at most 4 dimensions");
+    m = m.expand({B, H, Lq, L});  // checks broadcastability
+    if (m.scalar_type() != at::kBool) m = m.to(at::kFloat);
+    TORCH_CHECK(m.stride(3) == 1 || L == 1 || m.stride(3) == 0, "decode_attention: the mask's last dimension must be contiguous");
+    if (m.stride(3) == 0 && L > 1) m = m.contiguous();
+  }
+  auto out = at::empty({B, H, Lq, Dv}, q.options());
+  if (out.numel() == 0) return out;
+  const auto qc = q.contiguous(), kc = k.contiguous(), vc = v.contiguous();
+  const int isa = current_isa();
+  Ops ops{dot_scalar, axpy_scalar, softmax_numerators_scalar};
+#ifdef TME_X86_SIMD
+  if (isa >= kIsaAvx2) ops = Ops{dot_avx2, axpy_avx2, softmax_numerators_avx2};
+#endif
+  const float sc = static_cast<float>(scale);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "decode_attention", [&] {
+    const scalar_t* qp = qc.data_ptr<scalar_t>();
+    const scalar_t* kp = kc.data_ptr<scalar_t>();
+    const scalar_t* vp = vc.data_ptr<scalar_t>();
+    scalar_t* op = out.data_ptr<scalar_t>();
+    at::parallel_for(0, B * H, 1, [&](int64_t bh0, int64_t bh1) {
+      std::vector<float> work;
+      for (int64_t bh = bh0; bh < bh1; ++bh) {
+        const int64_t b = bh / H, h = bh % H;
+        const int64_t qo = bh * Lq * D, ko = bh * L * D, vo = bh * L * Dv, oo = bh * Lq * Dv;
+        if (!m.defined()) {
+          std::vector<const bool*> rows(Lq, nullptr);
+          attend<scalar_t, bool>(isa, ops, qp + qo, kp + ko, vp + vo, rows.data(), sc, Lq, L, D, Dv, op + oo, work);
+        } else if (m.scalar_type() == at::kBool) {
+          std::vector<const bool*> rows(Lq);
+          for (int64_t i = 0; i < Lq; ++i) rows[i] = m.data_ptr<bool>() + b * m.stride(0) + h * m.stride(1) + i * m.stride(2);
+          attend<scalar_t, bool>(isa, ops, qp + qo, kp + ko, vp + vo, rows.data(), sc, Lq, L, D, Dv, op + oo, work);
+        } else {
+          std::vector<const float*> rows(Lq);
+          for (int64_t i = 0; i < Lq; ++i) rows[i] = m.data_ptr<float>() + b * m.stride(0) + h * m.stride(1) + i * m.stride(2);
+          attend<scalar_t, float>(isa, ops, qp + qo, kp + ko, vp + vo, rows.data(), sc, Lq, L, D, Dv, op + oo, work);
+        }
+      }
+    });
+  });
+  return out;
+}
+
+// Test hook: force a narrower code path (0 scalar, 1 AVX2; -1 = best available). Returns the path now in use.
+int64_t decode_attention_set_isa(int64_t isa) {
+  g_isa_override.store(static_cast<int>(isa));
+  return current_isa();
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(torchao_mx_ext, m) { m.def("_decode_attention_set_isa(int isa) -> int", &decode_attention_set_isa); }
+
+TORCH_LIBRARY_IMPL(torchao_mx_ext, CPU, m) { m.impl("decode_attention", &decode_attention); }
