@@ -38,7 +38,7 @@ DTYPES = (torch.float32, torch.bfloat16)
 VECTORIZED = torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
 # AVX-512 CPUs, whose library GEMMs (oneDNN bf16 on AMX / AVX512-BF16, MKL float32) beat the fused
 # kernels from a few rows on: W4A4 runs no integer GEMM there, and many-row linears decode + GEMM.
-DENSE_FIRST = torch.backends.cpu.get_cpu_capability() == "AVX512"
+DENSE_FIRST = cpu_extension.ATEN_AVX512
 # There, linears of more rows than this decode the weight and run the library GEMM; up to it the
 # fused kernels (dequant-GEMV, integer GEMM) are faster. benchmarks/w4a4_gemm_bench.py on an AMX CPU
 # (Xeon family 6 model 207, 2 threads, SmolLM2's shapes), decode + bf16 GEMM against the faster fused

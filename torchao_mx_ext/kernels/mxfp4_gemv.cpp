@@ -489,15 +489,18 @@ at::Tensor mxfp4_gemv(const at::Tensor& x, const at::Tensor& qdata, const at::Te
   const int64_t nc = K / 32, Kp = (nc + 1) / 2 * 64, P = (nc + 1) / 2;
   // The integer path where x allows it (AVX2, plain E8M0 scales; the other paths are faster or exact
   // to the bf16 products already).
-  at::Tensor xi, xcorr, xsc;
+  at::Tensor int_buf;  // one allocation: v [M, P * 64] int8, then corrections and scales [M, P * 8] 32-bit each
+  int8_t* xi = nullptr;
+  int32_t* xcorr = nullptr;
+  float* xsc = nullptr;
   bool int_path = false;
   if (isa == kIsaAvx2 && multiplier == 1.0) {
-    xi = at::empty({M, P * 64}, x.options().dtype(at::kChar));
-    xcorr = at::empty({M, P * 8}, x.options().dtype(at::kInt));
-    xsc = at::empty({M, P * 8}, x.options().dtype(at::kFloat));
+    int_buf = at::empty({M * P * (64 + 8 * 4 + 8 * 4)}, x.options().dtype(at::kByte));
+    xi = reinterpret_cast<int8_t*>(int_buf.data_ptr<uint8_t>());
+    xcorr = reinterpret_cast<int32_t*>(xi + M * P * 64);
+    xsc = reinterpret_cast<float*>(xcorr + M * P * 8);
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, xc.scalar_type(), "mxfp4_gemv_int", [&] {
-      int_path = int_activations<scalar_t>(xc.data_ptr<scalar_t>(), M, K, xi.data_ptr<int8_t>(), xcorr.data_ptr<int32_t>(),
-                                           xsc.data_ptr<float>());
+      int_path = int_activations<scalar_t>(xc.data_ptr<scalar_t>(), M, K, xi, xcorr, xsc);
     });
     if (int_path) g_integer_calls.fetch_add(1, std::memory_order_relaxed);
   }
@@ -540,15 +543,24 @@ at::Tensor mxfp4_gemv(const at::Tensor& x, const at::Tensor& qdata, const at::Te
   }
   at::Tensor bias_f;
   if (bias.has_value()) bias_f = bias->to(at::kFloat).contiguous();
-  float tab[256];
-  fill_scale_table(tab, multiplier);
+  // The plain E8M0 table once per process; fp_quant's multiplier per call.
+  static const std::vector<float> kPlainTable = [] {
+    std::vector<float> t(256);
+    fill_scale_table(t.data(), 1.0);
+    return t;
+  }();
+  float tab_mult[256];
+  const float* tab = kPlainTable.data();
+  if (multiplier != 1.0) {
+    fill_scale_table(tab_mult, multiplier);
+    tab = tab_mult;
+  }
 
   auto out = at::empty(out_shape, x.options().dtype(out_t));
   Problem p{q.data_ptr<uint8_t>(), sc.data_ptr<uint8_t>(),
             int_path || bf16_path ? nullptr : xd.data_ptr<float>(),
             bf16_path ? reinterpret_cast<const uint16_t*>(xd.data_ptr<at::BFloat16>()) : nullptr, Kp, tab,
-            int_path ? xi.data_ptr<int8_t>() : nullptr, int_path ? xcorr.data_ptr<int32_t>() : nullptr,
-            int_path ? xsc.data_ptr<float>() : nullptr, P,
+            int_path ? xi : nullptr, int_path ? xcorr : nullptr, int_path ? xsc : nullptr, P,
             bias.has_value() ? bias_f.data_ptr<float>() : nullptr, out.data_ptr(), out_t, M, N, K, block_size};
   const int64_t grain = std::max<int64_t>(1, kGrainBytes / std::max<int64_t>(1, (K / 2) * ((M + kRowTile - 1) / kRowTile)));
   at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {

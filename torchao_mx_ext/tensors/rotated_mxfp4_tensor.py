@@ -160,7 +160,11 @@ class RotatedMXFP4Tensor(TorchAOBaseTensor):
             # Small batch on CPU: decode inside the reduction (same numbers up to float32 summation order).
             # Also with a dense cache: the packed codes are a quarter of its bytes, and GEMV is memory-bound.
             b = None if bias is None else bias.to(gemm_dtype)
-            return cpu_mxfp4_gemv.mxfp4_gemv(xr.to(gemm_dtype), self.qdata, self.scale, self.block_size, self.scale_rule, b, x.dtype)
+            # A quantized activation is exact in the GEMM dtype: below AVX-512 the float32 one goes in as it
+            # is (no cast kernel) and takes the kernel's integer path; AVX-512 BF16 CPUs want bf16 inputs.
+            exact = self.act_scale_rule is not None and not cpu_mxfp4_dequantize.DENSE_FIRST
+            xg = xr if exact else xr.to(gemm_dtype)
+            return cpu_mxfp4_gemv.mxfp4_gemv(xg, self.qdata, self.scale, self.block_size, self.scale_rule, b, x.dtype)
         xr = xr.to(gemm_dtype)
         if self.dequantized is not None:
             w = self.dequantized
