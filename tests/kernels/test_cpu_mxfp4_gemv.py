@@ -158,8 +158,9 @@ def test_integer_path_only_where_it_is_exact():
         wide[0, 3] = 2.0**-30 * torch.sign(wide[0, 3] + 0.5)  # 2^-30 beside values near 1: no common scale
         special = mx.clone()
         special[1, 7] = float("inf")
+        tiny = mxfp4_fake_quantize(torch.randn(2, 128, generator=gen), 32, "floor") * 2.0**-124  # scales below 2^-126
         for x, rule in [(torch.randn(2, 128, generator=gen), "floor"), (nudged, "floor"), (wide, "floor"),
-                        (special, "floor"), (mx, "fp_quant")]:
+                        (special, "floor"), (tiny, "floor"), (mx, "fp_quant")]:
             before = cpu_mxfp4_gemv.integer_calls()
             y = cpu_mxfp4_gemv.mxfp4_gemv(x, qdata, scale, 32, rule, out_dtype=torch.float32)
             assert cpu_mxfp4_gemv.integer_calls() == before

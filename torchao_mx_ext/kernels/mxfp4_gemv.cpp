@@ -45,6 +45,7 @@
 #include <cstring>
 #include <limits>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "cpu_isa.h"
@@ -377,60 +378,99 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) void rows_avx512
 #endif  // TME_AVX512_BF16
 #endif  // TME_X86_SIMD
 
-// The integer path's operands for x [M, K] (any floating dtype): for every 32-element chunk, with
-// e = floor(log2 max |x|) - 4, v = x * 2^-e, which must be integers (then |v| < 32) for every
-// chunk of every row -- else false and the float path runs. The chunk's scale is 2^(e-1) (the weights
-// enter as 2q), which must be a float32 (e - 1 >= -149); an all-zero chunk has v = 0 and scale 1.
-// Layout as in Problem (xi, xcorr, xsc).
+#ifdef TME_X86_SIMD
+// One 32-element chunk of the integer path's input (see int_activations): false if it is not v * 2^e
+// with integers |v| < 32. dst gets the even elements' v at dst[0..16) and the odd ones' at
+// dst[32..48); corr[0..4) and scale[0..4) the chunk's four 32-bit lanes.
+__attribute__((target("avx2,fma"))) bool int_chunk_avx2(const float* x, int8_t* dst, int32_t* corr, float* scale) {
+  const __m256i abs_mask = _mm256_set1_epi32(0x7FFFFFFF);
+  __m256 v[4];
+  __m256i amax = _mm256_setzero_si256();
+  for (int i = 0; i < 4; ++i) {
+    v[i] = _mm256_loadu_ps(x + 8 * i);
+    amax = _mm256_max_epi32(amax, _mm256_and_si256(_mm256_castps_si256(v[i]), abs_mask));  // |x| bits: ordered as |x|
+  }
+  __m128i m4 = _mm_max_epi32(_mm256_castsi256_si128(amax), _mm256_extracti128_si256(amax, 1));
+  m4 = _mm_max_epi32(m4, _mm_shuffle_epi32(m4, _MM_SHUFFLE(1, 0, 3, 2)));
+  m4 = _mm_max_epi32(m4, _mm_shuffle_epi32(m4, _MM_SHUFFLE(2, 3, 0, 1)));
+  const uint32_t amax_bits = static_cast<uint32_t>(_mm_cvtsi128_si32(m4));
+  if (amax_bits >= 0x7F800000u) return false;  // inf or NaN
+  if (amax_bits == 0) {  // all zeros: v = 0, any scale
+    std::memset(dst, 0, 16);
+    std::memset(dst + 32, 0, 16);
+    for (int l = 0; l < 4; ++l) corr[l] = 0, scale[l] = 1.0f;
+    return true;
+  }
+  // e = floor(log2 max|x|) - 4 from the exponent bits; 2^-e and the scale 2^(e-1) must be normal floats.
+  const int e = static_cast<int>(amax_bits >> 23) - 127 - 4;
+  if ((amax_bits >> 23) == 0 || e - 1 < -126) return false;
+  const __m256 inv = _mm256_castsi256_ps(_mm256_set1_epi32((127 - e) << 23));
+  const __m256 pow_e = _mm256_castsi256_ps(_mm256_set1_epi32((127 + e) << 23));
+  __m256i n[4];
+  for (int i = 0; i < 4; ++i) {
+    n[i] = _mm256_cvtps_epi32(_mm256_mul_ps(v[i], inv));  // round to nearest
+    // Exact iff n * 2^e gives x back (n * 2^e is exact: |n| < 32, 2^e normal).
+    const __m256 back = _mm256_mul_ps(_mm256_cvtepi32_ps(n[i]), pow_e);
+    if (_mm256_movemask_ps(_mm256_cmp_ps(back, v[i], _CMP_EQ_OQ)) != 0xFF) return false;
+  }
+  // int32 -> int8 in element order: the two packs interleave 4-element groups, one vpermd restores them.
+  const __m256i bytes = _mm256_permutevar8x32_epi32(
+      _mm256_packs_epi16(_mm256_packs_epi32(n[0], n[1]), _mm256_packs_epi32(n[2], n[3])), _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+  // Even elements, then odd ones, per 128-bit lane; then the lanes' halves regrouped.
+  const __m256i split = _mm256_shuffle_epi8(
+      bytes, _mm256_setr_epi8(0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15, 0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15));
+  const __m256i eo = _mm256_permute4x64_epi64(split, _MM_SHUFFLE(3, 1, 2, 0));  // evens (16), odds (16)
+  const __m128i even = _mm256_castsi256_si128(eo), odd = _mm256_extracti128_si256(eo, 1);
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(dst), even);
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + 32), odd);
+  // 12 * the sum of bytes 4l..4l+3 of both halves, per lane l: sign-extend, then pairwise sums.
+  const __m256i sum16 = _mm256_add_epi16(_mm256_cvtepi8_epi16(even), _mm256_cvtepi8_epi16(odd));
+  const __m256i sum32 = _mm256_madd_epi16(sum16, _mm256_set1_epi16(1));  // 8 lanes: pairs of elements
+  const __m128i pairs = _mm_hadd_epi32(_mm256_castsi256_si128(sum32), _mm256_extracti128_si256(sum32, 1));
+  // hadd of lanes (a0..a3) and (b0..b3) gives a0+a1, a2+a3, b0+b1, b2+b3: groups 0..3 of 4 bytes.
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(corr), _mm_mullo_epi32(pairs, _mm_set1_epi32(kIntOffset)));
+  _mm_storeu_ps(scale, _mm_castsi128_ps(_mm_set1_epi32((127 + e - 1) << 23)));  // 2^(e-1): the weights enter as 2q
+  return true;
+}
+#endif  // TME_X86_SIMD
+
+// The integer path's operands for x [M, K] (any floating dtype; AVX2): for every 32-element chunk, with
+// e = floor(log2 max |x|) - 4, v = x * 2^-e, which must be integers (then |v| < 32) for every chunk of
+// every row -- else false and the float path runs. The chunk's scale is 2^(e-1) (the weights enter as
+// 2q); it and 2^-e must be normal float32 (e - 1 >= -126: chunks below ~2^-120 take the float path); an
+// all-zero chunk has v = 0 and scale 1. Layout as in Problem (xi, xcorr, xsc).
 template <typename scalar_t>
 bool int_activations(const scalar_t* x, int64_t M, int64_t K, int8_t* xi, int32_t* xcorr, float* xsc) {
+#ifdef TME_X86_SIMD
   const int64_t nc = K / 32, P = (nc + 1) / 2;
-  std::memset(xi, 0, M * P * 64);
-  std::memset(xcorr, 0, M * P * 8 * sizeof(int32_t));
-  std::memset(xsc, 0, M * P * 8 * sizeof(float));
+  if (nc % 2) {  // the missing chunk of each row's last pair: zeros
+    for (int64_t m = 0; m < M; ++m) {
+      int8_t* tail = xi + m * P * 64 + (P - 1) * 64;
+      std::memset(tail + 16, 0, 16);
+      std::memset(tail + 48, 0, 16);
+      for (int l = 4; l < 8; ++l) xcorr[m * P * 8 + (P - 1) * 8 + l] = 0, xsc[m * P * 8 + (P - 1) * 8 + l] = 0.0f;
+    }
+  }
+  float buf[32];
   for (int64_t m = 0; m < M; ++m) {
     for (int64_t c = 0; c < nc; ++c) {
-      float v[32];
-      float amax = 0.0f;
-      bool finite = true;
-      for (int k = 0; k < 32; ++k) {
-        v[k] = static_cast<float>(x[m * K + c * 32 + k]);
-        const float a = std::fabs(v[k]);
-        finite &= a <= std::numeric_limits<float>::max();  // false for inf and NaN
-        amax = std::max(amax, a);
-      }
-      if (!finite) return false;
-      float s = 1.0f;
-      if (amax > 0.0f) {
-        int e2;
-        std::frexp(amax, &e2);  // amax = f 2^e2, f in [0.5, 1): floor(log2 amax) = e2 - 1
-        const int e = e2 - 5;
-        const double inv = std::ldexp(1.0, -e);  // exact in double; v * inv is exact
-        bool integral = true;
-        for (int k = 0; k < 32; ++k) {
-          const double t = static_cast<double>(v[k]) * inv;
-          integral &= t == static_cast<double>(static_cast<int>(t));
-          v[k] = static_cast<float>(t);  // |t| < 32
-        }
-        if (!integral || e - 1 < -149) return false;
-        s = std::ldexp(1.0f, e - 1);  // the weights enter as 2q: half their scale here
+      const float* v;
+      if constexpr (std::is_same_v<scalar_t, float>) {
+        v = x + m * K + c * 32;
+      } else {
+        for (int k = 0; k < 32; ++k) buf[k] = static_cast<float>(x[m * K + c * 32 + k]);
+        v = buf;
       }
       // Chunk c goes to pair j = c / 2, half h = c % 2: its even elements at bytes 16h.., odd at 32 + 16h..
       const int64_t j = c / 2, h = c % 2;
-      int8_t* dst = xi + m * P * 64 + j * 64 + 16 * h;
-      for (int i = 0; i < 16; ++i) {
-        dst[i] = static_cast<int8_t>(v[2 * i]);
-        dst[32 + i] = static_cast<int8_t>(v[2 * i + 1]);
-      }
-      for (int l = 0; l < 4; ++l) {
-        int32_t sum = 0;
-        for (int b = 0; b < 4; ++b) sum += dst[4 * l + b] + dst[32 + 4 * l + b];
-        xcorr[m * P * 8 + j * 8 + 4 * h + l] = kIntOffset * sum;
-        xsc[m * P * 8 + j * 8 + 4 * h + l] = s;
-      }
+      if (!int_chunk_avx2(v, xi + m * P * 64 + j * 64 + 16 * h, xcorr + m * P * 8 + j * 8 + 4 * h, xsc + m * P * 8 + j * 8 + 4 * h))
+        return false;
     }
   }
   return true;
+#else
+  return false;
+#endif
 }
 
 // Rows m0..m0+MT-1 of the output, weight rows n0..n1-1.
