@@ -166,17 +166,81 @@ __attribute__((target("avx2,fma"))) inline float hsum8(__m256 v) {
   return _mm_cvtss_f32(h);
 }
 
-// The AVX2 path for bf16 / float32 with D and Dv multiples of 8 (everything inlined): scores four keys
-// at a time for each query row; the values are then summed row by row with the accumulators in
-// registers, 64 dimensions at a time.
+// Scores of query rows i0..i0+RT-1 (widened, qf) against four key rows kl[0..4): each key chunk is
+// widened once for all RT rows; four dot products reduce to one register with three vhaddps.
+template <int RT, typename scalar_t>
+__attribute__((target("avx2,fma"))) inline void scores_4keys(const float* qf, int64_t D, const scalar_t* const* kl, float dots[][4]) {
+  __m256 a[RT][4];
+  for (int r = 0; r < RT; ++r)
+    for (int j = 0; j < 4; ++j) a[r][j] = _mm256_setzero_ps();
+  for (int64_t d = 0; d < D; d += 8) {
+    __m256 kv[4];
+    for (int j = 0; j < 4; ++j) kv[j] = load8(kl[j] + d);
+    for (int r = 0; r < RT; ++r) {
+      const __m256 qv = _mm256_loadu_ps(qf + r * D + d);
+      for (int j = 0; j < 4; ++j) a[r][j] = _mm256_fmadd_ps(qv, kv[j], a[r][j]);
+    }
+  }
+  for (int r = 0; r < RT; ++r) {
+    const __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(a[r][0], a[r][1]), _mm256_hadd_ps(a[r][2], a[r][3]));
+    _mm_storeu_ps(dots[r], _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1)));
+  }
+}
+
+// out rows i0..i0+RT-1, dimensions d0..d0+8*NV-1: sum_l p[r][l] v[l] * inv[r]; each value chunk is
+// widened once for all RT rows, the accumulators stay in registers.
+template <int RT, int NV, typename scalar_t>
+__attribute__((target("avx2,fma"))) inline void weighted_values(const float* const* p, const float* inv, const scalar_t* v, int64_t L,
+                                                              int64_t Dv, int64_t d0, scalar_t* const* out) {
+  __m256 acc[RT][NV];
+  for (int r = 0; r < RT; ++r)
+    for (int j = 0; j < NV; ++j) acc[r][j] = _mm256_setzero_ps();
+  for (int64_t l = 0; l < L; ++l) {
+    bool any = false;
+    for (int r = 0; r < RT; ++r) any |= p[r][l] != 0.0f;
+    if (!any) continue;  // left out by every row
+    __m256 vv[NV];
+    for (int j = 0; j < NV; ++j) vv[j] = load8(v + l * Dv + d0 + 8 * j);
+    for (int r = 0; r < RT; ++r) {
+      const __m256 pr = _mm256_set1_ps(p[r][l]);
+      for (int j = 0; j < NV; ++j) acc[r][j] = _mm256_fmadd_ps(pr, vv[j], acc[r][j]);
+    }
+  }
+  for (int r = 0; r < RT; ++r) {
+    const __m256 ir = _mm256_set1_ps(inv[r]);
+    for (int j = 0; j < NV; ++j) {
+      alignas(32) float t[8];
+      _mm256_store_ps(t, _mm256_mul_ps(acc[r][j], ir));
+      for (int e = 0; e < 8; ++e) out[r][d0 + 8 * j + e] = static_cast<scalar_t>(t[e]);
+    }
+  }
+}
+
+template <int RT, typename scalar_t>
+void weighted_values_row_group(const float* const* p, const float* inv, const scalar_t* v, int64_t L, int64_t Dv, scalar_t* const* out) {
+  int64_t d0 = 0;
+  for (; d0 + 32 <= Dv; d0 += 32) weighted_values<RT, 4>(p, inv, v, L, Dv, d0, out);
+  switch ((Dv - d0) / 8) {
+    case 3: weighted_values<RT, 3>(p, inv, v, L, Dv, d0, out); break;
+    case 2: weighted_values<RT, 2>(p, inv, v, L, Dv, d0, out); break;
+    case 1: weighted_values<RT, 1>(p, inv, v, L, Dv, d0, out); break;
+    default: break;
+  }
+}
+
+// The AVX2 path for bf16 / float32 with D and Dv multiples of 8: query rows in groups of up to 3
+// (3 x 4 accumulators), scores four keys at a time, the softmax, then the values 32 dimensions at a
+// time; every key and value chunk is widened once per row group.
 template <typename scalar_t, typename mask_t>
 __attribute__((target("avx2,fma"))) void attend_avx2(const scalar_t* q, const scalar_t* k, const scalar_t* v, const mask_t* const* mask_rows,
                                                    float scale, int64_t Lq, int64_t L, int64_t D, int64_t Dv, scalar_t* out,
                                                    std::vector<float>& work) {
   constexpr float kNegInf = -std::numeric_limits<float>::infinity();
-  work.resize(Lq * D + Lq * L);
+  constexpr int kRows = 3;
+  work.resize(Lq * D + Lq * L + Lq);
   float* qf = work.data();
   float* s = qf + Lq * D;
+  float* inv = s + Lq * L;
   for (int64_t i = 0; i < Lq * D; i += 8) _mm256_storeu_ps(qf + i, load8(q + i));
   auto left_out = [&](int64_t i, int64_t l) {
     const mask_t* m = mask_rows[i];
@@ -194,7 +258,6 @@ __attribute__((target("avx2,fma"))) void attend_avx2(const scalar_t* q, const sc
       return m == nullptr ? x : x + m[l];
     }
   };
-  // Scores, four keys at a time: four dot products reduce to one register with three vhaddps.
   for (int64_t l0 = 0; l0 < L; l0 += 4) {
     const int64_t nk = std::min<int64_t>(4, L - l0);
     bool any = false;
@@ -207,50 +270,37 @@ __attribute__((target("avx2,fma"))) void attend_avx2(const scalar_t* q, const sc
     }
     const scalar_t* kl[4];
     for (int j = 0; j < 4; ++j) kl[j] = k + std::min(l0 + j, L - 1) * D;  // a short last block repeats its last key
-    for (int64_t i = 0; i < Lq; ++i) {
-      const float* qi = qf + i * D;
-      __m256 a[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
-      for (int64_t d = 0; d < D; d += 8) {
-        const __m256 qv = _mm256_loadu_ps(qi + d);
-        for (int j = 0; j < 4; ++j) a[j] = _mm256_fmadd_ps(qv, load8(kl[j] + d), a[j]);
+    for (int64_t i0 = 0; i0 < Lq; i0 += kRows) {
+      float dots[kRows][4];
+      switch (std::min<int64_t>(kRows, Lq - i0)) {
+        case 1: scores_4keys<1>(qf + i0 * D, D, kl, dots); break;
+        case 2: scores_4keys<2>(qf + i0 * D, D, kl, dots); break;
+        default: scores_4keys<3>(qf + i0 * D, D, kl, dots); break;
       }
-      const __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
-      alignas(16) float dots[4];
-      _mm_store_ps(dots, _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1)));
-      for (int64_t j = 0; j < nk; ++j) s[i * L + l0 + j] = add_mask(i, l0 + j, dots[j] * scale);
+      for (int64_t r = 0; r < std::min<int64_t>(kRows, Lq - i0); ++r)
+        for (int64_t j = 0; j < nk; ++j) s[(i0 + r) * L + l0 + j] = add_mask(i0 + r, l0 + j, dots[r][j] * scale);
     }
   }
   for (int64_t i = 0; i < Lq; ++i) {
     float* si = s + i * L;
     float mx = kNegInf;
     for (int64_t l = 0; l < L; ++l) mx = std::max(mx, si[l]);
-    const float sum = mx == kNegInf ? 0.0f : softmax_numerators_avx2(si, L, mx);
-    if (mx == kNegInf) std::fill(si, si + L, 0.0f);
-    const __m256 inv = _mm256_set1_ps(sum > 0.0f ? 1.0f / sum : 0.0f);  // all keys left out: zeros, as ATen
-    for (int64_t d0 = 0; d0 < Dv; d0 += 64) {
-      const int nv = static_cast<int>(std::min<int64_t>(64, Dv - d0) / 8);
-      __m256 acc[8];
-      for (int j = 0; j < 8; ++j) acc[j] = _mm256_setzero_ps();
-      if (nv == 8) {  // a full 64-wide chunk: the inner loop unrolled
-        for (int64_t l = 0; l < L; ++l) {
-          if (si[l] == 0.0f) continue;
-          const __m256 p = _mm256_set1_ps(si[l]);
-          const scalar_t* vl = v + l * Dv + d0;
-          for (int j = 0; j < 8; ++j) acc[j] = _mm256_fmadd_ps(p, load8(vl + 8 * j), acc[j]);
-        }
-      } else {
-        for (int64_t l = 0; l < L; ++l) {
-          if (si[l] == 0.0f) continue;
-          const __m256 p = _mm256_set1_ps(si[l]);
-          const scalar_t* vl = v + l * Dv + d0;
-          for (int j = 0; j < nv; ++j) acc[j] = _mm256_fmadd_ps(p, load8(vl + 8 * j), acc[j]);
-        }
-      }
-      for (int j = 0; j < nv; ++j) {
-        alignas(32) float t[8];
-        _mm256_store_ps(t, _mm256_mul_ps(acc[j], inv));
-        for (int e = 0; e < 8; ++e) out[i * Dv + d0 + 8 * j + e] = static_cast<scalar_t>(t[e]);
-      }
+    if (mx == kNegInf) {  // every key left out: zeros, as ATen
+      std::fill(si, si + L, 0.0f);
+      inv[i] = 0.0f;
+      continue;
+    }
+    inv[i] = 1.0f / softmax_numerators_avx2(si, L, mx);
+  }
+  for (int64_t i0 = 0; i0 < Lq; i0 += kRows) {
+    const float* p[kRows];
+    scalar_t* o[kRows];
+    const int64_t rows = std::min<int64_t>(kRows, Lq - i0);
+    for (int64_t r = 0; r < rows; ++r) p[r] = s + (i0 + r) * L, o[r] = out + (i0 + r) * Dv;
+    switch (rows) {
+      case 1: weighted_values_row_group<1>(p, inv + i0, v, L, Dv, o); break;
+      case 2: weighted_values_row_group<2>(p, inv + i0, v, L, Dv, o); break;
+      default: weighted_values_row_group<3>(p, inv + i0, v, L, Dv, o); break;
     }
   }
 }
