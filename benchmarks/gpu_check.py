@@ -38,6 +38,7 @@ import torchao_mx_ext as tme
 from torchao_mx_ext.eval.generation import greedy_generate, static_cache
 from torchao_mx_ext.kernels import cuda_mxfp4_mm
 from torchao_mx_ext.recipes import quantize_linears
+from torchao_mx_ext.regional_compile import register_packed_gqa_sdpa
 
 SHAPES = ((576, 576), (576, 1536), (1536, 576))  # (in, out) of SmolLM2-135M's linears
 
@@ -161,6 +162,11 @@ def model_checks(args) -> list:
             tme.share_input_quantization(model)
             if "cached" in variant:
                 tme.cache_dequantized_weights(model)
+            # The attention the compiled model runs (compile_decoder_layers switches to it): on CPUs
+            # below AVX-512 its decode step is our kernel, whose float32 softmax weights ATen's bf16
+            # sdpa rounds, so an sdpa reference would differ by that, not by compilation.
+            register_packed_gqa_sdpa()
+            model.set_attn_implementation(tme.PACKED_GQA_SDPA)
             eager_logits[variant] = greedy_generate(model, prompt, 2)["step_logits"][-1].float()
         t0 = time.perf_counter()
         if variant.endswith("compiled"):

@@ -18,7 +18,9 @@ that this module removes, and one exactness trap (timings: ``docs/results.md``):
   repeats keys and values instead (``repeat_kv``). :data:`PACKED_GQA_SDPA` is an attention
   implementation that packs in compiled code too. Same math; the softmax runs over the same keys. On
   CPUs below AVX-512 the packed step runs :mod:`.kernels.cpu_decode_attention` (ATen's flash attention
-  spends a decode step in emulated bf16 GEMMs there).
+  spends a decode step in emulated bf16 GEMMs there); its softmax weights stay float32 where ATen's
+  bf16 kernel rounds them to bf16, so decode-step logits differ from an eager ``sdpa`` model's by that
+  rounding (an eager model switched to :data:`PACKED_GQA_SDPA` gives the compiled numbers).
 * **Exactness.** Inductor's ``emulate_precision_casts`` is on, so a bfloat16 W4A4 model compiles to the
   same logits as eager (activation quantization would turn fused-precision differences into FP4 steps).
 

@@ -75,4 +75,14 @@ inline int current_isa(const std::atomic<int>& override_isa, int widest) {
   return forced >= 0 && forced < best ? forced : best;
 }
 
+#ifdef TME_X86_SIMD
+// The sum of a register's 8 float32 lanes (the kernels' AVX2 reductions).
+__attribute__((target("avx2"))) inline float hsum8(__m256 v) {
+  __m128 h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+  h = _mm_add_ss(h, _mm_movehdup_ps(h));
+  return _mm_cvtss_f32(h);
+}
+#endif
+
 }  // namespace tme_cpu

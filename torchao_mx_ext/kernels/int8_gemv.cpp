@@ -72,13 +72,6 @@ void tile_scalar(const Problem& p, int64_t m0, int64_t n) {
 // one thread, ad hoc: 6.5 -> 12-13 G multiply-adds/s), about 2 weight tiles ahead.
 constexpr int64_t kPrefetchBytes = 4608;
 
-__attribute__((target("avx2,fma"))) inline float hsum(__m256 v) {
-  __m128 h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  h = _mm_add_ps(h, _mm_movehl_ps(h, h));
-  h = _mm_add_ss(h, _mm_movehdup_ps(h));
-  return _mm_cvtss_f32(h);
-}
-
 // x rows m0..m0+MT-1 against weight rows n..n+NR-1.
 template <int MT, int NR>
 __attribute__((target("avx2,fma"))) void tile_avx2(const Problem& p, int64_t m0, int64_t n) {
@@ -98,7 +91,7 @@ __attribute__((target("avx2,fma"))) void tile_avx2(const Problem& p, int64_t m0,
   }
   for (int m = 0; m < MT; ++m) {
     for (int r = 0; r < NR; ++r) {
-      float dot = hsum(acc[m][r]);
+      float dot = tme_cpu::hsum8(acc[m][r]);
       for (int64_t k = K8; k < p.K; ++k) dot += p.x[(m0 + m) * p.K + k] * static_cast<float>(p.q[(n + r) * p.K + k]);
       store(p, m0 + m, n + r, dot);
     }

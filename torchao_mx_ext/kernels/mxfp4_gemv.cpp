@@ -212,11 +212,7 @@ __attribute__((target("avx2,fma"))) void rows_avx2(const Problem& p, int64_t m0,
       }
     }
     for (int m = 0; m < MT; ++m) {
-      const __m256 v = _mm256_add_ps(acc_lo[m], acc_hi[m]);
-      __m128 h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-      h = _mm_add_ps(h, _mm_movehl_ps(h, h));
-      h = _mm_add_ss(h, _mm_movehdup_ps(h));
-      store(p, m0 + m, n, _mm_cvtss_f32(h));
+      store(p, m0 + m, n, tme_cpu::hsum8(_mm256_add_ps(acc_lo[m], acc_hi[m])));
     }
   }
 }
@@ -268,11 +264,7 @@ __attribute__((target("avx2,fma"))) void tile_avx2_int(const Problem& p, int64_t
   }
   for (int m = 0; m < MT; ++m) {
     for (int r = 0; r < NR; ++r) {
-      const __m256 v = acc[m][r];
-      __m128 h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-      h = _mm_add_ps(h, _mm_movehl_ps(h, h));
-      h = _mm_add_ss(h, _mm_movehdup_ps(h));
-      store(p, m0 + m, n + r, _mm_cvtss_f32(h));
+      store(p, m0 + m, n + r, tme_cpu::hsum8(acc[m][r]));
     }
   }
 }

@@ -208,13 +208,7 @@ __attribute__((target("avx2,fma"))) void tile_avx2(const Problem& p, int64_t m0,
     }
   }
   for (int i = 0; i < MR; ++i) {
-    for (int j = 0; j < NR; ++j) {
-      const __m256 v = acc[i][j];
-      __m128 h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-      h = _mm_add_ps(h, _mm_movehl_ps(h, h));
-      h = _mm_add_ss(h, _mm_movehdup_ps(h));
-      store(p, m0 + i, n0 + j, _mm_cvtss_f32(h));
-    }
+    for (int j = 0; j < NR; ++j) store(p, m0 + i, n0 + j, tme_cpu::hsum8(acc[i][j]));
   }
 }
 
