@@ -35,6 +35,7 @@ from transformers import AutoModelForCausalLM
 import torchao_mx_ext as tme
 from torchao_mx_ext.eval.generation import greedy_generate, static_cache
 from torchao_mx_ext.hf import save_pretrained
+from torchao_mx_ext.regional_compile import register_packed_gqa_sdpa
 from torchao_mx_ext.configs import quantizable_filter
 from torchao_mx_ext.zoo import load_model
 
@@ -48,6 +49,11 @@ def speed(model, prompt, new_tokens):
     prefill = min(r["prefill_s"] for r in runs)
     decode = min(r["decode_s"] for r in runs)
     return prompt.shape[1] / prefill, new_tokens / decode, runs[-1]
+
+
+def use_packed_gqa_attention(model):
+    register_packed_gqa_sdpa()
+    model.set_attn_implementation(tme.PACKED_GQA_SDPA)
 
 
 def main():
@@ -67,6 +73,10 @@ def main():
     model = copy.deepcopy(base)
     config = tme.MXFP4BlockRotConfig(act_quant=not args.weight_only)
     quantize_(model, config, filter_fn=quantizable_filter(model))  # 1.
+    # The attention compile_decoder_layers switches to (4.), here for the eager reference too: on CPUs
+    # below AVX-512 its one-token steps run our decode-attention kernel, whose softmax weights stay
+    # float32 where ATen's bf16 sdpa rounds them, a difference W4A4 can turn into other tokens.
+    use_packed_gqa_attention(model)
     eager = greedy_generate(model, prompt, new_tokens)
     eager_tokens = eager["tokens"]
     groups = tme.share_input_quantization(model)  # 2.
@@ -89,6 +99,7 @@ def main():
     out = Path(args.out)
     save_pretrained(model, out, tokenizer=tok)
     reloaded = AutoModelForCausalLM.from_pretrained(out, dtype=torch.bfloat16)
+    use_packed_gqa_attention(reloaded)
     same = torch.equal(greedy_generate(reloaded, prompt, new_tokens)["tokens"], eager_tokens)
     print(f"reloaded checkpoint (plain per-linear weights) generates the same tokens: {same}")
     print(f"wrote {out}")
