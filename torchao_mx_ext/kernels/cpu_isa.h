@@ -6,10 +6,13 @@
 #pragma once
 
 #include <ATen/Context.h>
+#include <ATen/Parallel.h>
 
 #include <algorithm>
 #include <atomic>
+#include <cstdint>
 #include <string>
+#include <type_traits>
 
 #if (defined(__x86_64__) || defined(_M_X64)) && (defined(__GNUC__) || defined(__clang__))
 #define TME_X86_SIMD 1
@@ -73,6 +76,30 @@ inline int current_isa(const std::atomic<int>& override_isa, int widest) {
   const int best = std::min(detected_isa(), widest);
   const int forced = override_isa.load(std::memory_order_relaxed);
   return forced >= 0 && forced < best ? forced : best;
+}
+
+// Input rows sharing one decode / widening of a weight chunk in the GEMV kernels.
+constexpr int kGemvRowTile = 4;
+
+// The GEMV kernels' loop (mxfp4_gemv.cpp, int8_gemv.cpp): weight rows [0, N) split over ATen's
+// threads (at least `grain` a task), visited in blocks of `row_block` rows that stay in L1 while
+// every tile of up to kGemvRowTile input rows passes over them:
+// tile(std::integral_constant<int, MT>{}, m0, n0, n1), MT the tile's row count.
+template <typename Tile>
+void for_each_gemv_tile(int64_t M, int64_t N, int64_t grain, int64_t row_block, const Tile& tile) {
+  at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
+    for (int64_t b0 = n0; b0 < n1; b0 += row_block) {
+      const int64_t b1 = std::min(n1, b0 + row_block);
+      for (int64_t m0 = 0; m0 < M; m0 += kGemvRowTile) {
+        switch (std::min<int64_t>(kGemvRowTile, M - m0)) {
+          case 1: tile(std::integral_constant<int, 1>{}, m0, b0, b1); break;
+          case 2: tile(std::integral_constant<int, 2>{}, m0, b0, b1); break;
+          case 3: tile(std::integral_constant<int, 3>{}, m0, b0, b1); break;
+          default: tile(std::integral_constant<int, 4>{}, m0, b0, b1); break;
+        }
+      }
+    }
+  });
 }
 
 #ifdef TME_X86_SIMD

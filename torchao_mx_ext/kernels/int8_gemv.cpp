@@ -113,7 +113,6 @@ void rows(int isa, const Problem& p, int64_t m0, int64_t n0, int64_t n1) {
   for (; n < n1; ++n) tile_scalar<MT>(p, m0, n);
 }
 
-constexpr int kRowTile = 4;           // x rows sharing one widening of a weight chunk
 constexpr int64_t kRowBlock = 16;     // weight rows every x row tile visits while they are in L1
 constexpr int64_t kGrainBytes = 64 * 1024;  // weight bytes per parallel task: small GEMVs stay on one thread
 
@@ -147,18 +146,8 @@ at::Tensor int8_gemv(const at::Tensor& x, const at::Tensor& qweight, const at::T
             bias.has_value() ? bias_f.data_ptr<float>() : nullptr, out.data_ptr(), out_t, M, N, K};
   const int isa = current_isa();
   const int64_t grain = std::max<int64_t>(1, kGrainBytes / K);
-  at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
-    for (int64_t b0 = n0; b0 < n1; b0 += kRowBlock) {
-      const int64_t b1 = std::min(n1, b0 + kRowBlock);
-      for (int64_t m0 = 0; m0 < M; m0 += kRowTile) {
-        switch (std::min<int64_t>(kRowTile, M - m0)) {
-          case 1: rows<1>(isa, p, m0, b0, b1); break;
-          case 2: rows<2>(isa, p, m0, b0, b1); break;
-          case 3: rows<3>(isa, p, m0, b0, b1); break;
-          default: rows<4>(isa, p, m0, b0, b1); break;
-        }
-      }
-    }
+  tme_cpu::for_each_gemv_tile(M, N, grain, kRowBlock, [&](auto mt, int64_t m0, int64_t n0, int64_t n1) {
+    rows<decltype(mt)::value>(isa, p, m0, n0, n1);
   });
   return out;
 }

@@ -480,7 +480,6 @@ void rows(int isa, const Problem& p, int64_t m0, int64_t n0, int64_t n1) {
   rows_scalar<MT>(p, m0, n0, n1);
 }
 
-constexpr int kRowTile = 4;     // x rows sharing one decode of a weight chunk
 constexpr int64_t kRowBlock = 16;  // weight rows visited by every tile of x rows while in L1
 // Decoded-weight bytes (times row tiles) per parallel task, so that small GEMVs stay on one thread.
 // Chosen, not tuned: on the busy 2-core machine this was written on, 2-thread timings were dominated
@@ -594,19 +593,9 @@ at::Tensor mxfp4_gemv(const at::Tensor& x, const at::Tensor& qdata, const at::Te
             bf16_path ? reinterpret_cast<const uint16_t*>(xd.data_ptr<at::BFloat16>()) : nullptr, Kp, tab,
             int_path ? xi : nullptr, int_path ? xcorr : nullptr, int_path ? xsc : nullptr, P,
             bias.has_value() ? bias_f.data_ptr<float>() : nullptr, out.data_ptr(), out_t, M, N, K, block_size};
-  const int64_t grain = std::max<int64_t>(1, kGrainBytes / std::max<int64_t>(1, (K / 2) * ((M + kRowTile - 1) / kRowTile)));
-  at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
-    for (int64_t b0 = n0; b0 < n1; b0 += kRowBlock) {
-      const int64_t b1 = std::min(n1, b0 + kRowBlock);
-      for (int64_t m0 = 0; m0 < M; m0 += kRowTile) {
-        switch (std::min<int64_t>(kRowTile, M - m0)) {
-          case 1: rows<1>(isa, p, m0, b0, b1); break;
-          case 2: rows<2>(isa, p, m0, b0, b1); break;
-          case 3: rows<3>(isa, p, m0, b0, b1); break;
-          default: rows<4>(isa, p, m0, b0, b1); break;
-        }
-      }
-    }
+  const int64_t grain = std::max<int64_t>(1, kGrainBytes / std::max<int64_t>(1, (K / 2) * ((M + tme_cpu::kGemvRowTile - 1) / tme_cpu::kGemvRowTile)));
+  tme_cpu::for_each_gemv_tile(M, N, grain, kRowBlock, [&](auto mt, int64_t m0, int64_t n0, int64_t n1) {
+    rows<decltype(mt)::value>(isa, p, m0, n0, n1);
   });
   return out;
 }
