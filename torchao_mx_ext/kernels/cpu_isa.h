@@ -7,6 +7,8 @@
 
 #include <ATen/Context.h>
 #include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
 
 #include <algorithm>
 #include <atomic>
@@ -76,6 +78,15 @@ inline int current_isa(const std::atomic<int>& override_isa, int widest) {
   const int best = std::min(detected_isa(), widest);
   const int forced = override_isa.load(std::memory_order_relaxed);
   return forced >= 0 && forced < best ? forced : best;
+}
+
+// out[i] = v for an output of dtype out_t (float32, or bfloat16 / float16 rounded to nearest even).
+inline void store_as(void* out, at::ScalarType out_t, int64_t i, float v) {
+  switch (out_t) {
+    case at::kBFloat16: static_cast<c10::BFloat16*>(out)[i] = c10::BFloat16(v); break;
+    case at::kHalf: static_cast<c10::Half*>(out)[i] = c10::Half(v); break;
+    default: static_cast<float*>(out)[i] = v; break;
+  }
 }
 
 // Input rows sharing one decode / widening of a weight chunk in the GEMV kernels.

@@ -106,12 +106,7 @@ struct Problem {
 
 inline void store(const Problem& p, int64_t m, int64_t n, float v) {
   if (p.bias) v += p.bias[n];
-  const int64_t i = m * p.N + n;
-  switch (p.out_t) {
-    case at::kBFloat16: static_cast<c10::BFloat16*>(p.out)[i] = c10::BFloat16(v); break;  // round to nearest even
-    case at::kHalf: static_cast<c10::Half*>(p.out)[i] = c10::Half(v); break;
-    default: static_cast<float*>(p.out)[i] = v; break;
-  }
+  tme_cpu::store_as(p.out, p.out_t, m * p.N + n, v);
 }
 
 // ---------------------------------------------------------------------------------------------
