@@ -18,7 +18,7 @@
 // SmolLM2-135M's decode step (3 heads x 3 packed rows, 578 cached keys, one thread), where the
 // arithmetic is ~0.7 M multiply-adds. Here (AVX2, bf16 / float32, D and Dv multiples of 8) each key
 // and value chunk is widened once for a group of up to three query rows: ~50 us there. Other cases
-// (float16, odd widths) take a generic loop with the same numbers.
+// (float16, odd widths, CPUs without AVX2) take plain loops.
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -45,6 +45,28 @@ std::atomic<int> g_isa_override{-1};
 
 int current_isa() { return tme_cpu::current_isa(g_isa_override, kIsaAvx2); }
 
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+// A query row's mask m (nullptr: none) leaves key l out: false in a boolean mask, -inf in an additive one.
+template <typename mask_t>
+inline bool left_out(const mask_t* m, int64_t l) {
+  if constexpr (std::is_same_v<mask_t, bool>) {
+    return m != nullptr && !m[l];
+  } else {
+    return m != nullptr && m[l] == kNegInf;
+  }
+}
+
+// Score x of key l under the mask m.
+template <typename mask_t>
+inline float masked(const mask_t* m, int64_t l, float x) {
+  if constexpr (std::is_same_v<mask_t, bool>) {
+    return m != nullptr && !m[l] ? kNegInf : x;
+  } else {
+    return m == nullptr ? x : x + m[l];
+  }
+}
+
 template <typename scalar_t>
 inline void widen(const scalar_t* src, float* dst, int64_t n) {
   for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<float>(src[i]);
@@ -70,26 +92,6 @@ float softmax_numerators_scalar(float* s, int64_t L, float mx) {
 }
 
 #ifdef TME_X86_SIMD
-__attribute__((target("avx2,fma"))) float dot_avx2(const float* a, const float* b, int64_t n) {
-  __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
-  int64_t i = 0;
-  for (; i + 16 <= n; i += 16) {
-    acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc0);
-    acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8), acc1);
-  }
-  for (; i + 8 <= n; i += 8) acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc0);
-  float s = tme_cpu::hsum8(_mm256_add_ps(acc0, acc1));
-  for (; i < n; ++i) s += a[i] * b[i];
-  return s;
-}
-
-__attribute__((target("avx2,fma"))) void axpy_avx2(float a, const float* x, float* y, int64_t n) {
-  const __m256 av = _mm256_set1_ps(a);
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(y + i, _mm256_fmadd_ps(av, _mm256_loadu_ps(x + i), _mm256_loadu_ps(y + i)));
-  for (; i < n; ++i) y[i] += a * x[i];
-}
-
 // exp(x) for x <= 0 (scores minus their row maximum), Cephes' expf: x = n ln2 + r, |r| <= ln2 / 2,
 // exp(r) by a degree-7 polynomial (relative error about 2 float32 ulps), 2^n through the exponent
 // bits. x < -87 (weights below e^-87 of the row's largest, including masked-out keys at -inf) gives 0.
@@ -131,16 +133,6 @@ __attribute__((target("avx2,fma"))) float softmax_numerators_avx2(float* s, int6
   return tme_cpu::hsum8(acc);
 }
 
-// bf16 -> float32 is a 16-bit shift.
-__attribute__((target("avx2"))) void widen_bf16_avx2(const c10::BFloat16* src, float* dst, int64_t n) {
-  const uint16_t* s = reinterpret_cast<const uint16_t*>(src);
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8) {
-    const __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(s + i)));
-    _mm256_storeu_ps(dst + i, _mm256_castsi256_ps(_mm256_slli_epi32(w, 16)));
-  }
-  for (; i < n; ++i) dst[i] = static_cast<float>(src[i]);
-}
 #endif
 
 // 8 values from bf16 or float32 as float32 lanes.
@@ -223,34 +215,17 @@ template <typename scalar_t, typename mask_t>
 __attribute__((target("avx2,fma"))) void attend_avx2(const scalar_t* q, const scalar_t* k, const scalar_t* v, const mask_t* const* mask_rows,
                                                    float scale, int64_t Lq, int64_t L, int64_t D, int64_t Dv, scalar_t* out,
                                                    std::vector<float>& work) {
-  constexpr float kNegInf = -std::numeric_limits<float>::infinity();
   constexpr int kRows = 3;
   work.resize(Lq * D + Lq * L + Lq);
   float* qf = work.data();
   float* s = qf + Lq * D;
   float* inv = s + Lq * L;
   for (int64_t i = 0; i < Lq * D; i += 8) _mm256_storeu_ps(qf + i, load8(q + i));
-  auto left_out = [&](int64_t i, int64_t l) {
-    const mask_t* m = mask_rows[i];
-    if constexpr (std::is_same_v<mask_t, bool>) {
-      return m != nullptr && !m[l];
-    } else {
-      return m != nullptr && m[l] == kNegInf;
-    }
-  };
-  auto add_mask = [&](int64_t i, int64_t l, float x) {
-    const mask_t* m = mask_rows[i];
-    if constexpr (std::is_same_v<mask_t, bool>) {
-      return m != nullptr && !m[l] ? kNegInf : x;
-    } else {
-      return m == nullptr ? x : x + m[l];
-    }
-  };
   for (int64_t l0 = 0; l0 < L; l0 += 4) {
     const int64_t nk = std::min<int64_t>(4, L - l0);
     bool any = false;
     for (int64_t l = l0; l < l0 + nk; ++l)
-      for (int64_t i = 0; i < Lq; ++i) any |= !left_out(i, l);
+      for (int64_t i = 0; i < Lq; ++i) any |= !left_out(mask_rows[i], l);
     if (!any) {  // every row leaves these keys out: no need to read them
       for (int64_t i = 0; i < Lq; ++i)
         for (int64_t l = l0; l < l0 + nk; ++l) s[i * L + l] = kNegInf;
@@ -266,7 +241,7 @@ __attribute__((target("avx2,fma"))) void attend_avx2(const scalar_t* q, const sc
         default: scores_4keys<3>(qf + i0 * D, D, kl, dots); break;
       }
       for (int64_t r = 0; r < std::min<int64_t>(kRows, Lq - i0); ++r)
-        for (int64_t j = 0; j < nk; ++j) s[(i0 + r) * L + l0 + j] = add_mask(i0 + r, l0 + j, dots[r][j] * scale);
+        for (int64_t j = 0; j < nk; ++j) s[(i0 + r) * L + l0 + j] = masked(mask_rows[i0 + r], l0 + j, dots[r][j] * scale);
     }
   }
   for (int64_t i = 0; i < Lq; ++i) {
@@ -293,27 +268,12 @@ __attribute__((target("avx2,fma"))) void attend_avx2(const scalar_t* q, const sc
   }
 }
 
-struct Ops {
-  float (*dot)(const float*, const float*, int64_t);
-  void (*axpy)(float, const float*, float*, int64_t);
-  float (*softmax_numerators)(float*, int64_t, float);
-};
-
-template <typename scalar_t>
-void widen_row(int isa, const scalar_t* src, float* dst, int64_t n) {
-#ifdef TME_X86_SIMD
-  if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
-    if (isa >= kIsaAvx2) return widen_bf16_avx2(src, dst, n);
-  }
-#endif
-  widen(src, dst, n);
-}
-
-// One (b, h): Lq query rows against L keys. mask_row(i) gives row i's mask (or nullptr): bool or
-// float32 [L].
+// One (b, h): Lq query rows against L keys; mask_rows[i] is row i's mask ([L], bool or float32) or
+// nullptr. AVX2 for bf16 / float32 with D and Dv multiples of 8; otherwise (float16, other widths, other
+// CPUs) plain loops with std::exp.
 template <typename scalar_t, typename mask_t>
-void attend(int isa, const Ops& ops, const scalar_t* q, const scalar_t* k, const scalar_t* v, const mask_t* const* mask_rows,
-            float scale, int64_t Lq, int64_t L, int64_t D, int64_t Dv, scalar_t* out, std::vector<float>& work) {
+void attend(int isa, const scalar_t* q, const scalar_t* k, const scalar_t* v, const mask_t* const* mask_rows, float scale,
+            int64_t Lq, int64_t L, int64_t D, int64_t Dv, scalar_t* out, std::vector<float>& work) {
 #ifdef TME_X86_SIMD
   if constexpr (std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, c10::BFloat16>) {
     if (isa >= kIsaAvx2 && D % 8 == 0 && Dv % 8 == 0) return attend_avx2(q, k, v, mask_rows, scale, Lq, L, D, Dv, out, work);
@@ -324,60 +284,35 @@ void attend(int isa, const Ops& ops, const scalar_t* q, const scalar_t* k, const
   float* s = qf + Lq * D;
   float* acc = s + Lq * L;
   float* row = acc + Lq * Dv;
-  for (int64_t i = 0; i < Lq; ++i) widen_row(isa, q + i * D, qf + i * D, D);
-  constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+  widen(q, qf, Lq * D);
   for (int64_t l = 0; l < L; ++l) {
     bool any = false;
-    for (int64_t i = 0; i < Lq; ++i) {
-      const mask_t* m = mask_rows[i];
-      if constexpr (std::is_same_v<mask_t, bool>) {
-        any |= m == nullptr || m[l];
-      } else {
-        any |= m == nullptr || m[l] != kNegInf;
-      }
-    }
-    if (!any) {  // every row leaves this key out: no need to read it
-      for (int64_t i = 0; i < Lq; ++i) s[i * L + l] = kNegInf;
-      continue;
-    }
-    widen_row(isa, k + l * D, row, D);
-    for (int64_t i = 0; i < Lq; ++i) {
-      const mask_t* m = mask_rows[i];
-      float x = ops.dot(qf + i * D, row, D) * scale;
-      if constexpr (std::is_same_v<mask_t, bool>) {
-        if (m != nullptr && !m[l]) x = kNegInf;
-      } else {
-        if (m != nullptr) x += m[l];
-      }
-      s[i * L + l] = x;
-    }
+    for (int64_t i = 0; i < Lq; ++i) any |= !left_out(mask_rows[i], l);
+    if (any) widen(k + l * D, row, D);  // else every row leaves this key out: no need to read it
+    for (int64_t i = 0; i < Lq; ++i) s[i * L + l] = any ? masked(mask_rows[i], l, dot_scalar(qf + i * D, row, D) * scale) : kNegInf;
   }
-  std::vector<float> sums(Lq);
+  std::vector<float> inv(Lq);
   for (int64_t i = 0; i < Lq; ++i) {
-    float mx = kNegInf;
-    for (int64_t l = 0; l < L; ++l) mx = std::max(mx, s[i * L + l]);
-    if (mx == kNegInf) {  // every key left out: zero weights
-      std::fill(s + i * L, s + (i + 1) * L, 0.0f);
-      sums[i] = 0.0f;
-      continue;
+    float* si = s + i * L;
+    const float mx = *std::max_element(si, si + L);
+    if (mx == kNegInf) {  // every key left out: zeros, as ATen
+      std::fill(si, si + L, 0.0f);
+      inv[i] = 0.0f;
+    } else {
+      inv[i] = 1.0f / softmax_numerators_scalar(si, L, mx);
     }
-    sums[i] = ops.softmax_numerators(s + i * L, L, mx);
   }
   std::fill(acc, acc + Lq * Dv, 0.0f);
   for (int64_t l = 0; l < L; ++l) {
     bool any = false;
     for (int64_t i = 0; i < Lq; ++i) any |= s[i * L + l] != 0.0f;
     if (!any) continue;
-    widen_row(isa, v + l * Dv, row, Dv);
-    for (int64_t i = 0; i < Lq; ++i) {
-      const float p = s[i * L + l];
-      if (p != 0.0f) ops.axpy(p, row, acc + i * Dv, Dv);
-    }
+    widen(v + l * Dv, row, Dv);
+    for (int64_t i = 0; i < Lq; ++i)
+      if (s[i * L + l] != 0.0f) axpy_scalar(s[i * L + l], row, acc + i * Dv, Dv);
   }
-  for (int64_t i = 0; i < Lq; ++i) {
-    const float inv = sums[i] > 0.0f ? 1.0f / sums[i] : 0.0f;  // all keys left out: zeros, as ATen
-    for (int64_t j = 0; j < Dv; ++j) out[i * Dv + j] = static_cast<scalar_t>(acc[i * Dv + j] * inv);
-  }
+  for (int64_t i = 0; i < Lq; ++i)
+    for (int64_t j = 0; j < Dv; ++j) out[i * Dv + j] = static_cast<scalar_t>(acc[i * Dv + j] * inv[i]);
 }
 
 at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const c10::optional<at::Tensor>& mask,
@@ -402,10 +337,6 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
   if (out.numel() == 0) return out;
   const auto qc = q.contiguous(), kc = k.contiguous(), vc = v.contiguous();
   const int isa = current_isa();
-  Ops ops{dot_scalar, axpy_scalar, softmax_numerators_scalar};
-#ifdef TME_X86_SIMD
-  if (isa >= kIsaAvx2) ops = Ops{dot_avx2, axpy_avx2, softmax_numerators_avx2};
-#endif
   const float sc = static_cast<float>(scale);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "decode_attention", [&] {
     const scalar_t* qp = qc.data_ptr<scalar_t>();
@@ -419,15 +350,15 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
         const int64_t qo = bh * Lq * D, ko = bh * L * D, vo = bh * L * Dv, oo = bh * Lq * Dv;
         if (!m.defined()) {
           std::vector<const bool*> rows(Lq, nullptr);
-          attend<scalar_t, bool>(isa, ops, qp + qo, kp + ko, vp + vo, rows.data(), sc, Lq, L, D, Dv, op + oo, work);
+          attend<scalar_t, bool>(isa, qp + qo, kp + ko, vp + vo, rows.data(), sc, Lq, L, D, Dv, op + oo, work);
         } else if (m.scalar_type() == at::kBool) {
           std::vector<const bool*> rows(Lq);
           for (int64_t i = 0; i < Lq; ++i) rows[i] = m.data_ptr<bool>() + b * m.stride(0) + h * m.stride(1) + i * m.stride(2);
-          attend<scalar_t, bool>(isa, ops, qp + qo, kp + ko, vp + vo, rows.data(), sc, Lq, L, D, Dv, op + oo, work);
+          attend<scalar_t, bool>(isa, qp + qo, kp + ko, vp + vo, rows.data(), sc, Lq, L, D, Dv, op + oo, work);
         } else {
           std::vector<const float*> rows(Lq);
           for (int64_t i = 0; i < Lq; ++i) rows[i] = m.data_ptr<float>() + b * m.stride(0) + h * m.stride(1) + i * m.stride(2);
-          attend<scalar_t, float>(isa, ops, qp + qo, kp + ko, vp + vo, rows.data(), sc, Lq, L, D, Dv, op + oo, work);
+          attend<scalar_t, float>(isa, qp + qo, kp + ko, vp + vo, rows.data(), sc, Lq, L, D, Dv, op + oo, work);
         }
       }
     });

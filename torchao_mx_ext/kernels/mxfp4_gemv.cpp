@@ -27,9 +27,11 @@
 // per 4-lane group (exact in int32); two chunks share one 256-bit register. The products are
 // exact (no decoded weight is rounded), so results equal the float path's up to float32 summation
 // order; 4x the float path's multiply-adds per second on Zen 3 (benchmarks/gemv_bench.py). Inputs
-// that are not of that form (bf16 / float activations of weight-only linears) take the float path. They follow ATen's own CPU capability, so ATEN_CPU_CAPABILITY=avx2/default
-// selects the narrower ones as it does for ATen's kernels. Up to 4 rows of x share one decode of a
-// weight chunk; output rows are split across ATen's threads (at least kGrainBytes of weight each).
+// that are not of that form (bf16 / float activations of weight-only linears) take the float path.
+//
+// The paths follow ATen's own CPU capability, so ATEN_CPU_CAPABILITY=avx2/default selects the
+// narrower ones as it does for ATen's kernels. Up to 4 rows of x share one decode of a weight chunk;
+// output rows are split across ATen's threads (at least kGrainBytes of weight each).
 
 #include <ATen/ATen.h>
 #include <ATen/Context.h>
@@ -49,6 +51,7 @@
 #include <vector>
 
 #include "cpu_isa.h"
+#include "mxfp4_codes.h"
 
 namespace {
 
@@ -56,9 +59,6 @@ namespace {
 constexpr float kE2M1[16] = {0.0f, 0.5f, 1.0f, 1.5f, 2.0f, 3.0f, 4.0f, 6.0f,
                              -0.0f, -0.5f, -1.0f, -1.5f, -2.0f, -3.0f, -4.0f, -6.0f};
 
-// 2 * E2M1 + 12 (in [0, 24]): the unsigned operand of the integer path's vpmaddubsw.
-constexpr int kIntOffset = 12;
-constexpr int8_t kE2M1x2Offset[16] = {12, 13, 14, 15, 16, 18, 20, 24, 12, 11, 10, 9, 8, 6, 4, 0};
 // Calls that took the integer path (test hook: which path ran is not visible in the results' bits).
 std::atomic<int64_t> g_integer_calls{0};
 
@@ -224,7 +224,7 @@ constexpr int64_t kPrefetchBytes = 2304;
 template <int MT, int NR, bool B32>
 __attribute__((target("avx2,fma"))) void tile_avx2_int(const Problem& p, int64_t m0, int64_t n) {
   const int64_t nc = p.K / 32, nb = p.K / p.B, cpb = p.B / 32, half_k = p.K / 2;
-  const __m256i lut = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(kE2M1x2Offset)));
+  const __m256i lut = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(tme_cpu::kE2M1x2Biased)));
   const __m256i low4 = _mm256_set1_epi8(15);
   const __m256i ones = _mm256_set1_epi16(1);
   __m256 acc[MT][NR];
@@ -415,7 +415,7 @@ __attribute__((target("avx2,fma"))) bool int_chunk_avx2(const float* x, int8_t* 
   const __m256i sum32 = _mm256_madd_epi16(sum16, _mm256_set1_epi16(1));  // 8 lanes: pairs of elements
   const __m128i pairs = _mm_hadd_epi32(_mm256_castsi256_si128(sum32), _mm256_extracti128_si256(sum32, 1));
   // hadd of lanes (a0..a3) and (b0..b3) gives a0+a1, a2+a3, b0+b1, b2+b3: groups 0..3 of 4 bytes.
-  _mm_storeu_si128(reinterpret_cast<__m128i*>(corr), _mm_mullo_epi32(pairs, _mm_set1_epi32(kIntOffset)));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(corr), _mm_mullo_epi32(pairs, _mm_set1_epi32(tme_cpu::kE2M1x2Bias)));
   _mm_storeu_ps(scale, _mm_castsi128_ps(_mm_set1_epi32((127 + e - 1) << 23)));  // 2^(e-1): the weights enter as 2q
   return true;
 }
@@ -512,9 +512,9 @@ at::Tensor mxfp4_gemv(const at::Tensor& x, const at::Tensor& qdata, const at::Te
   const auto xc = x.contiguous();
   const int isa = current_isa();
   const bool bf16_path = isa == kIsaAvx512Bf16 && xc.scalar_type() == at::kBFloat16;
-  const int64_t nc = K / 32, Kp = (nc + 1) / 2 * 64, P = (nc + 1) / 2;
-  // The integer path where x allows it (AVX2, plain E8M0 scales; the other paths are faster or exact
-  // to the bf16 products already).
+  const int64_t nc = K / 32, P = (nc + 1) / 2, Kp = P * 64;  // chunk pairs; the bf16 path's padded width
+  // The integer path where x allows it: AVX2 (AVX-512 CPUs keep their bf16 / float paths, tuned there)
+  // and plain E8M0 scales (fp_quant's multiplier makes decoded weights inexact products).
   at::Tensor int_buf;  // one allocation: v [M, P * 64] int8, then corrections and scales [M, P * 8] 32-bit each
   int8_t* xi = nullptr;
   int32_t* xcorr = nullptr;

@@ -44,14 +44,14 @@
 #include <vector>
 
 #include "cpu_isa.h"
+#include "mxfp4_codes.h"
 
 namespace {
 
-// E2M1 code -> 2 * value (sign << 3 | index; magnitudes 2 * {0, .5, 1, 1.5, 2, 3, 4, 6}).
-constexpr int8_t kE2M1x2[16] = {0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12};
-// The same plus 12, in [0, 24]: the unsigned operand of the AVX-512 VNNI path.
-constexpr int8_t kVnniOffset = 12;
-constexpr int8_t kE2M1x2Offset[16] = {12, 13, 14, 15, 16, 18, 20, 24, 12, 11, 10, 9, 8, 6, 4, 0};
+// 2 * E2M1 values, and plus 12 (the AVX-512 VNNI path's unsigned operand): mxfp4_codes.h.
+using tme_cpu::kE2M1x2;
+using tme_cpu::kE2M1x2Bias;
+using tme_cpu::kE2M1x2Biased;
 
 using tme_cpu::kIsaAvx2;
 using tme_cpu::kIsaAvx512;  // here: AVX-512 with VNNI
@@ -231,8 +231,8 @@ template <int MR, int NR, bool PACKED>
 __attribute__((target(TME_VNNI_TARGET))) void tile_vnni(const Problem& p, int64_t m0, int64_t n0) {
   const int64_t nc = p.K / 32;
   const __m512i zero = _mm512_setzero_si512();
-  const __m512i offset = _mm512_set1_epi8(kVnniOffset);
-  const __m512i lut = _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(kE2M1x2Offset)));
+  const __m512i offset = _mm512_set1_epi8(kE2M1x2Bias);
+  const __m512i lut = _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(kE2M1x2Biased)));
   const __m512i low4 = _mm512_set1_epi8(15);
   __m512 acc[MR][NR];
   for (int i = 0; i < MR; ++i)
@@ -369,7 +369,7 @@ at::Tensor mxfp4_mm(const at::Tensor& a_qdata, const at::Tensor& a_scale, const 
         columns<true>(isa, p, n0, n1);
       } else {
         decode_rows(isa, wq.data_ptr<uint8_t>(), ws.data_ptr<uint8_t>(), n0, n1, K, block_size, w_vals.data_ptr<int8_t>(),
-                    w_sc.data_ptr<float>(), isa == kIsaAvx512 ? kE2M1x2Offset : kE2M1x2);
+                    w_sc.data_ptr<float>(), isa == kIsaAvx512 ? kE2M1x2Biased : kE2M1x2);
         columns<false>(isa, p, n0, n1);
       }
     }
