@@ -72,6 +72,8 @@ def test_errors_and_fallback():
         cpu_decode_attention.decode_attention(q, k[:, :1], v)
     with pytest.raises(RuntimeError, match="dtype"):
         cpu_decode_attention.decode_attention(q, k.bfloat16(), v)
+    with pytest.raises(RuntimeError, match="boolean .* or floating"):
+        cpu_decode_attention.decode_attention(q, k, v, torch.ones(1, 1, 2, 2, dtype=torch.int64))
     mask = torch.rand(1, 1, 2, 2, generator=gen) > 0.5
     mask[..., 0] = True
     kernel_out = cpu_decode_attention.decode_attention(q, k, v, mask)

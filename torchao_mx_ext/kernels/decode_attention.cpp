@@ -328,6 +328,8 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
     m = *mask;
     TORCH_CHECK(m.device().is_cpu(), "decode_attention: the mask must be on the CPU");
     TORCH_CHECK(m.dim() <= 4, "decode_attention: the mask must have at most 4 dimensions");
+    TORCH_CHECK(m.scalar_type() == at::kBool || at::isFloatingType(m.scalar_type()),
+                "decode_attention: the mask must be boolean (true: attend) or floating (added to the scores), got ", m.scalar_type());
     m = m.expand({B, H, Lq, L});  // checks broadcastability
     if (m.scalar_type() != at::kBool) m = m.to(at::kFloat);
     TORCH_CHECK(m.stride(3) == 1 || L == 1 || m.stride(3) == 0, "decode_attention: the mask's last dimension must be contiguous");
