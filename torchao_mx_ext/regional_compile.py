@@ -21,6 +21,9 @@ that this module removes, and one exactness trap (timings: ``docs/results.md``):
   spends a decode step in emulated bf16 GEMMs there); its softmax weights stay float32 where ATen's
   bf16 kernel rounds them to bf16, so decode-step logits differ from an eager ``sdpa`` model's by that
   rounding (an eager model switched to :data:`PACKED_GQA_SDPA` gives the compiled numbers).
+* **Operator calls.** Inductor's Python wrapper pays a few microseconds per extern call, hundreds a
+  step; the GEMVs that read one activation (q/k/v, gate/up) run as one call
+  (:class:`~.gemv_grouping.GroupSharedInputGEMVs`, a post-grad pass; same bits).
 * **Exactness.** Inductor's ``emulate_precision_casts`` is on, so a bfloat16 W4A4 model compiles to the
   same logits as eager (activation quantization would turn fused-precision differences into FP4 steps).
 
@@ -39,6 +42,7 @@ import torch
 import torch.nn.functional as F
 
 from .architectures import decoder_layers
+from .gemv_grouping import GroupSharedInputGEMVs
 from .kernels import cpu_decode_attention
 
 __all__ = ["PACKED_GQA_SDPA", "compile_decoder_layers", "compile_model", "packed_gqa_sdpa_attention", "register_packed_gqa_sdpa"]
@@ -112,6 +116,8 @@ def _prepare(model, packed_gqa: bool, skip_module_guards: bool, emulate_precisio
         # outputs, so they only cost time (~0.5 ms a SmolLM2-135M decode step on one Zen 3 core).
         options.setdefault("size_asserts", False)
         options.setdefault("alignment_asserts", False)
+        # q/k/v (and gate/up) GEMVs of a decode step as one operator call each (gemv_grouping.py).
+        options.setdefault("post_grad_custom_post_pass", GroupSharedInputGEMVs())
     return options
 
 

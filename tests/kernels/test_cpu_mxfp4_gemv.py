@@ -223,6 +223,50 @@ def test_w4a4_decode_step_takes_the_integer_path(monkeypatch):
         cpu_mxfp4_gemv.set_isa(None)
 
 
+def random_rotation(b, gen):
+    """A random orthogonal ``b x b`` block in float32 (QR of a Gaussian matrix, float64)."""
+    q, _ = torch.linalg.qr(torch.randn(b, b, generator=gen, dtype=torch.float64))
+    return q.to(torch.float32)
+
+
+@pytest.mark.parametrize("rule", ["floor", "even", "rceil", "mse"])
+def test_input_transform_in_the_call(rule):
+    """With ``rotation`` / ``act_scale_rule`` the GEMV computes ``Q_a(x R)`` itself: the same bits as the
+    quantizer kernel's output fed to the plain GEMV, and the float64 product of the pure-torch
+    quantization of a float64 rotation (rounded once to float32) with the decoded weight."""
+    gen = torch.Generator().manual_seed(21)
+    for k, n, block_size, b in [(576, 24, 32, 32), (192, 8, 64, 64), (96, 5, 32, 16)]:
+        qdata, scale = random_weight(n, k, block_size, gen)
+        rotation = random_rotation(b, gen)
+        for m in (1, 3):
+            for dtype in (torch.float32, torch.bfloat16):
+                x = torch.randn(m, k, generator=gen).to(dtype)
+                for rot in (None, rotation):
+                    y = cpu_mxfp4_gemv.mxfp4_gemv(x, qdata, scale, block_size, "floor", None, torch.float32, rot, rule)
+                    if rot is None:
+                        xq = torch.ops.torchao_mx_ext.mxfp4_fake_quantize(x.float(), block_size, rule)
+                    else:
+                        xq = torch.ops.torchao_mx_ext.mxfp4_rotate_fake_quantize(x.float(), rot, block_size, rule)
+                    assert torch.equal(y, cpu_mxfp4_gemv.mxfp4_gemv(xq, qdata, scale, block_size, "floor", None, torch.float32))
+                    xr = x.double() if rot is None else (x.double().reshape(m, k // b, b) @ rot.double()).reshape(m, k)
+                    ref, magnitude = reference(mxfp4_fake_quantize(xr.float(), block_size, rule), qdata, scale, block_size, "floor")
+                    check(y, ref, magnitude, torch.float32, k)
+
+
+def test_input_transform_errors():
+    gen = torch.Generator().manual_seed(22)
+    qdata, scale = random_weight(4, 96, 32, gen)
+    x = torch.randn(1, 96, generator=gen)
+    with pytest.raises(RuntimeError, match="scale rule must be floor, even, rceil or mse"):
+        cpu_mxfp4_gemv.mxfp4_gemv(x, qdata, scale, 32, "floor", None, None, None, "fp_quant")
+    with pytest.raises(RuntimeError, match="multiple of 16"):
+        cpu_mxfp4_gemv.mxfp4_gemv(x, qdata, scale, 32, "floor", None, None, torch.eye(24), "floor")
+    with pytest.raises(RuntimeError, match="not a multiple of the rotation block"):
+        cpu_mxfp4_gemv.mxfp4_gemv(x, qdata, scale, 32, "floor", None, None, torch.eye(64), "floor")
+    with pytest.raises(RuntimeError, match="square float32"):
+        cpu_mxfp4_gemv.mxfp4_gemv(x, qdata, scale, 32, "floor", None, None, torch.eye(32, dtype=torch.float64), "floor")
+
+
 def test_kernel_shapes_and_errors():
     gen = torch.Generator().manual_seed(3)
     qdata, scale = random_weight(4, 64, 32, gen)
@@ -238,6 +282,41 @@ def test_kernel_shapes_and_errors():
         cpu_mxfp4_gemv.mxfp4_gemv(torch.randn(1, 32), qdata, scale, 32, "floor")
     with pytest.raises(RuntimeError, match="multiple of 32"):
         cpu_mxfp4_gemv.mxfp4_gemv(torch.randn(1, 64), qdata, torch.zeros(4, 4, dtype=torch.uint8), 16, "floor")
+
+
+def test_w4a4_decode_linear_is_one_gemv_call(monkeypatch):
+    """Below AVX-512 a W4A4 decode-step linear hands its rotation and activation quantization to the
+    GEMV (no quantizer call of its own), with the two-call path's bits; the width is zero-padded first."""
+    from torchao_mx_ext.kernels import cpu_mxfp4_quantize
+
+    monkeypatch.setattr(cpu_mxfp4_dequantize, "DENSE_FIRST", False)
+    monkeypatch.setattr(cpu_mxfp4_quantize, "VECTORIZED", True)
+    transforms = []
+    real = cpu_mxfp4_quantize.rotate_and_quantize
+    monkeypatch.setattr(cpu_mxfp4_quantize, "rotate_and_quantize", lambda *a, **k: transforms.append(1) or real(*a, **k))
+    for k, n, dtype in [(192, 40, torch.bfloat16), (100, 24, torch.float32)]:
+        lin = torch.nn.Linear(k, n).to(dtype)
+        quantize_(lin, MXFP4BlockRotConfig(scale_rule="mse"))
+        assert cpu_mxfp4_quantize.fuses_into_gemv(lin.weight)
+        calls = _count_kernel_calls(monkeypatch)
+        x = torch.randn(2, 1, k).to(dtype)
+        with torch.no_grad():
+            y = lin(x)
+            assert len(calls) == 1 and not transforms
+            with monkeypatch.context() as mp:
+                mp.setattr(cpu_mxfp4_quantize, "fuses_into_gemv", lambda weight: False)
+                two_calls = lin(x)
+            assert len(calls) == 2 and len(transforms) == 1
+        transforms.clear()
+        assert y.dtype == dtype and torch.equal(y, two_calls)
+    w4a4 = lin.weight
+    # fp_quant activations and the emulated preference keep the quantizer
+    for config in (MXFP4BlockRotConfig(scale_rule="fp_quant"), MXFP4BlockRotConfig(kernel_preference="emulated")):
+        lin = torch.nn.Linear(64, 8)
+        quantize_(lin, config)
+        assert not cpu_mxfp4_quantize.fuses_into_gemv(lin.weight)
+    monkeypatch.setattr(cpu_mxfp4_dequantize, "DENSE_FIRST", True)  # AVX-512 CPUs: bf16 dot products want bf16 inputs
+    assert not cpu_mxfp4_quantize.fuses_into_gemv(w4a4)
 
 
 # -- RotatedMXFP4Tensor.linear: the kernel path against the dequantize + F.linear path ------------
@@ -343,6 +422,8 @@ def test_opcheck():
         (torch.randn(1, 96, generator=gen), qdata, scale, 32, 1.0, None, None),
         (torch.randn(3, 96, generator=gen).bfloat16(), qdata, scale, 32, 4.0 / 3.0, torch.randn(8, generator=gen), torch.float32),
         (torch.randn(2, 2, 96, generator=gen), qdata, scale, 32, 1.0, torch.randn(8, generator=gen).bfloat16(), torch.bfloat16),
+        (torch.randn(2, 96, generator=gen).bfloat16(), qdata, scale, 32, 1.0, None, torch.bfloat16, random_rotation(32, gen), "mse"),
+        (torch.randn(1, 96, generator=gen), qdata, scale, 32, 1.0, None, None, None, "even"),
     ]
     for args in samples:
         torch.library.opcheck(op, args)

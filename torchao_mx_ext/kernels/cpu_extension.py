@@ -30,10 +30,10 @@ logger = logging.getLogger(__name__)
 
 _SOURCES = [Path(__file__).with_name(f) for f in ("mxfp4_gemv.cpp", "mxfp4_mm.cpp", "mxfp4_dequantize.cpp", "mxfp4_fake_quantize.cpp", "int8_gemv.cpp",
                                                    "decode_attention.cpp")]
-_HEADERS = [Path(__file__).with_name(f) for f in ("cpu_isa.h", "mxfp4_codes.h")]
+_HEADERS = [Path(__file__).with_name(f) for f in ("cpu_isa.h", "mxfp4_codes.h", "mxfp4_fake_quantize.h")]
 _EXTENSION_NAME = "torchao_mx_ext_cpu_kernels"
-# One op per source: the library is loaded once all of them have a CPU kernel.
-_OPS = ("torchao_mx_ext::mxfp4_gemv", "torchao_mx_ext::mxfp4_mm", "torchao_mx_ext::mxfp4_dequantize", "torchao_mx_ext::mxfp4_fake_quantize",
+# The ops with a CPU kernel in the library (one per source at least): it is loaded once all of them have one.
+_OPS = ("torchao_mx_ext::mxfp4_gemv", "torchao_mx_ext::mxfp4_gemv_group", "torchao_mx_ext::mxfp4_mm", "torchao_mx_ext::mxfp4_dequantize", "torchao_mx_ext::mxfp4_fake_quantize",
         "torchao_mx_ext::int8_gemv", "torchao_mx_ext::decode_attention")
 DISABLE_ENV = "TORCHAO_MX_EXT_CPU_KERNELS"
 

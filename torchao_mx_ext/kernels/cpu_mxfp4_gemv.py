@@ -21,6 +21,11 @@ sums are float32 (the summation order differs from oneDNN/MKL's), the bias is ad
 result is rounded once to ``out_dtype``. A bf16 oneDNN GEMM also accumulates in float32 and rounds
 its output once, so against the existing path only the summation order (float32 rounding) differs.
 
+The input side of a W4A4 linear can run in the same call (``rotation``, ``act_scale_rule``): the
+input is rotated and MX-quantized by the quantizer kernel's row function (the bits of
+:func:`.cpu_mxfp4_quantize.rotate_and_quantize`), then multiplied. Below AVX-512 a decode-step W4A4
+linear is then one operator call (:func:`.cpu_mxfp4_quantize.fuses_into_gemv`).
+
 If the build fails (no compiler, no ninja) one warning is logged and :func:`applies` turns false, so
 linears keep the dequantize path. ``TORCHAO_MX_EXT_CPU_KERNELS=0`` turns the CPU kernels off.
 """
@@ -32,11 +37,14 @@ import torch.nn.functional as F
 
 from ..mx.e8m0 import element_multiplier
 from ..mx.quantize import mxfp4_dequantize
+from ..mx.quantize import mxfp4_fake_quantize as reference_mxfp4_fake_quantize
+from ..rotation.rotations import apply_block_rotation
 from . import cpu_extension, cpu_mxfp4_dequantize
 
-__all__ = ["MAX_ROWS", "applies", "integer_calls", "is_available", "mxfp4_gemv", "reference_mxfp4_gemv", "set_isa"]
+__all__ = ["MAX_ROWS", "applies", "integer_calls", "is_available", "mxfp4_gemv", "mxfp4_gemv_group", "reference_mxfp4_gemv", "set_isa"]
 
 OP = "torchao_mx_ext::mxfp4_gemv"
+GROUP_OP = "torchao_mx_ext::mxfp4_gemv_group"
 # Largest number of rows (M = x.numel() / K) sent to the kernel. The kernel re-decodes the weight for
 # every 4 rows, so its time grows with M; the path it replaces decodes the whole weight first, and the
 # crossover against that lies above M = 128 on AVX-512 CPUs (benchmarks/gemv_bench.py). Where the C++
@@ -49,34 +57,64 @@ MAX_ROWS_CACHED = 4
 
 _SCHEMA = (
     "mxfp4_gemv(Tensor x, Tensor qdata, Tensor scale, int block_size, float multiplier, Tensor? bias=None, "
-    "ScalarType? out_dtype=None) -> Tensor"
+    "ScalarType? out_dtype=None, Tensor? rotation=None, str? act_scale_rule=None) -> Tensor"
+)
+_GROUP_SCHEMA = (
+    "mxfp4_gemv_group(Tensor x, Tensor[] qdata, Tensor[] scale, int block_size, float multiplier, Tensor?[] bias, "
+    "ScalarType? out_dtype, Tensor?[] rotation, str? act_scale_rule=None) -> Tensor[]"
 )
 _lib = torch.library.Library("torchao_mx_ext", "FRAGMENT")
 _lib.define(_SCHEMA)
+_lib.define(_GROUP_SCHEMA)
 
 
 @torch.library.register_fake(OP, lib=_lib)
-def _fake_mxfp4_gemv(x, qdata, scale, block_size, multiplier, bias=None, out_dtype=None):
+def _fake_mxfp4_gemv(x, qdata, scale, block_size, multiplier, bias=None, out_dtype=None, rotation=None, act_scale_rule=None):
     torch._check(x.shape[-1] == qdata.shape[1] * 2, lambda: "mxfp4_gemv: x and the weight differ in width")
     return x.new_empty((*x.shape[:-1], qdata.shape[0]), dtype=out_dtype if out_dtype is not None else x.dtype)
 
 
-def reference_mxfp4_gemv(x, qdata, scale, block_size, multiplier, bias=None, out_dtype=None):
-    """The operator in pure torch (float32 dequantize + float32 ``F.linear``), its fallback."""
+def reference_mxfp4_gemv(x, qdata, scale, block_size, multiplier, bias=None, out_dtype=None, rotation=None, act_scale_rule=None):
+    """The operator in pure torch (the input transform, float32 dequantize + float32 ``F.linear``), its fallback."""
+    out_dtype = out_dtype if out_dtype is not None else x.dtype
+    if rotation is not None:
+        x = apply_block_rotation(x.to(torch.float32), rotation)
+    if act_scale_rule is not None:
+        x = reference_mxfp4_fake_quantize(x.to(torch.float32), block_size, act_scale_rule)
     w = mxfp4_dequantize(qdata, scale, block_size, "floor", torch.float32)
     if multiplier != 1.0:
         w = w * multiplier  # q 2^e is exact: the same float32 value as q * (2^e * multiplier)
     y = F.linear(x.to(torch.float32), w, None if bias is None else bias.to(torch.float32))
-    return y.to(out_dtype if out_dtype is not None else x.dtype)
+    return y.to(out_dtype)
 
 
 @torch.library.impl(_lib, "mxfp4_gemv", "CompositeExplicitAutograd")
-def _fallback_mxfp4_gemv(x, qdata, scale, block_size, multiplier, bias=None, out_dtype=None):
+def _fallback_mxfp4_gemv(x, qdata, scale, block_size, multiplier, bias=None, out_dtype=None, rotation=None, act_scale_rule=None):
     # Reached only while the C++ CPU kernel is not registered (or off the CPU): build it once, then
     # redispatch to it; without it, compute the same numbers in pure torch.
+    args = (x, qdata, scale, block_size, multiplier, bias, out_dtype, rotation, act_scale_rule)
     if x.device.type == "cpu" and qdata.device.type == "cpu" and is_available():
-        return torch.ops.torchao_mx_ext.mxfp4_gemv.default(x, qdata, scale, block_size, multiplier, bias, out_dtype)
-    return reference_mxfp4_gemv(x, qdata, scale, block_size, multiplier, bias, out_dtype)
+        return torch.ops.torchao_mx_ext.mxfp4_gemv.default(*args)
+    return reference_mxfp4_gemv(*args)
+
+
+@torch.library.register_fake(GROUP_OP, lib=_lib)
+def _fake_mxfp4_gemv_group(x, qdata, scale, block_size, multiplier, bias, out_dtype, rotation, act_scale_rule=None):
+    torch._check(len(qdata) == len(scale) == len(bias) == len(rotation), lambda: "mxfp4_gemv_group: lists of different lengths")
+    return [
+        _fake_mxfp4_gemv(x, q, s, block_size, multiplier, b, out_dtype, r, act_scale_rule)
+        for q, s, b, r in zip(qdata, scale, bias, rotation)
+    ]
+
+
+@torch.library.impl(_lib, "mxfp4_gemv_group", "CompositeExplicitAutograd")
+def _fallback_mxfp4_gemv_group(x, qdata, scale, block_size, multiplier, bias, out_dtype, rotation, act_scale_rule=None):
+    if x.device.type == "cpu" and all(q.device.type == "cpu" for q in qdata) and is_available():
+        return torch.ops.torchao_mx_ext.mxfp4_gemv_group.default(x, qdata, scale, block_size, multiplier, bias, out_dtype, rotation, act_scale_rule)
+    return [
+        reference_mxfp4_gemv(x, q, s, block_size, multiplier, b, out_dtype, r, act_scale_rule)
+        for q, s, b, r in zip(qdata, scale, bias, rotation)
+    ]
 
 
 def is_available() -> bool:
@@ -110,12 +148,31 @@ def mxfp4_gemv(
     scale_rule: str,
     bias: torch.Tensor | None = None,
     out_dtype: torch.dtype | None = None,
+    rotation: torch.Tensor | None = None,
+    act_scale_rule: str | None = None,
 ) -> torch.Tensor:
     """``x @ mxfp4_dequantize(qdata, scale, block_size, scale_rule).T + bias`` in one pass over the
     packed weight (``x [..., K]``, ``qdata [N, K/2]``, ``scale [N, K/block_size]``) -> ``[..., N]``
-    in ``out_dtype`` (default ``x.dtype``). Builds the kernel on first use (pure torch without it)."""
+    in ``out_dtype`` (default ``x.dtype``). Builds the kernel on first use (pure torch without it).
+
+    With ``rotation`` (the float32 ``b x b`` block of ``R``) and/or ``act_scale_rule`` the input side of
+    a W4A4 linear runs in the same call: ``x`` is replaced by ``Q_a(x R)`` in float32 (MX blocks of
+    ``block_size``), the bits of :func:`.cpu_mxfp4_quantize.rotate_and_quantize`'s kernel."""
     return torch.ops.torchao_mx_ext.mxfp4_gemv(
-        x, qdata, scale, block_size, element_multiplier(scale_rule), bias, out_dtype
+        x, qdata, scale, block_size, element_multiplier(scale_rule), bias, out_dtype, rotation, act_scale_rule
+    )
+
+
+def mxfp4_gemv_group(x, qdata, scale, block_size, scale_rule, bias=None, out_dtype=None, rotation=None, act_scale_rule=None):
+    """:func:`mxfp4_gemv` of one input ``x`` against several weights (lists ``qdata``, ``scale``; ``bias``
+    and ``rotation`` lists or ``None`` for all), in one operator call: the linears that read one
+    activation (q/k/v, gate/up). The input is transformed and laid out once per distinct rotation
+    (weights of one config share it), so the results are those of separate calls, bit for bit."""
+    n = len(qdata)
+    bias = [None] * n if bias is None else list(bias)
+    rotation = [None] * n if rotation is None else list(rotation)
+    return torch.ops.torchao_mx_ext.mxfp4_gemv_group(
+        x, list(qdata), list(scale), block_size, element_multiplier(scale_rule), bias, out_dtype, rotation, act_scale_rule
     )
 
 
@@ -129,8 +186,9 @@ def set_isa(isa: int | None) -> int:
 
 
 def integer_calls() -> int:
-    """Test hook: how many calls so far ran the kernel's integer path (AVX2; inputs whose every
-    32-element chunk is an integer multiple of one power of two, as MX fake-quantized activations are)."""
+    """Test hook: how many inputs so far took the kernel's integer path (AVX2; inputs whose every
+    32-element chunk is an integer multiple of one power of two, as MX fake-quantized activations are):
+    one per :func:`mxfp4_gemv` call, one per distinct rotation in a :func:`mxfp4_gemv_group` call."""
     if not is_available():
         raise RuntimeError("the fused CPU MXFP4 GEMV kernel is not available")
     return torch.ops.torchao_mx_ext._mxfp4_gemv_integer_calls()

@@ -39,7 +39,7 @@ from ..rotation.rotations import apply_block_rotation, pad_and_rotate
 from . import cpu_extension, cpu_mxfp4_dequantize, cpu_mxfp4_mm
 
 __all__ = [
-    "MAX_FUSED_ROTATION", "RULES", "VECTORIZED", "applies", "fake_quantize", "mxfp4_fake_quantize", "mxfp4_rotate_fake_quantize",
+    "MAX_FUSED_ROTATION", "RULES", "VECTORIZED", "applies", "fake_quantize", "fuses_into_gemv", "mxfp4_fake_quantize", "mxfp4_rotate_fake_quantize",
     "reference_mxfp4_fake_quantize", "rotate_and_quantize", "rotation_applies", "set_isa",
 ]
 
@@ -115,6 +115,21 @@ def mxfp4_rotate_fake_quantize(x: torch.Tensor, rotation: torch.Tensor, block_si
     """The fused operator: ``Q(x R)`` for a float32 ``x [..., K]`` and the float32 ``b x b`` block of ``R``
     (``scale_rule="none"``: ``x R``), in float32."""
     return torch.ops.torchao_mx_ext.mxfp4_rotate_fake_quantize(x, rotation, block_size, scale_rule)
+
+
+def fuses_into_gemv(weight) -> bool:
+    """Whether a W4A4 linear with this ``RotatedMXFP4Tensor`` weight hands its input side to the GEMV kernel
+    (:func:`.cpu_mxfp4_gemv.mxfp4_gemv` with ``rotation`` and ``act_scale_rule``: one operator call per
+    decode-step linear instead of two). Below AVX-512 only, with this kernel vectorised (:data:`VECTORIZED`):
+    there the GEMV's integer path takes the quantized float32 input as it is, where AVX-512 BF16 CPUs want
+    it in bf16 for their dot products. Needs a rule of :data:`RULES` and a rotation the fused kernel takes
+    (float32, ``b`` a multiple of 16 up to :data:`MAX_FUSED_ROTATION`), or none."""
+    if not VECTORIZED or cpu_mxfp4_dequantize.DENSE_FIRST or weight.act_scale_rule not in RULES:
+        return False
+    rotation = weight.rotation
+    if rotation is not None and (rotation.dtype != torch.float32 or rotation.shape[0] % 16 or rotation.shape[0] > MAX_FUSED_ROTATION):
+        return False
+    return weight.kernel_preference != "emulated" and not cpu_extension.known_unavailable()
 
 
 def rotation_applies(x: torch.Tensor, rotation: torch.Tensor, block_size: int, scale_rule: str | None) -> bool:

@@ -153,12 +153,13 @@ __attribute__((target("avx2,fma"))) inline void scores_4keys(const float* qf, in
   __m256 a[RT][4];
   for (int r = 0; r < RT; ++r)
     for (int j = 0; j < 4; ++j) a[r][j] = _mm256_setzero_ps();
+  // Registers: RT x 4 accumulators, RT query chunks and one key chunk (16 at RT = 3: no spills).
   for (int64_t d = 0; d < D; d += 8) {
-    __m256 kv[4];
-    for (int j = 0; j < 4; ++j) kv[j] = load8(kl[j] + d);
-    for (int r = 0; r < RT; ++r) {
-      const __m256 qv = _mm256_loadu_ps(qf + r * D + d);
-      for (int j = 0; j < 4; ++j) a[r][j] = _mm256_fmadd_ps(qv, kv[j], a[r][j]);
+    __m256 qv[RT];
+    for (int r = 0; r < RT; ++r) qv[r] = _mm256_loadu_ps(qf + r * D + d);
+    for (int j = 0; j < 4; ++j) {
+      const __m256 kv = load8(kl[j] + d);
+      for (int r = 0; r < RT; ++r) a[r][j] = _mm256_fmadd_ps(qv[r], kv, a[r][j]);
     }
   }
   for (int r = 0; r < RT; ++r) {
@@ -179,11 +180,12 @@ __attribute__((target("avx2,fma"))) inline void weighted_values(const float* con
     bool any = false;
     for (int r = 0; r < RT; ++r) any |= p[r][l] != 0.0f;
     if (!any) continue;  // left out by every row
-    __m256 vv[NV];
-    for (int j = 0; j < NV; ++j) vv[j] = load8(v + l * Dv + d0 + 8 * j);
-    for (int r = 0; r < RT; ++r) {
-      const __m256 pr = _mm256_set1_ps(p[r][l]);
-      for (int j = 0; j < NV; ++j) acc[r][j] = _mm256_fmadd_ps(pr, vv[j], acc[r][j]);
+    // Registers: RT x NV accumulators, RT weights and one value chunk (16 at RT = 3, NV = 4).
+    __m256 pr[RT];
+    for (int r = 0; r < RT; ++r) pr[r] = _mm256_set1_ps(p[r][l]);
+    for (int j = 0; j < NV; ++j) {
+      const __m256 vv = load8(v + l * Dv + d0 + 8 * j);
+      for (int r = 0; r < RT; ++r) acc[r][j] = _mm256_fmadd_ps(pr[r], vv, acc[r][j]);
     }
   }
   for (int r = 0; r < RT; ++r) {

@@ -33,6 +33,7 @@
 #include <vector>
 
 #include "cpu_isa.h"
+#include "mxfp4_fake_quantize.h"
 
 namespace {
 
@@ -417,24 +418,47 @@ int rule_index(const std::string& rule, bool allow_none = false) {
               rule);
 }
 
+// Rows r0..r1-1 of out = Q(x R) (R == nullptr: Q(x); rule kNone: x R), on the widest path allowed.
+void quantize_rows(int isa, const float* x, float* out, int64_t r0, int64_t r1, int64_t K, int64_t B, int rule, const float* R,
+                   int64_t rb) {
+#ifdef TME_X86_SIMD
+  if (isa == kIsaAvx512) return rows_avx512(x, out, r0, r1, K, B, rule, R, rb);
+  if (isa == kIsaAvx2) return rows_avx2(x, out, r0, r1, K, B, rule, R, rb);
+#endif
+  rows_scalar(x, out, r0, r1, K, B, rule, R, rb);
+}
+
+// The checks both operators (and mxfp4_gemv's input transform) make; returns the rule's index.
+int check_quantize_args(const char* op, int64_t K, const at::Tensor* rotation, int64_t block_size, c10::string_view scale_rule) {
+  const int rule = rule_index(std::string(scale_rule), /*allow_none=*/rotation != nullptr);
+  if (rotation != nullptr) {
+    TORCH_CHECK(rotation->device().is_cpu() && rotation->scalar_type() == at::kFloat && rotation->dim() == 2 &&
+                    rotation->size(0) == rotation->size(1),
+                op, ": the rotation must be a square float32 CPU matrix, got ", rotation->sizes());
+    const int64_t rb = rotation->size(0);
+    TORCH_CHECK(rb > 0 && rb % 16 == 0 && rb <= kMaxRotation, op, ": the rotation block must be a multiple of 16 up to ", kMaxRotation,
+                ", got ", rb);
+    TORCH_CHECK(K % rb == 0, op, ": the width ", K, " is not a multiple of the rotation block ", rb);
+  }
+  if (rule != kNone) {
+    TORCH_CHECK(block_size > 0 && block_size % 32 == 0, op, ": block_size must be a multiple of 32, got ", block_size);
+    TORCH_CHECK(K % block_size == 0, op, ": the width ", K, " is not a multiple of ", block_size);
+  }
+  return rule;
+}
+
 at::Tensor mxfp4_fake_quantize(const at::Tensor& x, int64_t block_size, c10::string_view scale_rule) {
   TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat, "mxfp4_fake_quantize: a float32 CPU tensor expected");
   TORCH_CHECK(x.dim() >= 1, "mxfp4_fake_quantize: x must have at least one dimension");
-  TORCH_CHECK(block_size > 0 && block_size % 32 == 0, "mxfp4_fake_quantize: block_size must be a multiple of 32, got ", block_size);
   const int64_t K = x.size(-1);
-  TORCH_CHECK(K % block_size == 0, "mxfp4_fake_quantize: the width ", K, " is not a multiple of ", block_size);
-  const int rule = rule_index(std::string(scale_rule));
+  const int rule = check_quantize_args("mxfp4_fake_quantize", K, nullptr, block_size, scale_rule);
   const auto xc = x.contiguous();
   auto out = at::empty_like(xc);
   const int64_t R = K == 0 ? 0 : xc.numel() / K;
   if (R == 0) return out;
   const int isa = current_isa();
   at::parallel_for(0, R, std::max<int64_t>(1, 8192 / K), [&](int64_t r0, int64_t r1) {
-#ifdef TME_X86_SIMD
-    if (isa == kIsaAvx512) return rows_avx512(xc.data_ptr<float>(), out.data_ptr<float>(), r0, r1, K, block_size, rule);
-    if (isa == kIsaAvx2) return rows_avx2(xc.data_ptr<float>(), out.data_ptr<float>(), r0, r1, K, block_size, rule);
-#endif
-    rows_scalar(xc.data_ptr<float>(), out.data_ptr<float>(), r0, r1, K, block_size, rule);
+    quantize_rows(isa, xc.data_ptr<float>(), out.data_ptr<float>(), r0, r1, K, block_size, rule, nullptr, 0);
   });
   return out;
 }
@@ -442,19 +466,9 @@ at::Tensor mxfp4_fake_quantize(const at::Tensor& x, int64_t block_size, c10::str
 at::Tensor mxfp4_rotate_fake_quantize(const at::Tensor& x, const at::Tensor& rotation, int64_t block_size, c10::string_view scale_rule) {
   TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat, "mxfp4_rotate_fake_quantize: a float32 CPU tensor expected");
   TORCH_CHECK(x.dim() >= 1, "mxfp4_rotate_fake_quantize: x must have at least one dimension");
-  TORCH_CHECK(rotation.device().is_cpu() && rotation.scalar_type() == at::kFloat && rotation.dim() == 2 &&
-                  rotation.size(0) == rotation.size(1),
-              "mxfp4_rotate_fake_quantize: the rotation must be a square float32 CPU matrix, got ", rotation.sizes());
-  const int64_t rb = rotation.size(0), K = x.size(-1);
-  TORCH_CHECK(rb > 0 && rb % 16 == 0 && rb <= kMaxRotation, "mxfp4_rotate_fake_quantize: the rotation block must be a multiple of 16 up to ",
-              kMaxRotation, ", got ", rb);
-  TORCH_CHECK(K % rb == 0, "mxfp4_rotate_fake_quantize: the width ", K, " is not a multiple of the rotation block ", rb);
-  const int rule = rule_index(std::string(scale_rule), /*allow_none=*/true);
-  if (rule != kNone) {
-    TORCH_CHECK(block_size > 0 && block_size % 32 == 0, "mxfp4_rotate_fake_quantize: block_size must be a multiple of 32, got ",
-                block_size);
-    TORCH_CHECK(K % block_size == 0, "mxfp4_rotate_fake_quantize: the width ", K, " is not a multiple of ", block_size);
-  }
+  const int64_t K = x.size(-1);
+  const int rule = check_quantize_args("mxfp4_rotate_fake_quantize", K, &rotation, block_size, scale_rule);
+  const int64_t rb = rotation.size(0);
   const auto xc = x.contiguous();
   const auto rc = rotation.contiguous();
   auto out = at::empty_like(xc);
@@ -463,11 +477,7 @@ at::Tensor mxfp4_rotate_fake_quantize(const at::Tensor& x, const at::Tensor& rot
   const int isa = current_isa();
   // A row costs about rb times more here than in mxfp4_fake_quantize: a smaller grain.
   at::parallel_for(0, R, std::max<int64_t>(1, 8192 / (K * rb / 16)), [&](int64_t r0, int64_t r1) {
-#ifdef TME_X86_SIMD
-    if (isa == kIsaAvx512) return rows_avx512(xc.data_ptr<float>(), out.data_ptr<float>(), r0, r1, K, block_size, rule, rc.data_ptr<float>(), rb);
-    if (isa == kIsaAvx2) return rows_avx2(xc.data_ptr<float>(), out.data_ptr<float>(), r0, r1, K, block_size, rule, rc.data_ptr<float>(), rb);
-#endif
-    rows_scalar(xc.data_ptr<float>(), out.data_ptr<float>(), r0, r1, K, block_size, rule, rc.data_ptr<float>(), rb);
+    quantize_rows(isa, xc.data_ptr<float>(), out.data_ptr<float>(), r0, r1, K, block_size, rule, rc.data_ptr<float>(), rb);
   });
   return out;
 }
@@ -479,6 +489,18 @@ int64_t mxfp4_fake_quantize_set_isa(int64_t isa) {
 }
 
 }  // namespace
+
+namespace tme_cpu {
+
+void rotate_fake_quantize_rows(const float* x, float* out, int64_t rows, int64_t K, int64_t block_size, const at::Tensor* rotation,
+                               c10::string_view scale_rule) {
+  const int rule = check_quantize_args("mxfp4_gemv", K, rotation, block_size, scale_rule);
+  const auto rc = rotation != nullptr ? rotation->contiguous() : at::Tensor();
+  quantize_rows(::current_isa(), x, out, 0, rows, K, block_size, rule, rotation != nullptr ? rc.data_ptr<float>() : nullptr,
+                rotation != nullptr ? rc.size(0) : 0);
+}
+
+}  // namespace tme_cpu
 
 TORCH_LIBRARY_FRAGMENT(torchao_mx_ext, m) { m.def("_mxfp4_fake_quantize_set_isa(int isa) -> int", &mxfp4_fake_quantize_set_isa); }
 

@@ -29,6 +29,11 @@
 // order; 4x the float path's multiply-adds per second on Zen 3 (benchmarks/gemv_bench.py). Inputs
 // that are not of that form (bf16 / float activations of weight-only linears) take the float path.
 //
+// Input transform (optional arguments rotation, act_scale_rule): x is first replaced by Q_a(x R) in
+// float32 by the quantizer kernel's own row function (mxfp4_fake_quantize.h), so a W4A4 decode-step
+// linear is one operator call: Inductor's wrapper spends a few microseconds per extern call, and a
+// decoder step makes hundreds.
+//
 // The paths follow ATen's own CPU capability, so ATEN_CPU_CAPABILITY=avx2/default selects the
 // narrower ones as it does for ATen's kernels. Up to 4 rows of x share one decode of a weight chunk;
 // output rows are split across ATen's threads (at least kGrainBytes of weight each).
@@ -52,6 +57,7 @@
 
 #include "cpu_isa.h"
 #include "mxfp4_codes.h"
+#include "mxfp4_fake_quantize.h"
 
 namespace {
 
@@ -481,61 +487,61 @@ constexpr int64_t kRowBlock = 16;  // weight rows visited by every tile of x row
 // by scheduler stalls.
 constexpr int64_t kGrainBytes = 64 * 1024;
 
-at::Tensor mxfp4_gemv(const at::Tensor& x, const at::Tensor& qdata, const at::Tensor& scale, int64_t block_size,
-                      double multiplier, const c10::optional<at::Tensor>& bias,
-                      c10::optional<at::ScalarType> out_dtype) {
-  TORCH_CHECK(x.device().is_cpu() && qdata.device().is_cpu() && scale.device().is_cpu(),
-              "mxfp4_gemv: CPU tensors expected");
-  TORCH_CHECK(qdata.dim() == 2 && qdata.scalar_type() == at::kByte, "mxfp4_gemv: qdata must be a 2-D uint8 tensor");
-  TORCH_CHECK(scale.dim() == 2 && scale.scalar_type() == at::kByte, "mxfp4_gemv: scale must be a 2-D uint8 tensor");
-  TORCH_CHECK(block_size > 0 && block_size % 32 == 0, "mxfp4_gemv: block_size must be a multiple of 32, got ", block_size);
-  TORCH_CHECK(x.dim() >= 1 && at::isFloatingType(x.scalar_type()), "mxfp4_gemv: x must be a floating-point tensor");
-  const int64_t N = qdata.size(0), K = qdata.size(1) * 2;
-  TORCH_CHECK(K > 0, "mxfp4_gemv: the weight has no columns");
-  TORCH_CHECK(x.size(-1) == K, "mxfp4_gemv: x has ", x.size(-1), " features, the weight ", K);
-  TORCH_CHECK(K % block_size == 0 && scale.size(0) == N && scale.size(1) == K / block_size,
-              "mxfp4_gemv: scale shape ", scale.sizes(), " does not match qdata ", qdata.sizes(), " in blocks of ", block_size);
-  if (bias.has_value()) {
-    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == N && bias->device().is_cpu(), "mxfp4_gemv: bias must be a CPU [N] tensor");
+// The input operand of one or more GEMVs of width K, laid out for the path that runs (see Problem);
+// `buffers` own the memory the pointers point into.
+struct GemvInput {
+  std::vector<at::Tensor> buffers;
+  const float* xd = nullptr;
+  const uint16_t* xb = nullptr;
+  const int8_t* xi = nullptr;
+  const int32_t* xcorr = nullptr;
+  const float* xsc = nullptr;
+  int64_t M = 0, K = 0, P = 0, Kp = 0;
+};
+
+// x [M, K] (any floating dtype, contiguous or not), transformed first where asked (rotation and/or
+// act_scale_rule: x <- Q_a(x R) in float32, the bits of mxfp4_rotate_fake_quantize).
+GemvInput prepare_input(const at::Tensor& x, int64_t M, int64_t K, int64_t block_size, double multiplier, int isa,
+                        const at::Tensor* rotation, c10::optional<c10::string_view> act_scale_rule) {
+  GemvInput in;
+  in.M = M;
+  in.K = K;
+  at::Tensor xc = x.contiguous();
+  if (rotation != nullptr || act_scale_rule.has_value()) {
+    at::Tensor xq = at::empty({M, K}, x.options().dtype(at::kFloat));
+    const at::Tensor xf = xc.to(at::kFloat);
+    tme_cpu::rotate_fake_quantize_rows(xf.data_ptr<float>(), xq.data_ptr<float>(), M, K, block_size, rotation,
+                                       act_scale_rule.value_or("none"));
+    xc = xq;
   }
-  const at::ScalarType out_t = out_dtype.value_or(x.scalar_type());
-  TORCH_CHECK(out_t == at::kFloat || out_t == at::kBFloat16 || out_t == at::kHalf,
-              "mxfp4_gemv: out_dtype must be float32, bfloat16 or float16");
-
-  std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
-  out_shape.back() = N;
-  const int64_t M = x.numel() / K;
-  if (M == 0 || N == 0) return at::empty(out_shape, x.options().dtype(out_t));
-
-  const auto q = qdata.contiguous();
-  const auto sc = scale.contiguous();
-  const auto xc = x.contiguous();
-  const int isa = current_isa();
   const bool bf16_path = isa == kIsaAvx512Bf16 && xc.scalar_type() == at::kBFloat16;
   const int64_t nc = K / 32, P = (nc + 1) / 2, Kp = P * 64;  // chunk pairs; the bf16 path's padded width
+  in.P = P;
+  in.Kp = Kp;
   // The integer path where x allows it: AVX2 (AVX-512 CPUs keep their bf16 / float paths, tuned there)
   // and plain E8M0 scales (fp_quant's multiplier makes decoded weights inexact products).
-  at::Tensor int_buf;  // one allocation: v [M, P * 64] int8, then corrections and scales [M, P * 8] 32-bit each
-  int8_t* xi = nullptr;
-  int32_t* xcorr = nullptr;
-  float* xsc = nullptr;
-  bool int_path = false;
   if (isa == kIsaAvx2 && multiplier == 1.0) {
-    int_buf = at::empty({M * P * (64 + 8 * 4 + 8 * 4)}, x.options().dtype(at::kByte));
-    xi = reinterpret_cast<int8_t*>(int_buf.data_ptr<uint8_t>());
-    xcorr = reinterpret_cast<int32_t*>(xi + M * P * 64);
-    xsc = reinterpret_cast<float*>(xcorr + M * P * 8);
+    // one allocation: v [M, P * 64] int8, then corrections and scales [M, P * 8] 32-bit each
+    at::Tensor int_buf = at::empty({M * P * (64 + 8 * 4 + 8 * 4)}, x.options().dtype(at::kByte));
+    int8_t* xi = reinterpret_cast<int8_t*>(int_buf.data_ptr<uint8_t>());
+    int32_t* xcorr = reinterpret_cast<int32_t*>(xi + M * P * 64);
+    float* xsc = reinterpret_cast<float*>(xcorr + M * P * 8);
+    bool int_path = false;
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, xc.scalar_type(), "mxfp4_gemv_int", [&] {
       int_path = int_activations<scalar_t>(xc.data_ptr<scalar_t>(), M, K, xi, xcorr, xsc);
     });
-    if (int_path) g_integer_calls.fetch_add(1, std::memory_order_relaxed);
+    if (int_path) {
+      g_integer_calls.fetch_add(1, std::memory_order_relaxed);
+      in.buffers.push_back(int_buf);
+      in.xi = xi;
+      in.xcorr = xcorr;
+      in.xsc = xsc;
+      return in;
+    }
   }
-  at::Tensor xd;
-  if (int_path) {
-    // nothing more to prepare
-  } else if (bf16_path) {
+  if (bf16_path) {
     // bf16 bits, per chunk pair: even(c), even(c+1), odd(c), odd(c+1); zeros for a missing c+1.
-    xd = at::empty({M, Kp}, x.options().dtype(at::kBFloat16));
+    at::Tensor xd = at::empty({M, Kp}, x.options().dtype(at::kBFloat16));
     const uint16_t* src = reinterpret_cast<const uint16_t*>(xc.data_ptr<at::BFloat16>());
     uint16_t* dst = reinterpret_cast<uint16_t*>(xd.data_ptr<at::BFloat16>());
     for (int64_t m = 0; m < M; ++m) {
@@ -553,46 +559,147 @@ at::Tensor mxfp4_gemv(const at::Tensor& x, const at::Tensor& qdata, const at::Te
         }
       }
     }
-  } else {
-    // float32, each 32-chunk reordered (even elements, then odd) to match the nibble order.
-    xd = at::empty({M, K}, x.options().dtype(at::kFloat));
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, xc.scalar_type(), "mxfp4_gemv_x", [&] {
-      const scalar_t* src = xc.data_ptr<scalar_t>();
-      float* dst = xd.data_ptr<float>();
-      for (int64_t i = 0; i < M * K; i += 32) {
-        for (int j = 0; j < 16; ++j) {
-          dst[i + j] = static_cast<float>(src[i + 2 * j]);
-          dst[i + 16 + j] = static_cast<float>(src[i + 2 * j + 1]);
-        }
-      }
-    });
+    in.buffers.push_back(xd);
+    in.xb = dst;
+    return in;
   }
-  at::Tensor bias_f;
-  if (bias.has_value()) bias_f = bias->to(at::kFloat).contiguous();
-  // The plain E8M0 table once per process; fp_quant's multiplier per call.
+  // float32, each 32-chunk reordered (even elements, then odd) to match the nibble order.
+  at::Tensor xd = at::empty({M, K}, x.options().dtype(at::kFloat));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, xc.scalar_type(), "mxfp4_gemv_x", [&] {
+    const scalar_t* src = xc.data_ptr<scalar_t>();
+    float* dst = xd.data_ptr<float>();
+    for (int64_t i = 0; i < M * K; i += 32) {
+      for (int j = 0; j < 16; ++j) {
+        dst[i + j] = static_cast<float>(src[i + 2 * j]);
+        dst[i + 16 + j] = static_cast<float>(src[i + 2 * j + 1]);
+      }
+    }
+  });
+  in.buffers.push_back(xd);
+  in.xd = xd.data_ptr<float>();
+  return in;
+}
+
+// Checks one weight (and bias) against x; returns N.
+int64_t check_weight(const char* op, const at::Tensor& x, const at::Tensor& qdata, const at::Tensor& scale, int64_t block_size,
+                     const c10::optional<at::Tensor>& bias) {
+  TORCH_CHECK(qdata.device().is_cpu() && scale.device().is_cpu(), op, ": CPU tensors expected");
+  TORCH_CHECK(qdata.dim() == 2 && qdata.scalar_type() == at::kByte, op, ": qdata must be a 2-D uint8 tensor");
+  TORCH_CHECK(scale.dim() == 2 && scale.scalar_type() == at::kByte, op, ": scale must be a 2-D uint8 tensor");
+  const int64_t N = qdata.size(0), K = qdata.size(1) * 2;
+  TORCH_CHECK(K > 0, op, ": the weight has no columns");
+  TORCH_CHECK(x.size(-1) == K, op, ": x has ", x.size(-1), " features, the weight ", K);
+  TORCH_CHECK(K % block_size == 0 && scale.size(0) == N && scale.size(1) == K / block_size,
+              op, ": scale shape ", scale.sizes(), " does not match qdata ", qdata.sizes(), " in blocks of ", block_size);
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == N && bias->device().is_cpu(), op, ": bias must be a CPU [N] tensor");
+  }
+  return N;
+}
+
+void check_input(const char* op, const at::Tensor& x, int64_t block_size, at::ScalarType out_t) {
+  TORCH_CHECK(x.device().is_cpu(), op, ": CPU tensors expected");
+  TORCH_CHECK(block_size > 0 && block_size % 32 == 0, op, ": block_size must be a multiple of 32, got ", block_size);
+  TORCH_CHECK(x.dim() >= 1 && at::isFloatingType(x.scalar_type()), op, ": x must be a floating-point tensor");
+  TORCH_CHECK(out_t == at::kFloat || out_t == at::kBFloat16 || out_t == at::kHalf, op,
+              ": out_dtype must be float32, bfloat16 or float16");
+}
+
+// E8M0 byte -> block scale: the plain table once per process; fp_quant's multiplier into `storage`.
+const float* scale_table(double multiplier, float* storage) {
   static const std::vector<float> kPlainTable = [] {
     std::vector<float> t(256);
     fill_scale_table(t.data(), 1.0);
     return t;
   }();
-  float tab_mult[256];
-  const float* tab = kPlainTable.data();
-  if (multiplier != 1.0) {
-    fill_scale_table(tab_mult, multiplier);
-    tab = tab_mult;
-  }
+  if (multiplier == 1.0) return kPlainTable.data();
+  fill_scale_table(storage, multiplier);
+  return storage;
+}
 
-  auto out = at::empty(out_shape, x.options().dtype(out_t));
-  Problem p{q.data_ptr<uint8_t>(), sc.data_ptr<uint8_t>(),
-            int_path || bf16_path ? nullptr : xd.data_ptr<float>(),
-            bf16_path ? reinterpret_cast<const uint16_t*>(xd.data_ptr<at::BFloat16>()) : nullptr, Kp, tab,
-            int_path ? xi : nullptr, int_path ? xcorr : nullptr, int_path ? xsc : nullptr, P,
-            bias.has_value() ? bias_f.data_ptr<float>() : nullptr, out.data_ptr(), out_t, M, N, K, block_size};
+// out [M, N] = the prepared input against one weight (+ bias).
+void run_gemv(const GemvInput& in, int isa, const at::Tensor& qdata, const at::Tensor& scale, int64_t block_size, const float* tab,
+              const c10::optional<at::Tensor>& bias, at::Tensor& out) {
+  const auto q = qdata.contiguous();
+  const auto sc = scale.contiguous();
+  at::Tensor bias_f;
+  if (bias.has_value()) bias_f = bias->to(at::kFloat).contiguous();
+  const int64_t M = in.M, N = q.size(0), K = in.K;
+  Problem p{q.data_ptr<uint8_t>(), sc.data_ptr<uint8_t>(), in.xd, in.xb, in.Kp, tab, in.xi, in.xcorr, in.xsc, in.P,
+            bias.has_value() ? bias_f.data_ptr<float>() : nullptr, out.data_ptr(), out.scalar_type(), M, N, K, block_size};
   const int64_t grain = std::max<int64_t>(1, kGrainBytes / std::max<int64_t>(1, (K / 2) * ((M + tme_cpu::kGemvRowTile - 1) / tme_cpu::kGemvRowTile)));
   tme_cpu::for_each_gemv_tile(M, N, grain, kRowBlock, [&](auto mt, int64_t m0, int64_t n0, int64_t n1) {
     rows<decltype(mt)::value>(isa, p, m0, n0, n1);
   });
+}
+
+std::vector<int64_t> out_shape_of(const at::Tensor& x, int64_t N) {
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape.back() = N;
+  return shape;
+}
+
+at::Tensor mxfp4_gemv(const at::Tensor& x, const at::Tensor& qdata, const at::Tensor& scale, int64_t block_size,
+                      double multiplier, const c10::optional<at::Tensor>& bias,
+                      c10::optional<at::ScalarType> out_dtype, const c10::optional<at::Tensor>& rotation,
+                      c10::optional<c10::string_view> act_scale_rule) {
+  const at::ScalarType out_t = out_dtype.value_or(x.scalar_type());
+  check_input("mxfp4_gemv", x, block_size, out_t);
+  const int64_t N = check_weight("mxfp4_gemv", x, qdata, scale, block_size, bias), K = x.size(-1);
+  auto out = at::empty(out_shape_of(x, N), x.options().dtype(out_t));
+  const int64_t M = x.numel() / K;
+  if (M == 0 || N == 0) return out;
+  const int isa = current_isa();
+  const GemvInput in = prepare_input(x, M, K, block_size, multiplier, isa, rotation.has_value() ? &*rotation : nullptr, act_scale_rule);
+  float tab_storage[256];
+  run_gemv(in, isa, qdata, scale, block_size, scale_table(multiplier, tab_storage), bias, out);
   return out;
+}
+
+// Whether two optional rotation blocks are the same matrix (the same tensor, or equal bits).
+bool same_rotation(const c10::optional<at::Tensor>& a, const c10::optional<at::Tensor>& b) {
+  if (a.has_value() != b.has_value()) return false;
+  if (!a.has_value() || a->is_same(*b)) return true;
+  if (a->sizes() != b->sizes() || a->scalar_type() != b->scalar_type()) return false;
+  const auto ac = a->contiguous(), bc = b->contiguous();
+  return std::memcmp(ac.data_ptr(), bc.data_ptr(), ac.numel() * ac.element_size()) == 0;
+}
+
+// Several weights against one input (q/k/v, gate/up): mxfp4_gemv for each, in one call, with the input
+// prepared (transformed, laid out) once per distinct rotation. Same results as separate calls.
+std::vector<at::Tensor> mxfp4_gemv_group(const at::Tensor& x, at::TensorList qdata, at::TensorList scale, int64_t block_size,
+                                         double multiplier, const c10::List<c10::optional<at::Tensor>>& bias,
+                                         c10::optional<at::ScalarType> out_dtype,
+                                         const c10::List<c10::optional<at::Tensor>>& rotation,
+                                         c10::optional<c10::string_view> act_scale_rule) {
+  const size_t n = qdata.size();
+  TORCH_CHECK(n > 0 && scale.size() == n && bias.size() == n && rotation.size() == n,
+              "mxfp4_gemv_group: qdata, scale, bias and rotation must be lists of the same, nonzero length");
+  const at::ScalarType out_t = out_dtype.value_or(x.scalar_type());
+  check_input("mxfp4_gemv_group", x, block_size, out_t);
+  std::vector<at::Tensor> outs;
+  for (size_t i = 0; i < n; ++i) {
+    const int64_t N = check_weight("mxfp4_gemv_group", x, qdata[i], scale[i], block_size, bias.get(i));
+    outs.push_back(at::empty(out_shape_of(x, N), x.options().dtype(out_t)));
+  }
+  const int64_t K = x.size(-1), M = x.numel() / K;
+  if (M == 0) return outs;
+  const int isa = current_isa();
+  float tab_storage[256];
+  const float* tab = scale_table(multiplier, tab_storage);
+  std::vector<std::pair<c10::optional<at::Tensor>, GemvInput>> prepared;
+  for (size_t i = 0; i < n; ++i) {
+    const c10::optional<at::Tensor> rot = rotation.get(i);
+    const GemvInput* in = nullptr;
+    for (const auto& entry : prepared)
+      if (same_rotation(entry.first, rot)) in = &entry.second;
+    if (in == nullptr) {
+      prepared.emplace_back(rot, prepare_input(x, M, K, block_size, multiplier, isa, rot.has_value() ? &*rot : nullptr, act_scale_rule));
+      in = &prepared.back().second;
+    }
+    if (outs[i].numel() > 0) run_gemv(*in, isa, qdata[i], scale[i], block_size, tab, bias.get(i), outs[i]);
+  }
+  return outs;
 }
 
 // Test hook: force a narrower code path (0 scalar, 1 AVX2, 2 AVX-512, 3 AVX-512 BF16 for bf16 x;
@@ -613,4 +720,7 @@ TORCH_LIBRARY_FRAGMENT(torchao_mx_ext, m) {
   m.def("_mxfp4_gemv_integer_calls() -> int", &mxfp4_gemv_integer_calls);
 }
 
-TORCH_LIBRARY_IMPL(torchao_mx_ext, CPU, m) { m.impl("mxfp4_gemv", &mxfp4_gemv); }
+TORCH_LIBRARY_IMPL(torchao_mx_ext, CPU, m) {
+  m.impl("mxfp4_gemv", &mxfp4_gemv);
+  m.impl("mxfp4_gemv_group", &mxfp4_gemv_group);
+}

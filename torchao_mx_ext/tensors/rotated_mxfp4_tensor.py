@@ -13,7 +13,8 @@ significant bits) are exact in bfloat16, so only the accumulation's output round
 (``fp_quant``'s 4/3 factor is not exact there, so it stays in float32). An optional ``dequantized``
 cache (:func:`torchao_mx_ext.inference.cache_dequantized_weights`) trades memory for speed by skipping
 the per-call decode. Kernels (``kernels/``): on CPU, small batches decode the weight inside the
-reduction (``cpu_mxfp4_gemv``), W4A4 batches of 9 to 128 rows on AVX2 CPUs run on exact integer dot
+reduction (``cpu_mxfp4_gemv``; below AVX-512 a W4A4 one also rotates and quantizes its input in that
+call), W4A4 batches of 9 to 128 rows on AVX2 CPUs run on exact integer dot
 products of the codes (``cpu_mxfp4_mm``), and larger ones decode the weight (``cpu_mxfp4_dequantize``)
 for the library GEMM; on Blackwell GPUs, opted in, W4A4 runs on MXFP4 tensor cores (``cuda_mxfp4_mm``).
 Rotation-domain paper: FP-Quant / MR-GPTQ (arXiv 2509.23202) and BRQ (arXiv 2511.04214).
@@ -153,6 +154,15 @@ class RotatedMXFP4Tensor(TorchAOBaseTensor):
             b = None if bias is None else bias.to(gemm_dtype)
             y = cpu_mxfp4_mm.mxfp4_mm(a.qdata, a.scale, self.qdata, self.scale, self.block_size, b, x.dtype)
             return y.reshape(*x.shape[:-1], y.shape[-1])
+        if cpu_mxfp4_quantize.fuses_into_gemv(self) and cpu_mxfp4_gemv.applies(self, x):
+            # W4A4 decode below AVX-512: the GEMV rotates and quantizes its input itself (the quantizer
+            # kernel's bits) and takes its integer path; one operator call per linear.
+            width = self.padded_in_features
+            xp = x if x.shape[-1] == width else F.pad(x, (0, width - x.shape[-1]))
+            b = None if bias is None else bias.to(gemm_dtype)
+            return cpu_mxfp4_gemv.mxfp4_gemv(
+                xp, self.qdata, self.scale, self.block_size, self.scale_rule, b, x.dtype, self.rotation, self.act_scale_rule
+            )
         # Same numbers as quantize_input(x).dequantize() (up to the rotation's float32 summation order
         # where the fused kernel runs), without materialising codes.
         xr = self.transform_input(x)
