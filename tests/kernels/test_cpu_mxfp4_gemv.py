@@ -284,6 +284,47 @@ def test_kernel_shapes_and_errors():
         cpu_mxfp4_gemv.mxfp4_gemv(torch.randn(1, 64), qdata, torch.zeros(4, 4, dtype=torch.uint8), 16, "floor")
 
 
+def test_group_equals_separate_calls(monkeypatch):
+    """mxfp4_gemv_group: each output is mxfp4_gemv's, bit for bit, whichever rotations the members carry
+    (the same tensor, an equal copy, none, another matrix) and with or without a bias."""
+    gen = torch.Generator().manual_seed(23)
+    rotation, other = random_rotation(32, gen), random_rotation(32, gen)
+    members = [random_weight(n, 96, 32, gen) for n in (24, 8, 8, 5)]
+    rotations = [rotation, rotation.clone(), None, other]
+    biases = [torch.randn(24, generator=gen), None, torch.randn(8, generator=gen).bfloat16(), None]
+    for x, out_dtype, rule in [(torch.randn(1, 96, generator=gen).bfloat16(), torch.bfloat16, "mse"),
+                               (torch.randn(3, 96, generator=gen), torch.float32, "floor"), (torch.randn(2, 96, generator=gen), None, None)]:
+        rots = rotations if rule is not None else [None] * 4
+        before = cpu_mxfp4_gemv.integer_calls()
+        outs = cpu_mxfp4_gemv.mxfp4_gemv_group(x, [q for q, _ in members], [s for _, s in members], 32, "floor", biases, out_dtype, rots, rule)
+        if rule is not None and cpu_mxfp4_gemv.set_isa(None) == 1:  # AVX2: the input is prepared once per distinct rotation
+            assert cpu_mxfp4_gemv.integer_calls() == before + 3
+        assert len(outs) == len(members)
+        for out, (q, s), b, r in zip(outs, members, biases, rots):
+            assert torch.equal(out, cpu_mxfp4_gemv.mxfp4_gemv(x, q, s, 32, "floor", b, out_dtype, r, rule))
+    # The pure-torch fallback (a build that failed), member by member: the same up to float32 summation order.
+    qs, ss = [q for q, _ in members], [s for _, s in members]
+    with torch.no_grad():
+        kernel = cpu_mxfp4_gemv.mxfp4_gemv_group(x, qs, ss, 32, "floor", biases, torch.float32)
+    for out, (q, s), b in zip(kernel, members, biases):
+        ref, magnitude = reference(x, q, s, 32, "floor", b)
+        check(out, ref, magnitude, torch.float32, 96)
+    with monkeypatch.context() as mp:
+        mp.setattr(cpu_mxfp4_gemv, "is_available", lambda: False)
+        pure = cpu_mxfp4_gemv._fallback_mxfp4_gemv_group(x, qs, ss, 32, 1.0, biases, torch.float32, [None] * 4)
+    for out, p in zip(kernel, pure):
+        torch.testing.assert_close(out, p, atol=1e-5 * p.abs().max().item(), rtol=0)
+    with pytest.raises(RuntimeError, match="same, nonzero length"):
+        torch.ops.torchao_mx_ext.mxfp4_gemv_group(x, [members[0][0]], [members[0][1]], 32, 1.0, [None, None], None, [None], None)
+    with pytest.raises(RuntimeError, match="features"):
+        torch.ops.torchao_mx_ext.mxfp4_gemv_group(torch.randn(1, 64), [members[0][0]], [members[0][1]], 32, 1.0, [None], None, [None], None)
+    torch.library.opcheck(
+        torch.ops.torchao_mx_ext.mxfp4_gemv_group.default,
+        (torch.randn(2, 96, generator=gen).bfloat16(), [q for q, _ in members[:2]], [s for _, s in members[:2]], 32, 1.0, [None, biases[0][:8]],
+         torch.bfloat16, [rotation, None], "even"),
+    )
+
+
 def test_w4a4_decode_linear_is_one_gemv_call(monkeypatch):
     """Below AVX-512 a W4A4 decode-step linear hands its rotation and activation quantization to the
     GEMV (no quantizer call of its own), with the two-call path's bits; the width is zero-padded first."""

@@ -487,10 +487,17 @@ constexpr int64_t kRowBlock = 16;  // weight rows visited by every tile of x row
 // by scheduler stalls.
 constexpr int64_t kGrainBytes = 64 * 1024;
 
-// The input operand of one or more GEMVs of width K, laid out for the path that runs (see Problem);
-// `buffers` own the memory the pointers point into.
+// The input operand of one or more GEMVs of width K, laid out for the path that runs (see Problem).
+// Scratch memory is plain heap vectors, not tensors: a decode step prepares a few hundred inputs, and
+// each at::empty / .to() is a dispatcher round trip (~0.5 ms a SmolLM2-135M step, profiled).
 struct GemvInput {
-  std::vector<at::Tensor> buffers;
+  GemvInput() = default;
+  GemvInput(GemvInput&&) = default;  // moves keep the vectors' buffers, which the pointers point into
+  GemvInput& operator=(GemvInput&&) = default;
+  GemvInput(const GemvInput&) = delete;
+  std::vector<float> xd_storage;
+  std::vector<uint16_t> xb_storage;
+  std::vector<uint8_t> int_storage;
   const float* xd = nullptr;
   const uint16_t* xb = nullptr;
   const int8_t* xi = nullptr;
@@ -506,44 +513,57 @@ GemvInput prepare_input(const at::Tensor& x, int64_t M, int64_t K, int64_t block
   GemvInput in;
   in.M = M;
   in.K = K;
-  at::Tensor xc = x.contiguous();
+  const at::Tensor xc = x.contiguous();
+  std::vector<float> transformed;
   if (rotation != nullptr || act_scale_rule.has_value()) {
-    at::Tensor xq = at::empty({M, K}, x.options().dtype(at::kFloat));
-    const at::Tensor xf = xc.to(at::kFloat);
-    tme_cpu::rotate_fake_quantize_rows(xf.data_ptr<float>(), xq.data_ptr<float>(), M, K, block_size, rotation,
-                                       act_scale_rule.value_or("none"));
-    xc = xq;
+    std::vector<float> widened;
+    const float* src = nullptr;
+    if (xc.scalar_type() == at::kFloat) {
+      src = xc.data_ptr<float>();
+    } else {
+      widened.resize(M * K);
+      AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, xc.scalar_type(), "mxfp4_gemv_widen", [&] {
+        const scalar_t* w = xc.data_ptr<scalar_t>();
+        for (int64_t i = 0; i < M * K; ++i) widened[i] = static_cast<float>(w[i]);
+      });
+      src = widened.data();
+    }
+    transformed.resize(M * K);
+    tme_cpu::rotate_fake_quantize_rows(src, transformed.data(), M, K, block_size, rotation, act_scale_rule.value_or("none"));
   }
-  const bool bf16_path = isa == kIsaAvx512Bf16 && xc.scalar_type() == at::kBFloat16;
+  // The input the paths below read: the transformed float32 rows, or x in its own dtype.
+  const at::ScalarType x_t = transformed.empty() ? xc.scalar_type() : at::kFloat;
+  const void* x_data = transformed.empty() ? xc.data_ptr() : static_cast<const void*>(transformed.data());
+  const bool bf16_path = isa == kIsaAvx512Bf16 && x_t == at::kBFloat16;
   const int64_t nc = K / 32, P = (nc + 1) / 2, Kp = P * 64;  // chunk pairs; the bf16 path's padded width
   in.P = P;
   in.Kp = Kp;
   // The integer path where x allows it: AVX2 (AVX-512 CPUs keep their bf16 / float paths, tuned there)
   // and plain E8M0 scales (fp_quant's multiplier makes decoded weights inexact products).
   if (isa == kIsaAvx2 && multiplier == 1.0) {
-    // one allocation: v [M, P * 64] int8, then corrections and scales [M, P * 8] 32-bit each
-    at::Tensor int_buf = at::empty({M * P * (64 + 8 * 4 + 8 * 4)}, x.options().dtype(at::kByte));
-    int8_t* xi = reinterpret_cast<int8_t*>(int_buf.data_ptr<uint8_t>());
+    // one buffer: v [M, P * 64] int8, then corrections and scales [M, P * 8] 32-bit each
+    in.int_storage.resize(M * P * (64 + 8 * 4 + 8 * 4));
+    int8_t* xi = reinterpret_cast<int8_t*>(in.int_storage.data());
     int32_t* xcorr = reinterpret_cast<int32_t*>(xi + M * P * 64);
     float* xsc = reinterpret_cast<float*>(xcorr + M * P * 8);
     bool int_path = false;
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, xc.scalar_type(), "mxfp4_gemv_int", [&] {
-      int_path = int_activations<scalar_t>(xc.data_ptr<scalar_t>(), M, K, xi, xcorr, xsc);
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x_t, "mxfp4_gemv_int", [&] {
+      int_path = int_activations<scalar_t>(static_cast<const scalar_t*>(x_data), M, K, xi, xcorr, xsc);
     });
     if (int_path) {
       g_integer_calls.fetch_add(1, std::memory_order_relaxed);
-      in.buffers.push_back(int_buf);
       in.xi = xi;
       in.xcorr = xcorr;
       in.xsc = xsc;
       return in;
     }
+    in.int_storage = {};
   }
   if (bf16_path) {
     // bf16 bits, per chunk pair: even(c), even(c+1), odd(c), odd(c+1); zeros for a missing c+1.
-    at::Tensor xd = at::empty({M, Kp}, x.options().dtype(at::kBFloat16));
-    const uint16_t* src = reinterpret_cast<const uint16_t*>(xc.data_ptr<at::BFloat16>());
-    uint16_t* dst = reinterpret_cast<uint16_t*>(xd.data_ptr<at::BFloat16>());
+    in.xb_storage.resize(M * Kp);
+    const uint16_t* src = static_cast<const uint16_t*>(x_data);
+    uint16_t* dst = in.xb_storage.data();
     for (int64_t m = 0; m < M; ++m) {
       if (nc % 2) {  // the missing chunk of the last pair
         uint16_t* tail = dst + m * Kp + (nc / 2) * 64;
@@ -559,15 +579,14 @@ GemvInput prepare_input(const at::Tensor& x, int64_t M, int64_t K, int64_t block
         }
       }
     }
-    in.buffers.push_back(xd);
     in.xb = dst;
     return in;
   }
   // float32, each 32-chunk reordered (even elements, then odd) to match the nibble order.
-  at::Tensor xd = at::empty({M, K}, x.options().dtype(at::kFloat));
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, xc.scalar_type(), "mxfp4_gemv_x", [&] {
-    const scalar_t* src = xc.data_ptr<scalar_t>();
-    float* dst = xd.data_ptr<float>();
+  in.xd_storage.resize(M * K);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x_t, "mxfp4_gemv_x", [&] {
+    const scalar_t* src = static_cast<const scalar_t*>(x_data);
+    float* dst = in.xd_storage.data();
     for (int64_t i = 0; i < M * K; i += 32) {
       for (int j = 0; j < 16; ++j) {
         dst[i + j] = static_cast<float>(src[i + 2 * j]);
@@ -575,8 +594,7 @@ GemvInput prepare_input(const at::Tensor& x, int64_t M, int64_t K, int64_t block
       }
     }
   });
-  in.buffers.push_back(xd);
-  in.xd = xd.data_ptr<float>();
+  in.xd = in.xd_storage.data();
   return in;
 }
 
