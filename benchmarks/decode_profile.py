@@ -29,7 +29,7 @@ def profile_decode(args) -> dict:
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    from torchao_mx_ext.eval.generation import static_cache
+    from torchao_mx_ext.eval.generation import greedy_token, static_cache
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -39,12 +39,12 @@ def profile_decode(args) -> dict:
     cache = static_cache(model, args.prompt_len + 2 * args.steps + 2)
 
     def prefill():
-        return model(prompt, cache=cache, use_cache=True, logits_to_keep=1).logits[:, -1:].argmax(-1)
+        return greedy_token(model(prompt, cache=cache, use_cache=True, logits_to_keep=1).logits)
 
     def steps(token, n: int) -> float:
         t0 = time.perf_counter()
         for _ in range(n):
-            token = model(token, cache=cache, use_cache=True, logits_to_keep=1).logits[:, -1:].argmax(-1)
+            token = greedy_token(model(token, cache=cache, use_cache=True, logits_to_keep=1).logits)
         return time.perf_counter() - t0
 
     with torch.inference_mode():

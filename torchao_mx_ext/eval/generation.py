@@ -30,6 +30,15 @@ def static_cache(model: torch.nn.Module, max_cache_len: int, batch_size: int = 1
     return cache
 
 
+def greedy_token(logits: torch.Tensor) -> torch.Tensor:
+    """The greedy next token of ``logits [B, T, V]``: ``argmax`` over the last position, ``[B, 1]``.
+    Widened to float32 first: ATen's CPU ``argmax`` over bfloat16 is about 4x slower than the widening
+    and a float32 ``argmax`` together (218 against 58 us for SmolLM2's 49152 logits, one Zen 3 thread),
+    a sizeable part of a ~15 ms decode step. The same index: the widening is exact, and both return the
+    first maximum."""
+    return logits[:, -1:].float().argmax(-1)
+
+
 @torch.inference_mode()
 def greedy_generate(model, prompt_ids: torch.Tensor, new_tokens: int, cache=None, logits_to_keep: int = 1) -> Dict[str, object]:
     """Prefill ``prompt_ids`` then ``new_tokens`` greedy one-token steps with a static cache (made
@@ -45,7 +54,7 @@ def greedy_generate(model, prompt_ids: torch.Tensor, new_tokens: int, cache=None
     t0 = time.perf_counter()
     out = model(prompt_ids, cache=cache, use_cache=True, logits_to_keep=logits_to_keep)
     prefill_logits = out.logits
-    token = prefill_logits[:, -1:].argmax(-1)
+    token = greedy_token(prefill_logits)
     t1 = time.perf_counter()
     tokens: List[torch.Tensor] = []
     step_logits: List[torch.Tensor] = []
@@ -53,7 +62,7 @@ def greedy_generate(model, prompt_ids: torch.Tensor, new_tokens: int, cache=None
         tokens.append(token)
         out = model(token, cache=cache, use_cache=True, logits_to_keep=1)
         step_logits.append(out.logits)
-        token = out.logits[:, -1:].argmax(-1)
+        token = greedy_token(out.logits)
     t2 = time.perf_counter()
     return {
         "tokens": torch.cat(tokens, dim=1) if tokens else prompt_ids.new_empty(prompt_ids.shape[0], 0),

@@ -5,6 +5,8 @@ from typing import Dict
 
 import torch
 
+from .generation import greedy_token
+
 
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
@@ -27,10 +29,10 @@ def prefill_decode_time(model: torch.nn.Module, prompt_ids: torch.Tensor, new_to
         out = model(prompt_ids, use_cache=True)
         _sync(device)
         t1 = time.perf_counter()
-        cache, token = out.cache, out.logits[:, -1:].argmax(-1)
+        cache, token = out.cache, greedy_token(out.logits)
         for _ in range(new_tokens):
             out = model(token, cache=cache, use_cache=True)
-            cache, token = out.cache, out.logits[:, -1:].argmax(-1)
+            cache, token = out.cache, greedy_token(out.logits)
         _sync(device)
         t2 = time.perf_counter()
         best_prefill = min(best_prefill, t1 - t0)
