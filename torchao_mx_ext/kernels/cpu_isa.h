@@ -89,6 +89,21 @@ inline void store_as(void* out, at::ScalarType out_t, int64_t i, float v) {
   }
 }
 
+// out[i .. i + 3] = v[0 .. 3]: store_as for four consecutive outputs, one dtype switch.
+inline void store4_as(void* out, at::ScalarType out_t, int64_t i, const float* v) {
+  switch (out_t) {
+    case at::kBFloat16:
+      for (int k = 0; k < 4; ++k) static_cast<c10::BFloat16*>(out)[i + k] = c10::BFloat16(v[k]);
+      break;
+    case at::kHalf:
+      for (int k = 0; k < 4; ++k) static_cast<c10::Half*>(out)[i + k] = c10::Half(v[k]);
+      break;
+    default:
+      for (int k = 0; k < 4; ++k) static_cast<float*>(out)[i + k] = v[k];
+      break;
+  }
+}
+
 // Input rows sharing one decode / widening of a weight chunk in the GEMV kernels.
 constexpr int kGemvRowTile = 4;
 
@@ -120,6 +135,13 @@ __attribute__((target("avx2"))) inline float hsum8(__m256 v) {
   h = _mm_add_ps(h, _mm_movehl_ps(h, h));
   h = _mm_add_ss(h, _mm_movehdup_ps(h));
   return _mm_cvtss_f32(h);
+}
+
+// [sum of a's lanes, b's, c's, d's]: four reductions in one hadd tree (float32 sums, in another order
+// than hsum8's).
+__attribute__((target("avx2"))) inline __m128 hsum8x4(__m256 a, __m256 b, __m256 c, __m256 d) {
+  const __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(a, b), _mm256_hadd_ps(c, d));
+  return _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
 }
 #endif
 

@@ -264,8 +264,14 @@ __attribute__((target("avx2,fma"))) void tile_avx2_int(const Problem& p, int64_t
     }
   }
   for (int m = 0; m < MT; ++m) {
-    for (int r = 0; r < NR; ++r) {
-      store(p, m0 + m, n + r, tme_cpu::hsum8(acc[m][r]));
+    if constexpr (NR == 4) {  // the decode tile: four outputs reduced and stored together
+      __m128 sums = tme_cpu::hsum8x4(acc[m][0], acc[m][1], acc[m][2], acc[m][3]);
+      if (p.bias) sums = _mm_add_ps(sums, _mm_loadu_ps(p.bias + n));
+      alignas(16) float t[4];
+      _mm_store_ps(t, sums);
+      tme_cpu::store4_as(p.out, p.out_t, (m0 + m) * p.N + n, t);
+    } else {
+      for (int r = 0; r < NR; ++r) store(p, m0 + m, n + r, tme_cpu::hsum8(acc[m][r]));
     }
   }
 }
