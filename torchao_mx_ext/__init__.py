@@ -33,6 +33,7 @@ _EXPORTS = {
     "PACKED_GQA_SDPA": "regional_compile",
     "compile_decoder_layers": "regional_compile",
     "compile_model": "regional_compile",
+    "GroupSharedInputGEMVs": "gemv_grouping",
     "MXFP4GPTQConfig": "calibration",
     "GPTQConfig": "calibration",  # deprecated name of MXFP4GPTQConfig
     "gptq_mxfp4": "calibration",
@@ -46,7 +47,7 @@ _EXPORTS = {
     "quantize_model": "recipes",
 }
 _SUBMODULES = {
-    "calibration", "cli", "configs", "eval", "hf", "inference", "kernels", "moe", "mx", "recipes",
+    "calibration", "cli", "configs", "eval", "gemv_grouping", "hf", "inference", "kernels", "moe", "mx", "recipes",
     "regional_compile", "rotation", "shared_quant", "tensors", "zoo",
 }
 
