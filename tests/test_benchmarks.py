@@ -204,10 +204,10 @@ def test_decode_profile_smoke_whole_model_compiled(tmp_path):
     assert json.loads(out.read_text()) == report
     assert report["step_ms"] > 0 and report["notes"]["compile"] == "model"
     ops = {r["op"]: r for r in report["ops"]}
-    # the head, once per step (our int8 GEMV below AVX-512, ATen's on AVX-512): the prefill runs before
-    # the profiler starts
+    # the head, once per step (our int8 GEMV on AVX2 / AVX-512 CPUs, ATen's elsewhere): the prefill runs
+    # before the profiler starts
     from torchao_mx_ext.kernels import cpu_extension
 
-    head_op = "aten::_weight_int8pack_mm" if cpu_extension.ATEN_AVX512 else "torchao_mx_ext::int8_gemv"
+    head_op = "torchao_mx_ext::int8_gemv" if cpu_extension.VECTORIZED else "aten::_weight_int8pack_mm"
     assert ops[head_op]["calls_per_step"] == 1
     assert all(r["self_ms_per_step"] >= 0 for r in report["ops"])

@@ -49,12 +49,17 @@ def test_gemvs_of_one_input_become_one_call_with_the_same_bits():
         xs = ROTATE_QUANTIZE(x.to(torch.float32), r, 32, "mse").to(torch.bfloat16)
         return [GEMV(xs, q, s, 32, 1.0, None, torch.bfloat16, None, "mse") for q, s in ((q1, s1), (q2, s2), (q3, s3))]
 
+    def shared_taken_as_is(x, q1, s1, q2, s2, q3, s3, r):  # share_input_quantization, members without a rule
+        xs = ROTATE_QUANTIZE(x.to(torch.float32), r, 32, "mse").to(torch.bfloat16)
+        return [GEMV(xs, q, s, 32, 1.0, None, torch.bfloat16, None, None) for q, s in ((q1, s1), (q2, s2), (q3, s3))]
+
     def other_input(x, q1, s1, q2, s2, q3, s3, r):  # the third reads another tensor: not grouped with the others
         return [GEMV(x, q1, s1, 32, 1.0, None, torch.bfloat16, r, "mse"), GEMV(x, q2, s2, 32, 1.0, None, torch.bfloat16, r, "mse"),
                 GEMV(x * 2, q3, s3, 32, 1.0, None, torch.bfloat16, r, "mse")]
 
     args = (torch.randn(1, 96, generator=gen).bfloat16(), q1, s1, q2, s2, q3, s3, rotation)
-    for fn, groups, gemvs_left, quantizers_left in [(per_linear, 1, 0, 0), (shared, 1, 0, 0), (other_input, 1, 1, 0)]:
+    for fn, groups, gemvs_left, quantizers_left in [(per_linear, 1, 0, 0), (shared, 1, 0, 0), (shared_taken_as_is, 1, 0, 0),
+                                                    (other_input, 1, 1, 0)]:
         gm = make_fx(fn)(*args)
         expected = gm(*args)
         assert group_shared_input_gemvs(gm.graph) == groups
@@ -72,6 +77,10 @@ def test_left_alone_where_grouping_would_change_the_graph():
     def different_rules(x, q1, s1, q2, s2):
         return GEMV(x, q1, s1, 32, 1.0, None, torch.float32, None, "floor"), GEMV(x, q2, s2, 32, 1.0, None, torch.float32, None, "even")
 
+    def rotation_only(x, q1, s1, q2, s2):  # weight-only members of a shared rotation: nothing to fold
+        xs = ROTATE_QUANTIZE(x, torch.eye(32), 32, "none")
+        return GEMV(xs, q1, s1, 32, 1.0, None, torch.float32, None, None), GEMV(xs, q2, s2, 32, 1.0, None, torch.float32, None, None)
+
     def quantizer_used_elsewhere(x, q1, s1, q2, s2):  # the shared input also feeds an addition: it must stay
         r = torch.eye(32)
         xs = ROTATE_QUANTIZE(x, r, 32, "floor")
@@ -80,6 +89,10 @@ def test_left_alone_where_grouping_would_change_the_graph():
     args = (torch.randn(2, 96, generator=gen), q1, s1, q2, s2)
     gm = make_fx(different_rules)(*args)
     assert group_shared_input_gemvs(gm.graph) == 0
+    gm = make_fx(rotation_only)(*args)
+    assert group_shared_input_gemvs(gm.graph) == 1  # grouped on the rotated input, which stays
+    gm.recompile()
+    assert targets(gm).count(ROTATE_QUANTIZE) == 1
     gm = make_fx(quantizer_used_elsewhere)(*args)
     expected = gm(*args)
     assert group_shared_input_gemvs(gm.graph) == 1  # grouped, but on the quantized input
@@ -88,14 +101,15 @@ def test_left_alone_where_grouping_would_change_the_graph():
     assert all(torch.equal(g, e) for g, e in zip(gm(*args), expected))
 
 
-@pytest.mark.parametrize("share", [True, False])
-def test_compiled_decode_step_groups_and_equals_eager(monkeypatch, share):
-    """A bfloat16 W4A4 decoder compiled whole, on the route of CPUs below AVX-512 (the GEMV quantizes its
-    input): its decode graph makes two group calls a layer (q/k/v, gate/up) and no quantizer call for the
-    shared inputs, and its tokens and logits equal eager's (with the same, GQA-packed, attention)."""
+@pytest.mark.parametrize("share,dense_first", [(True, False), (False, False), (True, True)])
+def test_compiled_decode_step_groups_and_equals_eager(monkeypatch, share, dense_first):
+    """A bfloat16 W4A4 decoder compiled whole (the GEMV quantizes its input): its decode graph makes two
+    group calls a layer (q/k/v, gate/up) and no quantizer call for the shared inputs, and its tokens and
+    logits equal eager's (with the same, GQA-packed, attention). Shared inputs on both prompt routes: the
+    integer GEMM's (members quantize again) and the AVX-512 CPUs' dense one (members take the input as is)."""
     from torch._inductor.utils import run_and_get_code
 
-    monkeypatch.setattr(cpu_mxfp4_dequantize, "DENSE_FIRST", False)
+    monkeypatch.setattr(cpu_mxfp4_dequantize, "DENSE_FIRST", dense_first)
     monkeypatch.setattr(cpu_mxfp4_quantize, "VECTORIZED", True)
     model, _ = load_model("stories260k", torch.bfloat16)
     model.model.layers = model.model.layers[:2]
@@ -122,6 +136,6 @@ def test_compiled_decode_step_groups_and_equals_eager(monkeypatch, share):
     assert "mxfp4_rotate_fake_quantize" not in calls and "mxfp4_fake_quantize" not in calls
     assert torch.equal(got["tokens"], expected["tokens"])
     assert torch.equal(got["prefill_logits"], expected["prefill_logits"])
-    if not cpu_extension.ATEN_AVX512:  # both run our decode attention; on AVX-512 eager and Inductor's SDPA may differ
+    if cpu_extension.VECTORIZED:  # both run our decode attention (else eager and Inductor's SDPA may differ)
         for g, e in zip(got["step_logits"], expected["step_logits"]):
             assert torch.equal(g, e)

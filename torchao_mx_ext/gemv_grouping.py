@@ -11,10 +11,11 @@ rotation and runs the GEMVs one after the other: the same numbers, bit for bit, 
 
 Under :func:`~torchao_mx_ext.share_input_quantization` the members read
 ``Q_a(x R)`` made by the group's pre-hook (``mxfp4_rotate_fake_quantize``, then a cast back to the
-model's dtype, which is exact) and quantize it again themselves (exact, see ``shared_quant.py``). Where
-every member does so with the pre-hook's rule and block, the group reads ``x`` and ``R`` instead, and
-the pre-hook's quantizer and cast drop out of the graph: ``Q_a(Q_a(x R)) = Q_a(x R)``, so again the same
-bits, in one call instead of three.
+model's dtype, which is exact) and either quantize it again themselves (exact, see ``shared_quant.py``;
+where the integer GEMM serves prompts) or take it as it is. Where every member does one of these with
+the pre-hook's rule and block, the group reads ``x`` and ``R`` instead, and the pre-hook's quantizer and
+cast drop out of the graph: ``Q_a(Q_a(x R)) = Q_a(x R)``, so again the same bits, in one call instead of
+three.
 
 :func:`~torchao_mx_ext.compile_model` and :func:`~torchao_mx_ext.compile_decoder_layers` install it
 (``post_grad_custom_post_pass``); with plain ``torch.compile`` pass
@@ -54,8 +55,9 @@ def _arguments(node: torch.fx.Node) -> dict:
 
 
 def _shared_quantizer_input(x: torch.fx.Node, members: list[dict]):
-    """``(src, rotation)`` if ``x`` is ``Q_a(src R)`` (cast or not) made for these members alone and every
-    member quantizes it again with the same rule and block (no rotation of its own); else ``None``."""
+    """``(src, rotation, rule)`` if ``x`` is ``Q_a(src R)`` (cast or not, ``Q_a`` with ``rule``) made for
+    these members alone, and every member, with no rotation of its own, either quantizes it again with
+    the same rule and block or takes it as it is (no rule); else ``None``."""
     quantized = x
     if x.op == "call_function" and x.target in _CASTS:
         if len(x.users) != len(members):
@@ -66,12 +68,12 @@ def _shared_quantizer_input(x: torch.fx.Node, members: list[dict]):
     if len(quantized.users) != (1 if quantized is not x else len(members)):
         return None
     q = _arguments(quantized)
-    rule = members[0]["act_scale_rule"]
-    if q["scale_rule"] in (None, "none") or q["scale_rule"] != rule or q["block_size"] != members[0]["block_size"]:
+    rule = q["scale_rule"]
+    if rule in (None, "none") or q["block_size"] != members[0]["block_size"]:
         return None
-    if any(m["rotation"] is not None or m["act_scale_rule"] != rule for m in members):
+    if any(m["rotation"] is not None or m["act_scale_rule"] not in (rule, None) for m in members):
         return None
-    return q["x"], q["rotation"]
+    return q["x"], q["rotation"], rule
 
 
 def group_shared_input_gemvs(graph: torch.fx.Graph) -> int:
@@ -96,7 +98,7 @@ def group_shared_input_gemvs(graph: torch.fx.Graph) -> int:
         src, rotations, dropped = x, [a["rotation"] for a in args], []
         shared = _shared_quantizer_input(x, args)
         if shared is not None and all(order.get(v, -1) < order[first] for v in shared if isinstance(v, torch.fx.Node)):
-            src, rotation = shared
+            src, rotation, rule = shared
             rotations = [rotation] * len(args)
             dropped = [x] if x.target is _ROTATE_QUANTIZE else [x, x.args[0]]
         with graph.inserting_before(first):

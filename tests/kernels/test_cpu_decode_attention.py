@@ -90,9 +90,9 @@ def test_opcheck():
         torch.library.opcheck(op, args)
 
 
-def test_packed_gqa_attention_calls_it_on_cpus_below_avx512(monkeypatch):
-    """The GQA-packed decode attention runs the kernel where ATen is not at AVX-512 width, and gives
-    transformers' sdpa result within bf16 rounding; at AVX-512 width it keeps ATen's."""
+def test_packed_gqa_attention_calls_it_where_it_is_vectorised(monkeypatch):
+    """The GQA-packed decode attention runs the kernel on AVX2 and AVX-512 CPUs and gives transformers'
+    sdpa result within bf16 rounding; elsewhere it keeps ATen's."""
     gen = torch.Generator().manual_seed(4)
     module = torch.nn.Module()
     module.num_key_value_groups = 3
@@ -107,8 +107,8 @@ def test_packed_gqa_attention_calls_it_on_cpus_below_avx512(monkeypatch):
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     expected, _ = sdpa_attention_forward(module, q, k, v, mask, scaling=0.125)
-    for avx512, n_calls in ((False, 1), (True, 1)):
-        monkeypatch.setattr(cpu_extension, "ATEN_AVX512", avx512)
+    for vectorized, n_calls in ((True, 1), (False, 1)):
+        monkeypatch.setattr(cpu_extension, "VECTORIZED", vectorized)
         out, _ = packed_gqa_sdpa_attention(module, q, k, v, mask, scaling=0.125)
         assert len(calls) == n_calls
         torch.testing.assert_close(out.float(), expected.float(), atol=2e-2, rtol=2**-7)

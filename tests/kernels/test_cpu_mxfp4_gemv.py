@@ -109,7 +109,11 @@ def test_kernel_special_scales(isa):
         cpu_mxfp4_gemv.set_isa(None)
 
 
-# -- the integer path (AVX2): MX fake-quantized inputs -------------------------------------------
+# -- the integer path (AVX2; AVX-512 VNNI where the CPU has it): MX fake-quantized inputs ----------
+
+# The levels with an integer path: AVX2 (two chunks a step) and AVX-512 (four, with vpdpbusd, on CPUs
+# with VNNI; without it AVX-512 runs the AVX2 code).
+INTEGER_ISAS = {1: "avx2", 2: "avx512_vnni"}
 
 
 def mx_activations(m, k, gen, block_size=32):
@@ -119,14 +123,15 @@ def mx_activations(m, k, gen, block_size=32):
     return mxfp4_fake_quantize(x, block_size, "floor")
 
 
+@pytest.mark.parametrize("isa", list(INTEGER_ISAS), ids=INTEGER_ISAS.get)
 @pytest.mark.parametrize("rule", ["floor", "even", "mse"])
-def test_integer_path_matches_float64_reference(rule):
+def test_integer_path_matches_float64_reference(isa, rule):
     """Exact products and exact chunk sums: only the float32 sum over chunks rounds, so the error bound
-    is that of K/32 terms, not K."""
+    is that of K/32 terms, not K. Widths of 3, 6, 7, 18 and 19 chunks: last groups of every fill."""
     gen = torch.Generator().manual_seed(11)
-    use_isa(1)
+    use_isa(isa)
     try:
-        for k, n, block_size in [(96, 19, 32), (224, 8, 32), (608, 33, 32), (192, 5, 64)]:
+        for k, n, block_size in [(96, 19, 32), (224, 8, 32), (576, 9, 32), (608, 33, 32), (192, 5, 64)]:
             qdata, scale = random_weight(n, k, block_size, gen)
             bias = torch.randn(n, generator=gen)
             for m in (1, 2, 3, 4, 5):
@@ -144,11 +149,12 @@ def test_integer_path_matches_float64_reference(rule):
         cpu_mxfp4_gemv.set_isa(None)
 
 
-def test_integer_path_only_where_it_is_exact():
+@pytest.mark.parametrize("isa", list(INTEGER_ISAS), ids=INTEGER_ISAS.get)
+def test_integer_path_only_where_it_is_exact(isa):
     """Inputs that are not integers on one power of two per chunk, fp_quant's 4/3 multiplier and the
     other code paths keep the float path, with the same numbers."""
     gen = torch.Generator().manual_seed(12)
-    use_isa(1)
+    use_isa(isa)
     try:
         qdata, scale = random_weight(12, 128, 32, gen)
         mx = mx_activations(2, 128, gen)
@@ -178,9 +184,11 @@ def test_integer_path_only_where_it_is_exact():
         cpu_mxfp4_gemv.set_isa(None)
 
 
-def test_integer_path_special_scales():
-    """E8M0 255 (NaN) and 0 (2^-127) on the integer path, as on the float one."""
-    use_isa(1)
+@pytest.mark.parametrize("isa", list(INTEGER_ISAS), ids=INTEGER_ISAS.get)
+def test_integer_path_special_scales(isa):
+    """E8M0 255 (NaN) and 0 (2^-127) on the integer path, as on the float one (AVX-512: rows with such
+    bytes take the scale table, the others the exponent bits)."""
+    use_isa(isa)
     try:
         gen = torch.Generator().manual_seed(13)
         qdata, scale = random_weight(3, 96, 32, gen)
@@ -325,12 +333,14 @@ def test_group_equals_separate_calls(monkeypatch):
     )
 
 
-def test_w4a4_decode_linear_is_one_gemv_call(monkeypatch):
-    """Below AVX-512 a W4A4 decode-step linear hands its rotation and activation quantization to the
-    GEMV (no quantizer call of its own), with the two-call path's bits; the width is zero-padded first."""
+@pytest.mark.parametrize("dense_first", [False, True])
+def test_w4a4_decode_linear_is_one_gemv_call(monkeypatch, dense_first):
+    """A W4A4 decode-step linear hands its rotation and activation quantization to the GEMV (no quantizer
+    call of its own), with the two-call path's bits, whichever route prompts take; the width is
+    zero-padded first."""
     from torchao_mx_ext.kernels import cpu_mxfp4_quantize
 
-    monkeypatch.setattr(cpu_mxfp4_dequantize, "DENSE_FIRST", False)
+    monkeypatch.setattr(cpu_mxfp4_dequantize, "DENSE_FIRST", dense_first)
     monkeypatch.setattr(cpu_mxfp4_quantize, "VECTORIZED", True)
     transforms = []
     real = cpu_mxfp4_quantize.rotate_and_quantize
@@ -356,7 +366,7 @@ def test_w4a4_decode_linear_is_one_gemv_call(monkeypatch):
         lin = torch.nn.Linear(64, 8)
         quantize_(lin, config)
         assert not cpu_mxfp4_quantize.fuses_into_gemv(lin.weight)
-    monkeypatch.setattr(cpu_mxfp4_dequantize, "DENSE_FIRST", True)  # AVX-512 CPUs: bf16 dot products want bf16 inputs
+    monkeypatch.setattr(cpu_mxfp4_quantize, "VECTORIZED", False)  # the quantizer has no SIMD path here
     assert not cpu_mxfp4_quantize.fuses_into_gemv(w4a4)
 
 

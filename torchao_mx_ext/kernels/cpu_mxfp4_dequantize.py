@@ -35,7 +35,7 @@ OP = "torchao_mx_ext::mxfp4_dequantize"
 DTYPES = (torch.float32, torch.bfloat16)
 # Whether the kernel has a vectorised path here (AVX2 or AVX-512, by ATen's CPU capability, which also
 # picks the kernel's path). Read once at import, so compiled graphs see a constant.
-VECTORIZED = torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
+VECTORIZED = cpu_extension.VECTORIZED
 # AVX-512 CPUs, whose library GEMMs (oneDNN bf16 on AMX / AVX512-BF16, MKL float32) beat the fused
 # kernels from a few rows on: W4A4 runs no integer GEMM there, and many-row linears decode + GEMM.
 DENSE_FIRST = cpu_extension.ATEN_AVX512

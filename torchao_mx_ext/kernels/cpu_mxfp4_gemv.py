@@ -23,8 +23,8 @@ its output once, so against the existing path only the summation order (float32 
 
 The input side of a W4A4 linear can run in the same call (``rotation``, ``act_scale_rule``): the
 input is rotated and MX-quantized by the quantizer kernel's row function (the bits of
-:func:`.cpu_mxfp4_quantize.rotate_and_quantize`), then multiplied. Below AVX-512 a decode-step W4A4
-linear is then one operator call (:func:`.cpu_mxfp4_quantize.fuses_into_gemv`).
+:func:`.cpu_mxfp4_quantize.rotate_and_quantize`), then multiplied. A decode-step W4A4 linear is then
+one operator call (:func:`.cpu_mxfp4_quantize.fuses_into_gemv`).
 
 If the build fails (no compiler, no ninja) one warning is logged and :func:`applies` turns false, so
 linears keep the dequantize path. ``TORCHAO_MX_EXT_CPU_KERNELS=0`` turns the CPU kernels off.

@@ -48,7 +48,7 @@ ROTATE_OP = "torchao_mx_ext::mxfp4_rotate_fake_quantize"
 RULES = ("floor", "even", "rceil", "mse")
 # Whether the kernel has a SIMD path here (AVX2 + FMA or AVX-512, by ATen's CPU capability, which also
 # picks the kernel's path). Read once at import, so compiled graphs see a constant.
-VECTORIZED = torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
+VECTORIZED = cpu_extension.VECTORIZED
 MAX_FUSED_ROTATION = 256  # the kernel's kMaxRotation; wider (global) rotations stay a library matmul
 
 _lib = torch.library.Library("torchao_mx_ext", "FRAGMENT")
@@ -120,11 +120,10 @@ def mxfp4_rotate_fake_quantize(x: torch.Tensor, rotation: torch.Tensor, block_si
 def fuses_into_gemv(weight) -> bool:
     """Whether a W4A4 linear with this ``RotatedMXFP4Tensor`` weight hands its input side to the GEMV kernel
     (:func:`.cpu_mxfp4_gemv.mxfp4_gemv` with ``rotation`` and ``act_scale_rule``: one operator call per
-    decode-step linear instead of two). Below AVX-512 only, with this kernel vectorised (:data:`VECTORIZED`):
-    there the GEMV's integer path takes the quantized float32 input as it is, where AVX-512 BF16 CPUs want
-    it in bf16 for their dot products. Needs a rule of :data:`RULES` and a rotation the fused kernel takes
-    (float32, ``b`` a multiple of 16 up to :data:`MAX_FUSED_ROTATION`), or none."""
-    if not VECTORIZED or cpu_mxfp4_dequantize.DENSE_FIRST or weight.act_scale_rule not in RULES:
+    decode-step linear instead of two), with this kernel vectorised (:data:`VECTORIZED`): the GEMV's integer
+    path then takes the quantized float32 input as it is. Needs a rule of :data:`RULES` and a rotation the
+    fused kernel takes (float32, ``b`` a multiple of 16 up to :data:`MAX_FUSED_ROTATION`), or none."""
+    if not VECTORIZED or weight.act_scale_rule not in RULES:
         return False
     rotation = weight.rotation
     if rotation is not None and (rotation.dtype != torch.float32 or rotation.shape[0] % 16 or rotation.shape[0] > MAX_FUSED_ROTATION):

@@ -13,8 +13,7 @@ significant bits) are exact in bfloat16, so only the accumulation's output round
 (``fp_quant``'s 4/3 factor is not exact there, so it stays in float32). An optional ``dequantized``
 cache (:func:`torchao_mx_ext.inference.cache_dequantized_weights`) trades memory for speed by skipping
 the per-call decode. Kernels (``kernels/``): on CPU, small batches decode the weight inside the
-reduction (``cpu_mxfp4_gemv``; below AVX-512 a W4A4 one also rotates and quantizes its input in that
-call), W4A4 batches of 9 to 128 rows on AVX2 CPUs run on exact integer dot
+reduction (``cpu_mxfp4_gemv``; a W4A4 one also rotates and quantizes its input in that call), W4A4 batches of 9 to 128 rows on AVX2 CPUs run on exact integer dot
 products of the codes (``cpu_mxfp4_mm``), and larger ones decode the weight (``cpu_mxfp4_dequantize``)
 for the library GEMM; on Blackwell GPUs, opted in, W4A4 runs on MXFP4 tensor cores (``cuda_mxfp4_mm``).
 Rotation-domain paper: FP-Quant / MR-GPTQ (arXiv 2509.23202) and BRQ (arXiv 2511.04214).
@@ -155,8 +154,8 @@ class RotatedMXFP4Tensor(TorchAOBaseTensor):
             y = cpu_mxfp4_mm.mxfp4_mm(a.qdata, a.scale, self.qdata, self.scale, self.block_size, b, x.dtype)
             return y.reshape(*x.shape[:-1], y.shape[-1])
         if cpu_mxfp4_quantize.fuses_into_gemv(self) and cpu_mxfp4_gemv.applies(self, x):
-            # W4A4 decode below AVX-512: the GEMV rotates and quantizes its input itself (the quantizer
-            # kernel's bits) and takes its integer path; one operator call per linear.
+            # W4A4 decode: the GEMV rotates and quantizes its input itself (the quantizer kernel's bits)
+            # and takes its integer path; one operator call per linear.
             width = self.padded_in_features
             xp = x if x.shape[-1] == width else F.pad(x, (0, width - x.shape[-1]))
             b = None if bias is None else bias.to(gemm_dtype)
@@ -170,10 +169,9 @@ class RotatedMXFP4Tensor(TorchAOBaseTensor):
             # Small batch on CPU: decode inside the reduction (same numbers up to float32 summation order).
             # Also with a dense cache: the packed codes are a quarter of its bytes, and GEMV is memory-bound.
             b = None if bias is None else bias.to(gemm_dtype)
-            # A quantized activation is exact in the GEMM dtype: below AVX-512 the float32 one goes in as it
-            # is (no cast kernel) and takes the kernel's integer path; AVX-512 BF16 CPUs want bf16 inputs.
-            exact = self.act_scale_rule is not None and not cpu_mxfp4_dequantize.DENSE_FIRST
-            xg = xr if exact else xr.to(gemm_dtype)
+            # A quantized activation is exact in the GEMM dtype: the float32 one goes in as it is (no cast
+            # kernel) and takes the kernel's integer path.
+            xg = xr if self.act_scale_rule is not None else xr.to(gemm_dtype)
             return cpu_mxfp4_gemv.mxfp4_gemv(xg, self.qdata, self.scale, self.block_size, self.scale_rule, b, x.dtype)
         xr = xr.to(gemm_dtype)
         if self.dequantized is not None:
