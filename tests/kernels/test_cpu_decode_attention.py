@@ -10,7 +10,7 @@ from torchao_mx_ext.regional_compile import packed_gqa_sdpa_attention
 
 from kernel_paths import kernel_path_fixtures
 
-kernel, isa = kernel_path_fixtures(cpu_decode_attention.set_isa, {0: "scalar", 1: "avx2"})
+kernel, isa = kernel_path_fixtures(cpu_decode_attention.set_isa, {0: "scalar", 1: "avx2", 3: "avx512_bf16"})
 
 
 def reference(q, k, v, mask, scale):
