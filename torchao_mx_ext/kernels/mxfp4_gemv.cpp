@@ -232,7 +232,8 @@ constexpr int64_t kPrefetchBytes = 2304;
 // lanes 0-3 chunk c, lanes 4-7 chunk c + 1, each scaled by its own 2^(e_x + e_w - 128).
 template <int MT, int NR, bool B32>
 __attribute__((target("avx2,fma"))) void tile_avx2_int(const Problem& p, int64_t m0, int64_t n) {
-  const int64_t nc = p.K / 32, nb = p.K / p.B, cpb = p.B / 32, half_k = p.K / 2;
+  // B32 known at compile time: no 64-bit division per tile (tens of cycles against a few hundred of work)
+  const int64_t nc = p.K / 32, nb = B32 ? nc : p.K / p.B, cpb = B32 ? 1 : p.B / 32, half_k = p.K / 2;
   const __m256i lut = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(tme_cpu::kE2M1x2Biased)));
   const __m256i low4 = _mm256_set1_epi8(15);
   const __m256i ones = _mm256_set1_epi16(1);
@@ -289,20 +290,25 @@ void rows_avx2_int(const Problem& p, int64_t m0, int64_t n0, int64_t n1) {
   for (; n < n1; ++n) tile_avx2_int<MT, 1, B32>(p, m0, n);
 }
 
-#define TME_VNNI_TARGET "avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,fma"
+#define TME_VNNI_TARGET "avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx512vbmi,fma"
 
-// 2^(b - 127) for the E8M0 bytes b of a group's four chunks, each over its chunk's 4 lanes, from the
-// bits (b << 23); `exact_bits` false where a byte is 0 (2^-127, subnormal) or 255 (NaN): patched. Chunks
-// past the row's end read byte 0.
-__attribute__((target(TME_VNNI_TARGET))) inline __m512 quad_scales_from_bits(const uint8_t* s, __mmask16 valid, bool exact_bits) {
-  const __m128i spread = _mm_setr_epi8(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
-  const __m512i b = _mm512_cvtepu8_epi32(_mm_shuffle_epi8(_mm_maskz_loadu_epi8(valid, s), spread));
-  __m512i bits = _mm512_slli_epi32(b, 23);
-  if (!exact_bits) {
-    bits = _mm512_mask_mov_epi32(bits, _mm512_cmpeq_epi32_mask(b, _mm512_setzero_si512()), _mm512_set1_epi32(0x00400000));
-    bits = _mm512_mask_mov_epi32(bits, _mm512_cmpeq_epi32_mask(b, _mm512_set1_epi32(255)), _mm512_set1_epi32(0x7FC00000));
+// 2^(b - 127) for the E8M0 bytes b of a group's `present` chunks, each over its chunk's 4 lanes, from the
+// bits b << 23 (b in [1, 254]: the caller checks); chunks past the row's end read byte 0. The bytes are
+// broadcast to every dword, vpshufb puts byte h in the top byte of lane group h's dwords, and one shift
+// moves it to the exponent field.
+__attribute__((target(TME_VNNI_TARGET))) inline __m512 quad_scales_from_bits(const uint8_t* s, int64_t present) {
+  const __m512i to_top = _mm512_set_epi32(0x03808080, 0x03808080, 0x03808080, 0x03808080, 0x02808080, 0x02808080, 0x02808080, 0x02808080,
+                                          0x01808080, 0x01808080, 0x01808080, 0x01808080, 0x00808080, 0x00808080, 0x00808080,
+                                          0x00808080);  // 128-bit lane h: byte h to bits 24-31 of each dword
+  __m512i b4;
+  if (present == 4) {
+    uint32_t bytes;
+    std::memcpy(&bytes, s, 4);
+    b4 = _mm512_set1_epi32(static_cast<int>(bytes));
+  } else {
+    b4 = _mm512_broadcastd_epi32(_mm_maskz_loadu_epi8(static_cast<__mmask16>((1u << present) - 1), s));
   }
-  return _mm512_castsi512_ps(bits);
+  return _mm512_castsi512_ps(_mm512_srli_epi32(_mm512_shuffle_epi8(b4, to_top), 1));
 }
 
 // Whether E8M0 bytes s[0 .. n) avoid 0 and 255 (their scale is then the plain exponent bits).
@@ -319,12 +325,14 @@ __attribute__((target(TME_VNNI_TARGET))) inline bool plain_scale_bytes(const uin
 // AVX-512 VNNI integer path: as tile_avx2_int, four chunks per step (G = 4, one 64-byte line of each
 // weight row's codes), vpdpbusd for the multiply and the int32 sums in one instruction, starting from
 // -12 * sum v (the bias's share) instead of subtracting it after. int32 lane l holds bytes 4l..4l+3 of
-// the even and of the odd register: lanes 4h..4h+3 are chunk 4j + h.
+// the even and of the odd register: lanes 4h..4h+3 are chunk 4j + h. The codes are looked up with
+// vpermb (VBMI), which reads 6 index bits: the 16-entry table repeated 4 times makes the bits above the
+// nibble irrelevant, so neither nibble needs masking.
 template <int MT, int NR, bool B32>
 __attribute__((target(TME_VNNI_TARGET))) void tile_vnni_int(const Problem& p, int64_t m0, int64_t n) {
-  const int64_t nc = p.K / 32, nb = p.K / p.B, cpb = p.B / 32, half_k = p.K / 2;
+  // B32 known at compile time: no 64-bit division per tile (tens of cycles against a few hundred of work)
+  const int64_t nc = p.K / 32, nb = B32 ? nc : p.K / p.B, cpb = B32 ? 1 : p.B / 32, half_k = p.K / 2;
   const __m512i lut = _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(tme_cpu::kE2M1x2Biased)));
-  const __m512i low4 = _mm512_set1_epi8(15);
   const __m512i spread = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
   bool plain = B32;  // the tile's scale bytes all avoid 0 and 255: scales straight from the bits
   for (int r = 0; r < NR && plain; ++r) plain = plain_scale_bytes(p.sc + (n + r) * nb, nb);
@@ -346,13 +354,13 @@ __attribute__((target(TME_VNNI_TARGET))) void tile_vnni_int(const Problem& p, in
     for (int r = 0; r < NR; ++r) {
       const uint8_t* q = p.q + (n + r) * half_k + c * 16;
       _mm_prefetch(reinterpret_cast<const char*>(q + kPrefetchBytes), _MM_HINT_T0);
-      const __m512i bytes = _mm512_maskz_loadu_epi8(code_mask, q);
-      const __m512i w_even = _mm512_shuffle_epi8(lut, _mm512_and_si512(bytes, low4));  // 2q + 12
-      const __m512i w_odd = _mm512_shuffle_epi8(lut, _mm512_and_si512(_mm512_srli_epi16(bytes, 4), low4));
+      const __m512i bytes = present == 4 ? _mm512_loadu_si512(q) : _mm512_maskz_loadu_epi8(code_mask, q);
+      const __m512i w_even = _mm512_permutexvar_epi8(bytes, lut);  // 2q + 12
+      const __m512i w_odd = _mm512_permutexvar_epi8(_mm512_srli_epi16(bytes, 4), lut);
       const uint8_t* sr = p.sc + (n + r) * nb;
       __m512 sw;
       if (plain) {
-        sw = quad_scales_from_bits(sr + c, static_cast<__mmask16>((1u << present) - 1), true);
+        sw = quad_scales_from_bits(sr + c, present);
       } else {
         alignas(16) float s4[4];
         for (int h = 0; h < 4; ++h) s4[h] = h < present ? p.tab[sr[B32 ? c + h : (c + h) / cpb]] : 0.0f;
@@ -364,8 +372,27 @@ __attribute__((target(TME_VNNI_TARGET))) void tile_vnni_int(const Problem& p, in
       }
     }
   }
-  for (int m = 0; m < MT; ++m)
-    for (int r = 0; r < NR; ++r) store(p, m0 + m, n + r, _mm512_reduce_add_ps(acc[m][r]));
+  for (int m = 0; m < MT; ++m) {
+    if constexpr (NR == 4) {  // four outputs reduced together: 256-bit halves added, then hsum8x4's tree
+      __m256 h[4];
+      for (int r = 0; r < 4; ++r)
+        h[r] = _mm256_add_ps(_mm512_castps512_ps256(acc[m][r]), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(acc[m][r]), 1)));
+      __m128 sums = tme_cpu::hsum8x4(h[0], h[1], h[2], h[3]);
+      if (p.bias) sums = _mm_add_ps(sums, _mm_loadu_ps(p.bias + n));
+      alignas(16) float t[4];
+      _mm_store_ps(t, sums);
+      tme_cpu::store4_as(p.out, p.out_t, (m0 + m) * p.N + n, t);
+    } else {
+      for (int r = 0; r < NR; ++r) store(p, m0 + m, n + r, _mm512_reduce_add_ps(acc[m][r]));
+    }
+  }
+}
+
+// The VNNI path's instructions: AVX-512 VNNI and VBMI (Ice Lake, Sapphire Rapids, Zen 4; without VBMI,
+// e.g. Cascade Lake, the AVX2 integer path runs).
+bool has_vnni_vbmi() {
+  static const bool ok = tme_cpu::has_avx512_vnni() && __builtin_cpu_supports("avx512vbmi");
+  return ok;
 }
 
 template <int MT, bool B32>
@@ -643,7 +670,7 @@ GemvInput prepare_input(const at::Tensor& x, int64_t M, int64_t K, int64_t block
   // path on the same input) and plain E8M0 scales (fp_quant's multiplier makes decoded weights inexact
   // products).
   if (isa >= kIsaAvx2 && multiplier == 1.0) {
-    const int G = isa >= kIsaAvx512 && tme_cpu::has_avx512_vnni() ? 4 : 2;  // chunks per step of the kernel
+    const int G = isa >= kIsaAvx512 && has_vnni_vbmi() ? 4 : 2;  // chunks per step of the kernel
     const int64_t groups = (nc + G - 1) / G;
     // one buffer: v [M, groups * 32G] int8, then corrections and scales [M, groups * 4G] 32-bit each
     in.int_storage.resize(M * groups * (32 * G + 4 * G * 4 + 4 * G * 4));
