@@ -42,7 +42,7 @@ class Int8WeightOnlyLinear(torch.nn.Module):
     Symmetric per-row int8 (``s = max|W_n| / 127``, ``Q = round(W / s)``, round half to even), the
     weight-only scheme of gpt-fast's and llama.cpp's 8-bit rows: the rounding error of an element is at
     most ``max|W_n| / 254``, so logits move by far less than any 4-bit head would move them. On CPU the
-    product reads the int8 codes directly: our ``int8_gemv`` kernel on CPUs without AVX-512
+    product reads the int8 codes directly: our ``int8_gemv`` kernel on AVX2 and AVX-512 CPUs
     (:mod:`.kernels.cpu_int8_gemv`), ATen's ``_weight_int8pack_mm`` on the others; elsewhere the weight
     is decoded and ``F.linear`` runs. Both are custom/ATen ops that compiled graphs call as one kernel.
     ``scales`` is a floating buffer, so ``.to(dtype)`` moves it with the model (the CPU kernel wants the

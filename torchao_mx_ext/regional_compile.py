@@ -69,7 +69,7 @@ def packed_gqa_sdpa_attention(module, query, key, value, attention_mask, dropout
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     batch, heads, _, dim = query.shape
     packed = query.reshape(batch, heads // groups, groups, dim)
-    if cpu_decode_attention.applies(packed, key, value, attention_mask, dropout):  # AVX2 CPUs: the few-row kernel
+    if cpu_decode_attention.applies(packed, key, value, attention_mask, dropout):  # AVX2 / AVX-512: the few-row kernel
         out = cpu_decode_attention.decode_attention(packed, key, value, attention_mask, scaling)
     else:
         out = F.scaled_dot_product_attention(packed, key, value, attn_mask=attention_mask, dropout_p=dropout, scale=scaling)
