@@ -111,8 +111,8 @@ def test_kernel_special_scales(isa):
 
 # -- the integer path (AVX2; AVX-512 VNNI where the CPU has it): MX fake-quantized inputs ----------
 
-# The levels with an integer path: AVX2 (two chunks a step) and AVX-512 (four, with vpdpbusd, on CPUs
-# with VNNI; without it AVX-512 runs the AVX2 code).
+# The levels with an integer path: AVX2 (two chunks a step) and AVX-512 (four, with vpdpbusd and vpermb,
+# on CPUs with VNNI and VBMI; without them AVX-512 runs the AVX2 code).
 INTEGER_ISAS = {1: "avx2", 2: "avx512_vnni"}
 
 
