@@ -17,10 +17,11 @@ that this module removes, and one exactness trap (timings: ``docs/results.md``):
   so attention reads each cached key once instead of ``H / H_kv`` times; it skips that under Dynamo and
   repeats keys and values instead (``repeat_kv``). :data:`PACKED_GQA_SDPA` is an attention
   implementation that packs in compiled code too. Same math; the softmax runs over the same keys. On
-  AVX2 and AVX-512 CPUs the packed step runs :mod:`.kernels.cpu_decode_attention` (ATen's flash attention
-  tiles for long queries: 2x slower on a Zen 4 core, emulated bf16 GEMMs on AVX2); its softmax weights stay float32 where ATen's
-  bf16 kernel rounds them to bf16, so decode-step logits differ from an eager ``sdpa`` model's by that
-  rounding (an eager model switched to :data:`PACKED_GQA_SDPA` gives the compiled numbers).
+  AVX2 and AVX-512 CPUs the packed step runs :mod:`.kernels.cpu_decode_attention` (ATen's flash
+  attention tiles for long queries: 2x slower on a Zen 4 core, emulated bf16 GEMMs on AVX2); its
+  softmax weights stay float32 where ATen's bf16 kernel rounds them to bf16, so decode-step logits
+  differ from an eager ``sdpa`` model's by that rounding (an eager model switched to
+  :data:`PACKED_GQA_SDPA` gives the compiled numbers).
 * **Operator calls.** Inductor's Python wrapper pays a few microseconds per extern call, hundreds a
   step; the GEMVs that read one activation (q/k/v, gate/up) run as one call
   (:class:`~.gemv_grouping.GroupSharedInputGEMVs`, a post-grad pass; same bits).

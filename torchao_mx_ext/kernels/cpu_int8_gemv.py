@@ -3,9 +3,9 @@
 ``y = fl32(x @ q^T) * s (+ bias)`` for int8 codes ``q [N, K]`` and one scale per output row ``s [N]``
 (:class:`torchao_mx_ext.inference.Int8WeightOnlyLinear`). At batch 1 the output head is the largest
 single GEMV of a small decoder and reads one byte per weight; ATen's ``_weight_int8pack_mm`` runs it
-well below the memory bandwidth on AVX2 CPUs and on a Zen 4 core's AVX-512, so this is a C++ kernel (``int8_gemv.cpp`` beside this
-file, built with the other CPU kernels by :mod:`.cpu_extension`) registered as the CPU kernel of
-``torch.ops.torchao_mx_ext.int8_gemv``.
+well below the memory bandwidth on AVX2 CPUs and on a Zen 4 core's AVX-512, so this is a C++ kernel
+(``int8_gemv.cpp`` beside this file, built with the other CPU kernels by :mod:`.cpu_extension`)
+registered as the CPU kernel of ``torch.ops.torchao_mx_ext.int8_gemv``.
 
 The operator is defined here, at import, with a fake kernel (``torch.compile`` keeps it as one extern
 call) and a pure-torch ``CompositeExplicitAutograd`` kernel that builds the extension on its first call

@@ -13,9 +13,10 @@ significant bits) are exact in bfloat16, so only the accumulation's output round
 (``fp_quant``'s 4/3 factor is not exact there, so it stays in float32). An optional ``dequantized``
 cache (:func:`torchao_mx_ext.inference.cache_dequantized_weights`) trades memory for speed by skipping
 the per-call decode. Kernels (``kernels/``): on CPU, small batches decode the weight inside the
-reduction (``cpu_mxfp4_gemv``; a W4A4 one also rotates and quantizes its input in that call), W4A4 batches of 9 to 128 rows on AVX2 CPUs run on exact integer dot
-products of the codes (``cpu_mxfp4_mm``), and larger ones decode the weight (``cpu_mxfp4_dequantize``)
-for the library GEMM; on Blackwell GPUs, opted in, W4A4 runs on MXFP4 tensor cores (``cuda_mxfp4_mm``).
+reduction (``cpu_mxfp4_gemv``; a W4A4 one also rotates and quantizes its input in that call),
+W4A4 batches of 9 to 128 rows on AVX2 CPUs run on exact integer dot products of the codes
+(``cpu_mxfp4_mm``), and larger ones decode the weight (``cpu_mxfp4_dequantize``) for the library GEMM;
+on Blackwell GPUs, opted in, W4A4 runs on MXFP4 tensor cores (``cuda_mxfp4_mm``).
 Rotation-domain paper: FP-Quant / MR-GPTQ (arXiv 2509.23202) and BRQ (arXiv 2511.04214).
 """
 
