@@ -197,7 +197,8 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) void scores_4key
   }
   for (int r = 0; r < RT; ++r) {  // halves added, then the four-way hadd tree of hsum8x4
     __m256 h[4];
-    for (int j = 0; j < 4; ++j) h[j] = _mm256_add_ps(_mm512_castps512_ps256(a[r][j]), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(a[r][j]), 1)));
+    for (int j = 0; j < 4; ++j)
+      h[j] = _mm256_add_ps(_mm512_castps512_ps256(a[r][j]), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(a[r][j]), 1)));
     _mm_storeu_ps(dots[r], tme_cpu::hsum8x4(h[0], h[1], h[2], h[3]));
   }
 }
