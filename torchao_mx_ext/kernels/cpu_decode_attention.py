@@ -86,8 +86,8 @@ def decode_attention(query, key, value, attn_mask=None, scale: float | None = No
 
 
 def set_isa(isa: int | None) -> int:
-    """Test hook: cap the kernel's code path (0 scalar, 1 AVX2; ``None`` = the best the CPU and
-    ``ATEN_CPU_CAPABILITY`` allow). Returns the path now in use."""
+    """Test hook: cap the kernel's code path (0 scalar, 1 AVX2, 3 AVX-512 BF16 scores; ``None`` = the best
+    the CPU and ``ATEN_CPU_CAPABILITY`` allow). Returns the path now in use."""
     if not cpu_extension.is_available():
         raise RuntimeError("the CPU kernels are not available")
     return torch.ops.torchao_mx_ext._decode_attention_set_isa(-1 if isa is None else isa)

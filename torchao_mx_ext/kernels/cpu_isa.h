@@ -143,6 +143,16 @@ __attribute__((target("avx2"))) inline __m128 hsum8x4(__m256 a, __m256 b, __m256
   const __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(a, b), _mm256_hadd_ps(c, d));
   return _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
 }
+
+// A 512-bit register's two 256-bit halves added.
+__attribute__((target("avx512f"))) inline __m256 add_halves(__m512 v) {
+  return _mm256_add_ps(_mm512_castps512_ps256(v), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)));
+}
+
+// hsum8x4 for four 512-bit registers: each one's halves added first.
+__attribute__((target("avx512f"))) inline __m128 hsum16x4(__m512 a, __m512 b, __m512 c, __m512 d) {
+  return hsum8x4(add_halves(a), add_halves(b), add_halves(c), add_halves(d));
+}
 #endif
 
 }  // namespace tme_cpu

@@ -195,12 +195,7 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) void scores_4key
       for (int r = 0; r < RT; ++r) a[r][j] = _mm512_dpbf16_ps(a[r][j], qv[r], kv);
     }
   }
-  for (int r = 0; r < RT; ++r) {  // halves added, then the four-way hadd tree of hsum8x4
-    __m256 h[4];
-    for (int j = 0; j < 4; ++j)
-      h[j] = _mm256_add_ps(_mm512_castps512_ps256(a[r][j]), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(a[r][j]), 1)));
-    _mm_storeu_ps(dots[r], tme_cpu::hsum8x4(h[0], h[1], h[2], h[3]));
-  }
+  for (int r = 0; r < RT; ++r) _mm_storeu_ps(dots[r], tme_cpu::hsum16x4(a[r][0], a[r][1], a[r][2], a[r][3]));
 }
 #endif
 
@@ -429,7 +424,7 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
   return out;
 }
 
-// Test hook: force a narrower code path (0 scalar, 1 AVX2; -1 = best available). Returns the path now in use.
+// Test hook: force a narrower code path (0 scalar, 1 AVX2, 3 AVX-512 BF16 scores; -1 = best available). Returns the path now in use.
 int64_t decode_attention_set_isa(int64_t isa) {
   g_isa_override.store(static_cast<int>(isa));
   return current_isa();

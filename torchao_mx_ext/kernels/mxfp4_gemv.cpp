@@ -373,11 +373,8 @@ __attribute__((target(TME_VNNI_TARGET))) void tile_vnni_int(const Problem& p, in
     }
   }
   for (int m = 0; m < MT; ++m) {
-    if constexpr (NR == 4) {  // four outputs reduced together: 256-bit halves added, then hsum8x4's tree
-      __m256 h[4];
-      for (int r = 0; r < 4; ++r)
-        h[r] = _mm256_add_ps(_mm512_castps512_ps256(acc[m][r]), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(acc[m][r]), 1)));
-      __m128 sums = tme_cpu::hsum8x4(h[0], h[1], h[2], h[3]);
+    if constexpr (NR == 4) {  // four outputs reduced together
+      __m128 sums = tme_cpu::hsum16x4(acc[m][0], acc[m][1], acc[m][2], acc[m][3]);
       if (p.bias) sums = _mm_add_ps(sums, _mm_loadu_ps(p.bias + n));
       alignas(16) float t[4];
       _mm_store_ps(t, sums);
@@ -630,7 +627,7 @@ struct GemvInput {
   const int8_t* xi = nullptr;
   const int32_t* xcorr = nullptr;
   const float* xsc = nullptr;
-  int64_t M = 0, K = 0, P = 0, Kp = 0;  // P: chunk groups of the integer path, or pairs
+  int64_t M = 0, K = 0, P = 0, Kp = 0;  // P: chunk groups of the integer path
   int G = 2;  // chunks per group of the integer path
 };
 
@@ -663,8 +660,7 @@ GemvInput prepare_input(const at::Tensor& x, int64_t M, int64_t K, int64_t block
   const at::ScalarType x_t = transformed.empty() ? xc.scalar_type() : at::kFloat;
   const void* x_data = transformed.empty() ? xc.data_ptr() : static_cast<const void*>(transformed.data());
   const bool bf16_path = isa == kIsaAvx512Bf16 && x_t == at::kBFloat16;
-  const int64_t nc = K / 32, P = (nc + 1) / 2, Kp = P * 64;  // chunk pairs; the bf16 path's padded width
-  in.P = P;
+  const int64_t nc = K / 32, Kp = (nc + 1) / 2 * 64;  // the bf16 path's width, padded to chunk pairs
   in.Kp = Kp;
   // The integer path where x allows it (AVX2 and wider: on a Zen 4 core it beats the AVX-512 BF16 dot
   // path on the same input) and plain E8M0 scales (fp_quant's multiplier makes decoded weights inexact
