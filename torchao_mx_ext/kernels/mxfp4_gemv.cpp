@@ -118,6 +118,16 @@ inline void store(const Problem& p, int64_t m, int64_t n, float v) {
   tme_cpu::store_as(p.out, p.out_t, m * p.N + n, v);
 }
 
+#ifdef TME_X86_SIMD
+// store for the four outputs n..n+3 of row m at once (the decode tiles' epilogue).
+__attribute__((target("avx2"))) inline void store4(const Problem& p, int64_t m, int64_t n, __m128 sums) {
+  if (p.bias) sums = _mm_add_ps(sums, _mm_loadu_ps(p.bias + n));
+  alignas(16) float t[4];
+  _mm_store_ps(t, sums);
+  tme_cpu::store4_as(p.out, p.out_t, m * p.N + n, t);
+}
+#endif
+
 // ---------------------------------------------------------------------------------------------
 // scalar
 
@@ -269,11 +279,7 @@ __attribute__((target("avx2,fma"))) void tile_avx2_int(const Problem& p, int64_t
   }
   for (int m = 0; m < MT; ++m) {
     if constexpr (NR == 4) {  // the decode tile: four outputs reduced and stored together
-      __m128 sums = tme_cpu::hsum8x4(acc[m][0], acc[m][1], acc[m][2], acc[m][3]);
-      if (p.bias) sums = _mm_add_ps(sums, _mm_loadu_ps(p.bias + n));
-      alignas(16) float t[4];
-      _mm_store_ps(t, sums);
-      tme_cpu::store4_as(p.out, p.out_t, (m0 + m) * p.N + n, t);
+      store4(p, m0 + m, n, tme_cpu::hsum8x4(acc[m][0], acc[m][1], acc[m][2], acc[m][3]));
     } else {
       for (int r = 0; r < NR; ++r) store(p, m0 + m, n + r, tme_cpu::hsum8(acc[m][r]));
     }
@@ -373,12 +379,8 @@ __attribute__((target(TME_VNNI_TARGET))) void tile_vnni_int(const Problem& p, in
     }
   }
   for (int m = 0; m < MT; ++m) {
-    if constexpr (NR == 4) {  // four outputs reduced together
-      __m128 sums = tme_cpu::hsum16x4(acc[m][0], acc[m][1], acc[m][2], acc[m][3]);
-      if (p.bias) sums = _mm_add_ps(sums, _mm_loadu_ps(p.bias + n));
-      alignas(16) float t[4];
-      _mm_store_ps(t, sums);
-      tme_cpu::store4_as(p.out, p.out_t, (m0 + m) * p.N + n, t);
+    if constexpr (NR == 4) {  // four outputs reduced and stored together
+      store4(p, m0 + m, n, tme_cpu::hsum16x4(acc[m][0], acc[m][1], acc[m][2], acc[m][3]));
     } else {
       for (int r = 0; r < NR; ++r) store(p, m0 + m, n + r, _mm512_reduce_add_ps(acc[m][r]));
     }
