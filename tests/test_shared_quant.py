@@ -117,14 +117,16 @@ def test_requantizing_mxfp4_values(rule):
     assert torch.equal(twice, once) == (rule in REQUANTIZE_EXACT)
 
 
-@pytest.mark.parametrize("dense_first", [False, True])
-def test_shared_members_feed_the_integer_gemm(base, prompt, monkeypatch, dense_first):
-    """On a CPU where W4A4 runs the integer GEMM, the members keep their activation rule (the GEMM
-    takes codes); with the emulation preference, or where many-row linears decode the weight for the
-    library GEMM instead (AVX-512), they become weight-only, as on other devices."""
+@pytest.mark.parametrize("route", ["avx2", "avx512", "avx512_vnni_panels"])
+def test_shared_members_feed_the_integer_gemm(base, prompt, monkeypatch, route):
+    """On a CPU where W4A4 runs the integer GEMM (AVX2; AVX-512 with VNNI panels), the members keep
+    their activation rule (the GEMM takes codes); with the emulation preference, or where many-row
+    linears decode the weight for the library GEMM instead (other AVX-512 CPUs), they become
+    weight-only, as on other devices."""
     from torchao_mx_ext.kernels import cpu_mxfp4_dequantize, cpu_mxfp4_mm
 
-    monkeypatch.setattr(cpu_mxfp4_dequantize, "DENSE_FIRST", dense_first)
+    monkeypatch.setattr(cpu_mxfp4_dequantize, "DENSE_FIRST", route != "avx2")
+    monkeypatch.setattr(cpu_mxfp4_mm, "VNNI_PANELS", route == "avx512_vnni_panels")
 
     calls = []
     real = cpu_mxfp4_mm.mxfp4_mm
@@ -135,7 +137,7 @@ def test_shared_members_feed_the_integer_gemm(base, prompt, monkeypatch, dense_f
         q = model.model.layers[0].self_attn.q_proj.weight
         o = model.model.layers[0].self_attn.o_proj.weight  # not shared: as quantized
         takes = cpu_mxfp4_mm.takes_weight(o)
-        assert not (takes and dense_first)
+        assert not (takes and route == "avx512")
         assert q.rotation is None and q.act_scale_rule == (o.act_scale_rule if takes else None)
         calls.clear()
         logits(model, prompt)

@@ -65,8 +65,10 @@ def random_codes(rows, k, block_size, gen, scale_range=(112, 136)):
 
 def check(y, ref, magnitude, out_dtype, k):
     """float32 sums of exact terms in any order (at most K/32 chunks x 16 lanes of them): |error| <=
-    (K/32 + 16) * eps32 * sum |a w|; plus one rounding to out_dtype."""
-    bound = (k // 32 + 16) * torch.finfo(torch.float32).eps * magnitude + torch.finfo(out_dtype).eps * ref.abs()
+    (K/32 + 16) * eps32 * sum |a w|; plus one rounding to out_dtype (relative, or at most the spacing of
+    its subnormals)."""
+    info = torch.finfo(out_dtype)
+    bound = (k // 32 + 16) * torch.finfo(torch.float32).eps * magnitude + info.eps * ref.abs() + info.tiny * info.eps
     err = (y.to(torch.float64) - ref).abs()
     assert bool((err <= bound).all()), f"max error {err.max().item():.3g}, bound there {bound.flatten()[err.argmax()].item():.3g}"
 
@@ -126,20 +128,39 @@ def test_odd_chunk_counts_on_both_weight_paths(isa):
             check(y, ref, magnitude, torch.float32, k)
 
 
-def test_paths_agree_and_special_scales(isa):
-    """E8M0 byte 255 is NaN: the rows and columns it touches are NaN and nothing else is."""
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_paths_agree_and_special_scales(isa, out_dtype):
+    """E8M0 byte 255 is NaN: the rows and columns it touches are NaN (also once rounded to a 16-bit
+    dtype) and nothing else is."""
     gen = torch.Generator().manual_seed(3)
-    a_q, a_s = random_codes(6, 96, 32, gen)
-    w_q, w_s = random_codes(5, 96, 32, gen)
+    a_q, a_s = random_codes(6, 96, 32, gen, (112, 127))  # results within float16's range
+    w_q, w_s = random_codes(5, 96, 32, gen, (112, 127))
     a_s[2, 1] = 255
     w_s[4, 0] = 255
-    y = cpu_mxfp4_mm.mxfp4_mm(a_q, a_s, w_q, w_s, 32)
+    y = cpu_mxfp4_mm.mxfp4_mm(a_q, a_s, w_q, w_s, 32, out_dtype=out_dtype)
     nan = torch.zeros(6, 5, dtype=torch.bool)
     nan[2, :] = True
     nan[:, 4] = True
     assert torch.equal(y.isnan(), nan)
     ref, magnitude = reference(a_q, a_s, w_q, w_s, 32)
-    check(y[~nan], ref[~nan], magnitude[~nan], torch.float32, 96)
+    check(y[~nan], ref[~nan], magnitude[~nan], out_dtype, 96)
+
+
+@pytest.mark.parametrize("block_size", [32, 64])
+def test_many_rows_at_every_tile_edge(isa, block_size):
+    """More than 4 rows (the AVX-512 VNNI path's panel GEMM: tiles of 4 rows x 48 columns, panels of
+    16): row counts that leave 1-3 rows, column counts that leave part of a panel or of a tile, in
+    every output dtype, with and without bias, against float64."""
+    gen = torch.Generator().manual_seed(8)
+    for m, n, k in [(5, 1, 64), (8, 16, 128), (13, 47, 192), (6, 50, 64), (9, 97, 320), (14, 48, 128)]:
+        a_q, a_s = random_codes(m, k, block_size, gen, (112, 127))  # results within float16's range
+        w_q, w_s = random_codes(n, k, block_size, gen, (112, 127))
+        bias = torch.randn(n, generator=gen)
+        for b, out_dtype in [(None, torch.float32), (bias, torch.float32), (bias, torch.bfloat16), (None, torch.float16)]:
+            y = cpu_mxfp4_mm.mxfp4_mm(a_q, a_s, w_q, w_s, block_size, b, out_dtype)
+            assert y.dtype == out_dtype and y.shape == (m, n)
+            ref, magnitude = reference(a_q, a_s, w_q, w_s, block_size, b)
+            check(y, ref, magnitude, out_dtype, k)
 
 
 def test_shapes_and_errors():
@@ -195,11 +216,13 @@ def test_pure_torch_fallback_matches_kernel():
 
 @pytest.fixture
 def integer_gemm_route(monkeypatch):
-    """On AVX-512 CPUs many-row linears take the vectorised decode + library GEMM instead
-    (tests/kernels/test_cpu_mxfp4_dequantize.py): these tests pin the integer GEMM's route. The route is
+    """On AVX-512 CPUs without VNNI panels many-row linears take the vectorised decode + library GEMM
+    instead (tests/kernels/test_cpu_mxfp4_dequantize.py): these tests pin the integer GEMM's AVX2 route
+    (its row limit included; the panels' route is tested below). The route is
     chosen while AOTAutograd traces the subclass, after the compile caches' keys were taken (from the
     Dynamo graph, the same for both routes), so those caches are off here."""
     monkeypatch.setattr(cpu_mxfp4_dequantize, "DENSE_FIRST", False)
+    monkeypatch.setattr(cpu_mxfp4_mm, "VNNI_PANELS", False)
     with torch._functorch.config.patch(enable_autograd_cache=False), torch._inductor.config.patch(fx_graph_cache=False):
         yield
 
@@ -310,6 +333,32 @@ def test_prompts_beyond_max_rows_decode_the_weight_for_the_float_gemm(integer_ge
     with torch.no_grad():  # without bf16 GEMM instructions (AVX2) bf16 inputs run a float32 GEMM
         ref = ref_lin(x.float() if dtype == torch.bfloat16 and not CPU_NATIVE_BF16_GEMM else x)
     assert torch.equal(y, ref.to(dtype))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_vnni_panels_take_prompts_of_any_length(monkeypatch, dtype):
+    """With VNNI panels (AVX-512 VNNI CPUs without AMX) W4A4 inputs of any row count above GEMV_ROWS run
+    the integer GEMM, with no weight decode, where other AVX-512 CPUs decode the weight for the library
+    GEMM; its numbers are the emulation's up to float32 summation order. (Pinned here on any CPU: the
+    kernel runs the widest path this one has.)"""
+    monkeypatch.setattr(cpu_mxfp4_dequantize, "DENSE_FIRST", True)
+    monkeypatch.setattr(cpu_mxfp4_mm, "VNNI_PANELS", True)
+    calls = _count_calls(monkeypatch)
+    decodes = []
+    real_decode = cpu_mxfp4_dequantize.mxfp4_dequantize
+    monkeypatch.setattr(cpu_mxfp4_dequantize, "mxfp4_dequantize", lambda *a: decodes.append(a[0].shape) or real_decode(*a))
+    lin = torch.nn.Linear(96, 40).to(dtype)
+    quantize_(lin, MXFP4BlockRotConfig(scale_rule="even"))
+    xs = [torch.randn(cpu_mxfp4_mm.GEMV_ROWS + 1, 96).to(dtype), torch.randn(2, cpu_mxfp4_mm.MAX_ROWS + 3, 96).to(dtype)]
+    with torch.no_grad():
+        ys = [lin(x) for x in xs]
+        lin(torch.randn(cpu_mxfp4_mm.GEMV_ROWS, 96).to(dtype))  # few rows: the GEMV
+        assert calls == [(cpu_mxfp4_mm.GEMV_ROWS + 1, 48), (2 * cpu_mxfp4_mm.MAX_ROWS + 6, 48)] and not decodes
+        for x, y in zip(xs, ys):
+            _assert_summation_close(y, _emulated(monkeypatch, lin, x), dtype)
+    assert cpu_mxfp4_mm.takes_rows(10**6) and not cpu_mxfp4_mm.takes_rows(cpu_mxfp4_mm.GEMV_ROWS)
+    monkeypatch.setattr(cpu_mxfp4_mm, "VNNI_PANELS", False)  # AVX-512 otherwise: no integer GEMM
+    assert not cpu_mxfp4_mm.takes_rows(cpu_mxfp4_mm.GEMV_ROWS + 1) and not cpu_mxfp4_mm.takes_weight(lin.weight)
 
 
 def test_build_failure_keeps_the_emulation(integer_gemm_route, monkeypatch):
