@@ -101,15 +101,17 @@ def test_left_alone_where_grouping_would_change_the_graph():
     assert all(torch.equal(g, e) for g, e in zip(gm(*args), expected))
 
 
-@pytest.mark.parametrize("share,dense_first", [(True, False), (False, False), (True, True)])
-def test_compiled_decode_step_groups_and_equals_eager(monkeypatch, share, dense_first):
+@pytest.mark.parametrize("share,route", [(True, "avx2"), (False, "avx2"), (True, "avx512"), (True, "avx512_panels")])
+def test_compiled_decode_step_groups_and_equals_eager(monkeypatch, share, route):
     """A bfloat16 W4A4 decoder compiled whole (the GEMV quantizes its input): its decode graph makes two
     group calls a layer (q/k/v, gate/up) and no quantizer call for the shared inputs, and its tokens and
-    logits equal eager's (with the same, GQA-packed, attention). Shared inputs on both prompt routes: the
-    integer GEMM's (members quantize again) and the AVX-512 CPUs' dense one (members take the input as is)."""
+    logits equal eager's (with the same, GQA-packed, attention). Shared inputs on every prompt route: the
+    integer GEMM's (members quantize again), the AVX-512 CPUs' dense one (members take the input as is)
+    and the GEMV's panel GEMM on AVX-512 VNNI (members quantize again; the prompt graph groups too)."""
     from torch._inductor.utils import run_and_get_code
 
-    monkeypatch.setattr(cpu_mxfp4_dequantize, "DENSE_FIRST", dense_first)
+    monkeypatch.setattr(cpu_mxfp4_dequantize, "DENSE_FIRST", route != "avx2")
+    monkeypatch.setattr(cpu_mxfp4_gemv, "PANELS", route == "avx512_panels")
     monkeypatch.setattr(cpu_mxfp4_quantize, "VECTORIZED", True)
     model, _ = load_model("stories260k", torch.bfloat16)
     model.model.layers = model.model.layers[:2]
@@ -129,9 +131,9 @@ def test_compiled_decode_step_groups_and_equals_eager(monkeypatch, share, dense_
     torch._dynamo.reset()
     tme.compile_model(model)
     got, code = run_and_get_code(greedy_generate, model, prompt, 2, logits_to_keep=0)
-    decode = [c for c in code if "mxfp4_gemv_group" in c]
-    assert len(decode) == 1  # the decode-step graph
-    calls = re.findall(r"torch\.ops\.torchao_mx_ext\.(\w+)\.default\(", decode[0])
+    grouped = [c for c in code if "mxfp4_gemv_group" in c]
+    assert len(grouped) == (2 if route == "avx512_panels" else 1)  # the decode-step graph (compiled last), and the prompt's
+    calls = re.findall(r"torch\.ops\.torchao_mx_ext\.(\w+)\.default\(", grouped[-1])
     assert calls.count("mxfp4_gemv_group") == 4 and calls.count("mxfp4_gemv") == 4  # o_proj, down_proj stay single
     assert "mxfp4_rotate_fake_quantize" not in calls and "mxfp4_fake_quantize" not in calls
     assert torch.equal(got["tokens"], expected["tokens"])

@@ -117,16 +117,16 @@ def test_requantizing_mxfp4_values(rule):
     assert torch.equal(twice, once) == (rule in REQUANTIZE_EXACT)
 
 
-@pytest.mark.parametrize("route", ["avx2", "avx512", "avx512_vnni_panels"])
+@pytest.mark.parametrize("route", ["avx2", "avx512", "avx512_panels"])
 def test_shared_members_feed_the_integer_gemm(base, prompt, monkeypatch, route):
-    """On a CPU where W4A4 runs the integer GEMM (AVX2; AVX-512 with VNNI panels), the members keep
-    their activation rule (the GEMM takes codes); with the emulation preference, or where many-row
-    linears decode the weight for the library GEMM instead (other AVX-512 CPUs), they become
-    weight-only, as on other devices."""
-    from torchao_mx_ext.kernels import cpu_mxfp4_dequantize, cpu_mxfp4_mm
+    """On a CPU where W4A4 runs the integer GEMM (AVX2), the members keep their activation rule (the
+    GEMM takes codes), and so they do where the GEMV's panel GEMM takes prompts (AVX-512 VNNI: it
+    quantizes its input itself); with the emulation preference, or where many-row linears decode the
+    weight for the library GEMM instead (other AVX-512 CPUs), they become weight-only, as on other devices."""
+    from torchao_mx_ext.kernels import cpu_mxfp4_dequantize, cpu_mxfp4_gemv, cpu_mxfp4_mm, cpu_mxfp4_quantize
 
     monkeypatch.setattr(cpu_mxfp4_dequantize, "DENSE_FIRST", route != "avx2")
-    monkeypatch.setattr(cpu_mxfp4_mm, "VNNI_PANELS", route == "avx512_vnni_panels")
+    monkeypatch.setattr(cpu_mxfp4_gemv, "PANELS", route == "avx512_panels")
 
     calls = []
     real = cpu_mxfp4_mm.mxfp4_mm
@@ -137,8 +137,9 @@ def test_shared_members_feed_the_integer_gemm(base, prompt, monkeypatch, route):
         q = model.model.layers[0].self_attn.q_proj.weight
         o = model.model.layers[0].self_attn.o_proj.weight  # not shared: as quantized
         takes = cpu_mxfp4_mm.takes_weight(o)
-        assert not (takes and route == "avx512")
-        assert q.rotation is None and q.act_scale_rule == (o.act_scale_rule if takes else None)
+        assert not (takes and route != "avx2")
+        keeps = takes or (route == "avx512_panels" and preference == "auto" and cpu_mxfp4_quantize.VECTORIZED)
+        assert q.rotation is None and q.act_scale_rule == (o.act_scale_rule if keeps else None)
         calls.clear()
         logits(model, prompt)
         assert len(calls) == (7 * len(model.model.layers) if takes else 0)

@@ -38,7 +38,7 @@ from typing import Dict, FrozenSet, Optional, Sequence, Tuple
 
 import torch
 
-from .kernels import cpu_mxfp4_mm, cpu_mxfp4_quantize
+from .kernels import cpu_mxfp4_gemv, cpu_mxfp4_mm, cpu_mxfp4_quantize
 from .rotation.fusion import SUPPORTED_ARCHITECTURES
 from .tensors import RotatedMXFP4Tensor
 
@@ -162,8 +162,11 @@ def share_input_quantization(
             rotation = None if w0.rotation is None else w0.rotation.detach().to(torch.float32).contiguous().view(torch.int32)
             parent.register_buffer(_ROTATION, rotation, persistent=False)
             for m, w in zip(members, weights):
-                # The integer GEMM takes codes: such members re-quantize the shared input (exact).
-                keep = w.act_scale_rule in REQUANTIZE_EXACT and cpu_mxfp4_mm.takes_weight(w)
+                # The integer GEMM takes codes, and the GEMV's panel GEMM quantizes its input itself: such
+                # members re-quantize the shared input (exact).
+                keep = w.act_scale_rule in REQUANTIZE_EXACT and (
+                    cpu_mxfp4_mm.takes_weight(w) or (cpu_mxfp4_gemv.PANELS and cpu_mxfp4_quantize.fuses_into_gemv(w))
+                )
                 _set_weight(m, RotatedMXFP4Tensor(
                     w.qdata, w.scale, w.block_size, w.scale_rule, w.act_scale_rule if keep else None, w.padded_in_features,
                     w.dtype, None, w.dequantized, w.kernel_preference,

@@ -106,11 +106,11 @@ def test_applies():
 
 @pytest.fixture
 def dense_route(monkeypatch):
-    """The route as on AVX-512 CPUs without VNNI panels (AMX; the scalar decode gives the same bits
-    elsewhere); the compile caches are off because the route is chosen after their keys are taken."""
+    """The route as on AVX-512 CPUs without the GEMV's panels (AMX; the scalar decode gives the same
+    bits elsewhere); the compile caches are off because the route is chosen after their keys are taken."""
     monkeypatch.setattr(cpu_mxfp4_dequantize, "VECTORIZED", True)
     monkeypatch.setattr(cpu_mxfp4_dequantize, "DENSE_FIRST", True)
-    monkeypatch.setattr(cpu_mxfp4_mm, "VNNI_PANELS", False)
+    monkeypatch.setattr(cpu_mxfp4_gemv, "PANELS", False)
     with torch._functorch.config.patch(enable_autograd_cache=False), torch._inductor.config.patch(fx_graph_cache=False):
         yield
 

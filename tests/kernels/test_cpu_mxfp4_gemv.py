@@ -207,6 +207,64 @@ def test_integer_path_special_scales(isa):
         cpu_mxfp4_gemv.set_isa(None)
 
 
+def test_panel_gemm_matches_float64_reference():
+    """More than 16 rows on the AVX-512 path: the integer path's panel GEMM (tiles of 4 rows x 48
+    columns, panels of 16): row counts that leave 1-3 rows, column counts that leave part of a panel
+    or of a tile, blocks of 32 and 64, every input and output dtype, bias, and NaN / 2^-127 scales."""
+    gen = torch.Generator().manual_seed(14)
+    use_isa(2)
+    try:
+        for m, k, n, block_size in [(17, 96, 19, 32), (20, 608, 50, 32), (33, 192, 97, 64), (18, 64, 48, 32)]:
+            qdata, _ = random_weight(n, k, block_size, gen)
+            scale = torch.randint(112, 128, (n, k // block_size), dtype=torch.uint8, generator=gen)  # |w| <= 6
+            scale[1, 0], scale[2] = 255, 0
+            bias = torch.randn(n, generator=gen)
+            x32 = mx_activations(m, k, gen, block_size)
+            x32[0, :32] = 0.0  # an all-zero chunk
+            x16 = mxfp4_fake_quantize(torch.randn(m, k, generator=gen), block_size, "floor").half()  # float16's range
+            for x, b, out_dtype in [(x32, None, torch.float32), (x32.bfloat16(), bias, torch.bfloat16),
+                                    (x16, bias, torch.float16), (x32, bias, torch.bfloat16)]:
+                before = cpu_mxfp4_gemv.integer_calls()
+                y = cpu_mxfp4_gemv.mxfp4_gemv(x, qdata, scale, block_size, "floor", b, out_dtype)
+                assert cpu_mxfp4_gemv.integer_calls() == before + 1 and y.shape == (m, n) and y.dtype == out_dtype
+                ref, magnitude = reference(x, qdata, scale, block_size, "floor", b)
+                assert bool(y[:, 1].isnan().all()) and not bool(y[:, [0, *range(2, n)]].isnan().any())
+                keep = [0, *range(2, n)]
+                check(y[:, keep], ref[:, keep], magnitude[:, keep], out_dtype, k // 32 + 2)
+    finally:
+        cpu_mxfp4_gemv.set_isa(None)
+
+
+def test_w4a4_prompts_take_the_panels(monkeypatch):
+    """With PANELS (AVX-512 VNNI without AMX) a W4A4 linear hands prompts of any length to the GEMV,
+    which quantizes them and runs its panel GEMM: one call, no weight decode, the dense route's numbers
+    up to float32 summation order; without PANELS (or with a dense cache) the dense route runs."""
+    from torchao_mx_ext.kernels import cpu_mxfp4_quantize
+
+    monkeypatch.setattr(cpu_mxfp4_dequantize, "DENSE_FIRST", True)
+    monkeypatch.setattr(cpu_mxfp4_quantize, "VECTORIZED", True)
+    monkeypatch.setattr(cpu_mxfp4_gemv, "PANELS", True)
+    decodes = []
+    real_decode = cpu_mxfp4_dequantize.mxfp4_dequantize
+    monkeypatch.setattr(cpu_mxfp4_dequantize, "mxfp4_dequantize", lambda *a: decodes.append(a[0].shape) or real_decode(*a))
+    lin = torch.nn.Linear(100, 40).to(torch.bfloat16)
+    quantize_(lin, MXFP4BlockRotConfig(scale_rule="mse"))
+    calls = _count_kernel_calls(monkeypatch)
+    x = torch.randn(2, cpu_mxfp4_gemv.MAX_ROWS + 3, 100).bfloat16()
+    with torch.no_grad():
+        y = lin(x)
+        assert len(calls) == 1 and not decodes
+        monkeypatch.setattr(cpu_mxfp4_gemv, "PANELS", False)
+        dense = lin(x)
+        assert len(calls) == 1 and len(decodes) == 1
+        monkeypatch.setattr(cpu_mxfp4_gemv, "PANELS", True)
+        cached = torch.nn.Linear(100, 40).to(torch.bfloat16)
+        cached.weight = torch.nn.Parameter(lin.weight.with_dequantized_cache(), requires_grad=False)
+        cached(x)
+        assert len(calls) == 1
+    torch.testing.assert_close(y.float(), dense.float(), atol=2e-6 * dense.abs().max().item(), rtol=2.0**-7)
+
+
 def test_w4a4_decode_step_takes_the_integer_path(monkeypatch):
     """A W4A4 linear's one-row input (rotated and fake-quantized) reaches the kernel in the form the
     integer path takes, and gives the emulation's numbers."""
@@ -221,7 +279,7 @@ def test_w4a4_decode_step_takes_the_integer_path(monkeypatch):
             y = lin(x)
             assert cpu_mxfp4_gemv.integer_calls() == before + 1
             with monkeypatch.context() as mp:
-                mp.setattr(cpu_mxfp4_gemv, "applies", lambda weight, x: False)
+                mp.setattr(cpu_mxfp4_gemv, "applies", lambda weight, x, fused_input=False: False)
                 from torchao_mx_ext.kernels import cpu_mxfp4_mm
 
                 mp.setattr(cpu_mxfp4_mm, "applies", lambda weight, x: False)
@@ -386,7 +444,7 @@ LINEAR_CASES = [
 
 def _old_path(monkeypatch, lin, x):
     with monkeypatch.context() as mp:
-        mp.setattr(cpu_mxfp4_gemv, "applies", lambda weight, x: False)
+        mp.setattr(cpu_mxfp4_gemv, "applies", lambda weight, x, fused_input=False: False)
         return lin(x)
 
 

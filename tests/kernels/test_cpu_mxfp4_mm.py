@@ -216,13 +216,12 @@ def test_pure_torch_fallback_matches_kernel():
 
 @pytest.fixture
 def integer_gemm_route(monkeypatch):
-    """On AVX-512 CPUs without VNNI panels many-row linears take the vectorised decode + library GEMM
-    instead (tests/kernels/test_cpu_mxfp4_dequantize.py): these tests pin the integer GEMM's AVX2 route
-    (its row limit included; the panels' route is tested below). The route is
+    """On AVX-512 CPUs many-row linears take the vectorised decode + library GEMM instead
+    (tests/kernels/test_cpu_mxfp4_dequantize.py): these tests pin the integer GEMM's route. The route is
     chosen while AOTAutograd traces the subclass, after the compile caches' keys were taken (from the
     Dynamo graph, the same for both routes), so those caches are off here."""
     monkeypatch.setattr(cpu_mxfp4_dequantize, "DENSE_FIRST", False)
-    monkeypatch.setattr(cpu_mxfp4_mm, "VNNI_PANELS", False)
+    monkeypatch.setattr(cpu_mxfp4_gemv, "PANELS", False)
     with torch._functorch.config.patch(enable_autograd_cache=False), torch._inductor.config.patch(fx_graph_cache=False):
         yield
 
@@ -238,7 +237,7 @@ LINEAR_CASES = [
 def _emulated(monkeypatch, lin, x):
     with monkeypatch.context() as mp:
         mp.setattr(cpu_mxfp4_mm, "applies", lambda weight, x: False)
-        mp.setattr(cpu_mxfp4_gemv, "applies", lambda weight, x: False)
+        mp.setattr(cpu_mxfp4_gemv, "applies", lambda weight, x, fused_input=False: False)
         return lin(x)
 
 
@@ -333,32 +332,6 @@ def test_prompts_beyond_max_rows_decode_the_weight_for_the_float_gemm(integer_ge
     with torch.no_grad():  # without bf16 GEMM instructions (AVX2) bf16 inputs run a float32 GEMM
         ref = ref_lin(x.float() if dtype == torch.bfloat16 and not CPU_NATIVE_BF16_GEMM else x)
     assert torch.equal(y, ref.to(dtype))
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_vnni_panels_take_prompts_of_any_length(monkeypatch, dtype):
-    """With VNNI panels (AVX-512 VNNI CPUs without AMX) W4A4 inputs of any row count above GEMV_ROWS run
-    the integer GEMM, with no weight decode, where other AVX-512 CPUs decode the weight for the library
-    GEMM; its numbers are the emulation's up to float32 summation order. (Pinned here on any CPU: the
-    kernel runs the widest path this one has.)"""
-    monkeypatch.setattr(cpu_mxfp4_dequantize, "DENSE_FIRST", True)
-    monkeypatch.setattr(cpu_mxfp4_mm, "VNNI_PANELS", True)
-    calls = _count_calls(monkeypatch)
-    decodes = []
-    real_decode = cpu_mxfp4_dequantize.mxfp4_dequantize
-    monkeypatch.setattr(cpu_mxfp4_dequantize, "mxfp4_dequantize", lambda *a: decodes.append(a[0].shape) or real_decode(*a))
-    lin = torch.nn.Linear(96, 40).to(dtype)
-    quantize_(lin, MXFP4BlockRotConfig(scale_rule="even"))
-    xs = [torch.randn(cpu_mxfp4_mm.GEMV_ROWS + 1, 96).to(dtype), torch.randn(2, cpu_mxfp4_mm.MAX_ROWS + 3, 96).to(dtype)]
-    with torch.no_grad():
-        ys = [lin(x) for x in xs]
-        lin(torch.randn(cpu_mxfp4_mm.GEMV_ROWS, 96).to(dtype))  # few rows: the GEMV
-        assert calls == [(cpu_mxfp4_mm.GEMV_ROWS + 1, 48), (2 * cpu_mxfp4_mm.MAX_ROWS + 6, 48)] and not decodes
-        for x, y in zip(xs, ys):
-            _assert_summation_close(y, _emulated(monkeypatch, lin, x), dtype)
-    assert cpu_mxfp4_mm.takes_rows(10**6) and not cpu_mxfp4_mm.takes_rows(cpu_mxfp4_mm.GEMV_ROWS)
-    monkeypatch.setattr(cpu_mxfp4_mm, "VNNI_PANELS", False)  # AVX-512 otherwise: no integer GEMM
-    assert not cpu_mxfp4_mm.takes_rows(cpu_mxfp4_mm.GEMV_ROWS + 1) and not cpu_mxfp4_mm.takes_weight(lin.weight)
 
 
 def test_build_failure_keeps_the_emulation(integer_gemm_route, monkeypatch):

@@ -15,7 +15,7 @@ from kernel_paths import kernel_path_fixtures
 from torchao.quantization import quantize_
 
 from torchao_mx_ext import MXFP4BlockRotConfig, MXFP4Config
-from torchao_mx_ext.kernels import cpu_mxfp4_dequantize, cpu_mxfp4_mm, cpu_mxfp4_quantize
+from torchao_mx_ext.kernels import cpu_mxfp4_dequantize, cpu_mxfp4_gemv, cpu_mxfp4_mm, cpu_mxfp4_quantize
 from torchao_mx_ext.mx import mxfp4_fake_quantize
 from torchao_mx_ext.rotation import pad_and_rotate, rotation_block
 
@@ -147,7 +147,6 @@ def test_applies_and_the_fallback(monkeypatch):
     # which makes the GEMM's codes in the same pass; the rotation alone (weight-only) still fuses, and
     # decode steps and prompts (the dequant-GEMV, decode + float GEMM) take the kernel
     monkeypatch.setattr(cpu_mxfp4_dequantize, "DENSE_FIRST", False)
-    monkeypatch.setattr(cpu_mxfp4_mm, "VNNI_PANELS", False)
     rows, most = cpu_mxfp4_mm.GEMV_ROWS, cpu_mxfp4_mm.MAX_ROWS
     assert cpu_mxfp4_quantize.applies(torch.randn(rows, 64), 32, "mse")
     assert not cpu_mxfp4_quantize.applies(torch.randn(rows + 1, 64), 32, "mse")
@@ -157,15 +156,8 @@ def test_applies_and_the_fallback(monkeypatch):
     assert cpu_mxfp4_quantize.rotation_applies(torch.randn(rows + 1, 64), rot, 32, None)
     assert not cpu_mxfp4_quantize.rotation_applies(torch.randn(rows + 1, 64), rot, 32, "mse")
     assert cpu_mxfp4_quantize.rotation_applies(torch.randn(most + 1, 64), rot, 32, "mse")
-    monkeypatch.setattr(cpu_mxfp4_dequantize, "DENSE_FIRST", True)  # AVX-512 without VNNI panels: any number of rows
+    monkeypatch.setattr(cpu_mxfp4_dequantize, "DENSE_FIRST", True)  # AVX-512: any number of rows
     assert cpu_mxfp4_quantize.applies(torch.randn(rows + 1, 64), 32, "mse")
-    # AVX-512 with VNNI panels: the integer GEMM takes every row count above GEMV_ROWS
-    monkeypatch.setattr(cpu_mxfp4_mm, "VNNI_PANELS", True)
-    assert cpu_mxfp4_quantize.applies(torch.randn(rows, 64), 32, "mse")
-    assert not cpu_mxfp4_quantize.applies(torch.randn(rows + 1, 64), 32, "mse")
-    assert not cpu_mxfp4_quantize.applies(torch.randn(4 * most, 64), 32, "mse")
-    assert cpu_mxfp4_quantize.rotation_applies(torch.randn(4 * most, 64), rot, 32, None)
-    monkeypatch.setattr(cpu_mxfp4_mm, "VNNI_PANELS", False)
     monkeypatch.setattr(cpu_mxfp4_quantize, "VECTORIZED", False)
     assert not cpu_mxfp4_quantize.applies(x, 32, "mse")  # no SIMD path: Inductor's kernel stays
     assert torch.equal(cpu_mxfp4_quantize._fallback_mxfp4_fake_quantize(x, 32, "even"), mxfp4_fake_quantize(x, 32, "even"))
@@ -179,7 +171,7 @@ def test_linears_use_it_eager_and_compiled(monkeypatch, config, op):
     from torch._inductor.utils import run_and_get_code
 
     monkeypatch.setattr(cpu_mxfp4_dequantize, "DENSE_FIRST", True)  # W4A4 takes AVX-512's route, not the integer GEMM
-    monkeypatch.setattr(cpu_mxfp4_mm, "VNNI_PANELS", False)
+    monkeypatch.setattr(cpu_mxfp4_gemv, "PANELS", False)  # (nor the GEMV's panels)
     monkeypatch.setattr(cpu_mxfp4_quantize, "VECTORIZED", True)
     calls = []
     real = getattr(cpu_mxfp4_quantize, op)

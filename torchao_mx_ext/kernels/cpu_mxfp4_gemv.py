@@ -41,7 +41,7 @@ from ..mx.quantize import mxfp4_fake_quantize as reference_mxfp4_fake_quantize
 from ..rotation.rotations import apply_block_rotation
 from . import cpu_extension, cpu_mxfp4_dequantize
 
-__all__ = ["MAX_ROWS", "applies", "integer_calls", "is_available", "mxfp4_gemv", "mxfp4_gemv_group", "reference_mxfp4_gemv", "set_isa"]
+__all__ = ["MAX_ROWS", "PANELS", "applies", "integer_calls", "is_available", "mxfp4_gemv", "mxfp4_gemv_group", "reference_mxfp4_gemv", "set_isa"]
 
 OP = "torchao_mx_ext::mxfp4_gemv"
 GROUP_OP = "torchao_mx_ext::mxfp4_gemv_group"
@@ -54,6 +54,15 @@ MAX_ROWS = 64
 # With a dense cache (``cache_dequantized_weights``) the alternative is a plain GEMM: the kernel is kept
 # for batches it decodes the codes for once (its row block), where it reads a quarter of the bytes.
 MAX_ROWS_CACHED = 4
+# AVX-512 VNNI CPUs without AMX (ATen at AVX-512; Zen 4, Ice Lake): there the kernel's integer path runs
+# more than 16 rows as a panel GEMM (mxfp4_panels.h: the weight repacked once per call so that
+# vpdpbusd's lanes are 16 output columns) at 1.3-1.5x oneDNN's bf16 GEMM on SmolLM2's shapes from 64
+# to 512 rows on a Zen 4 core, and 1.5-1.6x the decode + library GEMM route
+# (benchmarks/w4a4_gemm_bench.py): W4A4 linears whose input transform runs in the kernel
+# (cpu_mxfp4_quantize.fuses_into_gemv) take it at any row count, prompts included. AMX CPUs keep the
+# decode + bf16 GEMM (AMX tiles multiply bf16 several times faster). Read once at import: compiled
+# graphs see a constant.
+PANELS = cpu_extension.ATEN_AVX512 and torch.cpu._is_vnni_supported() and not torch.cpu._is_amx_tile_supported()
 
 _SCHEMA = (
     "mxfp4_gemv(Tensor x, Tensor qdata, Tensor scale, int block_size, float multiplier, Tensor? bias=None, "
@@ -122,19 +131,23 @@ def is_available() -> bool:
     return cpu_extension.is_available()
 
 
-def applies(weight, x: torch.Tensor) -> bool:
+def applies(weight, x: torch.Tensor, fused_input: bool = False) -> bool:
     """Whether ``RotatedMXFP4Tensor.linear`` should use the kernel for ``x`` (already rotated,
     ``[..., K_p]``) against ``weight``: CPU, 2-D weight, blocks of a multiple of 32, at most
     :data:`MAX_ROWS` rows (:data:`MAX_ROWS_CACHED` with a dense cache) and not more than the vectorised
     weight decode + library GEMM is faster for (:func:`.cpu_mxfp4_dequantize.prefers_dense_gemm`), no
     gradient needed (the kernel has no backward), and the kernel not known to be unavailable (the build is tried on the operator's
-    first call)."""
+    first call). ``fused_input``: the kernel quantizes the input itself (a W4A4 input transform,
+    :func:`.cpu_mxfp4_quantize.fuses_into_gemv`), so its integer path runs: with :data:`PANELS` (and no
+    dense cache) any number of rows then."""
     if cpu_extension.known_unavailable():
         return False
     if x.device.type != "cpu" or weight.qdata.device.type != "cpu" or weight.qdata.dim() != 2:
         return False
     if weight.block_size % 32 or (torch.is_grad_enabled() and x.requires_grad):
         return False
+    if fused_input and PANELS and weight.dequantized is None:
+        return True
     if x.numel() > (MAX_ROWS if weight.dequantized is None else MAX_ROWS_CACHED) * x.shape[-1]:
         return False
     return not cpu_mxfp4_dequantize.prefers_dense_gemm(weight, x)

@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from ..mx.quantize import mxfp4_dequantize
 from . import cpu_extension, cpu_mxfp4_dequantize, cpu_mxfp4_gemv
 
-__all__ = ["GEMV_ROWS", "MAX_ROWS", "VNNI_PANELS", "applies", "mxfp4_mm", "reference_mxfp4_mm", "set_isa", "takes_rows", "takes_weight"]
+__all__ = ["GEMV_ROWS", "MAX_ROWS", "applies", "mxfp4_mm", "reference_mxfp4_mm", "set_isa", "takes_weight"]
 
 logger = logging.getLogger(__name__)
 
@@ -56,14 +56,6 @@ GEMV_ROWS = 8
 # crossover lies between 64 and 128.) A 32-element chunk costs the integer path a sign, a multiply-add
 # pair, a conversion and a scaled FMA per output; the float GEMM, 4 FMAs.
 MAX_ROWS = 128
-# AVX-512 VNNI CPUs without AMX (ATen at AVX-512; Zen 4, Ice Lake): there many rows run the kernel's
-# panel GEMM (mxfp4_mm.cpp: the weight repacked so that vpdpbusd's lanes are 16 output columns), at
-# 1.15-1.55x oneDNN's bf16 GEMM on SmolLM2's shapes from 64 to 512 rows on a Zen 4 core, where the
-# decode + library GEMM route runs at about 0.9x (benchmarks/w4a4_gemm_bench.py,
-# benchmarks/results/w4a4_gemm_bench_zen4_panels.json): W4A4 takes the integer GEMM for every row count
-# above GEMV_ROWS. AMX CPUs keep the decode + bf16 GEMM (AMX tiles multiply bf16 several times faster).
-# Read once at import: compiled graphs see a constant.
-VNNI_PANELS = cpu_extension.ATEN_AVX512 and torch.cpu._is_vnni_supported() and not torch.cpu._is_amx_tile_supported()
 _SIMD_CAPABILITIES = ("AVX2", "AVX512")  # torch.backends.cpu.get_cpu_capability() values with AVX2
 
 _lib = torch.library.Library("torchao_mx_ext", "FRAGMENT")
@@ -116,28 +108,16 @@ def _cpu_has_simd() -> bool:
 def takes_weight(weight) -> bool:
     """Whether W4A4 linears with this weight run the integer GEMM (on suitable inputs, see
     :func:`applies`): plain E8M0 scales on both operands, blocks of a multiple of 32, a 2-D CPU
-    weight, not the ``emulated`` preference, AVX2, but on AVX-512 CPUs only with :data:`VNNI_PANELS`
-    (the others run many-row linears as decode + library GEMM, faster there:
-    :data:`.cpu_mxfp4_dequantize.DENSE_FIRST`), and the C++ library not known to be unavailable."""
+    weight, not the ``emulated`` preference, AVX2 but not AVX-512 (AVX-512 CPUs run many-row linears
+    as decode + library GEMM, faster: :data:`.cpu_mxfp4_dequantize.DENSE_FIRST`), and the C++ library
+    not known to be unavailable."""
     if weight.act_scale_rule is None or "fp_quant" in (weight.scale_rule, weight.act_scale_rule):
         return False
     if weight.kernel_preference == "emulated" or weight.block_size % 32:
         return False
     if weight.qdata.device.type != "cpu" or weight.qdata.dim() != 2 or cpu_extension.known_unavailable():
         return False
-    return _takes_prompts() and _cpu_has_simd()
-
-
-def _takes_prompts() -> bool:
-    return VNNI_PANELS or not cpu_mxfp4_dequantize.DENSE_FIRST
-
-
-def takes_rows(rows: int) -> bool:
-    """Whether W4A4 inputs of ``rows`` rows run the integer GEMM on this CPU (weight permitting): not on
-    AVX-512 CPUs without :data:`VNNI_PANELS`; more than :data:`GEMV_ROWS`, and at most
-    :data:`MAX_ROWS` unless :data:`VNNI_PANELS` (whose panel GEMM beats the decode + library GEMM at any
-    row count)."""
-    return _takes_prompts() and rows > GEMV_ROWS and (VNNI_PANELS or rows <= MAX_ROWS)
+    return not cpu_mxfp4_dequantize.DENSE_FIRST and _cpu_has_simd()
 
 
 def applies(weight, x: torch.Tensor) -> bool:
@@ -145,10 +125,10 @@ def applies(weight, x: torch.Tensor) -> bool:
     ``[..., K_p]``: only its rows, device and gradient flag count) through
     the integer GEMM: :func:`takes_weight`, a CPU input, no gradient needed (the kernel has no
     backward), more than :data:`GEMV_ROWS` rows unless the GEMV cannot take them, and at most
-    :data:`MAX_ROWS` (any number with :data:`VNNI_PANELS`). The build is tried on the operator's first call."""
+    :data:`MAX_ROWS`. The build is tried on the operator's first call."""
     if x.device.type != "cpu" or (torch.is_grad_enabled() and x.requires_grad):
         return False
-    if not VNNI_PANELS and x.numel() > MAX_ROWS * x.shape[-1]:
+    if x.numel() > MAX_ROWS * x.shape[-1]:
         return False
     if x.numel() <= GEMV_ROWS * x.shape[-1] and cpu_mxfp4_gemv.applies(weight, x):
         return False

@@ -36,7 +36,7 @@ import torch
 
 from ..mx.quantize import mxfp4_fake_quantize as reference_mxfp4_fake_quantize
 from ..rotation.rotations import apply_block_rotation, pad_and_rotate
-from . import cpu_extension, cpu_mxfp4_mm
+from . import cpu_extension, cpu_mxfp4_dequantize, cpu_mxfp4_mm
 
 __all__ = [
     "MAX_FUSED_ROTATION", "RULES", "VECTORIZED", "applies", "fake_quantize", "fuses_into_gemv", "mxfp4_fake_quantize", "mxfp4_rotate_fake_quantize",
@@ -87,8 +87,9 @@ def applies(x: torch.Tensor, block_size: int, scale_rule: str | None) -> bool:
     """Whether :func:`fake_quantize` runs the kernel: a float32 CPU tensor whose width is a multiple
     of ``block_size`` (a multiple of 32), a rule of :data:`RULES` (``None``: the fused rotation alone),
     no gradient needed, the kernel vectorised here (:data:`VECTORIZED`), and the C++ library not known
-    to be unavailable. In the row range where W4A4 linears run the integer GEMM
-    (:func:`.cpu_mxfp4_mm.takes_rows`), inputs stay with Inductor: the GEMM's codes come from Inductor's kernel, which quantizes a shared input
+    to be unavailable. In the row range where W4A4 linears run the integer GEMM (AVX2 CPUs, more
+    than :data:`~.cpu_mxfp4_mm.GEMV_ROWS` and at most :data:`~.cpu_mxfp4_mm.MAX_ROWS`), inputs stay
+    with Inductor: the GEMM's codes come from Inductor's kernel, which quantizes a shared input
     (``share_input_quantization``) in the same pass; this kernel would add one."""
     if not VECTORIZED or x.device.type != "cpu" or x.dtype != torch.float32:
         return False
@@ -98,7 +99,7 @@ def applies(x: torch.Tensor, block_size: int, scale_rule: str | None) -> bool:
         if scale_rule not in RULES:
             return False
         rows = x.numel() // max(x.shape[-1], 1)
-        if cpu_mxfp4_mm.takes_rows(rows):
+        if not cpu_mxfp4_dequantize.DENSE_FIRST and cpu_mxfp4_mm.GEMV_ROWS < rows <= cpu_mxfp4_mm.MAX_ROWS:
             return False
     if torch.is_grad_enabled() and x.requires_grad:
         return False

@@ -59,6 +59,7 @@
 #include "cpu_isa.h"
 #include "mxfp4_codes.h"
 #include "mxfp4_fake_quantize.h"
+#include "mxfp4_panels.h"
 
 namespace {
 
@@ -591,6 +592,42 @@ bool int_activations(const scalar_t* x, int64_t M, int64_t K, int G, int8_t* xi,
 #endif
 }
 
+// More rows than this take the panel GEMM where the integer path runs on AVX-512 VNNI: the weight is
+// repacked once per call instead of decoded again for every 4 rows (mxfp4_panels.h). Measured on a Zen 4
+// core (benchmarks/w4a4_gemm_bench.py): about even with the 4-row tiles at 16 rows, 1.5-2.5x faster at 64.
+constexpr int64_t kPanelMinRows = 16;
+
+// The panel GEMM's activation operand from x [M, K] (see int_activations: the same test and the same
+// v, e per chunk): v in chunk order (the 16 even elements, then the 16 odd ones), -12 * the chunk's sum
+// of v, and its scale 2^(e-1) (the weights enter as 2q). False if a chunk is not of that form.
+template <typename scalar_t>
+bool panel_activations(const scalar_t* x, int64_t M, int64_t K, int8_t* a, int32_t* corr, float* scale) {
+#ifdef TME_X86_SIMD
+  const int64_t nc = K / 32;
+  float buf[32];
+  for (int64_t m = 0; m < M; ++m) {
+    for (int64_t c = 0; c < nc; ++c) {
+      const float* v;
+      if constexpr (std::is_same_v<scalar_t, float>) {
+        v = x + m * K + c * 32;
+      } else {
+        for (int k = 0; k < 32; ++k) buf[k] = static_cast<float>(x[m * K + c * 32 + k]);
+        v = buf;
+      }
+      int32_t lane_corr[4];
+      float lane_scale[4];
+      int8_t* dst = a + m * K + c * 32;
+      if (!int_chunk_avx2(v, dst, dst + 16, lane_corr, lane_scale)) return false;
+      corr[m * nc + c] = -(lane_corr[0] + lane_corr[1] + lane_corr[2] + lane_corr[3]);
+      scale[m * nc + c] = lane_scale[0];
+    }
+  }
+  return true;
+#else
+  return false;
+#endif
+}
+
 // Rows m0..m0+MT-1 of the output, weight rows n0..n1-1.
 template <int MT>
 void rows(int isa, const Problem& p, int64_t m0, int64_t n0, int64_t n1) {
@@ -613,6 +650,21 @@ constexpr int64_t kRowBlock = 16;  // weight rows visited by every tile of x row
 // by scheduler stalls.
 constexpr int64_t kGrainBytes = 64 * 1024;
 
+#ifdef TME_X86_SIMD
+// dst[i] = float(src[i]) for bf16 bits src (exact: the bits shifted into float32's top half).
+__attribute__((target("avx2"))) void widen_bf16_avx2(const uint16_t* src, float* dst, int64_t n) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256i h = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i)));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + i), _mm256_slli_epi32(h, 16));
+  }
+  for (; i < n; ++i) {
+    const uint32_t bits = static_cast<uint32_t>(src[i]) << 16;
+    std::memcpy(dst + i, &bits, 4);
+  }
+}
+#endif
+
 // The input operand of one or more GEMVs of width K, laid out for the path that runs (see Problem).
 // Scratch memory is plain heap vectors, not tensors: a decode step prepares a few hundred inputs, and
 // each at::empty / .to() is a dispatcher round trip (~0.5 ms a SmolLM2-135M step, profiled).
@@ -624,6 +676,7 @@ struct GemvInput {
   std::vector<float> xd_storage;
   std::vector<uint16_t> xb_storage;
   std::vector<uint8_t> int_storage;
+  bool panels = false;  // the integer path as a panel GEMM: xi [M, K], xcorr and xsc [M, K/32]
   const float* xd = nullptr;
   const uint16_t* xb = nullptr;
   const int8_t* xi = nullptr;
@@ -649,6 +702,11 @@ GemvInput prepare_input(const at::Tensor& x, int64_t M, int64_t K, int64_t block
       src = xc.data_ptr<float>();
     } else {
       widened.resize(M * K);
+#ifdef TME_X86_SIMD
+      if (xc.scalar_type() == at::kBFloat16 && isa >= kIsaAvx2) {  // prompts: 8 at a time (bf16 is float32's top half)
+        widen_bf16_avx2(static_cast<const uint16_t*>(xc.data_ptr()), widened.data(), M * K);
+      } else
+#endif
       AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, xc.scalar_type(), "mxfp4_gemv_widen", [&] {
         const scalar_t* w = xc.data_ptr<scalar_t>();
         for (int64_t i = 0; i < M * K; ++i) widened[i] = static_cast<float>(w[i]);
@@ -667,6 +725,25 @@ GemvInput prepare_input(const at::Tensor& x, int64_t M, int64_t K, int64_t block
   // The integer path where x allows it (AVX2 and wider: on a Zen 4 core it beats the AVX-512 BF16 dot
   // path on the same input) and plain E8M0 scales (fp_quant's multiplier makes decoded weights inexact
   // products).
+  if (isa >= kIsaAvx512 && multiplier == 1.0 && M > kPanelMinRows && tme_cpu::has_avx512_vnni()) {
+    in.int_storage.resize(M * K + M * nc * 8);  // v int8, then corrections and scales, 32-bit each
+    int8_t* a = reinterpret_cast<int8_t*>(in.int_storage.data());
+    int32_t* corr = reinterpret_cast<int32_t*>(a + M * K);
+    float* sc = reinterpret_cast<float*>(corr + M * nc);
+    bool ok = false;
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x_t, "mxfp4_gemv_panels", [&] {
+      ok = panel_activations<scalar_t>(static_cast<const scalar_t*>(x_data), M, K, a, corr, sc);
+    });
+    if (ok) {
+      g_integer_calls.fetch_add(1, std::memory_order_relaxed);
+      in.panels = true;
+      in.xi = a;
+      in.xcorr = corr;
+      in.xsc = sc;
+      return in;
+    }
+    in.int_storage = {};
+  }
   if (isa >= kIsaAvx2 && multiplier == 1.0) {
     const int G = isa >= kIsaAvx512 && has_vnni_vbmi() ? 4 : 2;  // chunks per step of the kernel
     const int64_t groups = (nc + G - 1) / G;
@@ -774,6 +851,13 @@ void run_gemv(const GemvInput& in, int isa, const at::Tensor& qdata, const at::T
   at::Tensor bias_f;
   if (bias.has_value()) bias_f = bias->to(at::kFloat).contiguous();
   const int64_t M = in.M, N = q.size(0), K = in.K;
+#ifdef TME_X86_SIMD
+  if (in.panels) {
+    tme_cpu::panel_gemm({q.data_ptr<uint8_t>(), sc.data_ptr<uint8_t>(), tab, in.xi, in.xcorr, in.xsc,
+                         bias.has_value() ? bias_f.data_ptr<float>() : nullptr, out.data_ptr(), out.scalar_type(), M, N, K, block_size});
+    return;
+  }
+#endif
   Problem p{q.data_ptr<uint8_t>(), sc.data_ptr<uint8_t>(), in.xd, in.xb, in.Kp, tab, in.xi, in.xcorr, in.xsc, in.P, in.G,
             bias.has_value() ? bias_f.data_ptr<float>() : nullptr, out.data_ptr(), out.scalar_type(), M, N, K, block_size};
   const int64_t grain = std::max<int64_t>(1, kGrainBytes / std::max<int64_t>(1, (K / 2) * ((M + tme_cpu::kGemvRowTile - 1) / tme_cpu::kGemvRowTile)));

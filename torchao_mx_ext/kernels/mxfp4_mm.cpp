@@ -45,6 +45,7 @@
 
 #include "cpu_isa.h"
 #include "mxfp4_codes.h"
+#include "mxfp4_panels.h"
 
 namespace {
 
@@ -72,12 +73,7 @@ struct HalfScaleTable {
 const HalfScaleTable kHalfScale;
 
 #ifdef TME_X86_SIMD
-// One chunk of packed codes (16 bytes) -> 32 int8 in chunk order: the low nibbles, then the high ones,
-// through a 16-entry vpshufb table.
-__attribute__((target("avx2"))) inline __m256i decode_chunk_avx2(const uint8_t* q, __m256i lut, __m256i low4) {
-  const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q));
-  return _mm256_shuffle_epi8(lut, _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(bytes, 4), bytes), low4));
-}
+using tme_cpu::decode_chunk_avx2;
 
 __attribute__((target("avx2"))) void decode_chunks_avx2(const uint8_t* q, int8_t* v, int64_t chunks, const int8_t* table) {
   const __m256i lut = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(table)));
@@ -267,120 +263,6 @@ __attribute__((target(TME_VNNI_TARGET))) void tile_vnni(const Problem& p, int64_
     for (int j = 0; j < NR; ++j) store(p, m0 + i, n0 + j, _mm512_reduce_add_ps(acc[i][j]));
 }
 
-// ---------------------------------------------------------------------------------------------
-// AVX-512 VNNI GEMM for many activation rows: the weight repacked into column panels, so a vpdpbusd
-// multiplies four elements of one activation row (broadcast) by the same four of 16 weight columns and
-// the int32 lanes are output columns: no horizontal sums, and 8 instructions make a chunk's dot products
-// for 16 outputs. Per chunk and output, the float epilogue (convert, scale, accumulate) is that of
-// tile_vnni. Panel layout, per panel of 16 columns (zero-weight, zero-scale columns past N):
-//   codes [chunk c][quad q][column l][4] = w + 12 of elements 4q..4q+3 (chunk order) of column l;
-//   scales [chunk c][column l] = the weight's half scale.
-constexpr int kPanelCols = 16;
-constexpr int kPanelMR = 4, kPanelNR = 3;  // a tile: 4 activation rows x 3 panels (48 columns)
-
-// The panels of weight rows (= output columns) [n0, n0 + 16 * panels) into codes / scales.
-__attribute__((target(TME_VNNI_TARGET))) void pack_panels(const Problem& p, int64_t n0, int64_t panels, uint8_t* codes, float* scales) {
-  const int64_t nc = p.K / 32;
-  const __m256i lut = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(kE2M1x2Biased)));
-  const __m256i low4 = _mm256_set1_epi8(15);
-  const __m256i dword_stride = _mm256_setr_epi32(0, 16, 32, 48, 64, 80, 96, 112);  // quad q of column l: dword 16 q + l
-  for (int64_t j = 0; j < panels; ++j) {
-    uint8_t* pc = codes + j * nc * 512;
-    float* ps = scales + j * nc * kPanelCols;
-    for (int l = 0; l < kPanelCols; ++l) {
-      const int64_t n = n0 + j * kPanelCols + l;
-      if (n >= p.N) {
-        for (int64_t c = 0; c < nc; ++c) {
-          for (int q = 0; q < 8; ++q) std::memset(pc + c * 512 + q * 64 + l * 4, kE2M1x2Bias, 4);
-          ps[c * kPanelCols + l] = 0.0f;
-        }
-        continue;
-      }
-      for (int64_t c = 0; c < nc; ++c) {
-        const __m256i w = decode_chunk_avx2(p.wq + n * (p.K / 2) + c * 16, lut, low4);
-        _mm256_i32scatter_epi32(pc + c * 512 + l * 4, dword_stride, w, 4);
-        ps[c * kPanelCols + l] = weight_half_scale<true>(p, n, c);
-      }
-    }
-  }
-}
-
-// out[m, n .. n + count) = v (+ bias), count <= 16, rounded to out_t (nearest even, as store_as).
-__attribute__((target(TME_VNNI_TARGET))) inline void store16(const Problem& p, int64_t m, int64_t n, int64_t count, __m512 v) {
-  const __mmask16 mask = count >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << count) - 1);
-  if (p.bias) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(mask, p.bias + n));
-  const int64_t i = m * p.N + n;
-  if (p.out_t == at::kFloat) {
-    _mm512_mask_storeu_ps(static_cast<float*>(p.out) + i, mask, v);
-    return;
-  }
-  __m256i h;
-  if (p.out_t == at::kBFloat16) {  // c10::BFloat16's rounding: (bits + 0x7FFF + lsb) >> 16, NaN -> 0x7FC0
-    const __m512i b = _mm512_castps_si512(v);
-    const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(b, 16), _mm512_set1_epi32(1));
-    __m512i r = _mm512_srli_epi32(_mm512_add_epi32(b, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF))), 16);
-    r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC0));
-    h = _mm512_cvtepi32_epi16(r);
-  } else {
-    h = _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  }
-  _mm256_mask_storeu_epi16(static_cast<uint16_t*>(p.out) + i, mask, h);
-}
-
-// Rows m0..m0+MR-1 against NR panels from panel j0 of a task's buffers (their first column n0 + 16 j0).
-// a_corr[m, c] = -12 * (sum of the chunk's activations): the int32 accumulators start there, so the
-// weight's offset cancels exactly (as in tile_vnni).
-template <int MR, int NR>
-__attribute__((target(TME_VNNI_TARGET))) void tile_panels(const Problem& p, const int32_t* a_corr, const uint8_t* codes,
-                                                           const float* scales, int64_t j0, int64_t m0, int64_t n0) {
-  const int64_t nc = p.K / 32;
-  __m512 acc[MR][NR];
-  for (int i = 0; i < MR; ++i)
-    for (int j = 0; j < NR; ++j) acc[i][j] = _mm512_setzero_ps();
-  for (int64_t c = 0; c < nc; ++c) {
-    __m512i dot[MR][NR];
-    for (int i = 0; i < MR; ++i) {
-      const __m512i start = _mm512_set1_epi32(a_corr[(m0 + i) * nc + c]);
-      for (int j = 0; j < NR; ++j) dot[i][j] = start;
-    }
-    const uint8_t* wc = codes + (j0 * nc + c) * 512;
-    const int8_t* ac = p.a + m0 * p.K + c * 32;
-    for (int q = 0; q < 8; ++q) {
-      __m512i w[NR];
-      for (int j = 0; j < NR; ++j) w[j] = _mm512_loadu_si512(wc + j * nc * 512 + q * 64);
-      for (int i = 0; i < MR; ++i) {
-        int32_t four;
-        std::memcpy(&four, ac + i * p.K + 4 * q, 4);
-        const __m512i x = _mm512_set1_epi32(four);
-        for (int j = 0; j < NR; ++j) dot[i][j] = _mm512_dpbusd_epi32(dot[i][j], w[j], x);
-      }
-    }
-    __m512 sw[NR];
-    for (int j = 0; j < NR; ++j) sw[j] = _mm512_loadu_ps(scales + ((j0 + j) * nc + c) * kPanelCols);
-    for (int i = 0; i < MR; ++i) {
-      const __m512 sa = _mm512_set1_ps(p.sa[(m0 + i) * nc + c]);
-      for (int j = 0; j < NR; ++j) acc[i][j] = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(dot[i][j]), sw[j]), sa, acc[i][j]);
-    }
-  }
-  for (int i = 0; i < MR; ++i) {
-    for (int j = 0; j < NR; ++j) {
-      const int64_t n = n0 + (j0 + j) * kPanelCols;
-      if (n < p.N) store16(p, m0 + i, n, std::min<int64_t>(kPanelCols, p.N - n), acc[i][j]);
-    }
-  }
-}
-
-template <int NR>
-void panel_rows(const Problem& p, const int32_t* a_corr, const uint8_t* codes, const float* scales, int64_t j0, int64_t n0) {
-  int64_t m0 = 0;
-  for (; m0 + kPanelMR <= p.M; m0 += kPanelMR) tile_panels<kPanelMR, NR>(p, a_corr, codes, scales, j0, m0, n0);
-  switch (p.M - m0) {
-    case 1: tile_panels<1, NR>(p, a_corr, codes, scales, j0, m0, n0); break;
-    case 2: tile_panels<2, NR>(p, a_corr, codes, scales, j0, m0, n0); break;
-    case 3: tile_panels<3, NR>(p, a_corr, codes, scales, j0, m0, n0); break;
-    default: break;
-  }
-}
 
 // -12 * the sum of each 32-element chunk of the decoded activation rows [r0, r1) (see tile_panels).
 __attribute__((target("avx2"))) void chunk_corrections(const int8_t* a, int64_t r0, int64_t r1, int64_t K, int32_t* corr) {
@@ -501,19 +383,8 @@ at::Tensor mxfp4_mm(const at::Tensor& a_qdata, const at::Tensor& a_scale, const 
   });
 #ifdef TME_X86_SIMD
   if (panels) {
-    constexpr int64_t kGroupCols = kPanelNR * kPanelCols;
-    const int64_t groups = (N + kGroupCols - 1) / kGroupCols;
-    at::parallel_for(0, groups, 1, [&](int64_t g0, int64_t g1) {
-      std::vector<uint8_t> codes(kPanelNR * nc * 512);
-      std::vector<float> scales(kPanelNR * nc * kPanelCols);
-      for (int64_t g = g0; g < g1; ++g) {
-        const int64_t n0 = g * kGroupCols, np = std::min<int64_t>(kPanelNR, (N - n0 + kPanelCols - 1) / kPanelCols);
-        pack_panels(p, n0, np, codes.data(), scales.data());
-        if (np == 3) panel_rows<3>(p, a_corr.data_ptr<int32_t>(), codes.data(), scales.data(), 0, n0);
-        else if (np == 2) panel_rows<2>(p, a_corr.data_ptr<int32_t>(), codes.data(), scales.data(), 0, n0);
-        else panel_rows<1>(p, a_corr.data_ptr<int32_t>(), codes.data(), scales.data(), 0, n0);
-      }
-    });
+    tme_cpu::panel_gemm({wq.data_ptr<uint8_t>(), ws.data_ptr<uint8_t>(), kHalfScale.v, a_vals.data_ptr<int8_t>(), a_corr.data_ptr<int32_t>(),
+                         a_sc.data_ptr<float>(), p.bias, out.data_ptr(), out_t, M, N, K, block_size});
     return out;
   }
 #endif

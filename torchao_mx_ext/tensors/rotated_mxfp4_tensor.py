@@ -154,9 +154,10 @@ class RotatedMXFP4Tensor(TorchAOBaseTensor):
             b = None if bias is None else bias.to(gemm_dtype)
             y = cpu_mxfp4_mm.mxfp4_mm(a.qdata, a.scale, self.qdata, self.scale, self.block_size, b, x.dtype)
             return y.reshape(*x.shape[:-1], y.shape[-1])
-        if cpu_mxfp4_quantize.fuses_into_gemv(self) and cpu_mxfp4_gemv.applies(self, x):
+        if cpu_mxfp4_quantize.fuses_into_gemv(self) and cpu_mxfp4_gemv.applies(self, x, fused_input=True):
             # W4A4 decode: the GEMV rotates and quantizes its input itself (the quantizer kernel's bits)
-            # and takes its integer path; one operator call per linear.
+            # and takes its integer path; one operator call per linear. With PANELS (AVX-512 VNNI) also
+            # prompts: more than 16 rows run as the kernel's panel GEMM.
             width = self.padded_in_features
             xp = x if x.shape[-1] == width else F.pad(x, (0, width - x.shape[-1]))
             b = None if bias is None else bias.to(gemm_dtype)
