@@ -496,8 +496,13 @@ void rotate_fake_quantize_rows(const float* x, float* out, int64_t rows, int64_t
                                c10::string_view scale_rule) {
   const int rule = check_quantize_args("mxfp4_gemv", K, rotation, block_size, scale_rule);
   const auto rc = rotation != nullptr ? rotation->contiguous() : at::Tensor();
-  quantize_rows(::current_isa(), x, out, 0, rows, K, block_size, rule, rotation != nullptr ? rc.data_ptr<float>() : nullptr,
-                rotation != nullptr ? rc.size(0) : 0);
+  const int isa = ::current_isa();
+  const float* r = rotation != nullptr ? rc.data_ptr<float>() : nullptr;
+  const int64_t rb = rotation != nullptr ? rc.size(0) : 0;
+  // Rows split across ATen's threads as in the operator (prompts; one row runs inline).
+  at::parallel_for(0, rows, std::max<int64_t>(1, 8192 / (K * std::max<int64_t>(rb, 16) / 16)), [&](int64_t r0, int64_t r1) {
+    quantize_rows(isa, x, out, r0, r1, K, block_size, rule, r, rb);
+  });
 }
 
 }  // namespace tme_cpu

@@ -604,25 +604,31 @@ template <typename scalar_t>
 bool panel_activations(const scalar_t* x, int64_t M, int64_t K, int8_t* a, int32_t* corr, float* scale) {
 #ifdef TME_X86_SIMD
   const int64_t nc = K / 32;
-  float buf[32];
-  for (int64_t m = 0; m < M; ++m) {
-    for (int64_t c = 0; c < nc; ++c) {
-      const float* v;
-      if constexpr (std::is_same_v<scalar_t, float>) {
-        v = x + m * K + c * 32;
-      } else {
-        for (int k = 0; k < 32; ++k) buf[k] = static_cast<float>(x[m * K + c * 32 + k]);
-        v = buf;
+  std::atomic<bool> ok{true};
+  at::parallel_for(0, M, std::max<int64_t>(1, 8192 / K), [&](int64_t m0, int64_t m1) {
+    float buf[32];
+    for (int64_t m = m0; m < m1 && ok.load(std::memory_order_relaxed); ++m) {
+      for (int64_t c = 0; c < nc; ++c) {
+        const float* v;
+        if constexpr (std::is_same_v<scalar_t, float>) {
+          v = x + m * K + c * 32;
+        } else {
+          for (int k = 0; k < 32; ++k) buf[k] = static_cast<float>(x[m * K + c * 32 + k]);
+          v = buf;
+        }
+        int32_t lane_corr[4];
+        float lane_scale[4];
+        int8_t* dst = a + m * K + c * 32;
+        if (!int_chunk_avx2(v, dst, dst + 16, lane_corr, lane_scale)) {
+          ok.store(false, std::memory_order_relaxed);
+          return;
+        }
+        corr[m * nc + c] = -(lane_corr[0] + lane_corr[1] + lane_corr[2] + lane_corr[3]);
+        scale[m * nc + c] = lane_scale[0];
       }
-      int32_t lane_corr[4];
-      float lane_scale[4];
-      int8_t* dst = a + m * K + c * 32;
-      if (!int_chunk_avx2(v, dst, dst + 16, lane_corr, lane_scale)) return false;
-      corr[m * nc + c] = -(lane_corr[0] + lane_corr[1] + lane_corr[2] + lane_corr[3]);
-      scale[m * nc + c] = lane_scale[0];
     }
-  }
-  return true;
+  });
+  return ok.load();
 #else
   return false;
 #endif
