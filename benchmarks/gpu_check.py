@@ -101,6 +101,8 @@ def linear_checks(shapes=SHAPES) -> list:
                 "gpu_bf16_vs_cpu_fp32_max_rel": (eager.float().cpu() - reference).abs().max().item() / scale,
                 "kernels": kernels,
                 "kernel_count": len(kernels),
+                # our operators called from the graph (on AVX-512 VNNI CPUs a W4A4 linear is one GEMV call)
+                "extern_ops": sorted(set(re.findall(r"torch\.ops\.torchao_mx_ext\.(\w+)\.default\(", "\n".join(code)))),
                 "eager_ms": 1e3 * cuda_time(lambda: gpu(xg)),
                 "compiled_ms": 1e3 * cuda_time(lambda: compiled_fn(xg)),
                 "bf16_linear_ms": 1e3 * cuda_time(lambda w=torch.randn(n, k, device=DEVICE, dtype=torch.bfloat16): F.linear(xg, w)),

@@ -56,7 +56,8 @@ def test_gpu_check_dry_run_on_cpu(tmp_path):
     gpu_check.main(["--device", "cpu", "--quick", "--layers", "1", "--prompt-len", "16", "--new-tokens", "2", "--json", str(out)])
     report = json.loads(out.read_text())
     for row in report["linear"]:
-        assert row["compiled_vs_eager_max_abs"] == 0 and row["gpu_bf16_vs_cpu_fp32_max_rel"] < 0.05 and row["kernel_count"] > 0
+        assert row["compiled_vs_eager_max_abs"] == 0 and row["gpu_bf16_vs_cpu_fp32_max_rel"] < 0.05
+        assert row["kernel_count"] > 0 or row["extern_ops"]  # Inductor's kernels, or the whole linear as one op of ours
     assert report["hardware_mxfp4_gemm"] == {"available": False, "capability": None}
     rows = {r["variant"]: r for r in report["model"]}
     assert set(rows) == {"bf16", "bf16_compiled", "ours_w4a4_compiled", "ours_wo_compiled", "ours_w4a4_cached_compiled"}

@@ -19,10 +19,10 @@ from torchao_mx_ext.recipes import quantize_linears
 from torchao_mx_ext.shared_quant import share_input_quantization, shared_groups
 from torchao_mx_ext.zoo import load_model
 
-try:  # the CPU dequant-GEMV kernel takes linears with at most MAX_ROWS rows (the decode steps)
-    from torchao_mx_ext.kernels.cpu_mxfp4_gemv import MAX_ROWS
-except ImportError:
-    MAX_ROWS = 0
+from torchao_mx_ext.kernels import cpu_mxfp4_gemv
+
+# the CPU dequant-GEMV kernel takes linears with at most MAX_ROWS rows (the decode steps)
+MAX_ROWS = cpu_mxfp4_gemv.MAX_ROWS
 
 LAYERS = 1
 PROMPT = MAX_ROWS + 16  # the prompt takes the dequantize + GEMM path
@@ -56,7 +56,15 @@ def activation_quant_calls(code: str) -> int:
 
 @pytest.fixture(scope="module")
 def runs(base):
-    """Per variant: eager and compiled prefill/decode logits, the prefill code, the graph count."""
+    """Per variant: eager and compiled prefill/decode logits, the prefill code, the graph count. The
+    prompt takes the dequantize + GEMM route (pinned: on AVX-512 VNNI CPUs W4A4 prompts would run the
+    GEMV's panel GEMM, which quantizes inside the call; tests/test_gemv_grouping.py compiles that route)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(cpu_mxfp4_gemv, "PANELS", False)
+        yield _runs(base)
+
+
+def _runs(base):
     out = {}
     prompt = torch.randint(0, base.config.vocab_size, (1, PROMPT), generator=torch.Generator().manual_seed(0))
     for name, (config, shared) in VARIANTS.items():

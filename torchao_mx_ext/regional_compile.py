@@ -21,7 +21,9 @@ that this module removes, and one exactness trap (timings: ``docs/results.md``):
   attention tiles for long queries: 2x slower on a Zen 4 core, emulated bf16 GEMMs on AVX2); its
   softmax weights stay float32 where ATen's bf16 kernel rounds them to bf16, so decode-step logits
   differ from an eager ``sdpa`` model's by that rounding (an eager model switched to
-  :data:`PACKED_GQA_SDPA` gives the compiled numbers).
+  :data:`PACKED_GQA_SDPA` gives the compiled numbers). On AVX-512 CPUs without AMX prompts run
+  :mod:`.kernels.cpu_prompt_attention` (ATen's kernel: 2x slower there, a third of a W4A4 prefill),
+  with the same float32 softmax, so prompt logits differ from ``sdpa``'s by that rounding too.
 * **Operator calls.** Inductor's Python wrapper pays a few microseconds per extern call, hundreds a
   step; the GEMVs that read one activation (q/k/v, gate/up) run as one call
   (:class:`~.gemv_grouping.GroupSharedInputGEMVs`, a post-grad pass; same bits).
@@ -44,7 +46,7 @@ import torch.nn.functional as F
 
 from .architectures import decoder_layers
 from .gemv_grouping import GroupSharedInputGEMVs
-from .kernels import cpu_decode_attention
+from .kernels import cpu_decode_attention, cpu_prompt_attention
 
 __all__ = ["PACKED_GQA_SDPA", "compile_decoder_layers", "compile_model", "packed_gqa_sdpa_attention", "register_packed_gqa_sdpa"]
 
@@ -57,13 +59,18 @@ def packed_gqa_sdpa_attention(module, query, key, value, attention_mask, dropout
     ``query [B, H, 1, D]`` becomes ``[B, H_kv, g, D]`` (``g = H / H_kv``: the query heads that share a
     key/value head, consecutive in transformers' layout), attends to ``key``/``value [B, H_kv, L, D]``
     with the mask ``[B, 1, 1, L]`` broadcast over heads and rows, and is unpacked to ``[B, 1, H, D]``.
-    Anything else (prefill, no grouping, per-head masks, position biases, soft-capping) goes to
-    transformers' ``sdpa_attention_forward`` unchanged."""
+    Prompts on AVX-512 CPUs without AMX run :mod:`.kernels.cpu_prompt_attention` (where it applies;
+    no position bias or soft-capping). Anything else (other prompts, no grouping, per-head masks,
+    position biases, soft-capping) goes to transformers' ``sdpa_attention_forward`` unchanged."""
     groups = getattr(module, "num_key_value_groups", 1)
+    plain = kwargs.get("position_bias") is None and kwargs.get("softcap") is None
     simple = (
-        query.shape[2] == 1 and groups > 1 and kwargs.get("position_bias") is None and kwargs.get("softcap") is None
+        query.shape[2] == 1 and groups > 1 and plain
         and (attention_mask is None or (attention_mask.dim() == 4 and attention_mask.shape[1] == 1))
     )
+    if not simple and plain and (attention_mask is None or attention_mask.shape[-1] == key.shape[2]):
+        if cpu_prompt_attention.applies(query, key, value, attention_mask, dropout):  # AVX-512 without AMX: prompts
+            return _prompt_attention(module, query, key, value, attention_mask, scaling, kwargs.get("is_causal")), None
     if not simple:
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
@@ -75,6 +82,19 @@ def packed_gqa_sdpa_attention(module, query, key, value, attention_mask, dropout
     else:
         out = F.scaled_dot_product_attention(packed, key, value, attn_mask=attention_mask, dropout_p=dropout, scale=scaling)
     return out.reshape(out.shape[0], heads, 1, value.shape[-1]).transpose(1, 2).contiguous(), None
+
+
+def _prompt_attention(module, query, key, value, attention_mask, scaling, is_causal):
+    """Prompt rows through :mod:`.kernels.cpu_prompt_attention` (grouped heads read their key/value head
+    directly), with transformers' ``sdpa`` rules for causality: causal where no mask is given and the
+    module is causal, aligned top-left, the keys cut to the prompt's length as transformers does."""
+    q_length = query.shape[2]
+    is_causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    is_causal = bool(q_length > 1 and attention_mask is None and is_causal)
+    if is_causal and key.shape[2] > q_length:
+        key, value = key[:, :, :q_length], value[:, :, :q_length]
+    out = cpu_prompt_attention.prompt_attention(query, key, value, attention_mask, scaling, is_causal)
+    return out.transpose(1, 2).contiguous()
 
 
 def register_packed_gqa_sdpa() -> None:

@@ -12,6 +12,7 @@
 - ``cpu_int8_gemv``: CPU int8 weight-only GEMV, the product of the int8 output head
   (``quantize_output_head``).
 - ``cpu_decode_attention``: CPU attention for a few query rows (GQA-packed decode steps).
+- ``cpu_prompt_attention``: CPU attention for prompts (AVX-512 without AMX), flash-style.
 - ``cpu_extension``: builds the C++ CPU kernels (one library) on first use.
 - ``cuda_mxfp4_mm``: MXFP4 tensor-core GEMM on Blackwell GPUs (``F.scaled_mm``).
 
@@ -29,9 +30,9 @@ import os
 
 import torch
 
-from . import cpu_decode_attention, cpu_extension, cpu_int8_gemv, cpu_mxfp4_dequantize, cpu_mxfp4_gemv, cpu_mxfp4_mm, cpu_mxfp4_quantize, cuda_mxfp4_mm
+from . import cpu_decode_attention, cpu_extension, cpu_int8_gemv, cpu_mxfp4_dequantize, cpu_mxfp4_gemv, cpu_mxfp4_mm, cpu_mxfp4_quantize, cpu_prompt_attention, cuda_mxfp4_mm
 
-__all__ = ["CPU_NATIVE_BF16_GEMM", "KERNEL_PREFERENCES", "check_kernel_preference", "cpu_decode_attention", "cpu_extension", "cpu_int8_gemv", "cpu_mxfp4_dequantize", "cpu_mxfp4_gemv", "cpu_mxfp4_mm", "cpu_mxfp4_quantize", "cuda_mxfp4_mm", "effective_preference"]
+__all__ = ["CPU_NATIVE_BF16_GEMM", "KERNEL_PREFERENCES", "check_kernel_preference", "cpu_decode_attention", "cpu_extension", "cpu_int8_gemv", "cpu_mxfp4_dequantize", "cpu_mxfp4_gemv", "cpu_mxfp4_mm", "cpu_mxfp4_quantize", "cpu_prompt_attention", "cuda_mxfp4_mm", "effective_preference"]
 
 KERNEL_PREFERENCES = ("auto", "emulated", "hw_mxfp4")
 

@@ -29,12 +29,12 @@ __all__ = ["ATEN_AVX512", "DISABLE_ENV", "VECTORIZED", "is_available", "known_un
 logger = logging.getLogger(__name__)
 
 _SOURCES = [Path(__file__).with_name(f) for f in ("mxfp4_gemv.cpp", "mxfp4_mm.cpp", "mxfp4_dequantize.cpp", "mxfp4_fake_quantize.cpp", "int8_gemv.cpp",
-                                                   "decode_attention.cpp")]
+                                                   "decode_attention.cpp", "prompt_attention.cpp")]
 _HEADERS = [Path(__file__).with_name(f) for f in ("cpu_isa.h", "mxfp4_codes.h", "mxfp4_fake_quantize.h", "mxfp4_panels.h")]
 _EXTENSION_NAME = "torchao_mx_ext_cpu_kernels"
 # The ops with a CPU kernel in the library (one per source at least): it is loaded once all of them have one.
 _OPS = ("torchao_mx_ext::mxfp4_gemv", "torchao_mx_ext::mxfp4_gemv_group", "torchao_mx_ext::mxfp4_mm", "torchao_mx_ext::mxfp4_dequantize", "torchao_mx_ext::mxfp4_fake_quantize",
-        "torchao_mx_ext::int8_gemv", "torchao_mx_ext::decode_attention")
+        "torchao_mx_ext::int8_gemv", "torchao_mx_ext::decode_attention", "torchao_mx_ext::prompt_attention")
 DISABLE_ENV = "TORCHAO_MX_EXT_CPU_KERNELS"
 
 # Whether ATen runs its own CPU kernels at AVX-512 width here (ATEN_CPU_CAPABILITY included): where the
