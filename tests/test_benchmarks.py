@@ -179,6 +179,25 @@ def test_w4a4_gemm_bench_smoke(tmp_path):
         assert r["int_mm_max_rel_diff"] < 1e-5
 
 
+def test_attention_bench_smoke(tmp_path):
+    """The attention benchmark's plumbing: ATen's SDPA timed for every case, ours where its kernel
+    applies, and both within bf16 rounding of each other."""
+    import attention_bench
+
+    from torchao_mx_ext.kernels import cpu_decode_attention, cpu_extension, cpu_prompt_attention
+
+    out = tmp_path / "attention_bench.json"
+    attention_bench.main(["--prompt-lens", "40", "--reps", "2", "--json", str(out)])
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["case"], r["query_rows"]) for r in rows] == [("prompt", 40), ("decode", 3)]
+    for r, ours in zip(rows, (cpu_prompt_attention.AVX512_WITHOUT_AMX, cpu_extension.VECTORIZED)):
+        assert set(r["ms"]) == ({"aten_sdpa", "ours"} if ours else {"aten_sdpa"}) and all(v > 0 for v in r["ms"].values())
+        if ours:
+            assert r["max_abs_diff"] < 0.05 and r["ours_speedup"] > 0
+    with pytest.raises(SystemExit):
+        attention_bench.main(["--prompt-lens", "8"])
+
+
 def test_activation_quant_bench_smoke(tmp_path):
     """The input-side benchmark's plumbing: every variant timed per shape, the JSON written."""
     import activation_quant_bench

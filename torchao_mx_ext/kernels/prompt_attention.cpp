@@ -89,12 +89,21 @@ __attribute__((target(TME_PROMPT_TARGET))) inline __mmask16 mask_block(const mas
   return keep;
 }
 
-// Query rows i0 .. i0 + R - 1 of one head (qf: widened, [R][D]) against the L keys (kt [D][Lp], Lp: L
-// rounded up to whole blocks, zeros past L); NV = Dv / 16.
-template <int R, int NV, typename mask_t, typename scalar_t>
-__attribute__((target(TME_PROMPT_TARGET))) void rows_block(const float* qf, const float* kt, const float* vf, const mask_t* const* mrows,
-                                                            bool causal, float scale, int64_t i0, int64_t L, int64_t Lp, int64_t D,
-                                                            scalar_t* out) {
+#ifdef TME_AVX512_BF16
+#define TME_PROMPT_SCORES_TARGET "avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,fma"
+#else
+#define TME_PROMPT_SCORES_TARGET TME_PROMPT_TARGET
+#endif
+
+// Query rows i0 .. i0 + R - 1 of one head against the L keys (Lp: L rounded up to whole blocks; keys
+// past L are zeros); NV = Dv / 16. Scores: float32 FMAs over kt [D][Lp] (widened keys) with qf [R][D]
+// (widened queries), or, BF16_DOT (bf16 inputs on AVX-512 BF16 CPUs), vdpbf16ps over pairs of
+// dimensions: kt then holds bf16 pairs [D/2][Lp][2] and qf the rows' bf16 pairs as 32-bit words
+// (exact products, float32 sums; half the instructions).
+template <bool BF16_DOT, int R, int NV, typename mask_t, typename scalar_t>
+__attribute__((target(TME_PROMPT_SCORES_TARGET))) void rows_block(const float* qf, const float* kt, const float* vf,
+                                                                   const mask_t* const* mrows, bool causal, float scale, int64_t i0,
+                                                                   int64_t L, int64_t Lp, int64_t D, scalar_t* out) {
   constexpr int64_t Dv = NV * 16;
   __m512 acc[R][NV];
   float mx[R], sum[R];
@@ -112,9 +121,20 @@ __attribute__((target(TME_PROMPT_TARGET))) void rows_block(const float* qf, cons
     if (!any) continue;  // every row leaves these keys out: not read
     __m512 s[R];
     for (int r = 0; r < R; ++r) s[r] = _mm512_setzero_ps();
-    for (int64_t d = 0; d < D; ++d) {
-      const __m512 kv = _mm512_loadu_ps(kt + d * Lp + l0);
-      for (int r = 0; r < R; ++r) s[r] = _mm512_fmadd_ps(_mm512_set1_ps(qf[r * D + d]), kv, s[r]);
+#ifdef TME_AVX512_BF16
+    if constexpr (BF16_DOT) {
+      const uint32_t* qp = reinterpret_cast<const uint32_t*>(qf);
+      for (int64_t dp = 0; dp < D / 2; ++dp) {
+        const __m512bh kv = (__m512bh)_mm512_loadu_si512(kt + dp * Lp + l0);  // 16 keys x 2 dimensions
+        for (int r = 0; r < R; ++r) s[r] = _mm512_dpbf16_ps(s[r], (__m512bh)_mm512_set1_epi32(static_cast<int>(qp[r * D / 2 + dp])), kv);
+      }
+    } else
+#endif
+    {
+      for (int64_t d = 0; d < D; ++d) {
+        const __m512 kv = _mm512_loadu_ps(kt + d * Lp + l0);
+        for (int r = 0; r < R; ++r) s[r] = _mm512_fmadd_ps(_mm512_set1_ps(qf[r * D + d]), kv, s[r]);
+      }
     }
     for (int r = 0; r < R; ++r) {
       if (!keep[r]) {
@@ -152,8 +172,18 @@ __attribute__((target(TME_PROMPT_TARGET))) void rows_block(const float* qf, cons
   }
 }
 
-// One (b, h): Lq query rows against the widened, transposed keys kt [D][Lp] and values vf [L][Dv].
-template <int NV, typename mask_t, typename scalar_t>
+// The bits of a bf16 value (0 for other types, whose instantiations never reach the bf16 path).
+template <typename T>
+inline uint16_t bf16_bits(T v) {
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    return v.x;
+  } else {
+    return 0;
+  }
+}
+
+// One (b, h): Lq query rows against the prepared keys kt (see rows_block) and values vf [L][Dv].
+template <bool BF16_DOT, int NV, typename mask_t, typename scalar_t>
 void attend_head(const scalar_t* q, const float* kt, const float* vf, const mask_t* const* mrows, bool causal, float scale, int64_t Lq,
                  int64_t L, int64_t Lp, int64_t D, scalar_t* out, std::vector<float>& qf) {
   constexpr int R = NV <= 4 ? 4 : 2;  // R x NV output registers, R score registers
@@ -161,17 +191,23 @@ void attend_head(const scalar_t* q, const float* kt, const float* vf, const mask
   qf.resize(R * D);
   for (int64_t i0 = 0; i0 < Lq; i0 += R) {
     const int rows = static_cast<int>(std::min<int64_t>(R, Lq - i0));
-    for (int r = 0; r < R; ++r)
-      for (int64_t d = 0; d < D; ++d) qf[r * D + d] = r < rows ? static_cast<float>(q[(i0 + r) * D + d]) : 0.0f;
+    if constexpr (BF16_DOT) {  // the bf16 bits as they are, two to a 32-bit word
+      uint16_t* qb = reinterpret_cast<uint16_t*>(qf.data());
+      for (int r = 0; r < R; ++r)
+        for (int64_t d = 0; d < D; ++d) qb[r * D + d] = r < rows ? bf16_bits(q[(i0 + r) * D + d]) : 0;
+    } else {
+      for (int r = 0; r < R; ++r)
+        for (int64_t d = 0; d < D; ++d) qf[r * D + d] = r < rows ? static_cast<float>(q[(i0 + r) * D + d]) : 0.0f;
+    }
     const mask_t* m[R];
     for (int r = 0; r < R; ++r) m[r] = mrows[std::min<int64_t>(i0 + r, Lq - 1)];
     if (rows == R) {
-      rows_block<R, NV>(qf.data(), kt, vf, m, causal, scale, i0, L, Lp, D, out + i0 * Dv);
+      rows_block<BF16_DOT, R, NV>(qf.data(), kt, vf, m, causal, scale, i0, L, Lp, D, out + i0 * Dv);
       continue;
     }
     // A short last block: computed as a full one into a scratch output (the extra rows repeat the last).
     alignas(64) scalar_t tail[R * Dv];
-    rows_block<R, NV>(qf.data(), kt, vf, m, causal, scale, i0, L, Lp, D, tail);
+    rows_block<BF16_DOT, R, NV>(qf.data(), kt, vf, m, causal, scale, i0, L, Lp, D, tail);
     std::memcpy(out + i0 * Dv, tail, rows * Dv * sizeof(scalar_t));
   }
 }
@@ -210,21 +246,39 @@ at::Tensor prompt_attention(const at::Tensor& q, const at::Tensor& k, const at::
     const scalar_t* kp = kc.data_ptr<scalar_t>();
     const scalar_t* vp = vc.data_ptr<scalar_t>();
     scalar_t* op = out.data_ptr<scalar_t>();
+    constexpr bool kBf16 = std::is_same_v<scalar_t, c10::BFloat16>;
+    const bool bf16_dot = kBf16 && tme_cpu::detected_isa() >= tme_cpu::kIsaAvx512Bf16;
     at::parallel_for(0, B * Hkv, 1, [&](int64_t g0, int64_t g1) {
       std::vector<float> kt(D * Lp), vf(Lp * Dv), qf;
       for (int64_t bg = g0; bg < g1; ++bg) {
         const int64_t b = bg / Hkv, g = bg % Hkv;
         const scalar_t* kh = kp + bg * L * D;
         const scalar_t* vh = vp + bg * L * Dv;
-        for (int64_t l = 0; l < Lp; ++l)  // keys transposed, zeros past L (left out by every mask)
-          for (int64_t d = 0; d < D; ++d) kt[d * Lp + l] = l < L ? static_cast<float>(kh[l * D + d]) : 0.0f;
+        if constexpr (kBf16) {
+          if (bf16_dot) {  // keys as bf16 pairs [D/2][Lp][2], zeros past L (left out by every mask)
+            uint16_t* kb = reinterpret_cast<uint16_t*>(kt.data());
+            for (int64_t dp = 0; dp < D / 2; ++dp)
+              for (int64_t l = 0; l < Lp; ++l)
+                for (int t = 0; t < 2; ++t) kb[(dp * Lp + l) * 2 + t] = l < L ? bf16_bits(kh[l * D + 2 * dp + t]) : 0;
+          }
+        }
+        if (!bf16_dot) {
+          for (int64_t l = 0; l < Lp; ++l)  // keys transposed, zeros past L (left out by every mask)
+            for (int64_t d = 0; d < D; ++d) kt[d * Lp + l] = l < L ? static_cast<float>(kh[l * D + d]) : 0.0f;
+        }
         for (int64_t i = 0; i < Lp * Dv; ++i) vf[i] = i < L * Dv ? static_cast<float>(vh[i]) : 0.0f;
         for (int64_t h = g * groups; h < (g + 1) * groups; ++h) {
           const scalar_t* qh = qp + (b * H + h) * Lq * D;
           scalar_t* oh = op + (b * H + h) * Lq * Dv;
           auto run = [&](auto mask_rows) {
-            if (Dv == 64) attend_head<4>(qh, kt.data(), vf.data(), mask_rows.data(), is_causal, sc, Lq, L, Lp, D, oh, qf);
-            else attend_head<8>(qh, kt.data(), vf.data(), mask_rows.data(), is_causal, sc, Lq, L, Lp, D, oh, qf);
+            if (kBf16 && bf16_dot) {
+              if (Dv == 64) attend_head<kBf16, 4>(qh, kt.data(), vf.data(), mask_rows.data(), is_causal, sc, Lq, L, Lp, D, oh, qf);
+              else attend_head<kBf16, 8>(qh, kt.data(), vf.data(), mask_rows.data(), is_causal, sc, Lq, L, Lp, D, oh, qf);
+            } else if (Dv == 64) {
+              attend_head<false, 4>(qh, kt.data(), vf.data(), mask_rows.data(), is_causal, sc, Lq, L, Lp, D, oh, qf);
+            } else {
+              attend_head<false, 8>(qh, kt.data(), vf.data(), mask_rows.data(), is_causal, sc, Lq, L, Lp, D, oh, qf);
+            }
           };
           if (m.defined() && m.scalar_type() == at::kFloat) {
             std::vector<const float*> rows(Lq);
