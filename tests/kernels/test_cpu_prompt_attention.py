@@ -50,11 +50,14 @@ CASES = [
     (1, 2, 1, 40, 40, 64, 64, "causal"),
     (1, 3, 3, 20, 33, 16, 64, "none"),
     (2, 2, 2, 18, 16, 48, 128, "per_head_bool"),
+    # more rows than a parallel task's chunk (64): causality and masks at row offsets
+    (1, 4, 2, 150, 150, 32, 64, "causal_chunks"),
+    (1, 3, 1, 130, 162, 64, 128, "bool_causal_cache_chunks"),
 ]
 
 
 def make_mask(kind, B, H, Lq, L, gen):
-    if kind == "bool_causal_cache":
+    if kind.startswith("bool_causal_cache"):
         m = torch.ones(Lq, L, dtype=torch.bool).tril()[None, None].clone()
         m[..., 5, :] = False  # a row with every key left out
         return m
@@ -78,7 +81,7 @@ def test_matches_float64_reference(case, dtype):
     k = torch.randn(B, Hkv, L, D, generator=gen).to(dtype)
     v = torch.randn(B, Hkv, L, Dv, generator=gen).to(dtype)
     mask = make_mask(kind, B, H, Lq, L, gen)
-    causal = kind == "causal"
+    causal = kind.startswith("causal")
     y = cpu_prompt_attention.prompt_attention(q, k, v, mask, 0.3, causal)
     assert y.dtype == dtype and y.shape == (B, H, Lq, Dv)
     ref = reference(q, k, v, mask, 0.3, causal)

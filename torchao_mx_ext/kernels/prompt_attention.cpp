@@ -43,6 +43,7 @@ namespace {
 
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 constexpr int64_t kKeys = 16;  // keys per block: one register of scores per row
+constexpr int64_t kChunkRows = 64;  // query rows of a head per parallel task (a multiple of every row block)
 
 #ifdef TME_X86_SIMD
 #define TME_PROMPT_TARGET "avx512f,avx512bw,avx512vl,avx512dq,fma"
@@ -183,9 +184,10 @@ inline uint16_t bf16_bits(T v) {
 }
 
 // One (b, h): Lq query rows against the prepared keys kt (see rows_block) and values vf [L][Dv].
+// Query rows row0 .. row0 + Lq - 1 of the head (q, out and mrows start at row0).
 template <bool BF16_DOT, int NV, typename mask_t, typename scalar_t>
-void attend_head(const scalar_t* q, const float* kt, const float* vf, const mask_t* const* mrows, bool causal, float scale, int64_t Lq,
-                 int64_t L, int64_t Lp, int64_t D, scalar_t* out, std::vector<float>& qf) {
+void attend_head(const scalar_t* q, const float* kt, const float* vf, const mask_t* const* mrows, bool causal, float scale, int64_t row0,
+                 int64_t Lq, int64_t L, int64_t Lp, int64_t D, scalar_t* out, std::vector<float>& qf) {
   constexpr int R = NV <= 4 ? 4 : 2;  // R x NV output registers, R score registers
   constexpr int64_t Dv = NV * 16;
   qf.resize(R * D);
@@ -202,12 +204,12 @@ void attend_head(const scalar_t* q, const float* kt, const float* vf, const mask
     const mask_t* m[R];
     for (int r = 0; r < R; ++r) m[r] = mrows[std::min<int64_t>(i0 + r, Lq - 1)];
     if (rows == R) {
-      rows_block<BF16_DOT, R, NV>(qf.data(), kt, vf, m, causal, scale, i0, L, Lp, D, out + i0 * Dv);
+      rows_block<BF16_DOT, R, NV>(qf.data(), kt, vf, m, causal, scale, row0 + i0, L, Lp, D, out + i0 * Dv);
       continue;
     }
     // A short last block: computed as a full one into a scratch output (the extra rows repeat the last).
     alignas(64) scalar_t tail[R * Dv];
-    rows_block<BF16_DOT, R, NV>(qf.data(), kt, vf, m, causal, scale, i0, L, Lp, D, tail);
+    rows_block<BF16_DOT, R, NV>(qf.data(), kt, vf, m, causal, scale, row0 + i0, L, Lp, D, tail);
     std::memcpy(out + i0 * Dv, tail, rows * Dv * sizeof(scalar_t));
   }
 }
@@ -248,15 +250,19 @@ at::Tensor prompt_attention(const at::Tensor& q, const at::Tensor& k, const at::
     scalar_t* op = out.data_ptr<scalar_t>();
     constexpr bool kBf16 = std::is_same_v<scalar_t, c10::BFloat16>;
     const bool bf16_dot = kBf16 && tme_cpu::detected_isa() >= tme_cpu::kIsaAvx512Bf16;
+    // Keys and values prepared once per key/value head, then (head, chunk of query rows) tasks: a causal
+    // prompt's late rows cost more than its early ones, and every head has both, so the tasks spread
+    // evenly over threads.
+    std::vector<float> kt_all(B * Hkv * D * Lp), vf_all(B * Hkv * Lp * Dv);
     at::parallel_for(0, B * Hkv, 1, [&](int64_t g0, int64_t g1) {
-      std::vector<float> kt(D * Lp), vf(Lp * Dv), qf;
       for (int64_t bg = g0; bg < g1; ++bg) {
-        const int64_t b = bg / Hkv, g = bg % Hkv;
         const scalar_t* kh = kp + bg * L * D;
         const scalar_t* vh = vp + bg * L * Dv;
+        float* kt = kt_all.data() + bg * D * Lp;
+        float* vf = vf_all.data() + bg * Lp * Dv;
         if constexpr (kBf16) {
           if (bf16_dot) {  // keys as bf16 pairs [D/2][Lp][2], zeros past L (left out by every mask)
-            uint16_t* kb = reinterpret_cast<uint16_t*>(kt.data());
+            uint16_t* kb = reinterpret_cast<uint16_t*>(kt);
             for (int64_t dp = 0; dp < D / 2; ++dp)
               for (int64_t l = 0; l < Lp; ++l)
                 for (int t = 0; t < 2; ++t) kb[(dp * Lp + l) * 2 + t] = l < L ? bf16_bits(kh[l * D + 2 * dp + t]) : 0;
@@ -267,29 +273,37 @@ at::Tensor prompt_attention(const at::Tensor& q, const at::Tensor& k, const at::
             for (int64_t d = 0; d < D; ++d) kt[d * Lp + l] = l < L ? static_cast<float>(kh[l * D + d]) : 0.0f;
         }
         for (int64_t i = 0; i < Lp * Dv; ++i) vf[i] = i < L * Dv ? static_cast<float>(vh[i]) : 0.0f;
-        for (int64_t h = g * groups; h < (g + 1) * groups; ++h) {
-          const scalar_t* qh = qp + (b * H + h) * Lq * D;
-          scalar_t* oh = op + (b * H + h) * Lq * Dv;
-          auto run = [&](auto mask_rows) {
-            if (kBf16 && bf16_dot) {
-              if (Dv == 64) attend_head<kBf16, 4>(qh, kt.data(), vf.data(), mask_rows.data(), is_causal, sc, Lq, L, Lp, D, oh, qf);
-              else attend_head<kBf16, 8>(qh, kt.data(), vf.data(), mask_rows.data(), is_causal, sc, Lq, L, Lp, D, oh, qf);
-            } else if (Dv == 64) {
-              attend_head<false, 4>(qh, kt.data(), vf.data(), mask_rows.data(), is_causal, sc, Lq, L, Lp, D, oh, qf);
-            } else {
-              attend_head<false, 8>(qh, kt.data(), vf.data(), mask_rows.data(), is_causal, sc, Lq, L, Lp, D, oh, qf);
-            }
-          };
-          if (m.defined() && m.scalar_type() == at::kFloat) {
-            std::vector<const float*> rows(Lq);
-            for (int64_t i = 0; i < Lq; ++i) rows[i] = m.data_ptr<float>() + b * m.stride(0) + h * m.stride(1) + i * m.stride(2);
-            run(rows);
+      }
+    });
+    const int64_t chunks = (Lq + kChunkRows - 1) / kChunkRows;
+    at::parallel_for(0, B * H * chunks, 1, [&](int64_t t0, int64_t t1) {
+      std::vector<float> qf;
+      for (int64_t task = t0; task < t1; ++task) {
+        const int64_t bh = task / chunks, b = bh / H, h = bh % H, row0 = (task % chunks) * kChunkRows;
+        const int64_t rows = std::min(kChunkRows, Lq - row0), bg = b * Hkv + h / groups;
+        const float* kt = kt_all.data() + bg * D * Lp;
+        const float* vf = vf_all.data() + bg * Lp * Dv;
+        const scalar_t* qh = qp + (bh * Lq + row0) * D;
+        scalar_t* oh = op + (bh * Lq + row0) * Dv;
+        auto run = [&](auto mask_rows) {
+          if (kBf16 && bf16_dot) {
+            if (Dv == 64) attend_head<kBf16, 4>(qh, kt, vf, mask_rows.data(), is_causal, sc, row0, rows, L, Lp, D, oh, qf);
+            else attend_head<kBf16, 8>(qh, kt, vf, mask_rows.data(), is_causal, sc, row0, rows, L, Lp, D, oh, qf);
+          } else if (Dv == 64) {
+            attend_head<false, 4>(qh, kt, vf, mask_rows.data(), is_causal, sc, row0, rows, L, Lp, D, oh, qf);
           } else {
-            std::vector<const bool*> rows(Lq, nullptr);
-            if (m.defined())
-              for (int64_t i = 0; i < Lq; ++i) rows[i] = m.data_ptr<bool>() + b * m.stride(0) + h * m.stride(1) + i * m.stride(2);
-            run(rows);
+            attend_head<false, 8>(qh, kt, vf, mask_rows.data(), is_causal, sc, row0, rows, L, Lp, D, oh, qf);
           }
+        };
+        if (m.defined() && m.scalar_type() == at::kFloat) {
+          std::vector<const float*> mrows(rows);
+          for (int64_t i = 0; i < rows; ++i) mrows[i] = m.data_ptr<float>() + b * m.stride(0) + h * m.stride(1) + (row0 + i) * m.stride(2);
+          run(mrows);
+        } else {
+          std::vector<const bool*> mrows(rows, nullptr);
+          if (m.defined())
+            for (int64_t i = 0; i < rows; ++i) mrows[i] = m.data_ptr<bool>() + b * m.stride(0) + h * m.stride(1) + (row0 + i) * m.stride(2);
+          run(mrows);
         }
       }
     });
