@@ -129,6 +129,12 @@ void for_each_gemv_tile(int64_t M, int64_t N, int64_t grain, int64_t row_block, 
 }
 
 #ifdef TME_X86_SIMD
+// exp(x) as the attention kernels compute it (Cephes' expf): x = n ln2 + r with ln2 split in two (n ln2
+// exact), exp(r) = 1 + r + r^2 p(r) with p of degree 5 (relative error about 2 float32 ulps), 2^n
+// through the exponent bits.
+constexpr float kLog2e = 1.44269504088896341f, kLn2Hi = 0.693359375f, kLn2Lo = -2.12194440e-4f;
+constexpr float kExpPoly[6] = {1.9875691500e-4f, 1.3981999507e-3f, 8.3334519073e-3f, 4.1665795894e-2f, 1.6666665459e-1f, 5.0000001201e-1f};
+
 // The sum of a register's 8 float32 lanes (the kernels' AVX2 reductions).
 __attribute__((target("avx2"))) inline float hsum8(__m256 v) {
   __m128 h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));

@@ -550,6 +550,17 @@ __attribute__((target("avx2,fma"))) bool int_chunk_avx2(const float* x, int8_t* 
 }
 #endif  // TME_X86_SIMD
 
+// Chunk c of row m of x [M, K] as float32: in place for float32 inputs, widened into buf otherwise.
+template <typename scalar_t>
+inline const float* chunk_f32(const scalar_t* x, int64_t K, int64_t m, int64_t c, float* buf) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    return x + m * K + c * 32;
+  } else {
+    for (int k = 0; k < 32; ++k) buf[k] = static_cast<float>(x[m * K + c * 32 + k]);
+    return buf;
+  }
+}
+
 // The integer path's operands for x [M, K] (any floating dtype; AVX2), in groups of G chunks: for every
 // 32-element chunk, with e = floor(log2 max |x|) - 4, v = x * 2^-e, which must be integers (then |v| < 32)
 // for every chunk of every row -- else false and the float path runs. The chunk's scale is 2^(e-1) (the
@@ -571,13 +582,7 @@ bool int_activations(const scalar_t* x, int64_t M, int64_t K, int G, int8_t* xi,
   float buf[32];
   for (int64_t m = 0; m < M; ++m) {
     for (int64_t c = 0; c < nc; ++c) {
-      const float* v;
-      if constexpr (std::is_same_v<scalar_t, float>) {
-        v = x + m * K + c * 32;
-      } else {
-        for (int k = 0; k < 32; ++k) buf[k] = static_cast<float>(x[m * K + c * 32 + k]);
-        v = buf;
-      }
+      const float* v = chunk_f32(x, K, m, c, buf);
       // Chunk c goes to group j = c / G, place h = c % G: its even elements at bytes 16h.., odd at 16G + 16h..
       const int64_t j = c / G, h = c % G;
       int8_t* group = xi + m * row_bytes + j * 32 * G;
@@ -609,13 +614,7 @@ bool panel_activations(const scalar_t* x, int64_t M, int64_t K, int8_t* a, int32
     float buf[32];
     for (int64_t m = m0; m < m1 && ok.load(std::memory_order_relaxed); ++m) {
       for (int64_t c = 0; c < nc; ++c) {
-        const float* v;
-        if constexpr (std::is_same_v<scalar_t, float>) {
-          v = x + m * K + c * 32;
-        } else {
-          for (int k = 0; k < 32; ++k) buf[k] = static_cast<float>(x[m * K + c * 32 + k]);
-          v = buf;
-        }
+        const float* v = chunk_f32(x, K, m, c, buf);
         int32_t lane_corr[4];
         float lane_scale[4];
         int8_t* dst = a + m * K + c * 32;
@@ -731,47 +730,44 @@ GemvInput prepare_input(const at::Tensor& x, int64_t M, int64_t K, int64_t block
   // The integer path where x allows it (AVX2 and wider: on a Zen 4 core it beats the AVX-512 BF16 dot
   // path on the same input) and plain E8M0 scales (fp_quant's multiplier makes decoded weights inexact
   // products).
-  if (isa >= kIsaAvx512 && multiplier == 1.0 && M > kPanelMinRows && tme_cpu::has_avx512_vnni()) {
-    in.int_storage.resize(M * K + M * nc * 8);  // v int8, then corrections and scales, 32-bit each
-    int8_t* a = reinterpret_cast<int8_t*>(in.int_storage.data());
-    int32_t* corr = reinterpret_cast<int32_t*>(a + M * K);
-    float* sc = reinterpret_cast<float*>(corr + M * nc);
+  // The integer paths' operand in in.int_storage: v (v_bytes int8), then corrections and scales (lanes
+  // 32-bit words each), filled by fill(x, v, corr, scale); released if x is not of the integer form.
+  auto integer_operand = [&](int64_t v_bytes, int64_t lanes, auto&& fill) {
+    in.int_storage.resize(v_bytes + lanes * 8);
+    int8_t* v = reinterpret_cast<int8_t*>(in.int_storage.data());
+    int32_t* corr = reinterpret_cast<int32_t*>(v + v_bytes);
+    float* sc = reinterpret_cast<float*>(corr + lanes);
     bool ok = false;
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x_t, "mxfp4_gemv_panels", [&] {
-      ok = panel_activations<scalar_t>(static_cast<const scalar_t*>(x_data), M, K, a, corr, sc);
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x_t, "mxfp4_gemv_int", [&] {
+      ok = fill(static_cast<const scalar_t*>(x_data), v, corr, sc);
     });
-    if (ok) {
-      g_integer_calls.fetch_add(1, std::memory_order_relaxed);
-      in.panels = true;
-      in.xi = a;
-      in.xcorr = corr;
-      in.xsc = sc;
-      return in;
+    if (!ok) {
+      in.int_storage = {};
+      return false;
     }
-    in.int_storage = {};
+    g_integer_calls.fetch_add(1, std::memory_order_relaxed);
+    in.xi = v;
+    in.xcorr = corr;
+    in.xsc = sc;
+    return true;
+  };
+  if (isa >= kIsaAvx512 && multiplier == 1.0 && M > kPanelMinRows && tme_cpu::has_avx512_vnni() &&
+      integer_operand(M * K, M * nc, [&](const auto* xs, int8_t* v, int32_t* corr, float* sc) {
+        return panel_activations(xs, M, K, v, corr, sc);
+      })) {
+    in.panels = true;
+    return in;
   }
   if (isa >= kIsaAvx2 && multiplier == 1.0) {
     const int G = isa >= kIsaAvx512 && has_vnni_vbmi() ? 4 : 2;  // chunks per step of the kernel
     const int64_t groups = (nc + G - 1) / G;
-    // one buffer: v [M, groups * 32G] int8, then corrections and scales [M, groups * 4G] 32-bit each
-    in.int_storage.resize(M * groups * (32 * G + 4 * G * 4 + 4 * G * 4));
-    int8_t* xi = reinterpret_cast<int8_t*>(in.int_storage.data());
-    int32_t* xcorr = reinterpret_cast<int32_t*>(xi + M * groups * 32 * G);
-    float* xsc = reinterpret_cast<float*>(xcorr + M * groups * 4 * G);
-    bool int_path = false;
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x_t, "mxfp4_gemv_int", [&] {
-      int_path = int_activations<scalar_t>(static_cast<const scalar_t*>(x_data), M, K, G, xi, xcorr, xsc);
-    });
-    if (int_path) {
-      g_integer_calls.fetch_add(1, std::memory_order_relaxed);
+    if (integer_operand(M * groups * 32 * G, M * groups * 4 * G, [&](const auto* xs, int8_t* v, int32_t* corr, float* sc) {
+          return int_activations(xs, M, K, G, v, corr, sc);
+        })) {
       in.P = groups;
       in.G = G;
-      in.xi = xi;
-      in.xcorr = xcorr;
-      in.xsc = xsc;
       return in;
     }
-    in.int_storage = {};
   }
   if (bf16_path) {
     // bf16 bits, per chunk pair: even(c), even(c+1), odd(c), odd(c+1); zeros for a missing c+1.

@@ -48,20 +48,16 @@ constexpr int64_t kChunkRows = 64;  // query rows of a head per parallel task (a
 #ifdef TME_X86_SIMD
 #define TME_PROMPT_TARGET "avx512f,avx512bw,avx512vl,avx512dq,fma"
 
-// exp(x) for x <= 0 (Cephes' expf, as decode_attention.cpp's AVX2 version): x = n ln2 + r, a degree-7
-// polynomial in r, 2^n through the exponent bits; x < -87 (masked keys at -inf included) gives 0.
+// exp(x) for x <= 0 (tme_cpu's Cephes expf, as decode_attention.cpp's AVX2 version); x < -87 (masked
+// keys at -inf included) gives 0.
 __attribute__((target(TME_PROMPT_TARGET))) inline __m512 exp_nonpositive_avx512(__m512 x) {
   const __mmask16 tiny = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.0f), _CMP_LT_OQ);
   x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-  __m512 y = _mm512_set1_ps(1.9875691500e-4f);
-  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.3981999507e-3f));
-  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(8.3334519073e-3f));
-  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(4.1665795894e-2f));
-  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.6666665459e-1f));
-  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(5.0000001201e-1f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(tme_cpu::kLog2e)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(tme_cpu::kLn2Hi), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(tme_cpu::kLn2Lo), r);
+  __m512 y = _mm512_set1_ps(tme_cpu::kExpPoly[0]);
+  for (int i = 1; i < 6; ++i) y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(tme_cpu::kExpPoly[i]));
   y = _mm512_fmadd_ps(y, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
   const __m512i pow2n = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
   return _mm512_maskz_mul_ps(static_cast<__mmask16>(~tiny), y, _mm512_castsi512_ps(pow2n));
