@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["ATEN_AVX512", "DISABLE_ENV", "VECTORIZED", "is_available", "known_unavailable"]
+__all__ = ["AMX", "ATEN_AVX512", "AVX512_VNNI", "DISABLE_ENV", "VECTORIZED", "is_available", "known_unavailable"]
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +45,18 @@ ATEN_AVX512 = torch.backends.cpu.get_cpu_capability() == "AVX512"
 # the paths they take). The decode-step kernels (int8 head, decode attention, the GEMV's integer path)
 # run where this holds: measured faster than ATen's on AVX2 (Zen 3) and AVX-512 (Zen 4) CPUs alike.
 VECTORIZED = torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
+
+
+def _cpu_has(feature: str) -> bool:
+    """torch's cpuinfo query ``torch.cpu._is_<feature>_supported()`` (private: False where it is missing)."""
+    query = getattr(torch.cpu, f"_is_{feature}_supported", None)
+    return bool(query()) if query is not None else False
+
+
+# AVX-512 VNNI (vpdpbusd) and AMX tiles in the CPU: the integer kernels' panel GEMM runs where the first
+# holds, and AMX CPUs keep oneDNN's bf16 GEMMs and attention for prompts. Read once at import.
+AVX512_VNNI = _cpu_has("vnni")
+AMX = _cpu_has("amx_tile")
 
 _lock = threading.Lock()
 _state: bool | None = None  # None: not tried yet

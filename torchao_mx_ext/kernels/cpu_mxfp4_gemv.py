@@ -62,7 +62,7 @@ MAX_ROWS_CACHED = 4
 # (cpu_mxfp4_quantize.fuses_into_gemv) take it at any row count, prompts included. AMX CPUs keep the
 # decode + bf16 GEMM (AMX tiles multiply bf16 several times faster). Read once at import: compiled
 # graphs see a constant.
-PANELS = cpu_extension.ATEN_AVX512 and torch.cpu._is_vnni_supported() and not torch.cpu._is_amx_tile_supported()
+PANELS = cpu_extension.ATEN_AVX512 and cpu_extension.AVX512_VNNI and not cpu_extension.AMX
 
 _SCHEMA = (
     "mxfp4_gemv(Tensor x, Tensor qdata, Tensor scale, int block_size, float multiplier, Tensor? bias=None, "

@@ -32,7 +32,7 @@ OP = "torchao_mx_ext::prompt_attention"
 MIN_QUERY_ROWS = 17
 # Where the kernel runs: ATen at AVX-512 (its capability also caps ours) on a CPU without AMX, where
 # oneDNN's bf16 attention GEMMs are fast (not measured against this kernel there).
-AVX512_WITHOUT_AMX = cpu_extension.ATEN_AVX512 and not torch.cpu._is_amx_tile_supported()
+AVX512_WITHOUT_AMX = cpu_extension.ATEN_AVX512 and not cpu_extension.AMX
 
 _lib = torch.library.Library("torchao_mx_ext", "FRAGMENT")
 _lib.define("prompt_attention(Tensor q, Tensor k, Tensor v, Tensor? mask, float scale, bool is_causal=False) -> Tensor")
