@@ -136,3 +136,34 @@ def test_bfloat16_w4a4_compiled_with_inductor_equals_eager(compile_fn):
     compiled = greedy_generate(model, prompt, 2, logits_to_keep=0)
     assert torch.equal(compiled["prefill_logits"], eager["prefill_logits"])
     assert torch.equal(compiled["tokens"], eager["tokens"])
+
+
+def test_compile_model_computes_the_rotary_embedding_once():
+    """transformers computes the rotary cos / sin once a forward; Inductor's default heuristics recompute
+    them inside every layer's kernels. compile_model stores them once (realize_opcount_threshold): in
+    the prompt graph, the kernels that evaluate cos run once in all, not once a layer. The logits stay
+    eager's, bit for bit (same attention implementation on both sides)."""
+    import re
+
+    from torch._inductor.utils import run_and_get_code
+
+    model, _ = load_model("stories260k", torch.bfloat16)
+    model.model.layers = model.model.layers[:3]
+    model.config.num_hidden_layers = 3
+    quantize_linears(model, tme.MXFP4BlockRotConfig())
+    eager = copy.deepcopy(model)
+    tme.regional_compile.register_packed_gqa_sdpa()
+    eager.set_attn_implementation(tme.PACKED_GQA_SDPA)
+    prompt = torch.randint(0, model.config.vocab_size, (1, 24), generator=torch.Generator().manual_seed(5))
+    torch._dynamo.reset()
+    tme.compile_model(model)
+    with torch.inference_mode(), torch._functorch.config.patch(enable_autograd_cache=False), torch._inductor.config.patch(fx_graph_cache=False):
+        logits, code = run_and_get_code(lambda: model(prompt, use_cache=False).logits)
+        expected = eager(prompt, use_cache=False).logits
+    code = "\n".join(code)
+    kernels = dict(re.findall(r"\n(cpp_fused\w*) = async_compile\.cpp_pybinding\(.*?r'''(.*?)'''", code, flags=re.S))
+    with_cos = [name for name, body in kernels.items() if re.search(r"\bcos\(|\.cos\(\)", body)]
+    body = code.split("def call(", 1)[1]
+    calls = sum(len(re.findall(rf"\b{name}\(", body)) for name in with_cos)
+    assert with_cos and calls == 1, (with_cos, calls)
+    assert torch.equal(logits, expected)
