@@ -599,7 +599,7 @@ bool int_activations(const scalar_t* x, int64_t M, int64_t K, int G, int8_t* xi,
 
 // More rows than this take the panel GEMM where the integer path runs on AVX-512 VNNI: the weight is
 // repacked once per call instead of decoded again for every 4 rows (mxfp4_panels.h). Measured on a Zen 4
-// core (benchmarks/w4a4_gemm_bench.py): about even with the 4-row tiles at 16 rows, 1.5-2.5x faster at 64.
+// core (benchmarks/w4a4_gemm_bench.py, SmolLM2 shapes): 0.65-1.37x the 4-row tiles at 16 rows, 1.3-1.9x at 64.
 constexpr int64_t kPanelMinRows = 16;
 
 // The panel GEMM's activation operand from x [M, K] (see int_activations: the same test and the same
