@@ -19,28 +19,19 @@ with ATen's to bf16 rounding (the tests check both against float64).
 
 import argparse
 import platform
-import statistics
-import time
+import sys
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from torchao_mx_ext.kernels import cpu_decode_attention, cpu_extension, cpu_prompt_attention
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from w4a4_gemm_bench import interleaved_median_ms  # noqa: E402
+
+from torchao_mx_ext.kernels import cpu_decode_attention, cpu_extension, cpu_prompt_attention  # noqa: E402
 
 HEADS, KV_HEADS, HEAD_DIM, SLACK = 9, 3, 64, 32
-
-
-def _median_ms(fns: dict, reps: int) -> dict:
-    for fn in fns.values():  # warm-up
-        fn()
-    times = {name: [] for name in fns}
-    for _ in range(reps):
-        for name, fn in fns.items():
-            t = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t)
-    return {name: 1e3 * statistics.median(t) for name, t in times.items()}
 
 
 def bench_prompt(lq: int, reps: int) -> dict:
@@ -55,7 +46,7 @@ def bench_prompt(lq: int, reps: int) -> dict:
                                                                attn_mask=mask, scale=scale)}
     if cpu_prompt_attention.applies(q, k, v, mask):
         fns["ours"] = lambda: cpu_prompt_attention.prompt_attention(q, k, v, mask, scale)
-    ms = _median_ms(fns, reps)
+    ms = interleaved_median_ms(fns, reps)
     row = {"case": "prompt", "query_rows": lq, "keys": L, "ms": ms}
     if "ours" in fns:
         ref = fns["aten_sdpa"]().float()
@@ -74,7 +65,7 @@ def bench_decode(L: int, reps: int) -> dict:
     fns = {"aten_sdpa": lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)}
     if cpu_decode_attention.applies(q, k, v, mask):
         fns["ours"] = lambda: cpu_decode_attention.decode_attention(q, k, v, mask, scale)
-    ms = _median_ms(fns, reps)
+    ms = interleaved_median_ms(fns, reps)
     row = {"case": "decode", "query_rows": HEADS // KV_HEADS, "keys": L, "ms": ms}
     if "ours" in fns:
         row["ours_speedup"] = ms["aten_sdpa"] / ms["ours"]

@@ -51,6 +51,18 @@ def _time(fn) -> float:
     return time.perf_counter() - t
 
 
+def interleaved_median_ms(fns: dict, reps: int) -> dict:
+    """Each callable's median time in ms: one warm-up call each, then ``reps`` rounds calling every one
+    in turn (interleaved: drift hits every variant alike)."""
+    for fn in fns.values():
+        fn()
+    times = {name: [] for name in fns}
+    for _ in range(reps):
+        for name, fn in fns.items():
+            times[name].append(_time(fn))
+    return {name: 1e3 * statistics.median(t) for name, t in times.items()}
+
+
 def _on_avx2(fn):
     def run():
         set_isa = torch.ops.torchao_mx_ext._mxfp4_mm_set_isa
@@ -84,13 +96,7 @@ def bench_shape(k: int, n: int, m: int, reps: int, isa: int) -> dict:
     fns["decode_gemm"] = lambda: F.linear(xg, cpu_mxfp4_dequantize.mxfp4_dequantize(wq, ws, 32, gemm_dtype)).bfloat16()
     if m <= cpu_mxfp4_gemv.MAX_ROWS:
         fns["gemv"] = lambda: cpu_mxfp4_gemv.mxfp4_gemv(xq, wq, ws, 32, "floor", out_dtype=torch.bfloat16)
-    for fn in fns.values():  # warm-up
-        fn()
-    times = {name: [] for name in fns}
-    for _ in range(reps):  # interleaved: drift hits every variant alike
-        for name, fn in fns.items():
-            times[name].append(_time(fn))
-    ms = {name: 1e3 * statistics.median(t) for name, t in times.items()}
+    ms = interleaved_median_ms(fns, reps)
     exact = F.linear(mxfp4_fake_quantize(x), mxfp4_dequantize(wq, ws)).double()
     got = cpu_mxfp4_mm.mxfp4_mm(aq, as_, wq, ws, 32).double()
     return {

@@ -135,6 +135,22 @@ void for_each_gemv_tile(int64_t M, int64_t N, int64_t grain, int64_t row_block, 
 constexpr float kLog2e = 1.44269504088896341f, kLn2Hi = 0.693359375f, kLn2Lo = -2.12194440e-4f;
 constexpr float kExpPoly[6] = {1.9875691500e-4f, 1.3981999507e-3f, 8.3334519073e-3f, 4.1665795894e-2f, 1.6666665459e-1f, 5.0000001201e-1f};
 
+// 8 bf16 values (their bits) as float32 lanes: exact, the bits shifted into float32's top half.
+__attribute__((target("avx2"))) inline __m256 bf16x8_to_f32(const uint16_t* p) {
+  const __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
+}
+
+// dst[i] = float(src[i]) for n bf16 values (their bits), 8 at a time.
+__attribute__((target("avx2"))) inline void widen_bf16(const uint16_t* src, float* dst, int64_t n) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(dst + i, bf16x8_to_f32(src + i));
+  for (; i < n; ++i) {
+    const uint32_t bits = static_cast<uint32_t>(src[i]) << 16;
+    __builtin_memcpy(dst + i, &bits, 4);
+  }
+}
+
 // The sum of a register's 8 float32 lanes (the kernels' AVX2 reductions).
 __attribute__((target("avx2"))) inline float hsum8(__m256 v) {
   __m128 h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));

@@ -144,8 +144,7 @@ __attribute__((target("avx2,fma"))) inline __m256 load8(const scalar_t* p) {
   if constexpr (std::is_same_v<scalar_t, float>) {
     return _mm256_loadu_ps(p);
   } else {
-    const __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-    return _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));  // bf16 -> float32 is a 16-bit shift
+    return tme_cpu::bf16x8_to_f32(reinterpret_cast<const uint16_t*>(p));
   }
 }
 

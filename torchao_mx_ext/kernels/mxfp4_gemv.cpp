@@ -655,21 +655,6 @@ constexpr int64_t kRowBlock = 16;  // weight rows visited by every tile of x row
 // by scheduler stalls.
 constexpr int64_t kGrainBytes = 64 * 1024;
 
-#ifdef TME_X86_SIMD
-// dst[i] = float(src[i]) for bf16 bits src (exact: the bits shifted into float32's top half).
-__attribute__((target("avx2"))) void widen_bf16_avx2(const uint16_t* src, float* dst, int64_t n) {
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8) {
-    const __m256i h = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i)));
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + i), _mm256_slli_epi32(h, 16));
-  }
-  for (; i < n; ++i) {
-    const uint32_t bits = static_cast<uint32_t>(src[i]) << 16;
-    std::memcpy(dst + i, &bits, 4);
-  }
-}
-#endif
-
 // The input operand of one or more GEMVs of width K, laid out for the path that runs (see Problem).
 // Scratch memory is plain heap vectors, not tensors: a decode step prepares a few hundred inputs, and
 // each at::empty / .to() is a dispatcher round trip (~0.5 ms a SmolLM2-135M step, profiled).
@@ -709,7 +694,7 @@ GemvInput prepare_input(const at::Tensor& x, int64_t M, int64_t K, int64_t block
       widened.resize(M * K);
 #ifdef TME_X86_SIMD
       if (xc.scalar_type() == at::kBFloat16 && isa >= kIsaAvx2) {  // prompts: 8 at a time (bf16 is float32's top half)
-        widen_bf16_avx2(static_cast<const uint16_t*>(xc.data_ptr()), widened.data(), M * K);
+        tme_cpu::widen_bf16(static_cast<const uint16_t*>(xc.data_ptr()), widened.data(), M * K);
       } else
 #endif
       AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, xc.scalar_type(), "mxfp4_gemv_widen", [&] {

@@ -268,7 +268,12 @@ at::Tensor prompt_attention(const at::Tensor& q, const at::Tensor& k, const at::
           for (int64_t l = 0; l < Lp; ++l)  // keys transposed, zeros past L (left out by every mask)
             for (int64_t d = 0; d < D; ++d) kt[d * Lp + l] = l < L ? static_cast<float>(kh[l * D + d]) : 0.0f;
         }
-        for (int64_t i = 0; i < Lp * Dv; ++i) vf[i] = i < L * Dv ? static_cast<float>(vh[i]) : 0.0f;
+        if constexpr (kBf16) {
+          tme_cpu::widen_bf16(reinterpret_cast<const uint16_t*>(vh), vf, L * Dv);
+        } else {
+          for (int64_t i = 0; i < L * Dv; ++i) vf[i] = static_cast<float>(vh[i]);
+        }
+        std::fill(vf + L * Dv, vf + Lp * Dv, 0.0f);  // values past L: zeros (their weights are 0 too)
       }
     });
     const int64_t chunks = (Lq + kChunkRows - 1) / kChunkRows;
@@ -282,7 +287,7 @@ at::Tensor prompt_attention(const at::Tensor& q, const at::Tensor& k, const at::
         const scalar_t* qh = qp + (bh * Lq + row0) * D;
         scalar_t* oh = op + (bh * Lq + row0) * Dv;
         auto run = [&](auto mask_rows) {
-          if (kBf16 && bf16_dot) {
+          if (bf16_dot) {
             if (Dv == 64) attend_head<kBf16, 4>(qh, kt, vf, mask_rows.data(), is_causal, sc, row0, rows, L, Lp, D, oh, qf);
             else attend_head<kBf16, 8>(qh, kt, vf, mask_rows.data(), is_causal, sc, row0, rows, L, Lp, D, oh, qf);
           } else if (Dv == 64) {
