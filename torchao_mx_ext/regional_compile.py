@@ -41,6 +41,7 @@ longer compile.
     tme.compile_model(model)                     # the same options, one graph for the whole step
 """
 
+import logging
 import types
 from typing import Optional
 
@@ -50,6 +51,8 @@ import torch.nn.functional as F
 from .architectures import decoder_layers
 from .gemv_grouping import GroupSharedInputGEMVs
 from .kernels import cpu_decode_attention, cpu_prompt_attention
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["PACKED_GQA_SDPA", "compile_decoder_layers", "compile_model", "packed_gqa_sdpa_attention", "register_packed_gqa_sdpa"]
 
@@ -187,6 +190,7 @@ def compile_model(
     skip_module_guards: bool = True,
     emulate_precision_casts: bool = True,
     freeze: bool = True,
+    fused_decode: bool = True,
     backend="inductor",
     fullgraph: bool = True,
     dynamic: Optional[bool] = False,
@@ -208,12 +212,39 @@ def compile_model(
     graph instead of inputs of every call (SmolLM2-135M W4A4: about 700 tensors, codes, scales and
     rotations, gathered and checked per step; measured 0.4-0.5 ms of a 14 ms decode step on one Zen 3
     core, ``docs/results.md``; no extra memory: the constants are the parameters' own tensors). The
-    weights must then not change after the first call. Needs the model's ``forward`` on its class (any
-    ``PreTrainedModel``)."""
+    weights must then not change after the first call. ``fused_decode``: where
+    :mod:`.decoder_step` applies (Llama-family layers of dense, MXFP4 or int8 linears, the C++ kernels
+    built), batch-1 decode steps over a static cache skip the graph and run as one C++ call
+    (:class:`~.decoder_step.FusedDecodeStep`: no guards, no per-operator wrapper; logits equal to bf16
+    rounding, not bit for bit); other calls run the compiled graph. Needs the model's ``forward`` on its
+    class (any ``PreTrainedModel``)."""
     if "forward" in vars(model):
         raise ValueError("compile_model: this model's forward is already replaced (compiled?); compile a fresh model")
     if freeze and backend == "inductor":
         compile_kwargs["options"] = {"freezing": True, **(compile_kwargs.get("options") or {})}
     options = _prepare(model, packed_gqa, skip_module_guards, emulate_precision_casts, backend, compile_kwargs)
     _compile_own_forward(model, f"{type(model).__name__}_forward", backend, fullgraph, dynamic, options, compile_kwargs)
+    if fused_decode:
+        _route_decode_steps(model)
     return model
+
+
+def _route_decode_steps(model: torch.nn.Module) -> None:
+    """Send the batch-1 decode steps :class:`~.decoder_step.FusedDecodeStep` takes to it, the rest to
+    the compiled forward (kept as ``model.forward``'s fallback). Logs where it does not apply."""
+    from .decoder_step import FusedDecodeStep, why_not
+
+    why = why_not(model)
+    if why is not None:
+        logger.info("compile_model: decode steps stay in the compiled graph (the fused C++ step does not apply: %s)", why)
+        return
+    step = FusedDecodeStep(model)
+    compiled = model.forward
+
+    def forward(self, input_ids=None, *args, cache=None, **kwargs):
+        if not args and step.accepts(input_ids, cache, kwargs):
+            return step(input_ids, cache)
+        return compiled(input_ids, *args, cache=cache, **kwargs)
+
+    model.forward = types.MethodType(forward, model)
+    model._tme_decode_step = step

@@ -29,8 +29,8 @@ __all__ = ["AMX", "ATEN_AVX512", "AVX512_VNNI", "DISABLE_ENV", "VECTORIZED", "is
 logger = logging.getLogger(__name__)
 
 _SOURCES = [Path(__file__).with_name(f) for f in ("mxfp4_gemv.cpp", "mxfp4_mm.cpp", "mxfp4_dequantize.cpp", "mxfp4_fake_quantize.cpp", "int8_gemv.cpp",
-                                                   "decode_attention.cpp", "prompt_attention.cpp")]
-_HEADERS = [Path(__file__).with_name(f) for f in ("cpu_isa.h", "mxfp4_codes.h", "mxfp4_fake_quantize.h", "mxfp4_panels.h")]
+                                                   "decode_attention.cpp", "prompt_attention.cpp", "decoder_step.cpp")]
+_HEADERS = [Path(__file__).with_name(f) for f in ("cpu_isa.h", "mxfp4_codes.h", "mxfp4_fake_quantize.h", "mxfp4_panels.h", "cpu_ops.h")]
 _EXTENSION_NAME = "torchao_mx_ext_cpu_kernels"
 # The ops with a CPU kernel in the library (one per source at least): it is loaded once all of them have one.
 _OPS = ("torchao_mx_ext::mxfp4_gemv", "torchao_mx_ext::mxfp4_gemv_group", "torchao_mx_ext::mxfp4_mm", "torchao_mx_ext::mxfp4_dequantize", "torchao_mx_ext::mxfp4_fake_quantize",

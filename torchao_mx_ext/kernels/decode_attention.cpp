@@ -38,6 +38,7 @@
 #include <vector>
 
 #include "cpu_isa.h"
+#include "cpu_ops.h"
 
 namespace {
 
@@ -95,36 +96,20 @@ float softmax_numerators_scalar(float* s, int64_t L, float mx) {
 }
 
 #ifdef TME_X86_SIMD
-// exp(x) for x <= 0 (scores minus their row maximum), Cephes' expf: x = n ln2 + r, |r| <= ln2 / 2,
-// exp(r) by a degree-7 polynomial (relative error about 2 float32 ulps), 2^n through the exponent
-// bits. x < -87 (weights below e^-87 of the row's largest, including masked-out keys at -inf) gives 0.
-__attribute__((target("avx2,fma"))) inline __m256 exp_nonpositive_avx2(__m256 x) {
-  const __m256 tiny = _mm256_cmp_ps(x, _mm256_set1_ps(-87.0f), _CMP_LT_OQ);  // also true for -inf, false for NaN
-  x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));
-  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(tme_cpu::kLog2e)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(tme_cpu::kLn2Hi), x);
-  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(tme_cpu::kLn2Lo), r);
-  __m256 y = _mm256_set1_ps(tme_cpu::kExpPoly[0]);
-  for (int i = 1; i < 6; ++i) y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(tme_cpu::kExpPoly[i]));
-  y = _mm256_fmadd_ps(y, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
-  const __m256i pow2n = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-  return _mm256_andnot_ps(tiny, _mm256_mul_ps(y, _mm256_castsi256_ps(pow2n)));
-}
-
 // s[l] <- exp(s[l] - mx) for a row; returns their sum.
 __attribute__((target("avx2,fma"))) float softmax_numerators_avx2(float* s, int64_t L, float mx) {
   const __m256 m = _mm256_set1_ps(mx);
   __m256 acc = _mm256_setzero_ps();
   int64_t l = 0;
   for (; l + 8 <= L; l += 8) {
-    const __m256 p = exp_nonpositive_avx2(_mm256_sub_ps(_mm256_loadu_ps(s + l), m));
+    const __m256 p = tme_cpu::exp_nonpositive_avx2(_mm256_sub_ps(_mm256_loadu_ps(s + l), m));
     _mm256_storeu_ps(s + l, p);
     acc = _mm256_add_ps(acc, p);
   }
   if (l < L) {  // the tail through a padded buffer (-inf lanes give 0)
     alignas(32) float t[8];
     for (int j = 0; j < 8; ++j) t[j] = l + j < L ? s[l + j] : -std::numeric_limits<float>::infinity();
-    const __m256 p = exp_nonpositive_avx2(_mm256_sub_ps(_mm256_load_ps(t), m));
+    const __m256 p = tme_cpu::exp_nonpositive_avx2(_mm256_sub_ps(_mm256_load_ps(t), m));
     _mm256_store_ps(t, p);
     for (int64_t j = 0; l + j < L; ++j) s[l + j] = t[j];
     acc = _mm256_add_ps(acc, p);
@@ -426,6 +411,38 @@ int64_t decode_attention_set_isa(int64_t isa) {
 }
 
 }  // namespace
+
+namespace tme_ops {
+
+void decode_attention_prefix_into(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t length, double scale,
+                                  at::Tensor& out) {
+  TORCH_CHECK(q.dim() == 3 && k.dim() == 3 && v.dim() == 3, "decode_attention_prefix: q [H, Lq, D], k and v [H, L, D] expected");
+  TORCH_CHECK(q.is_contiguous() && k.is_contiguous() && v.is_contiguous() && out.is_contiguous(), "decode_attention_prefix: contiguous tensors expected");
+  TORCH_CHECK(q.scalar_type() == k.scalar_type() && q.scalar_type() == v.scalar_type() && q.scalar_type() == out.scalar_type(),
+              "decode_attention_prefix: q, k, v and out differ in dtype");
+  const int64_t H = q.size(0), Lq = q.size(1), D = q.size(2), L = k.size(1), Dv = v.size(2);
+  TORCH_CHECK(k.size(0) == H && v.size(0) == H && k.size(2) == D && v.size(1) == L, "decode_attention_prefix: q ", q.sizes(), ", k ",
+              k.sizes(), " and v ", v.sizes(), " do not match");
+  TORCH_CHECK(length >= 1 && length <= L, "decode_attention_prefix: ", length, " keys asked of a cache of ", L);
+  TORCH_CHECK(out.numel() == H * Lq * Dv, "decode_attention_prefix: out has ", out.numel(), " elements, expected ", H * Lq * Dv);
+  const int isa = current_isa();
+  const float sc = static_cast<float>(scale);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "decode_attention_prefix", [&] {
+    const scalar_t* qp = q.data_ptr<scalar_t>();
+    const scalar_t* kp = k.data_ptr<scalar_t>();
+    const scalar_t* vp = v.data_ptr<scalar_t>();
+    scalar_t* op = out.data_ptr<scalar_t>();
+    at::parallel_for(0, H, 1, [&](int64_t h0, int64_t h1) {
+      std::vector<float> work;
+      std::vector<const bool*> rows(Lq, nullptr);
+      for (int64_t h = h0; h < h1; ++h)
+        attend<scalar_t, bool>(isa, qp + h * Lq * D, kp + h * L * D, vp + h * L * Dv, rows.data(), sc, Lq, length, D, Dv,
+                               op + h * Lq * Dv, work);
+    });
+  });
+}
+
+}  // namespace tme_ops
 
 TORCH_LIBRARY_FRAGMENT(torchao_mx_ext, m) { m.def("_decode_attention_set_isa(int isa) -> int", &decode_attention_set_isa); }
 

@@ -28,6 +28,7 @@
 #include <vector>
 
 #include "cpu_isa.h"
+#include "cpu_ops.h"
 
 namespace {
 
@@ -147,6 +148,16 @@ void rows(int isa, const Problem& p, int64_t m0, int64_t n0, int64_t n1) {
 constexpr int64_t kRowBlock = 16;     // weight rows every x row tile visits while they are in L1
 constexpr int64_t kGrainBytes = 64 * 1024;  // weight bytes per parallel task: small GEMVs stay on one thread
 
+// Test hook: force a narrower code path (0 scalar, 1 AVX2; -1 = best available). Returns the path now in use.
+int64_t int8_gemv_set_isa(int64_t isa) {
+  g_isa_override.store(static_cast<int>(isa));
+  return current_isa();
+}
+
+}  // namespace
+
+namespace tme_ops {
+
 at::Tensor int8_gemv(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
                      const c10::optional<at::Tensor>& bias, c10::optional<at::ScalarType> out_dtype) {
   TORCH_CHECK(x.device().is_cpu() && qweight.device().is_cpu() && scales.device().is_cpu(), "int8_gemv: CPU tensors expected");
@@ -183,14 +194,8 @@ at::Tensor int8_gemv(const at::Tensor& x, const at::Tensor& qweight, const at::T
   return out;
 }
 
-// Test hook: force a narrower code path (0 scalar, 1 AVX2; -1 = best available). Returns the path now in use.
-int64_t int8_gemv_set_isa(int64_t isa) {
-  g_isa_override.store(static_cast<int>(isa));
-  return current_isa();
-}
-
-}  // namespace
+}  // namespace tme_ops
 
 TORCH_LIBRARY_FRAGMENT(torchao_mx_ext, m) { m.def("_int8_gemv_set_isa(int isa) -> int", &int8_gemv_set_isa); }
 
-TORCH_LIBRARY_IMPL(torchao_mx_ext, CPU, m) { m.impl("int8_gemv", &int8_gemv); }
+TORCH_LIBRARY_IMPL(torchao_mx_ext, CPU, m) { m.impl("int8_gemv", &tme_ops::int8_gemv); }

@@ -57,6 +57,7 @@
 #include <vector>
 
 #include "cpu_isa.h"
+#include "cpu_ops.h"
 #include "mxfp4_codes.h"
 #include "mxfp4_fake_quantize.h"
 #include "mxfp4_panels.h"
@@ -859,6 +860,30 @@ std::vector<int64_t> out_shape_of(const at::Tensor& x, int64_t N) {
   return shape;
 }
 
+// Whether two optional rotation blocks are the same matrix (the same tensor, or equal bits).
+bool same_rotation(const c10::optional<at::Tensor>& a, const c10::optional<at::Tensor>& b) {
+  if (a.has_value() != b.has_value()) return false;
+  if (!a.has_value() || a->is_same(*b)) return true;
+  if (a->sizes() != b->sizes() || a->scalar_type() != b->scalar_type()) return false;
+  const auto ac = a->contiguous(), bc = b->contiguous();
+  return std::memcmp(ac.data_ptr(), bc.data_ptr(), ac.numel() * ac.element_size()) == 0;
+}
+
+// Test hook: force a narrower code path (0 scalar, 1 AVX2, 2 AVX-512, 3 AVX-512 BF16 for bf16 x;
+// -1 = best available).
+// Returns the path now in use.
+int64_t mxfp4_gemv_set_isa(int64_t isa) {
+  g_isa_override.store(static_cast<int>(isa));
+  return current_isa();
+}
+
+// Test hook: how many calls so far took the integer path.
+int64_t mxfp4_gemv_integer_calls() { return g_integer_calls.load(); }
+
+}  // namespace
+
+namespace tme_ops {
+
 at::Tensor mxfp4_gemv(const at::Tensor& x, const at::Tensor& qdata, const at::Tensor& scale, int64_t block_size,
                       double multiplier, const c10::optional<at::Tensor>& bias,
                       c10::optional<at::ScalarType> out_dtype, const c10::optional<at::Tensor>& rotation,
@@ -876,34 +901,20 @@ at::Tensor mxfp4_gemv(const at::Tensor& x, const at::Tensor& qdata, const at::Te
   return out;
 }
 
-// Whether two optional rotation blocks are the same matrix (the same tensor, or equal bits).
-bool same_rotation(const c10::optional<at::Tensor>& a, const c10::optional<at::Tensor>& b) {
-  if (a.has_value() != b.has_value()) return false;
-  if (!a.has_value() || a->is_same(*b)) return true;
-  if (a->sizes() != b->sizes() || a->scalar_type() != b->scalar_type()) return false;
-  const auto ac = a->contiguous(), bc = b->contiguous();
-  return std::memcmp(ac.data_ptr(), bc.data_ptr(), ac.numel() * ac.element_size()) == 0;
-}
-
-// Several weights against one input (q/k/v, gate/up): mxfp4_gemv for each, in one call, with the input
-// prepared (transformed, laid out) once per distinct rotation. Same results as separate calls.
-std::vector<at::Tensor> mxfp4_gemv_group(const at::Tensor& x, at::TensorList qdata, at::TensorList scale, int64_t block_size,
-                                         double multiplier, const c10::List<c10::optional<at::Tensor>>& bias,
-                                         c10::optional<at::ScalarType> out_dtype,
-                                         const c10::List<c10::optional<at::Tensor>>& rotation,
-                                         c10::optional<c10::string_view> act_scale_rule) {
+void mxfp4_gemv_group_into(const at::Tensor& x, at::TensorList qdata, at::TensorList scale, int64_t block_size, double multiplier,
+                           const c10::List<c10::optional<at::Tensor>>& bias, const c10::List<c10::optional<at::Tensor>>& rotation,
+                           c10::optional<c10::string_view> act_scale_rule, at::TensorList outs) {
   const size_t n = qdata.size();
-  TORCH_CHECK(n > 0 && scale.size() == n && bias.size() == n && rotation.size() == n,
+  TORCH_CHECK(n > 0 && scale.size() == n && bias.size() == n && rotation.size() == n && outs.size() == n,
               "mxfp4_gemv_group: qdata, scale, bias and rotation must be lists of the same, nonzero length");
-  const at::ScalarType out_t = out_dtype.value_or(x.scalar_type());
-  check_input("mxfp4_gemv_group", x, block_size, out_t);
-  std::vector<at::Tensor> outs;
   for (size_t i = 0; i < n; ++i) {
     const int64_t N = check_weight("mxfp4_gemv_group", x, qdata[i], scale[i], block_size, bias.get(i));
-    outs.push_back(at::empty(out_shape_of(x, N), x.options().dtype(out_t)));
+    TORCH_CHECK(outs[i].numel() == x.numel() / x.size(-1) * N && outs[i].is_contiguous(), "mxfp4_gemv_group: output ", i,
+                " does not match x and the weight");
+    check_input("mxfp4_gemv_group", x, block_size, outs[i].scalar_type());
   }
   const int64_t K = x.size(-1), M = x.numel() / K;
-  if (M == 0) return outs;
+  if (M == 0) return;
   const int isa = current_isa();
   float tab_storage[256];
   const float* tab = scale_table(multiplier, tab_storage);
@@ -917,23 +928,31 @@ std::vector<at::Tensor> mxfp4_gemv_group(const at::Tensor& x, at::TensorList qda
       prepared.emplace_back(rot, prepare_input(x, M, K, block_size, multiplier, isa, rot.has_value() ? &*rot : nullptr, act_scale_rule));
       in = &prepared.back().second;
     }
-    if (outs[i].numel() > 0) run_gemv(*in, isa, qdata[i], scale[i], block_size, tab, bias.get(i), outs[i]);
+    at::Tensor out = outs[i];
+    if (out.numel() > 0) run_gemv(*in, isa, qdata[i], scale[i], block_size, tab, bias.get(i), out);
   }
+}
+
+// Several weights against one input (q/k/v, gate/up): mxfp4_gemv for each, in one call, with the input
+// prepared (transformed, laid out) once per distinct rotation. Same results as separate calls.
+std::vector<at::Tensor> mxfp4_gemv_group(const at::Tensor& x, at::TensorList qdata, at::TensorList scale, int64_t block_size,
+                                         double multiplier, const c10::List<c10::optional<at::Tensor>>& bias,
+                                         c10::optional<at::ScalarType> out_dtype,
+                                         const c10::List<c10::optional<at::Tensor>>& rotation,
+                                         c10::optional<c10::string_view> act_scale_rule) {
+  TORCH_CHECK(!qdata.empty() && scale.size() == qdata.size(), "mxfp4_gemv_group: qdata, scale, bias and rotation must be lists of the same, nonzero length");
+  const at::ScalarType out_t = out_dtype.value_or(x.scalar_type());
+  check_input("mxfp4_gemv_group", x, block_size, out_t);
+  std::vector<at::Tensor> outs;
+  for (size_t i = 0; i < qdata.size(); ++i) {
+    TORCH_CHECK(qdata[i].dim() == 2, "mxfp4_gemv_group: qdata must be a 2-D uint8 tensor");
+    outs.push_back(at::empty(out_shape_of(x, qdata[i].size(0)), x.options().dtype(out_t)));
+  }
+  mxfp4_gemv_group_into(x, qdata, scale, block_size, multiplier, bias, rotation, act_scale_rule, outs);
   return outs;
 }
 
-// Test hook: force a narrower code path (0 scalar, 1 AVX2, 2 AVX-512, 3 AVX-512 BF16 for bf16 x;
-// -1 = best available).
-// Returns the path now in use.
-int64_t mxfp4_gemv_set_isa(int64_t isa) {
-  g_isa_override.store(static_cast<int>(isa));
-  return current_isa();
-}
-
-// Test hook: how many calls so far took the integer path.
-int64_t mxfp4_gemv_integer_calls() { return g_integer_calls.load(); }
-
-}  // namespace
+}  // namespace tme_ops
 
 TORCH_LIBRARY_FRAGMENT(torchao_mx_ext, m) {
   m.def("_mxfp4_gemv_set_isa(int isa) -> int", &mxfp4_gemv_set_isa);
@@ -941,6 +960,6 @@ TORCH_LIBRARY_FRAGMENT(torchao_mx_ext, m) {
 }
 
 TORCH_LIBRARY_IMPL(torchao_mx_ext, CPU, m) {
-  m.impl("mxfp4_gemv", &mxfp4_gemv);
-  m.impl("mxfp4_gemv_group", &mxfp4_gemv_group);
+  m.impl("mxfp4_gemv", &tme_ops::mxfp4_gemv);
+  m.impl("mxfp4_gemv_group", &tme_ops::mxfp4_gemv_group);
 }
