@@ -11,7 +11,9 @@ bf16 only, eager: it does not compile on CPU); ours (``MXFP4BlockRotConfig``, bl
 model) W4A4 (``ours_w4a4*``) and weight-only (``ours_wo*``), eager, compiled, and compiled with
 ``cache_dequantized_weights``. Every linear but ``lm_head`` is quantized; the ``*_int8_head`` and
 ``*_mxfp4_head`` rows also quantize ``lm_head`` (``tme.quantize_output_head``: untied from the embedding,
-weight-only int8 with per-row scales, or RTN MXFP4). Ours runs with
+weight-only int8 with per-row scales, or RTN MXFP4). Compiled rows take their batch-1 decode steps as
+one C++ call (``torchao_mx_ext/decoder_step.py``, on by default in both compile entry points); the
+``*_graph`` rows are their namesakes with those steps in the compiled graph instead. Ours runs with
 ``share_input_quantization`` (q/k/v and gate/up rotate and quantize their common input once; exact,
 see ``torchao_mx_ext/shared_quant.py``); ``--no-share`` turns it off.
 
@@ -81,6 +83,8 @@ VARIANTS = (
     "ours_wo_compiled_cached",
     "ours_w4a4_compiled_int8_head",
     "ours_wo_compiled_int8_head",
+    "ours_w4a4_compiled_int8_head_graph",
+    "ours_wo_compiled_int8_head_graph",
     "ours_wo_compiled_mxfp4_head",
     "llama.cpp_bf16",
     "llama.cpp_q4_0",
@@ -181,6 +185,8 @@ def _quantizable(module, fqn) -> bool:
 
 def build(variant: str, args):
     """(model ready to call, notes) for one row."""
+    graph_decode = variant.endswith("_graph")  # compiled rows: decode steps in the graph, not the fused C++ step
+    variant = variant.removesuffix("_graph")
     import torch
     from torchao.quantization import quantize_
 
@@ -224,12 +230,13 @@ def build(variant: str, args):
         notes["compile"] = args.compile
         if args.compile == "model":
             # One graph per shape, its own Dynamo cache, module guards skipped, GQA-packed decode attention.
-            tme.compile_model(model, backend=args.backend)
+            tme.compile_model(model, backend=args.backend, fused_decode=not graph_decode)
             notes["attn_implementation"] = model.config._attn_implementation
         else:
             # Each layer in its own Dynamo cache, module guards skipped, GQA-packed decode attention.
-            tme.compile_decoder_layers(model, backend=args.backend)
+            tme.compile_decoder_layers(model, backend=args.backend, fused_decode=not graph_decode)
             notes["attn_implementation"] = model.config._attn_implementation
+        notes["decode_step"] = "fused C++ step" if hasattr(model, "_tme_decode_step") else "compiled graph"
     return model, notes
 
 

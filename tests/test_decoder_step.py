@@ -1,7 +1,7 @@
 """FusedDecodeStep (the one-call C++ decode step): the eager model is the reference. Its logits, its
 greedy tokens and the keys / values it writes to the static cache match the eager model's step by step
-(attention as PACKED_GQA_SDPA, whose float32 softmax the engine's kernel shares) for Llama and Qwen2
-layers with dense, W4A4, weight-only, shared-input and int8/MXFP4-head linears; compile_model routes
+(attention as PACKED_GQA_SDPA, whose float32 softmax the engine's kernel shares) for Llama, Qwen2 and
+Qwen3 layers with dense, W4A4, weight-only, shared-input and int8/MXFP4-head linears; compile_model routes
 batch-1 steps to it and everything else to the graph; what it does not take is refused with a reason."""
 
 import copy
@@ -44,7 +44,7 @@ def relative_error(a, b):
     return ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2"])
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])
 @pytest.mark.parametrize("setup", ["dense", "w4a4", "weight_only", "w4a4_shared_int8_head", "weight_only_mxfp4_head"])
 def test_steps_match_the_eager_model(family, setup):
     model = small_model(family, setup)
@@ -150,7 +150,7 @@ def test_bad_inputs_raise_clear_errors():
 
 @pytest.mark.parametrize(
     "family, reason",
-    [("qwen3", "Qwen3DecoderLayer"), ("phi3", "Phi3DecoderLayer"), ("gemma", "not a plain nn.Embedding")],
+    [("phi3", "Phi3DecoderLayer"), ("gemma", "not a plain nn.Embedding")],
 )
 def test_other_layouts_are_refused_with_the_reason(family, reason):
     model = small_model(family, "w4a4")

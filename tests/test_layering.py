@@ -4,7 +4,7 @@ no module imports a higher layer, and no two modules import each other, directly
     L0 mx/, rotation/, architectures.py, paths.py, atomic.py, registration.py   format math, structure, files, bootstrap
     L1 kernels/
     L2 tensors/
-    L3 configs.py, inference.py, shared_quant.py, regional_compile.py, gemv_grouping.py
+    L3 configs.py, inference.py, shared_quant.py, regional_compile.py, gemv_grouping.py, decoder_step.py
     L4 calibration/, moe/
     L5 hf/, eval/, export/
     L6 recipes.py, zoo.py, cli.py, experiments/, the package root
@@ -20,7 +20,7 @@ LAYERS = {
     "mx": 0, "rotation": 0, "architectures": 0, "paths": 0, "registration": 0, "atomic": 0, "lazy": 0,
     "kernels": 1,
     "tensors": 2,
-    "configs": 3, "inference": 3, "shared_quant": 3, "regional_compile": 3, "gemv_grouping": 3,
+    "configs": 3, "inference": 3, "shared_quant": 3, "regional_compile": 3, "gemv_grouping": 3, "decoder_step": 3,
     "calibration": 4, "moe": 4,
     "hf": 5, "eval": 5, "export": 5,
     "recipes": 6, "zoo": 6, "cli": 6, "experiments": 6, "": 6,

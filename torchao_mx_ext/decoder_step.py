@@ -12,7 +12,8 @@ attention the decode-attention kernel over the static cache's prefix, and norms,
 residual adds are small loops that round to the model dtype where eager PyTorch does.
 
 It applies to decoders whose layers are transformers' ``LlamaDecoderLayer`` layout (Llama, Mistral,
-Qwen2: RMSNorm, rotary attention with grouped key/value heads, SiLU-gated MLP; q/k/v biases allowed)
+Qwen2, Qwen3: RMSNorm, rotary attention with grouped key/value heads, Qwen3's per-head q/k norms,
+SiLU-gated MLP; q/k/v biases allowed)
 with each linear dense, MXFP4 (:class:`~.tensors.RotatedMXFP4Tensor`; W4A4 where its input transform
 fuses into the GEMV, or weight-only) or int8 (:class:`~.inference.Int8WeightOnlyLinear`), including
 after :func:`~.shared_quant.share_input_quantization` (the members' per-linear weights are used:
@@ -37,35 +38,34 @@ import torch
 
 from .kernels import cpu_extension, cpu_mxfp4_quantize
 from .mx.e8m0 import element_multiplier
+from .shared_quant import per_linear_weights
 from .tensors import RotatedMXFP4Tensor
 
 __all__ = ["FusedDecodeStep", "SUPPORTED_LAYERS", "why_not"]
 
 logger = logging.getLogger(__name__)
 
-# Decoder layers with LlamaDecoderLayer's forward (pre-norm attention and SiLU-gated MLP, residual adds).
-SUPPORTED_LAYERS = ("LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2DecoderLayer")
+# Decoder layers with LlamaDecoderLayer's forward (pre-norm attention and SiLU-gated MLP, residual adds);
+# Qwen3's adds an RMSNorm over each query and key head before RoPE.
+SUPPORTED_LAYERS = ("LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2DecoderLayer", "Qwen3DecoderLayer")
 
 
-def _linear_kind(module: torch.nn.Module, dtype: torch.dtype, shared_parent=None) -> tuple[Optional[str], Optional[tuple]]:
+def _linear_kind(module: torch.nn.Module, dtype: torch.dtype, weight=None) -> tuple[Optional[str], Optional[tuple]]:
     """(why not, None) or (None, spec) for one linear: ``("dense", w, b)``, ``("int8", q, s, b)`` or
-    ``("mxfp4", qdata, scale, bias, rotation, block_size, multiplier, act_rule)``."""
+    ``("mxfp4", qdata, scale, bias, rotation, block_size, multiplier, act_rule)``. ``weight``: the
+    per-linear weight of a shared group's member (in place of ``module.weight``)."""
     from .inference import Int8WeightOnlyLinear
 
     if isinstance(module, Int8WeightOnlyLinear):
         return None, ("int8", module.qweight, module.scales, module.bias)
     if not isinstance(module, torch.nn.Linear):
         return f"{type(module).__name__} is not a linear", None
-    w = module.weight
+    w = module.weight if weight is None else weight
     bias = module.bias
     if not isinstance(w, RotatedMXFP4Tensor):
         if type(w) not in (torch.Tensor, torch.nn.Parameter) or w.dtype != dtype:
             return f"a {type(w).__name__} {w.dtype} weight", None
         return None, ("dense", w.detach(), None if bias is None else bias.detach())
-    if shared_parent is not None:
-        from .shared_quant import _META, _per_linear_weight
-
-        w = _per_linear_weight(shared_parent, getattr(shared_parent, _META), w)
     if w.qdata.dim() != 2 or w.dequantized is not None or w.kernel_preference == "emulated" or w.block_size % 32:
         return "an MXFP4 weight with a dense cache, the emulated preference or blocks not a multiple of 32", None
     if "fp_quant" in (w.scale_rule, w.act_scale_rule) or w.in_features != w.padded_in_features:
@@ -110,25 +110,29 @@ def _layers_spec(model) -> tuple[Optional[str], Optional[dict]]:
         if type(layer).__name__ not in SUPPORTED_LAYERS:
             return f"layer {i} is a {type(layer).__name__} ({', '.join(SUPPORTED_LAYERS)} only)", None
         attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
-        if attn is None or mlp is None or any(getattr(attn, n, None) is not None for n in ("q_norm", "k_norm")):
-            return f"layer {i}: an attention with q/k norms or no self_attn / mlp", None
+        if attn is None or mlp is None:
+            return f"layer {i}: no self_attn / mlp", None
+        qk_norms = [_rms_norm(getattr(attn, n, None)) for n in ("q_norm", "k_norm")]
+        if (getattr(attn, "q_norm", None) is None) != (getattr(attn, "k_norm", None) is None) or (
+            getattr(attn, "q_norm", None) is not None and (None in qk_norms or qk_norms[0][1] != qk_norms[1][1])
+        ):
+            return f"layer {i}: q/k norms that are not a pair of RMSNorms", None
+        qk_norms = qk_norms if qk_norms[0] is not None else None
         norms = [_rms_norm(getattr(layer, n, None)) for n in ("input_layernorm", "post_attention_layernorm")]
         if None in norms:
             return f"layer {i}: its norms are not RMSNorms", None
         specs = {}
         for parent, names in ((attn, ("q_proj", "k_proj", "v_proj", "o_proj")), (mlp, ("gate_proj", "up_proj", "down_proj"))):
-            from .shared_quant import _META
-
-            shared = getattr(parent, _META, None)
+            shared = per_linear_weights(parent) or {}
             for n in names:
                 module = getattr(parent, n, None)
                 if module is None:
                     return f"layer {i}: no {n}", None
-                why, spec = _linear_kind(module, dtype, parent if shared is not None and n in shared.members else None)
+                why, spec = _linear_kind(module, dtype, shared.get(n))
                 if why is not None:
                     return f"layer {i}.{n}: {why}", None
                 specs[n] = spec
-        layers.append({"norms": norms, "linears": specs, "scaling": float(attn.scaling)})
+        layers.append({"norms": norms, "qk_norms": qk_norms, "linears": specs, "scaling": float(attn.scaling)})
     norm = _rms_norm(inner.norm)
     head = getattr(model, "lm_head", None)
     if norm is None or head is None:
@@ -176,8 +180,9 @@ class FusedDecodeStep:
         for layer in spec["layers"]:
             ids = {n: self._add(s) for n, s in layer["linears"].items()}
             (in_w, in_eps), (post_w, post_eps) = layer["norms"]
+            (q_norm, qk_eps), (k_norm, _) = layer["qk_norms"] or ((None, 1e-6), (None, 1e-6))
             self.engine.add_layer(in_w, in_eps, post_w, post_eps, [ids["q_proj"], ids["k_proj"], ids["v_proj"]], ids["o_proj"],
-                                  [ids["gate_proj"], ids["up_proj"]], ids["down_proj"])
+                                  [ids["gate_proj"], ids["up_proj"]], ids["down_proj"], q_norm, k_norm, qk_eps)
         norm_w, norm_eps = spec["norm"]
         self.engine.set_head(norm_w, norm_eps, self._add(spec["head"]))
         self._cache = None

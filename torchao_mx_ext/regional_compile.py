@@ -159,6 +159,7 @@ def compile_decoder_layers(
     packed_gqa: bool = True,
     skip_module_guards: bool = True,
     emulate_precision_casts: bool = True,
+    fused_decode: bool = True,
     backend="inductor",
     fullgraph: bool = True,
     dynamic: Optional[bool] = False,
@@ -175,11 +176,14 @@ def compile_decoder_layers(
     fused intermediates to bfloat16/float16 where eager code does: activation quantization is
     discontinuous, and without it a bfloat16 W4A4 model's compiled logits differ from eager by whole
     FP4 steps (with it they are identical: ``tests/test_regional_compile.py``). Embedding,
-    mask construction and LM head stay eager.
+    mask construction and LM head stay eager. ``fused_decode``: batch-1 decode steps run as one C++
+    call where :mod:`.decoder_step` applies, as in :func:`compile_model`.
     """
     options = _prepare(model, packed_gqa, skip_module_guards, emulate_precision_casts, backend, compile_kwargs)
     for i, layer in enumerate(decoder_layers(model, "compile_decoder_layers")):
         _compile_own_forward(layer, f"decoder_layer_{i}", backend, fullgraph, dynamic, options, compile_kwargs)
+    if fused_decode:
+        _route_decode_steps(model)
     return model
 
 

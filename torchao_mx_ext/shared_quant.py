@@ -44,7 +44,7 @@ from .tensors import RotatedMXFP4Tensor
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["DEFAULT_GROUPS", "REQUANTIZE_EXACT", "per_linear_state_dict", "share_input_quantization", "shared_groups", "unshare_input_quantization"]
+__all__ = ["DEFAULT_GROUPS", "REQUANTIZE_EXACT", "per_linear_state_dict", "per_linear_weights", "share_input_quantization", "shared_groups", "unshare_input_quantization"]
 
 # Activation scale rules for which quantizing an MXFP4 tensor again returns the same values.
 REQUANTIZE_EXACT = ("floor", "even", "rceil", "mse")
@@ -194,6 +194,15 @@ def _per_linear_weight(parent: torch.nn.Module, meta: _SharedInput, w: RotatedMX
         w.qdata, w.scale, w.block_size, w.scale_rule, meta.act_scale_rule, meta.in_features, w.dtype, rotation, w.dequantized,
         w.kernel_preference,
     )
+
+
+def per_linear_weights(parent: torch.nn.Module) -> Optional[Dict[str, RotatedMXFP4Tensor]]:
+    """The weights the members of ``parent``'s shared group had before sharing (each rotating and
+    quantizing its own input: the same numbers), by member name; ``None`` where ``parent`` shares none."""
+    meta = getattr(parent, _META, None)
+    if meta is None:
+        return None
+    return {name: _per_linear_weight(parent, meta, getattr(parent, name).weight) for name in meta.members}
 
 
 def per_linear_state_dict(model: torch.nn.Module) -> Dict[str, torch.Tensor]:

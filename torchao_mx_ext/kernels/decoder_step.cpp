@@ -2,11 +2,13 @@
 //
 // For a token t at position p (the static KV cache's length), with x_0 = E[t]:
 //   per layer:  h = RMSNorm(x) ; q, k, v = h Wq, h Wk, h Wv ; q, k = RoPE_p(q), RoPE_p(k)
+//               (Qwen3: q, k = RoPE_p(RMSNorm_head(q)), RoPE_p(RMSNorm_head(k)), per head)
 //               K[:, p] = k ; V[:, p] = v ; a = softmax(scale q K[:, :p+1]^T) V[:, :p+1] (grouped heads)
 //               x = x + a Wo ; h = RMSNorm(x) ; x = x + (silu(h Wg) * (h Wu)) Wd
 //   logits = RMSNorm(x) W_head
 // with every layer's cache length then advanced by one: transformers' LlamaDecoderLayer / LlamaModel
-// (Mistral and Qwen2 are the same layer; Qwen2's q/k/v biases are linear biases) over a StaticCache.
+// (Mistral and Qwen2 are the same layer, Qwen2's q/k/v biases are linear biases; Qwen3 adds the
+// per-head q/k norms) over a StaticCache.
 //
 // Why: a compiled decode step of a small model (SmolLM2-135M) makes a few hundred operator calls
 // through Dynamo's guards and Inductor's Python wrapper, a third of the step on a Zen 4 core, where
@@ -76,6 +78,8 @@ struct Layer {
   double in_eps = 1e-6, post_eps = 1e-6;
   Group qkv, o, gate_up, down;
   at::Tensor q_packed;  // q's output viewed as [H_kv, g, D]: the query heads of each key/value head
+  c10::optional<at::Tensor> q_norm, k_norm;  // Qwen3: RMSNorm weights [D] over each head before RoPE
+  double qk_eps = 1e-6;
   at::Tensor k_cache, v_cache, length;  // [H_kv, L, D] views of the bound cache, its length (int64 scalar)
 };
 
@@ -89,7 +93,7 @@ inline T narrow(float v) {
   return static_cast<T>(v);  // c10's round to nearest even for bf16 / fp16
 }
 
-// out = weight * (x / sqrt(mean(x^2) + eps) rounded to T), rounded to T.
+// out = weight * (x / sqrt(mean(x^2) + eps) rounded to T), rounded to T (out may be x).
 template <typename T>
 void rms_norm(const T* x, const T* weight, T* out, int64_t n, float eps) {
   float part[16] = {0.0f};
@@ -263,7 +267,8 @@ struct DecoderStep : torch::CustomClassHolder {
   }
 
   void add_layer(const at::Tensor& in_norm, double in_eps, const at::Tensor& post_norm, double post_eps, std::vector<int64_t> qkv,
-                 int64_t o, std::vector<int64_t> gate_up, int64_t down) {
+                 int64_t o, std::vector<int64_t> gate_up, int64_t down, const c10::optional<at::Tensor>& q_norm,
+                 const c10::optional<at::Tensor>& k_norm, double qk_eps) {
     TORCH_CHECK(embedding.defined(), "DecoderStep: set_embedding first");
     TORCH_CHECK(qkv.size() == 3 && gate_up.size() == 2, "DecoderStep: q/k/v and gate/up linears expected");
     const int64_t qd = heads * head_dim, kvd = kv_heads * head_dim;
@@ -276,7 +281,18 @@ struct DecoderStep : torch::CustomClassHolder {
                 "DecoderStep: MLP projections do not match the shape");
     TORCH_CHECK(in_norm.numel() == hidden && post_norm.numel() == hidden && in_norm.scalar_type() == dtype && post_norm.scalar_type() == dtype,
                 "DecoderStep: norm weights [", hidden, "] in the model dtype expected");
+    TORCH_CHECK(q_norm.has_value() == k_norm.has_value(), "DecoderStep: q and k norms come together");
+    if (q_norm.has_value()) {
+      TORCH_CHECK(q_norm->numel() == head_dim && k_norm->numel() == head_dim && q_norm->scalar_type() == dtype &&
+                      k_norm->scalar_type() == dtype,
+                  "DecoderStep: q/k norm weights [", head_dim, "] in the model dtype expected");
+    }
     Layer layer;
+    if (q_norm.has_value()) {
+      layer.q_norm = q_norm->contiguous();
+      layer.k_norm = k_norm->contiguous();
+      layer.qk_eps = qk_eps;
+    }
     layer.in_norm = in_norm.contiguous();
     layer.post_norm = post_norm.contiguous();
     layer.in_eps = in_eps;
@@ -382,6 +398,11 @@ struct DecoderStep : torch::CustomClassHolder {
       T* q = layer.qkv.outs[0].data_ptr<T>();
       T* k = layer.qkv.outs[1].data_ptr<T>();
       const T* v = layer.qkv.outs[2].data_ptr<T>();
+      if (layer.q_norm.has_value()) {
+        const float eps = static_cast<float>(layer.qk_eps);
+        for (int64_t hq = 0; hq < heads; ++hq) rms_norm(q + hq * D, layer.q_norm->data_ptr<T>(), q + hq * D, D, eps);
+        for (int64_t hk = 0; hk < kv_heads; ++hk) rms_norm(k + hk * D, layer.k_norm->data_ptr<T>(), k + hk * D, D, eps);
+      }
       rope(q, heads, D, cos, sin);
       rope(k, kv_heads, D, cos, sin);
       const int64_t L = layer.k_cache.size(1);
