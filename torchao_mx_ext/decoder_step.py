@@ -186,7 +186,7 @@ class FusedDecodeStep:
         norm_w, norm_eps = spec["norm"]
         self.engine.set_head(norm_w, norm_eps, self._add(spec["head"]))
         self._cache = None
-        self._cache_keys = None
+        self._bound = None  # the bound cache's first keys and length tensors: re-bound if either is replaced
 
     def _add(self, spec: tuple) -> int:
         kind, *args = spec
@@ -226,7 +226,7 @@ class FusedDecodeStep:
         if self._rope_len < max_len:
             self._set_rope(max_len)
         self.engine.bind_cache(keys, [la.values for la in layers], [la.cumulative_length for la in layers])
-        self._cache, self._cache_keys = cache, keys[0]
+        self._cache, self._bound = cache, (keys[0], layers[0].cumulative_length)
         return True
 
     def accepts(self, input_ids, cache, kwargs: dict) -> bool:
@@ -242,7 +242,7 @@ class FusedDecodeStep:
                 continue
             if value is not None or name not in ("attention_mask", "position_ids", "inputs_embeds", "labels", "cache_position"):
                 return False
-        if cache is self._cache and cache.layers[0].keys is self._cache_keys:
+        if cache is self._cache and cache.layers[0].keys is self._bound[0] and cache.layers[0].cumulative_length is self._bound[1]:
             return True
         return self._bind(cache)
 
