@@ -135,8 +135,8 @@ void for_each_gemv_tile(int64_t M, int64_t N, int64_t grain, int64_t row_block, 
 constexpr float kLog2e = 1.44269504088896341f, kLn2Hi = 0.693359375f, kLn2Lo = -2.12194440e-4f;
 constexpr float kExpPoly[6] = {1.9875691500e-4f, 1.3981999507e-3f, 8.3334519073e-3f, 4.1665795894e-2f, 1.6666665459e-1f, 5.0000001201e-1f};
 
-// exp(x) for x <= 0 (scores minus their row maximum), Cephes' expf: x = n ln2 + r, |r| <= ln2 / 2,
-// exp(r) by a degree-7 polynomial (relative error about 2 float32 ulps), 2^n through the exponent
+// exp(x) for x <= 0 (softmax numerators: scores minus their row maximum; SiLU's exp(-|g|)), Cephes'
+// expf: x = n ln2 + r, |r| <= ln2 / 2, exp(r) by a degree-7 polynomial (relative error about 2 float32 ulps), 2^n through the exponent
 // bits. x < -87 (weights below e^-87 of the row's largest, including masked-out keys at -inf) gives 0.
 __attribute__((target("avx2,fma"))) inline __m256 exp_nonpositive_avx2(__m256 x) {
   const __m256 tiny = _mm256_cmp_ps(x, _mm256_set1_ps(-87.0f), _CMP_LT_OQ);  // also true for -inf, false for NaN
