@@ -24,7 +24,7 @@ mask, positions or other inputs and no gradient needed; anything else runs the m
 Numbers: the linears' and attention's are their operators' (attention as :data:`PACKED_GQA_SDPA`: float32
 softmax weights); elsewhere eager PyTorch's roundings, with float32 sums in another order and a
 polynomial exp in SiLU (a few float32 ulps), so logits match the eager model's to bf16 rounding
-(``tests/test_decoder_step.py``) but not bit for bit.
+(``tests/test_decoder_step.py``; bit for bit on its small models, not guaranteed in general).
 
     tme.compile_model(model)   # uses it for batch-1 CPU decode steps where it applies
 """

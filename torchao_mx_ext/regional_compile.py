@@ -220,7 +220,7 @@ def compile_model(
     :mod:`.decoder_step` applies (Llama-family layers of dense, MXFP4 or int8 linears, the C++ kernels
     built), batch-1 decode steps over a static cache skip the graph and run as one C++ call
     (:class:`~.decoder_step.FusedDecodeStep`: no guards, no per-operator wrapper; logits equal to bf16
-    rounding, not bit for bit); other calls run the compiled graph. Needs the model's ``forward`` on its
+    rounding, not guaranteed bit for bit); other calls run the compiled graph. Needs the model's ``forward`` on its
     class (any ``PreTrainedModel``)."""
     if "forward" in vars(model):
         raise ValueError("compile_model: this model's forward is already replaced (compiled?); compile a fresh model")
