@@ -113,6 +113,7 @@ struct Problem {
   void* out;          // [M, N] of out_t
   at::ScalarType out_t;
   int64_t M, N, K, B;
+  bool plain_scales = false;  // every E8M0 byte avoids 0 and 255 (B = 32, VNNI path): scales from the bits
 };
 
 inline void store(const Problem& p, int64_t m, int64_t n, float v) {
@@ -124,6 +125,14 @@ inline void store(const Problem& p, int64_t m, int64_t n, float v) {
 // store for the four outputs n..n+3 of row m at once (the decode tiles' epilogue).
 __attribute__((target("avx2"))) inline void store4(const Problem& p, int64_t m, int64_t n, __m128 sums) {
   if (p.bias) sums = _mm_add_ps(sums, _mm_loadu_ps(p.bias + n));
+  if (p.out_t == at::kBFloat16) {  // c10's round to nearest even (NaN -> 0x7FC0), four at a time
+    const __m128i u = _mm_castps_si128(sums);
+    __m128i r = _mm_add_epi32(u, _mm_add_epi32(_mm_and_si128(_mm_srli_epi32(u, 16), _mm_set1_epi32(1)), _mm_set1_epi32(0x7FFF)));
+    r = _mm_blendv_epi8(r, _mm_set1_epi32(0x7FC00000), _mm_castps_si128(_mm_cmpunord_ps(sums, sums)));
+    const __m128i hi = _mm_srli_epi32(r, 16);
+    _mm_storel_epi64(reinterpret_cast<__m128i*>(static_cast<uint16_t*>(p.out) + m * p.N + n), _mm_packus_epi32(hi, hi));
+    return;
+  }
   alignas(16) float t[4];
   _mm_store_ps(t, sums);
   tme_cpu::store4_as(p.out, p.out_t, m * p.N + n, t);
@@ -342,8 +351,7 @@ __attribute__((target(TME_VNNI_TARGET))) void tile_vnni_int(const Problem& p, in
   const int64_t nc = p.K / 32, nb = B32 ? nc : p.K / p.B, cpb = B32 ? 1 : p.B / 32, half_k = p.K / 2;
   const __m512i lut = _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(tme_cpu::kE2M1x2Biased)));
   const __m512i spread = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
-  bool plain = B32;  // the tile's scale bytes all avoid 0 and 255: scales straight from the bits
-  for (int r = 0; r < NR && plain; ++r) plain = plain_scale_bytes(p.sc + (n + r) * nb, nb);
+  const bool plain = B32 && p.plain_scales;  // checked once per call (run_gemv), not per tile
   __m512 acc[MT][NR];
   for (int m = 0; m < MT; ++m)
     for (int r = 0; r < NR; ++r) acc[m][r] = _mm512_setzero_ps();
@@ -848,6 +856,9 @@ void run_gemv(const GemvInput& in, int isa, const at::Tensor& qdata, const at::T
 #endif
   Problem p{q.data_ptr<uint8_t>(), sc.data_ptr<uint8_t>(), in.xd, in.xb, in.Kp, tab, in.xi, in.xcorr, in.xsc, in.P, in.G,
             bias.has_value() ? bias_f.data_ptr<float>() : nullptr, out.data_ptr(), out.scalar_type(), M, N, K, block_size};
+#ifdef TME_X86_SIMD
+  if (in.xi != nullptr && in.G == 4 && block_size == 32) p.plain_scales = plain_scale_bytes(p.sc, N * (K / 32));
+#endif
   const int64_t grain = std::max<int64_t>(1, kGrainBytes / std::max<int64_t>(1, (K / 2) * ((M + tme_cpu::kGemvRowTile - 1) / tme_cpu::kGemvRowTile)));
   tme_cpu::for_each_gemv_tile(M, N, grain, kRowBlock, [&](auto mt, int64_t m0, int64_t n0, int64_t n1) {
     rows<decltype(mt)::value>(isa, p, m0, n0, n1);
