@@ -110,9 +110,28 @@ def test_compile_model_routes_batch_one_steps_to_it(monkeypatch):
         model(prompt[:, :1].repeat(2, 1), cache=cache, use_cache=True, logits_to_keep=1)
         cache = static_cache(model, 16)
         model(prompt, cache=cache, use_cache=True)
-        masked = model(prompt[:, :1], cache=cache, use_cache=True, attention_mask=torch.ones(1, 8, dtype=torch.long))
+        padded = torch.ones(1, 8, dtype=torch.long)
+        padded[0, 0] = 0  # a padded position: not what the step computes
+        masked = model(prompt[:, :1], cache=cache, use_cache=True, attention_mask=padded)
         assert masked.logits.shape == (1, 1, model.config.vocab_size)
     assert len(calls) == 12
+
+
+def test_generate_with_a_static_cache_takes_it(monkeypatch):
+    """generate(cache_implementation="static") passes a [1, 1, 1, L] mask of the cached keys each step."""
+    model = small_model("qwen2", "w4a4_shared_int8_head")
+    reference = copy.deepcopy(model)
+    prompt = torch.randint(3, model.config.vocab_size, (1, 6), generator=torch.Generator().manual_seed(4))
+    kwargs = dict(max_new_tokens=5, do_sample=False, cache_implementation="static")
+    with torch.inference_mode():
+        expected = reference.generate(prompt, **kwargs)
+        tme.compile_model(model, backend="eager")
+        calls = []
+        fused_call = FusedDecodeStep.__call__
+        monkeypatch.setattr(FusedDecodeStep, "__call__", lambda self, t, cache: calls.append(t) or fused_call(self, t, cache))
+        got = model.generate(prompt, **kwargs)
+    assert torch.equal(got, expected)
+    assert len(calls) == 4  # the first new token comes from the prompt's logits
 
 
 def test_accepts_only_what_it_computes():
@@ -123,7 +142,12 @@ def test_accepts_only_what_it_computes():
         cache = static_cache(model, 8)
         assert step.accepts(token, cache, {"use_cache": True, "logits_to_keep": 0})
         assert not step.accepts(token, cache, {"use_cache": False})
-        assert not step.accepts(token, cache, {"attention_mask": torch.ones(1, 1)})
+        assert step.accepts(token, cache, {"attention_mask": torch.ones(1, 1), "return_dict": True})  # keys 0 .. 0
+        assert step.accepts(token, cache, {"attention_mask": torch.tensor([True] + [False] * 7).view(1, 1, 1, 8)})
+        assert not step.accepts(token, cache, {"attention_mask": torch.zeros(1, 1)})
+        assert not step.accepts(token, cache, {"attention_mask": torch.ones(1, 2)})
+        assert not step.accepts(token, cache, {"attention_mask": torch.tensor([True, True] + [False] * 6).view(1, 1, 1, 8)})
+        assert not step.accepts(token, cache, {"return_dict": False})
         assert not step.accepts(token, cache, {"output_hidden_states": True})
         assert not step.accepts(torch.tensor([[5, 6]]), cache, {})
         assert not step.accepts(token.int(), cache, {})

@@ -18,8 +18,10 @@ with each linear dense, MXFP4 (:class:`~.tensors.RotatedMXFP4Tensor`; W4A4 where
 fuses into the GEMV, or weight-only) or int8 (:class:`~.inference.Int8WeightOnlyLinear`), including
 after :func:`~.shared_quant.share_input_quantization` (the members' per-linear weights are used:
 the same numbers). :func:`why_not` says why a model is left out. A step is taken when the call is
-``model(token [1, 1], cache=<StaticCache of batch 1>, use_cache=..., logits_to_keep=...)`` with no
-mask, positions or other inputs and no gradient needed; anything else runs the model's own forward.
+``model(token [1, 1], cache=<StaticCache of batch 1>, use_cache=..., logits_to_keep=..., return_dict=...)``
+with no positions or other inputs, no gradient needed, and no mask or one that selects exactly the cached
+keys so far (``generate(..., cache_implementation="static")`` passes that one); anything else runs the
+model's own forward.
 
 Numbers: the linears' and attention's are their operators' (attention as :data:`PACKED_GQA_SDPA`: float32
 softmax weights); elsewhere eager PyTorch's roundings, with float32 sums in another order and a
@@ -235,16 +237,26 @@ class FusedDecodeStep:
             return False
         if input_ids.shape != (1, 1) or input_ids.dtype != torch.long or input_ids.device.type != "cpu":
             return False
+        mask = None
         for name, value in kwargs.items():
             if name == "use_cache" and value is not False:
                 continue
+            if name == "return_dict" and value is not False:
+                continue
             if name == "logits_to_keep" and isinstance(value, int):
+                continue
+            if name == "attention_mask" and isinstance(value, dict) and list(value) == ["full_attention"]:
+                value = value["full_attention"]  # generate() passes the masks by layer type
+            if name == "attention_mask" and isinstance(value, torch.Tensor):
+                mask = value
                 continue
             if value is not None or name not in ("attention_mask", "position_ids", "inputs_embeds", "labels", "cache_position"):
                 return False
-        if cache is self._cache and cache.layers[0].keys is self._bound[0] and cache.layers[0].cumulative_length is self._bound[1]:
-            return True
-        return self._bind(cache)
+        bound = cache is self._cache and cache.layers[0].keys is self._bound[0] and cache.layers[0].cumulative_length is self._bound[1]
+        if not bound and not self._bind(cache):
+            return False
+        # A mask is taken only where it selects what the step attends to anyway (generate()'s static-cache mask).
+        return mask is None or self.engine.mask_is_causal_prefix(mask)
 
     def __call__(self, input_ids: torch.Tensor, cache):
         """The step's ``CausalLMOutputWithPast`` (logits ``[1, 1, V]``); writes the cache in place."""

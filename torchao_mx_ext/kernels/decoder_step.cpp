@@ -427,6 +427,31 @@ struct DecoderStep : torch::CustomClassHolder {
     return head.outs[0];
   }
 
+  // Whether `mask` says what the step computes anyway: attend to the keys 0 .. p (p the cache's length). A
+  // boolean [1, 1, 1, L] mask true exactly there (what generate() passes with a static cache), or a 2-D
+  // [1, p + 1] mask of ones (keep or 1).
+  bool mask_is_causal_prefix(const at::Tensor& mask) {
+    if (!bound || layers.empty() || !mask.device().is_cpu() || !mask.is_contiguous()) return false;
+    const int64_t pos = *layers[0].length.data_ptr<int64_t>();
+    if (mask.dim() == 4 && mask.scalar_type() == at::kBool && mask.size(0) == 1 && mask.size(1) == 1 && mask.size(2) == 1) {
+      const bool* m = mask.data_ptr<bool>();
+      const int64_t L = mask.size(3);
+      if (pos >= L) return false;
+      for (int64_t l = 0; l < L; ++l)
+        if (m[l] != (l <= pos)) return false;
+      return true;
+    }
+    if (mask.dim() == 2 && mask.size(0) == 1 && mask.size(1) == pos + 1) {
+      bool ones = true;
+      AT_DISPATCH_ALL_TYPES_AND(at::kBool, mask.scalar_type(), "mask_is_causal_prefix", [&] {
+        const scalar_t* m = mask.data_ptr<scalar_t>();
+        for (int64_t l = 0; l <= pos && ones; ++l) ones = m[l] == static_cast<scalar_t>(1);
+      });
+      return ones;
+    }
+    return false;
+  }
+
   // Logits [1, 1, V] of the next token after `token` ([1, 1] int64), at the cache's length p; writes the
   // token's keys and values at p and advances every layer's length to p + 1.
   at::Tensor step(const at::Tensor& token) {
@@ -458,5 +483,6 @@ TORCH_LIBRARY_FRAGMENT(torchao_mx_ext, m) {
       .def("add_layer", &DecoderStep::add_layer)
       .def("set_head", &DecoderStep::set_head)
       .def("bind_cache", &DecoderStep::bind_cache)
+      .def("mask_is_causal_prefix", &DecoderStep::mask_is_causal_prefix)
       .def("step", &DecoderStep::step);
 }
