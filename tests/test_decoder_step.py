@@ -37,6 +37,8 @@ def small_model(family: str, setup: str, dtype=torch.bfloat16):
         tme.quantize_output_head(model, "int8")
     if setup.endswith("_mxfp4_head"):
         tme.quantize_output_head(model, tme.MXFP4Config(act_quant=False))
+    if setup.endswith("_cached"):  # one-row linears read the codes also with a dense cache
+        tme.cache_dequantized_weights(model)
     return model
 
 
@@ -45,7 +47,9 @@ def relative_error(a, b):
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])
-@pytest.mark.parametrize("setup", ["dense", "w4a4", "weight_only", "w4a4_shared_int8_head", "weight_only_mxfp4_head"])
+@pytest.mark.parametrize(
+    "setup", ["dense", "w4a4", "weight_only", "w4a4_shared_int8_head", "weight_only_mxfp4_head", "w4a4_cached", "weight_only_cached"]
+)
 def test_steps_match_the_eager_model(family, setup):
     model = small_model(family, setup)
     assert why_not(model) is None

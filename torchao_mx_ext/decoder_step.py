@@ -68,8 +68,9 @@ def _linear_kind(module: torch.nn.Module, dtype: torch.dtype, weight=None) -> tu
         if type(w) not in (torch.Tensor, torch.nn.Parameter) or w.dtype != dtype:
             return f"a {type(w).__name__} {w.dtype} weight", None
         return None, ("dense", w.detach(), None if bias is None else bias.detach())
-    if w.qdata.dim() != 2 or w.dequantized is not None or w.kernel_preference == "emulated" or w.block_size % 32:
-        return "an MXFP4 weight with a dense cache, the emulated preference or blocks not a multiple of 32", None
+    # A dense cache (cache_dequantized_weights) is left aside: one-row linears read the codes with it too.
+    if w.qdata.dim() != 2 or w.kernel_preference == "emulated" or w.block_size % 32:
+        return "an MXFP4 weight with the emulated preference or blocks not a multiple of 32", None
     if "fp_quant" in (w.scale_rule, w.act_scale_rule) or w.in_features != w.padded_in_features:
         return "an MXFP4 weight with fp_quant scales or a padded width", None
     rotation = w.rotation

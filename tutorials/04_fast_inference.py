@@ -17,7 +17,9 @@ The steps, each optional, in the order they must be applied:
    instead compiles the whole model as one graph per shape, with the same options: slower to compile,
    faster to decode (no Python between layers; ``docs/results.md``).
 5. Generate with a static KV cache (``eval.generation.greedy_generate``): one graph for the prompt,
-   one for every decode step, no recompiles.
+   one for every decode step, no recompiles. On CPU both compile entry points run each batch-1 decode
+   step of a Llama-family model as one C++ call instead (``torchao_mx_ext/decoder_step.py``; its
+   ``why_not(model)`` says why a model is left on the graph).
 
 A checkpoint saved in this state holds the plain per-linear weights (the cache and the sharing are
 inference modes); it reloads with plain transformers.
