@@ -191,6 +191,12 @@ def test_other_layouts_are_refused_with_the_reason(family, reason):
     assert not hasattr(model, "_tme_decode_step")
 
 
+def test_a_replaced_mlp_is_refused():
+    model = small_model("llama", "w4a4")
+    model.model.layers[1].mlp = torch.nn.Identity()
+    assert "Identity" in why_not(model)
+
+
 def test_unfused_mxfp4_weights_are_refused():
     model = small_model("llama", "dense")
     quantize_linears(model, tme.MXFP4BlockRotConfig(kernel_preference="emulated"))

@@ -33,7 +33,6 @@ polynomial exp in SiLU (a few float32 ulps), so logits match the eager model's t
 
 from __future__ import annotations
 
-import logging
 from typing import Optional
 
 import torch
@@ -44,8 +43,6 @@ from .shared_quant import per_linear_weights
 from .tensors import RotatedMXFP4Tensor
 
 __all__ = ["FusedDecodeStep", "SUPPORTED_LAYERS", "why_not"]
-
-logger = logging.getLogger(__name__)
 
 # Decoder layers with LlamaDecoderLayer's forward (pre-norm attention and SiLU-gated MLP, residual adds);
 # Qwen3's adds an RMSNorm over each query and key head before RoPE.
@@ -113,8 +110,9 @@ def _layers_spec(model) -> tuple[Optional[str], Optional[dict]]:
         if type(layer).__name__ not in SUPPORTED_LAYERS:
             return f"layer {i} is a {type(layer).__name__} ({', '.join(SUPPORTED_LAYERS)} only)", None
         attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
-        if attn is None or mlp is None:
-            return f"layer {i}: no self_attn / mlp", None
+        # The families' own modules (LlamaAttention / LlamaMLP, ...), not replacements such as MoE blocks.
+        if not type(attn).__name__.endswith("Attention") or not type(mlp).__name__.endswith("MLP"):
+            return f"layer {i}: its self_attn / mlp are a {type(attn).__name__} / {type(mlp).__name__}", None
         qk_norms = [_rms_norm(getattr(attn, n, None)) for n in ("q_norm", "k_norm")]
         if (getattr(attn, "q_norm", None) is None) != (getattr(attn, "k_norm", None) is None) or (
             getattr(attn, "q_norm", None) is not None and (None in qk_norms or qk_norms[0][1] != qk_norms[1][1])
