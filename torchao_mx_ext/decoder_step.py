@@ -73,9 +73,7 @@ def _linear_kind(module: torch.nn.Module, dtype: torch.dtype, weight=None) -> tu
     rotation = w.rotation
     if w.act_scale_rule is not None and not cpu_mxfp4_quantize.fuses_into_gemv(w):
         return "a W4A4 weight whose input transform does not fuse into the GEMV", None
-    if w.act_scale_rule is None and rotation is not None and not (
-        rotation.dtype == torch.float32 and rotation.shape[0] % 16 == 0 and rotation.shape[0] <= cpu_mxfp4_quantize.MAX_FUSED_ROTATION
-    ):
+    if w.act_scale_rule is None and rotation is not None and not cpu_mxfp4_quantize.takes_rotation(rotation):
         return "a weight-only rotation the C++ transform does not take", None
     gemm_bias = None if bias is None else bias.detach().to(w.gemm_dtype(dtype))
     return None, ("mxfp4", w.qdata, w.scale, gemm_bias, rotation, w.block_size, element_multiplier(w.scale_rule), w.act_scale_rule)
@@ -113,12 +111,11 @@ def _layers_spec(model) -> tuple[Optional[str], Optional[dict]]:
         # The families' own modules (LlamaAttention / LlamaMLP, ...), not replacements such as MoE blocks.
         if not type(attn).__name__.endswith("Attention") or not type(mlp).__name__.endswith("MLP"):
             return f"layer {i}: its self_attn / mlp are a {type(attn).__name__} / {type(mlp).__name__}", None
-        qk_norms = [_rms_norm(getattr(attn, n, None)) for n in ("q_norm", "k_norm")]
-        if (getattr(attn, "q_norm", None) is None) != (getattr(attn, "k_norm", None) is None) or (
-            getattr(attn, "q_norm", None) is not None and (None in qk_norms or qk_norms[0][1] != qk_norms[1][1])
-        ):
-            return f"layer {i}: q/k norms that are not a pair of RMSNorms", None
-        qk_norms = qk_norms if qk_norms[0] is not None else None
+        qk_norms = None  # Qwen3: an RMSNorm over each query and key head
+        if getattr(attn, "q_norm", None) is not None or getattr(attn, "k_norm", None) is not None:
+            qk_norms = [_rms_norm(getattr(attn, n, None)) for n in ("q_norm", "k_norm")]
+            if None in qk_norms or qk_norms[0][1] != qk_norms[1][1]:
+                return f"layer {i}: q/k norms that are not a pair of RMSNorms with one eps", None
         norms = [_rms_norm(getattr(layer, n, None)) for n in ("input_layernorm", "post_attention_layernorm")]
         if None in norms:
             return f"layer {i}: its norms are not RMSNorms", None
@@ -176,8 +173,8 @@ class FusedDecodeStep:
             raise ValueError("FusedDecodeStep: layers with different attention scalings")
         self.engine = torch.classes.torchao_mx_ext.DecoderStep(spec["hidden"], spec["heads"], spec["kv_heads"], spec["head_dim"], scalings.pop())
         self._head_dim = spec["head_dim"]
-        self._rope_len = 0
-        self._set_rope(1)
+        self._rope_len = 0  # positions in the engine's rotary tables: set when a cache is bound
+        self.engine.set_embedding(model.model.embed_tokens.weight.detach())
         for layer in spec["layers"]:
             ids = {n: self._add(s) for n, s in layer["linears"].items()}
             (in_w, in_eps), (post_w, post_eps) = layer["norms"]
@@ -200,11 +197,10 @@ class FusedDecodeStep:
     def _set_rope(self, positions: int) -> None:
         """The model's own rotary tables (cos, sin ``[positions, head_dim]`` in the model dtype), as its
         rotary module computes them for positions 0 .. positions - 1."""
-        inner = self.model.model
         with torch.inference_mode():
             probe = torch.zeros(1, positions, self._head_dim, dtype=self.dtype)
-            cos, sin = inner.rotary_emb(probe, torch.arange(positions).unsqueeze(0))
-        self.engine.set_embedding(inner.embed_tokens.weight.detach(), cos[0].to(self.dtype).contiguous(), sin[0].to(self.dtype).contiguous())
+            cos, sin = self.model.model.rotary_emb(probe, torch.arange(positions).unsqueeze(0))
+        self.engine.set_rope(cos[0].to(self.dtype).contiguous(), sin[0].to(self.dtype).contiguous())
         self._rope_len = positions
 
     def _bind(self, cache) -> bool:

@@ -243,7 +243,7 @@ def _route_decode_steps(model: torch.nn.Module) -> None:
 
     why = why_not(model)
     if why is not None:
-        logger.info("compile_model: decode steps stay in the compiled graph (the fused C++ step does not apply: %s)", why)
+        logger.info("decode steps stay in the compiled graph (the fused C++ step does not apply: %s)", why)
         return
     step = FusedDecodeStep(model)
     compiled = model.forward

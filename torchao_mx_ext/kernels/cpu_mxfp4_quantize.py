@@ -39,7 +39,7 @@ from ..rotation.rotations import apply_block_rotation, pad_and_rotate
 from . import cpu_extension, cpu_mxfp4_dequantize, cpu_mxfp4_mm
 
 __all__ = [
-    "MAX_FUSED_ROTATION", "RULES", "VECTORIZED", "applies", "fake_quantize", "fuses_into_gemv", "mxfp4_fake_quantize", "mxfp4_rotate_fake_quantize",
+    "MAX_FUSED_ROTATION", "RULES", "VECTORIZED", "applies", "fake_quantize", "fuses_into_gemv", "takes_rotation", "mxfp4_fake_quantize", "mxfp4_rotate_fake_quantize",
     "reference_mxfp4_fake_quantize", "rotate_and_quantize", "rotation_applies", "set_isa",
 ]
 
@@ -117,6 +117,13 @@ def mxfp4_rotate_fake_quantize(x: torch.Tensor, rotation: torch.Tensor, block_si
     return torch.ops.torchao_mx_ext.mxfp4_rotate_fake_quantize(x, rotation, block_size, scale_rule)
 
 
+def takes_rotation(rotation: torch.Tensor) -> bool:
+    """Whether the C++ input transform takes this rotation block: float32, ``b`` a multiple of 16 up to
+    :data:`MAX_FUSED_ROTATION`."""
+    b = rotation.shape[0]
+    return rotation.dtype == torch.float32 and b % 16 == 0 and b <= MAX_FUSED_ROTATION
+
+
 def fuses_into_gemv(weight) -> bool:
     """Whether a W4A4 linear with this ``RotatedMXFP4Tensor`` weight hands its input side to the GEMV kernel
     (:func:`.cpu_mxfp4_gemv.mxfp4_gemv` with ``rotation`` and ``act_scale_rule``: one operator call per
@@ -125,8 +132,7 @@ def fuses_into_gemv(weight) -> bool:
     fused kernel takes (float32, ``b`` a multiple of 16 up to :data:`MAX_FUSED_ROTATION`), or none."""
     if not VECTORIZED or weight.act_scale_rule not in RULES:
         return False
-    rotation = weight.rotation
-    if rotation is not None and (rotation.dtype != torch.float32 or rotation.shape[0] % 16 or rotation.shape[0] > MAX_FUSED_ROTATION):
+    if weight.rotation is not None and not takes_rotation(weight.rotation):
         return False
     return weight.kernel_preference != "emulated" and not cpu_extension.known_unavailable()
 
@@ -135,10 +141,9 @@ def rotation_applies(x: torch.Tensor, rotation: torch.Tensor, block_size: int, s
     """Whether :func:`rotate_and_quantize` fuses: what :func:`applies` asks of the (padded) ``x``
     (the rule may be ``None``: rotation alone), and a float32 CPU block of a multiple of 16 up to
     :data:`MAX_FUSED_ROTATION` that divides the width."""
-    b = rotation.shape[0]
-    if rotation.dtype != torch.float32 or rotation.device.type != "cpu" or b % 16 or b > MAX_FUSED_ROTATION:
+    if rotation.device.type != "cpu" or not takes_rotation(rotation):
         return False
-    if x.dim() == 0 or x.shape[-1] % b:
+    if x.dim() == 0 or x.shape[-1] % rotation.shape[0]:
         return False
     return applies(x, block_size, scale_rule)
 

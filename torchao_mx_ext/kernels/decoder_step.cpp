@@ -170,7 +170,7 @@ struct DecoderStep : torch::CustomClassHolder {
   int64_t hidden, heads, kv_heads, head_dim;
   double attn_scale;
   at::ScalarType dtype = at::kBFloat16;
-  at::Tensor embedding, final_norm, rope_cos, rope_sin;  // [V, hidden]; [hidden]; [P, head_dim] x2
+  at::Tensor embedding, final_norm, rope_cos, rope_sin;  // [V, hidden]; [hidden]; [P, head_dim] x2 (set_rope)
   double final_eps = 1e-6;
   std::vector<Linear> linears;
   std::vector<Layer> layers;
@@ -185,21 +185,28 @@ struct DecoderStep : torch::CustomClassHolder {
                 "DecoderStep: bad shape (hidden ", hidden, ", heads ", heads, ", kv heads ", kv_heads, ", head dim ", head_dim, ")");
   }
 
-  void set_embedding(const at::Tensor& table, const at::Tensor& cos, const at::Tensor& sin) {
+  // The embedding table fixes the model dtype; set it first.
+  void set_embedding(const at::Tensor& table) {
     TORCH_CHECK(table.dim() == 2 && table.size(1) == hidden && table.device().is_cpu(), "DecoderStep: embedding [V, ", hidden, "] expected");
     const at::ScalarType t = table.scalar_type();
     TORCH_CHECK(t == at::kBFloat16 || t == at::kHalf || t == at::kFloat, "DecoderStep: bf16, fp16 or float32 models only");
-    TORCH_CHECK(cos.dim() == 2 && cos.sizes() == sin.sizes() && cos.size(1) == head_dim && cos.scalar_type() == t && sin.scalar_type() == t,
-                "DecoderStep: rotary tables [P, ", head_dim, "] in the model dtype expected");
     dtype = t;
     embedding = table.contiguous();
-    rope_cos = cos.contiguous();
-    rope_sin = sin.contiguous();
     const auto opts = table.options();
     x = at::empty({1, 1, hidden}, opts);
     h = at::empty({1, 1, hidden}, opts);
     attn = at::empty({kv_heads, heads / kv_heads, head_dim}, opts);
     attn_flat = attn.view({1, 1, heads * head_dim});
+  }
+
+  // The rotary tables cos, sin [P, head_dim] for positions 0 .. P - 1, in the model dtype.
+  void set_rope(const at::Tensor& cos, const at::Tensor& sin) {
+    TORCH_CHECK(embedding.defined(), "DecoderStep: set_embedding first");
+    TORCH_CHECK(cos.dim() == 2 && cos.sizes() == sin.sizes() && cos.size(1) == head_dim && cos.scalar_type() == dtype &&
+                    sin.scalar_type() == dtype,
+                "DecoderStep: rotary tables [P, ", head_dim, "] in the model dtype expected");
+    rope_cos = cos.contiguous();
+    rope_sin = sin.contiguous();
   }
 
   int64_t add_linear(Linear l) {
@@ -463,7 +470,8 @@ struct DecoderStep : torch::CustomClassHolder {
     for (const Layer& layer : layers)
       TORCH_CHECK(*layer.length.data_ptr<int64_t>() == pos, "DecoderStep: the cache's layers hold different lengths");
     TORCH_CHECK(pos >= 0 && pos < layers[0].k_cache.size(1), "DecoderStep: the cache is full (", layers[0].k_cache.size(1), " positions)");
-    TORCH_CHECK(pos < rope_cos.size(0), "DecoderStep: position ", pos, " is past the rotary table (", rope_cos.size(0), ")");
+    TORCH_CHECK(rope_cos.defined() && pos < rope_cos.size(0), "DecoderStep: position ", pos, " is past the rotary table (",
+                rope_cos.defined() ? rope_cos.size(0) : 0, ")");
     at::Tensor logits;
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dtype, "decoder_step", [&] { logits = step_as<scalar_t>(t, pos); });
     for (Layer& layer : layers) *layer.length.data_ptr<int64_t>() += 1;
@@ -477,6 +485,7 @@ TORCH_LIBRARY_FRAGMENT(torchao_mx_ext, m) {
   m.class_<DecoderStep>("DecoderStep")
       .def(torch::init<int64_t, int64_t, int64_t, int64_t, double>())
       .def("set_embedding", &DecoderStep::set_embedding)
+      .def("set_rope", &DecoderStep::set_rope)
       .def("add_dense", &DecoderStep::add_dense)
       .def("add_int8", &DecoderStep::add_int8)
       .def("add_mxfp4", &DecoderStep::add_mxfp4)
